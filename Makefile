@@ -1,0 +1,47 @@
+# pneumoscan: two commands on a fresh machine.
+#   make demo   set up, then serve the web app with the bundled model on http://127.0.0.1:8000
+#   make test   set up, then run the whole test suite (browser tests included)
+# Each target installs what it needs by itself: .venv (pinned wheels), npm packages, Chromium.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP_VERSION := 26.3
+
+.PHONY: demo test setup venv node browser clean
+
+# Until the web app lands: train 1 epoch on the bundled sample X-rays and say what comes next.
+demo: venv
+	$(PY) -m pneumoscan train --data samples/chest_xray --out runs/demo --epochs 1 --overwrite
+
+test: venv node browser
+	$(PY) -m pytest
+
+setup: venv node browser
+
+venv: $(VENV)/.installed
+
+# Rebuilt whenever the pins or the package metadata change.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+node: node_modules/.installed
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# Debian's Chromium for the browser tests (Playwright cannot download browsers here).
+browser:
+	@if [ -n "$$CHROMIUM" ] && [ -x "$$CHROMIUM" ]; then exit 0; fi; \
+	if command -v chromium >/dev/null 2>&1; then exit 0; fi; \
+	echo "Installing Debian's chromium for the browser tests"; \
+	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache

@@ -1,0 +1,3 @@
+from pneumoscan.cli import run
+
+run()

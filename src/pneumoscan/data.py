@@ -1,0 +1,278 @@
+"""Find the images of a chest X-ray folder and split them by patient: `pneumoscan train --data DIR`.
+
+Layouts: `ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*` (Kaggle/Mendeley) or a single split
+folder `ROOT/{NORMAL,PNEUMONIA}/*`. Splits are fixed file lists made here, before any tf.data
+pipeline exists, so they never reshuffle and never leak patients or duplicate files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pneumoscan.config import CLASS_NAMES
+from pneumoscan.preprocess import IMAGE_SUFFIXES, ImageError, load_grayscale
+
+PATIENT_ID = re.compile(r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)")
+SPLIT_NAMES = ("train", "val", "internal-test")
+# The official val split has 16 images; under this many, carve our own from train.
+MIN_GIVEN_VAL = 100
+
+
+class DataError(ValueError):
+    """The data folder cannot be used; the message names the path and the problem."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    relpath: str  # e.g. "NORMAL/IM-0115-0001.jpeg", relative to its split folder
+    label: int  # index into CLASS_NAMES
+    patient: str
+    sha256: str
+
+
+@dataclass
+class Scan:
+    """The usable images of one split folder, and what was skipped."""
+
+    root: Path
+    samples: list[Sample]
+    unreadable: list[str] = field(default_factory=list)
+    unmatched_patient_ids: int = 0
+
+    def report(self) -> str:
+        counts = Counter(CLASS_NAMES[s.label] for s in self.samples)
+        lines = [f"{self.root}: " + ", ".join(f"{counts[name]} {name}" for name in CLASS_NAMES)]
+        if self.unreadable:
+            first = "; ".join(self.unreadable[:3])
+            lines.append(f"  skipped {len(self.unreadable)} unreadable file(s): {first}")
+        if self.unmatched_patient_ids:
+            lines.append(
+                f"  {self.unmatched_patient_ids} file name(s) carry no patient id; each is its own group"
+            )
+        return "\n".join(lines)
+
+
+def patient_id(file_name: str) -> str | None:
+    """`person1202_bacteria_3152.jpeg` -> `person1202`; None when the name has no id."""
+    match = PATIENT_ID.match(file_name)
+    return match.group(1) if match else None
+
+
+def find_layout(root: Path) -> dict[str, Path]:
+    """Map split names (`train`, `val`, `test`) to folders; a single split folder is `train`.
+
+    Raises:
+        DataError: the folder is missing or has neither layout.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder.")
+    if any((root / name).is_dir() for name in CLASS_NAMES):
+        return {"train": root}
+    splits = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
+    if "train" not in splits:
+        raise DataError(
+            f"{root}: expected class folders {'/'.join(CLASS_NAMES)} or a train/ folder holding them."
+        )
+    return splits
+
+
+def list_images(split_dir: Path) -> list[tuple[Path, int]]:
+    """(path, label) for every image file of a split folder, sorted.
+
+    Raises:
+        DataError: a class folder is missing or holds no images.
+    """
+    for name in CLASS_NAMES:
+        if not (split_dir / name).is_dir():
+            raise DataError(f"{split_dir / name}: class folder is missing.")
+    found = []
+    for label, name in enumerate(CLASS_NAMES):
+        class_dir = split_dir / name
+        files = sorted(
+            p for p in class_dir.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise DataError(f"{class_dir}: holds no .jpeg, .jpg or .png images.")
+        found.extend((path, label) for path in files)
+    return found
+
+
+def scan(split_dir: Path) -> Scan:
+    """Read, hash and decode every image of a split folder; unreadable ones are skipped."""
+    split_dir = Path(split_dir)
+    listed = list_images(split_dir)
+
+    def check(item: tuple[Path, int]) -> Sample | str:
+        path, label = item
+        try:
+            data = path.read_bytes()
+            load_grayscale(path, data)
+        except (ImageError, OSError) as error:
+            return str(error) if isinstance(error, ImageError) else f"{path}: {error.strerror}."
+        return Sample(
+            path=path,
+            relpath=path.relative_to(split_dir).as_posix(),
+            label=label,
+            patient=patient_id(path.name) or "",
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(check, listed))
+    samples = [r for r in results if isinstance(r, Sample)]
+    unreadable = [r for r in results if isinstance(r, str)]
+    if not samples:
+        raise DataError(f"{split_dir}: none of its {len(listed)} image files could be read.")
+    unmatched = sum(1 for s in samples if not s.patient)
+    samples = [s if s.patient else _own_group(s) for s in samples]
+    return Scan(split_dir, samples, unreadable, unmatched)
+
+
+def _own_group(sample: Sample) -> Sample:
+    return Sample(sample.path, sample.relpath, sample.label, f"file:{sample.relpath}", sample.sha256)
+
+
+def _groups(samples: list[Sample]) -> list[list[Sample]]:
+    """Union of samples sharing a patient id or identical bytes."""
+    parent = list(range(len(samples)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_seen: dict[str, int] = {}
+    for i, sample in enumerate(samples):
+        for key in (f"patient:{sample.patient}", f"bytes:{sample.sha256}"):
+            if key in first_seen:
+                parent[find(i)] = find(first_seen[key])
+            else:
+                first_seen[key] = i
+    members: dict[int, list[Sample]] = defaultdict(list)
+    for i, sample in enumerate(samples):
+        members[find(i)].append(sample)
+    return list(members.values())
+
+
+def split_samples(
+    samples: list[Sample], val_fraction: float, test_fraction: float, seed: int,
+    carve_val: bool = True,
+) -> dict[str, list[Sample]]:
+    """Stratified, patient-grouped, duplicate-safe split into train / val / internal-test.
+
+    Groups (a patient's images, joined with any byte-identical file) are ordered by a seeded
+    hash of their key; within each class, whole groups fill internal-test, then val, up to
+    their share of that class's images. The result depends only on file names, bytes and seed.
+    """
+    strata: dict[int, list[list[Sample]]] = defaultdict(list)
+    for group in _groups(samples):
+        labels = Counter(s.label for s in group)
+        strata[max(sorted(labels), key=labels.__getitem__)].append(group)
+    shares = [("internal-test", test_fraction)] + ([("val", val_fraction)] if carve_val else [])
+    splits: dict[str, list[Sample]] = {name: [] for name in SPLIT_NAMES}
+    taken: Counter = Counter()
+    for label in sorted(strata):
+        groups = sorted(strata[label], key=lambda g: _group_order(g, seed))
+        total = sum(len(g) for g in groups)
+        targets = [(name, round(total * share)) for name, share in shares]
+        for group in groups:
+            for name, target in targets:
+                if taken[name, label] < target:
+                    splits[name].extend(group)
+                    taken[name, label] += len(group)
+                    break
+            else:
+                splits["train"].extend(group)
+    return {name: sorted(members, key=lambda s: s.relpath) for name, members in splits.items()}
+
+
+def _group_order(group: list[Sample], seed: int) -> str:
+    key = min(s.patient for s in group)
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def split_digest(samples: list[Sample]) -> str:
+    """sha256 over the sorted `relpath sha256` lines: identifies a split's exact contents."""
+    lines = sorted(f"{s.relpath} {s.sha256}" for s in samples)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+@dataclass
+class DataSplits:
+    """The fixed file lists of one dataset, and how they were made."""
+
+    root: Path
+    splits: dict[str, list[Sample]]
+    rule: dict
+    scans: dict[str, Scan]
+
+    def summary(self) -> dict:
+        """The `data` block of metadata.json (see docs/metadata.md)."""
+        return {
+            "root": str(self.root),
+            "rule": self.rule,
+            "splits": {
+                name: {
+                    "counts": {c: sum(1 for s in members if CLASS_NAMES[s.label] == c) for c in CLASS_NAMES},
+                    "digest": split_digest(members),
+                }
+                for name, members in self.splits.items()
+            },
+            "unreadable_skipped": sum(len(s.unreadable) for s in self.scans.values()),
+        }
+
+    def file_lists(self) -> dict:
+        """The content of `splits.json`: every file of every split with its hash."""
+        return {
+            "rule": self.rule,
+            "splits": {
+                name: [{"path": s.relpath, "sha256": s.sha256, "patient": s.patient} for s in members]
+                for name, members in self.splits.items()
+            },
+        }
+
+    def table(self) -> str:
+        rows = [f"{'split':<14}" + "".join(f"{c:>11}" for c in CLASS_NAMES) + f"{'total':>8}"]
+        for name, members in self.splits.items():
+            counts = Counter(CLASS_NAMES[s.label] for s in members)
+            rows.append(f"{name:<14}" + "".join(f"{counts[c]:>11}" for c in CLASS_NAMES)
+                        + f"{len(members):>8}")
+        return "\n".join(rows)
+
+
+def load_splits(root: Path, val_fraction: float, test_fraction: float, seed: int) -> DataSplits:
+    """Scan a dataset folder and build its train / val / internal-test file lists."""
+    layout = find_layout(Path(root))
+    train_scan = scan(layout["train"])
+    scans = {"train": train_scan}
+    given_val = None
+    if "val" in layout:
+        val_scan = scan(layout["val"])
+        scans["val"] = val_scan
+        if len(val_scan.samples) >= MIN_GIVEN_VAL:
+            given_val = val_scan.samples
+    splits = split_samples(train_scan.samples, val_fraction, test_fraction, seed,
+                           carve_val=given_val is None)
+    if given_val is not None:
+        splits["val"] = given_val
+    rule = {
+        "method": "stratified, patient-grouped, byte-identical files kept together",
+        "patient_id_regex": PATIENT_ID.pattern,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "internal_test_fraction": test_fraction,
+        "val_source": "given val/ folder" if given_val is not None else "carved from train",
+        "source": {name: str(path.relative_to(root)) if path != Path(root) else "."
+                   for name, path in layout.items() if name != "test"},
+    }
+    return DataSplits(Path(root), splits, rule, scans)

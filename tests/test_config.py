@@ -1,0 +1,39 @@
+"""pneumoscan.config: validation, round trips and readable differences."""
+
+from __future__ import annotations
+
+import pytest
+
+from pneumoscan.config import AugmentConfig, Config
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"batch_size": 0}, "batch size must be at least 1"),
+        ({"learning_rate": 0.0}, "learning rate must be positive"),
+        ({"val_fraction": 0.6}, "val fraction must be in"),
+        ({"image_size": 8}, "image size must be between 32 and 1024"),
+    ],
+)
+def test_invalid_values_are_value_errors(changes, message):
+    with pytest.raises(ValueError, match=message):
+        Config(**changes)
+
+
+def test_round_trip_and_resolution(tmp_path):
+    config = Config(epochs=3, augment=AugmentConfig(zoom=0.2)).resolved()
+    assert config.image_size == 150
+    config.save(tmp_path / "config.json")
+    assert Config.load(tmp_path / "config.json") == config
+
+
+def test_differences_are_readable():
+    assert Config(epochs=1).differences(Config(epochs=2, augment=AugmentConfig(zoom=0.3))) == [
+        "augment.zoom: 0.1 -> 0.3", "epochs: 1 -> 2"]
+
+
+def test_unknown_keys_are_refused():
+    with pytest.raises(ValueError, match="unknown configuration keys: colour"):
+        Config.from_dict({"colour": "blue"})

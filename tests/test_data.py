@@ -1,0 +1,156 @@
+"""pneumoscan.data: discovery, validation errors, patient-grouped and duplicate-safe splits."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import synthetic_xray, write_class_folders
+from pneumoscan.data import (DataError, find_layout, list_images, load_splits, patient_id, scan,
+                             split_digest, split_samples)
+
+
+@pytest.mark.parametrize(
+    "file_name, expected",
+    [
+        ("person1202_bacteria_3152.jpeg", "person1202"),
+        ("person19_virus_50.jpeg", "person19"),
+        ("IM-0429-0001-0001.jpeg", "IM-0429"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("NORMAL2-IM-0372-0001.jpeg", "NORMAL2-IM-0372"),
+        ("scan_001.png", None),
+        ("xperson12.jpeg", None),
+    ],
+)
+def test_patient_id(file_name, expected):
+    assert patient_id(file_name) == expected
+
+
+def test_layouts(tmp_path):
+    single = write_class_folders(tmp_path / "single", {"IM-0001": 0, "person1": 1}, 1)
+    assert find_layout(single) == {"train": single}
+    kaggle = tmp_path / "kaggle"
+    for split in ("train", "val", "test"):
+        write_class_folders(kaggle / split, {"IM-0001": 0, "person1": 1}, 1)
+    assert find_layout(kaggle) == {name: kaggle / name for name in ("train", "val", "test")}
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda root: None, "no such folder"),
+        (lambda root: (root / "other").mkdir(parents=True), "expected class folders"),
+        (lambda root: (root / "NORMAL").mkdir(parents=True), "PNEUMONIA: class folder is missing"),
+        (lambda root: [(root / c).mkdir(parents=True) for c in ("NORMAL", "PNEUMONIA")],
+         "NORMAL: holds no .jpeg, .jpg or .png images"),
+    ],
+)
+def test_layout_errors_name_the_path(tmp_path, make, message):
+    root = tmp_path / "data"
+    make(root)
+    with pytest.raises(DataError, match=message) as info:
+        list_images(find_layout(root)["train"])
+    assert str(tmp_path) in str(info.value)
+
+
+def test_suffixes_any_case_and_other_files_ignored(tmp_path):
+    root = write_class_folders(tmp_path / "d", {"IM-0001": 0, "person1": 1}, 1)
+    Image.fromarray(synthetic_xray(5, 0)).save(root / "NORMAL" / "IM-0002-0001.JPG", format="JPEG")
+    Image.fromarray(synthetic_xray(6, 1)).save(root / "PNEUMONIA" / "person2_virus_1.PNG", format="PNG")
+    (root / "NORMAL" / "notes.txt").write_text("not an image")
+    (root / "NORMAL" / ".hidden.png").write_bytes(b"")
+    names = sorted(p.name for p, _ in list_images(root))
+    assert names == ["IM-0001-0001.png", "IM-0002-0001.JPG", "person1_bacteria0.png", "person2_virus_1.PNG"]
+
+
+def test_unreadable_files_are_reported_and_skipped(tmp_path):
+    root = write_class_folders(tmp_path / "d", {"IM-0001": 0, "person1": 1, "person2": 1}, 2)
+    (root / "NORMAL" / "IM-0009-0001.jpeg").write_bytes(b"")
+    good = (root / "PNEUMONIA" / "person1_bacteria0.png").read_bytes()
+    (root / "PNEUMONIA" / "person9_virus_1.png").write_bytes(good[: len(good) // 3])
+    result = scan(root)
+    assert len(result.samples) == 6
+    assert len(result.unreadable) == 2
+    report = result.report()
+    assert "skipped 2 unreadable file(s)" in report and "IM-0009-0001.jpeg" in report
+
+
+def test_names_without_patient_id_are_their_own_group(tmp_path):
+    root = write_class_folders(tmp_path / "d", {"IM-0001": 0, "person1": 1}, 1)
+    for k in range(3):
+        Image.fromarray(synthetic_xray(50 + k, 0)).save(root / "NORMAL" / f"scan_{k}.png")
+    result = scan(root)
+    assert result.unmatched_patient_ids == 3
+    assert len({s.patient for s in result.samples}) == 5
+    assert "3 file name(s) carry no patient id" in result.report()
+
+
+def _pool(tmp_path: Path, n_normal: int = 40, n_pneumonia: int = 60, per_patient: int = 3):
+    patients = {f"IM-{i:04d}": 0 for i in range(n_normal)}
+    patients.update({f"person{i}": 1 for i in range(n_pneumonia)})
+    return scan(write_class_folders(tmp_path / "pool", patients, per_patient)).samples
+
+
+def test_split_is_patient_grouped_stratified_and_sized(tmp_path):
+    samples = _pool(tmp_path)
+    splits = split_samples(samples, 0.1, 0.1, seed=7)
+    assert sum(len(v) for v in splits.values()) == len(samples)
+    owners: dict[str, set[str]] = {}
+    for name, members in splits.items():
+        for s in members:
+            owners.setdefault(s.patient, set()).add(name)
+    assert all(len(v) == 1 for v in owners.values()), "a patient landed in two splits"
+    for name in ("val", "internal-test"):
+        counts = Counter(s.label for s in splits[name])
+        assert counts[0] == 12 and counts[1] == 18  # 10% of 120 and 180 images, whole patients
+
+
+def test_split_is_deterministic_and_seeded(tmp_path):
+    samples = _pool(tmp_path)
+    first = split_samples(samples, 0.1, 0.1, seed=7)
+    again = split_samples(list(reversed(samples)), 0.1, 0.1, seed=7)
+    other = split_samples(samples, 0.1, 0.1, seed=8)
+    assert {k: split_digest(v) for k, v in first.items()} == {k: split_digest(v) for k, v in again.items()}
+    assert split_digest(first["val"]) != split_digest(other["val"])
+
+
+def test_byte_identical_files_land_on_the_same_side(tmp_path):
+    root = write_class_folders(tmp_path / "d", {f"person{i}": 1 for i in range(30)}
+                               | {f"IM-{i:04d}": 0 for i in range(30)}, 1)
+    # Copies of patients' images under other patients' names (as in the real data set).
+    for i in range(10):
+        src = root / "PNEUMONIA" / f"person{i}_bacteria0.png"
+        shutil.copy(src, root / "PNEUMONIA" / f"person{100 + i}_bacteria0.png")
+    samples = scan(root).samples
+    for seed in range(5):
+        side = {s.relpath: name for name, members in split_samples(samples, 0.2, 0.2, seed).items()
+                for s in members}
+        for i in range(10):
+            assert side[f"PNEUMONIA/person{i}_bacteria0.png"] == side[f"PNEUMONIA/person{100 + i}_bacteria0.png"]
+
+
+def test_given_large_val_split_is_used(tmp_path):
+    root = tmp_path / "kaggle"
+    write_class_folders(root / "train", {f"IM-{i:04d}": 0 for i in range(20)} | {f"person{i}": 1 for i in range(20)}, 2)
+    write_class_folders(root / "val", {f"IM-{i:04d}": 0 for i in range(500, 530)}
+                        | {f"person{i}": 1 for i in range(500, 530)}, 2)
+    result = load_splits(root, 0.1, 0.1, seed=1)
+    assert len(result.splits["val"]) == 120
+    assert result.rule["val_source"] == "given val/ folder"
+    assert all(s.path.is_relative_to(root / "train") for s in result.splits["internal-test"])
+
+
+def test_tiny_given_val_split_is_replaced_by_a_carved_one(tmp_path):
+    root = tmp_path / "kaggle"
+    write_class_folders(root / "train", {f"IM-{i:04d}": 0 for i in range(20)} | {f"person{i}": 1 for i in range(20)}, 2)
+    write_class_folders(root / "val", {"IM-0900": 0, "person900": 1}, 2)
+    result = load_splits(root, 0.1, 0.1, seed=1)
+    assert result.rule["val_source"] == "carved from train"
+    assert all(s.path.is_relative_to(root / "train") for s in result.splits["val"])
+    summary = result.summary()
+    assert summary["splits"]["val"]["counts"] == {"NORMAL": 4, "PNEUMONIA": 4}
+    assert len(summary["splits"]["val"]["digest"]) == 64

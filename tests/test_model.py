@@ -1,0 +1,70 @@
+"""pneumoscan.model: the paper's CNN exactly, and every registered architecture trains."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import SAMPLES
+from pneumoscan.config import Config
+from pneumoscan.model import ARCHITECTURES, build_model
+from pneumoscan.preprocess import decode_to_input
+from pneumoscan.train import compile_model
+
+SEED_LAYERS = [
+    ("InputLayer", (None, 150, 150, 1)),
+    ("Rescaling", (None, 150, 150, 1)),
+    ("Concatenate", (None, 150, 150, 3)),
+    ("Conv2D", (None, 148, 148, 32)),
+    ("MaxPooling2D", (None, 74, 74, 32)),
+    ("Conv2D", (None, 72, 72, 64)),
+    ("MaxPooling2D", (None, 36, 36, 64)),
+    ("Conv2D", (None, 34, 34, 128)),
+    ("MaxPooling2D", (None, 17, 17, 128)),
+    ("Conv2D", (None, 15, 15, 128)),
+    ("MaxPooling2D", (None, 7, 7, 128)),
+    ("Flatten", (None, 6272)),
+    ("Dropout", (None, 6272)),
+    ("Dense", (None, 512)),
+    ("Dense", (None, 1)),
+]
+
+
+def test_seed_is_the_papers_cnn():
+    model = build_model(Config(arch="seed"))
+    assert model.count_params() == 3_453_121
+    assert [(layer.__class__.__name__, tuple(layer.output.shape)) for layer in model.layers] == SEED_LAYERS
+    assert model.layers[1].scale == pytest.approx(1 / 255)
+    assert model.layers[-1].activation.__name__ == "sigmoid"
+    assert model.layers[-2].activation.__name__ == "relu"
+    assert model.get_layer("dropout").rate == 0.5
+
+
+def test_unknown_architecture_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown architecture 'nope'; choose one of"):
+        build_model(Config(arch="nope"))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_output_shape_range_and_no_nans(arch):
+    model = build_model(Config(arch=arch, image_size=64))
+    x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 1)).astype(np.float32)
+    y = model.predict(x, verbose=0)
+    assert y.shape == (3, 1)
+    assert np.all(np.isfinite(y)) and np.all((y >= 0) & (y <= 1))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_overfits_one_small_batch(arch):
+    keras.utils.set_random_seed(0)
+    paths = sorted(SAMPLES.rglob("*.jpeg"))
+    x = np.stack([decode_to_input(p, 64) for p in paths])
+    y = np.array([p.parent.name == "PNEUMONIA" for p in paths], np.float32)
+    model = build_model(Config(arch=arch, image_size=64))
+    compile_model(model, learning_rate=1e-3)
+    first = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    model.fit(x, y, epochs=100, batch_size=16, verbose=0)
+    last = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert last["loss"] < 0.1 * first
+    assert last["accuracy"] == 1.0

@@ -1,0 +1,51 @@
+"""pneumoscan.pipeline: tf.data shapes, dtypes, ranges; augmentation on training only."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import SAMPLES
+from pneumoscan.config import AugmentConfig
+from pneumoscan.pipeline import images, labelled
+from pneumoscan.preprocess import decode_to_input
+
+PATHS = sorted(SAMPLES.rglob("*.jpeg"))[:6]
+LABELS = [int(p.parent.name == "PNEUMONIA") for p in PATHS]
+
+
+def _batches(dataset):
+    return [(x.numpy(), y.numpy()) for x, y in dataset]
+
+
+def test_evaluation_batches_match_decode_to_input():
+    batches = _batches(labelled(PATHS, LABELS, 96, batch_size=4))
+    assert [x.shape for x, _ in batches] == [(4, 96, 96, 1), (2, 96, 96, 1)]
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 255
+    np.testing.assert_array_equal(y, LABELS)
+    for got, path in zip(x, PATHS):
+        np.testing.assert_allclose(got, decode_to_input(path, 96), atol=1e-4)
+
+
+def test_training_batches_are_augmented_shuffled_and_in_range():
+    plain = np.concatenate([x for x, _ in _batches(labelled(PATHS, LABELS, 96, batch_size=6))])
+    dataset = labelled(PATHS, LABELS, 96, batch_size=6, training=True, seed=3, augment=AugmentConfig())
+    (x1, y1), = _batches(dataset)
+    (x2, y2), = _batches(dataset)
+    assert x1.shape == (6, 96, 96, 1) and x1.dtype == np.float32
+    assert x1.min() >= 0 and x1.max() <= 255
+    assert sorted(y1) == sorted(LABELS)
+    assert not np.allclose(x1, x2), "two epochs should see different augmentations or order"
+    matched = [min(np.abs(a - p).mean() for p in plain) for a in x1]
+    assert max(matched) > 0.5, "training images should differ from the plain ones"
+
+
+def test_images_stream_flags_bad_files(tmp_path):
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(b"not an image")
+    rows = [(p.numpy().decode(), bool(ok), x.numpy()) for p, ok, x in images([PATHS[0], bad, PATHS[1]], 64)]
+    assert [r[1] for r in rows] == [True, False, True]
+    assert rows[1][0] == str(bad)
+    assert all(r[2].shape == (64, 64, 1) for r in rows)
+    np.testing.assert_allclose(rows[2][2], decode_to_input(PATHS[1], 64), atol=1e-4)

@@ -1,0 +1,149 @@
+"""pneumoscan.train: a complete run folder, refusing changed configs, and resuming (kill -9 too)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import pytest
+
+from conftest import REPO
+from pneumoscan import metadata as metadata_io
+from pneumoscan.cli import main
+from pneumoscan.config import Config
+from pneumoscan.train import CHECKPOINT, RunConflict, class_weights, train
+
+TINY = dict(arch="seed", image_size=64, batch_size=8, seed=1)
+RUN_FILES = {"model.keras", "metadata.json", "config.json", "history.csv", "splits.json", "logs"}
+
+
+def _history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_class_weights_balance_the_classes():
+    import numpy as np
+
+    weights = class_weights(np.array([0] * 10 + [1] * 30))
+    assert weights == {0: 2.0, 1: pytest.approx(2 / 3)}
+    assert 10 * weights[0] == pytest.approx(30 * weights[1])
+
+
+def test_one_epoch_makes_a_complete_run_folder(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(Config(epochs=1, **TINY), tiny_dataset, run_dir)
+    assert {p.name for p in run_dir.iterdir()} == RUN_FILES
+    meta = metadata_io.read(run_dir)
+    assert meta["input"] == {"height": 64, "width": 64, "channels": 1, "dtype": "float32",
+                             "color_mode": "grayscale", "value_range": [0, 255]}
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["arch"] == "seed"
+    assert meta["training"]["best_epoch"] == result.best_epoch == 1
+    assert [s["op"] for s in meta["preprocessing"]] == ["decode", "to_uint8", "grayscale", "resize", "model_input"]
+    splits = meta["data"]["splits"]
+    assert sum(sum(s["counts"].values()) for s in splits.values()) == 48
+    assert Config.load(run_dir / "config.json") == Config(epochs=1, **TINY)
+    listed = json.loads((run_dir / "splits.json").read_text())["splits"]
+    assert {k: len(v) for k, v in listed.items()} == {k: sum(v["counts"].values()) for k, v in splits.items()}
+    assert [row["epoch"] for row in _history(run_dir)] == ["1"]
+    model = keras.models.load_model(run_dir / "model.keras")
+    assert model.input_shape == (None, 64, 64, 1) and not getattr(model, "optimizer", None)
+
+
+def test_finished_run_is_left_alone_and_changed_config_refused(tiny_dataset, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["train", "--data", str(tiny_dataset), "--out", str(run_dir), "--epochs", "1",
+            "--image-size", "64", "--batch-size", "8", "--seed", "1"]
+    assert main(args) == 0
+    stamp = (run_dir / "model.keras").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "already holds a finished run" in capsys.readouterr().out
+    assert (run_dir / "model.keras").stat().st_mtime_ns == stamp
+
+    changed = [a if a != "1" or i != args.index("--epochs") + 1 else "2" for i, a in enumerate(args)]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "different configuration (epochs: 1 -> 2)" in err and "Traceback" not in err
+    assert main(changed + ["--overwrite"]) == 0
+    assert len(_history(run_dir)) == 2
+
+
+def test_non_run_folder_is_not_overwritten(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "precious"
+    run_dir.mkdir()
+    (run_dir / "thesis.txt").write_text("keep me")
+    with pytest.raises(RunConflict, match="holds no pneumoscan run"):
+        train(Config(epochs=1, **TINY), tiny_dataset, run_dir)
+    assert (run_dir / "thesis.txt").read_text() == "keep me"
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def __init__(self, after_epoch: int):
+        super().__init__()
+        self.after_epoch = after_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.after_epoch:
+            raise KeyboardInterrupt
+
+
+class _Probe(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.iterations = int(self.model.optimizer.iterations.numpy())
+        self.learning_rate = float(self.model.optimizer.learning_rate.numpy())
+
+
+def test_resume_restores_optimizer_and_callback_state(tiny_dataset, tmp_path):
+    config = Config(epochs=5, plateau_patience=1, early_stopping_patience=5, **TINY)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tiny_dataset, run_dir, extra_callbacks=[_Interrupt(after_epoch=3)])
+    saved = json.loads((run_dir / CHECKPOINT / "state.json").read_text())
+    assert saved["epochs_done"] == 3 and not (run_dir / "metadata.json").exists()
+
+    probe = _Probe()
+    result = train(config, tiny_dataset, run_dir, extra_callbacks=[probe])
+    n_train = len(json.loads((run_dir / "splits.json").read_text())["splits"]["train"])
+    steps_per_epoch = -(-n_train // 8)  # ceil
+    assert result.resumed_from_epoch == 3
+    assert probe.iterations == 3 * steps_per_epoch
+    assert probe.learning_rate == pytest.approx(saved["learning_rate"])
+    rows = _history(run_dir)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert len(rows) >= 4
+    meta = metadata_io.read(run_dir)
+    assert meta["training"]["best_val_auc"] >= saved["best_val_auc"]
+    assert not (run_dir / CHECKPOINT).exists()
+
+
+@pytest.mark.slow
+def test_kill_9_then_same_command_resumes(tiny_dataset, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["train", "--data", str(tiny_dataset), "--out", str(run_dir), "--epochs", "40",
+            "--image-size", "150", "--batch-size", "8", "--seed", "1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    process = subprocess.Popen([sys.executable, "-m", "pneumoscan", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run_dir / CHECKPOINT / "state.json"
+    deadline = time.monotonic() + 180
+    while not state.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists(), "the training process wrote no checkpoint"
+    assert not (run_dir / "metadata.json").exists()
+    done = json.loads(state.read_text())["epochs_done"]
+
+    assert main(args) == 0
+    assert f"Resuming {run_dir} after epoch {done}" in capsys.readouterr().out
+    rows = _history(run_dir)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert len(rows) > done
+    metadata_io.read(run_dir)
