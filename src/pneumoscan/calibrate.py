@@ -1,0 +1,244 @@
+"""Calibration and decision threshold: `pneumoscan train` fits both on the validation split,
+`pneumoscan threshold` re-chooses the threshold of a trained model.
+
+The formulas follow `docs/metadata.md` (section "Calibration and decision"); the web page
+applies the same ones, so everything here is float64 and written out, not delegated to a
+library. Fitting needs only NumPy: the losses are one- or two-parameter and convex.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any
+
+import numpy as np
+
+from pneumoscan.metrics import _pair
+
+EPSILON = 1e-7  # probabilities are clipped to [EPSILON, 1 - EPSILON] before the logit
+METHODS = ("none", "temperature", "platt")
+APPLIES_TO = "calibrated probability"
+RULE_FORMS = "'youden', 'sensitivity:X' with 0 < X <= 1, or 'fixed:X' with 0 <= X <= 1"
+# Temperature is searched on log T within these bounds. Reaching the lower one means the
+# scores separate the classes (the optimum is T -> 0); the upper one, that they carry no
+# signal or the wrong sign (T -> infinity). Either way a warning says so.
+TEMPERATURE_BOUNDS = (1e-3, 1e3)
+
+
+def logit(p: Any) -> np.ndarray:
+    """log(q / (1 - q)) in float64 with q = clip(p, 1e-7, 1 - 1e-7)."""
+    q = np.clip(np.asarray(p, dtype=np.float64), EPSILON, 1.0 - EPSILON)
+    return np.log(q / (1.0 - q))  # literally the metadata.md formula, as the web page computes it
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    # 1 / (1 + exp(-z)), arranged so exp never overflows.
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def apply_calibration(p: Any, calibration: dict[str, Any]) -> np.ndarray:
+    """Calibrated probability sigmoid(slope · logit(p) + intercept), in float64.
+
+    Args:
+        p: model outputs in [0, 1], any shape.
+        calibration: `{"method", "slope", "intercept", "fitted_on"}` as in metadata.json.
+
+    Raises:
+        ValueError: unknown method, non-finite parameters, or `none` with slope ≠ 1 or
+            intercept ≠ 0.
+    """
+    method = calibration.get("method")
+    if method not in METHODS:
+        raise ValueError(f"calibration method {method!r} is unknown; expected one of {METHODS}")
+    slope, intercept = calibration.get("slope"), calibration.get("intercept")
+    numeric = (isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (slope, intercept))
+    if not all(numeric) or not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise ValueError(
+            f"calibration slope and intercept must be finite numbers; got {slope!r}, {intercept!r}"
+        )
+    if method == "none" and (slope != 1 or intercept != 0):
+        raise ValueError(
+            f"calibration method 'none' needs slope 1 and intercept 0; got {slope}, {intercept}"
+        )
+    return _sigmoid(float(slope) * logit(p) + float(intercept))
+
+
+def _nll(labels: np.ndarray, z: np.ndarray) -> float:
+    """Mean binary cross-entropy of probabilities sigmoid(z); log(1 + e^z) computed stably."""
+    return float(np.mean(np.logaddexp(0.0, z) - labels * z))
+
+
+def _fit_inputs(y_true: Any, p: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    labels, probs = _pair(y_true, p, prob_name="p")
+    if labels.min() == labels.max():
+        only = "PNEUMONIA (1)" if labels[0] == 1 else "NORMAL (0)"
+        raise ValueError(
+            f"calibration needs both classes in the {split!r} split, but it holds only {only}"
+        )
+    return labels.astype(np.float64), logit(probs)
+
+
+def fit_temperature(y_true: Any, p: Any, split: str = "val") -> dict[str, Any]:
+    """Temperature T > 0 minimising the NLL of sigmoid(logit(p) / T).
+
+    A golden-section search on log T: the NLL is convex in 1/T, so it has one minimum
+    along log T. T is kept within `TEMPERATURE_BOUNDS`.
+
+    Returns:
+        `{"method": "temperature", "slope": 1/T, "intercept": 0.0, "fitted_on": split,
+        "temperature": T}`.
+
+    Raises:
+        ValueError: y_true holds one class only, or bad shapes/values.
+    """
+    labels, z = _fit_inputs(y_true, p, split)
+    low, high = (math.log(bound) for bound in TEMPERATURE_BOUNDS)
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    loss_a, loss_b = _nll(labels, z * math.exp(-a)), _nll(labels, z * math.exp(-b))
+    while high - low > 1e-10:
+        if loss_a <= loss_b:
+            high, b, loss_b = b, a, loss_a
+            a = high - ratio * (high - low)
+            loss_a = _nll(labels, z * math.exp(-a))
+        else:
+            low, a, loss_a = a, b, loss_b
+            b = low + ratio * (high - low)
+            loss_b = _nll(labels, z * math.exp(-b))
+    temperature = math.exp((low + high) / 2.0)
+    if not TEMPERATURE_BOUNDS[0] * 1.001 < temperature < TEMPERATURE_BOUNDS[1] / 1.001:
+        warnings.warn(
+            f"temperature reached its search bound ({temperature:.3g}): the {split!r} scores "
+            "separate the classes perfectly or not at all; consider Platt scaling",
+            stacklevel=2,
+        )
+    return {
+        "method": "temperature",
+        "slope": 1.0 / temperature,
+        "intercept": 0.0,
+        "fitted_on": split,
+        "temperature": temperature,
+    }
+
+
+def fit_platt(y_true: Any, p: Any, split: str = "val") -> dict[str, Any]:
+    """Logistic regression of y on logit(p): slope and intercept, by Newton's method.
+
+    Targets are Platt's (1999) smoothed labels, (n₊ + 1)/(n₊ + 2) for positives and
+    1/(n₋ + 2) for negatives, so the fit stays finite when the scores separate the classes.
+
+    Returns:
+        `{"method": "platt", "slope", "intercept", "fitted_on": split}`.
+
+    Raises:
+        ValueError: y_true holds one class only, or every p gives the same logit.
+    """
+    labels, z = _fit_inputs(y_true, p, split)
+    if np.ptp(z) == 0:
+        raise ValueError(f"Platt scaling needs varied scores, but every p in {split!r} is the same")
+    n_pos = labels.sum()
+    n_neg = labels.size - n_pos
+    target = np.where(labels == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    slope, intercept = _newton_logistic(np.column_stack([z, np.ones_like(z)]), target)
+    return {"method": "platt", "slope": slope, "intercept": intercept, "fitted_on": split}
+
+
+def _newton_logistic(design: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """Minimise the cross-entropy of sigmoid(design @ params) against targets in (0, 1).
+
+    Args:
+        design: (n, 2) columns logit(p) and 1.
+    """
+    params = np.array([1.0, 0.0])
+    loss = _nll(target, design @ params)
+    for _ in range(100):
+        s = _sigmoid(design @ params)
+        gradient = design.T @ (s - target)
+        hessian = (design * (s * (1 - s))[:, None]).T @ design  # (2, 2)
+        step = np.linalg.solve(hessian + 1e-12 * np.eye(2), gradient)
+        scale = 1.0
+        while scale > 1e-10 and _nll(target, design @ (params - scale * step)) > loss:
+            scale /= 2  # backtrack: a full Newton step can overshoot far from the optimum
+        params = params - scale * step
+        new_loss = _nll(target, design @ params)
+        converged = loss - new_loss < 1e-15 and np.max(np.abs(scale * step)) < 1e-10
+        loss = new_loss
+        if converged:
+            break
+    return float(params[0]), float(params[1])
+
+
+def parse_threshold_rule(rule: str) -> tuple[str, float | None]:
+    """Split a rule into its kind and number.
+
+    Returns:
+        `("youden", None)`, `("sensitivity", X)` or `("fixed", X)`.
+
+    Raises:
+        ValueError: the rule is none of 'youden', 'sensitivity:X' (0 < X <= 1),
+            'fixed:X' (0 <= X <= 1).
+    """
+    problem = ValueError(f"threshold rule {rule!r} is not understood; use {RULE_FORMS}")
+    if not isinstance(rule, str):
+        raise problem
+    if rule == "youden":
+        return "youden", None
+    kind, _, number = rule.partition(":")
+    if kind not in ("sensitivity", "fixed"):
+        raise problem
+    try:
+        value = float(number)
+    except ValueError:
+        raise problem from None
+    lowest_ok = (lambda x: x > 0.0) if kind == "sensitivity" else (lambda x: x >= 0.0)
+    if not (lowest_ok(value) and value <= 1.0):  # also rejects NaN
+        raise problem
+    return kind, value
+
+
+def _youden(
+    candidates: np.ndarray, n_pos_at: np.ndarray, n_neg_below: np.ndarray, n_pos: int, n_neg: int
+) -> float:
+    # J·n_pos·n_neg in integers, so equal J values compare equal exactly.
+    scaled_j = n_pos_at * n_neg + n_neg_below * n_pos
+    best = candidates[scaled_j == scaled_j.max()]
+    distance = np.abs(best - 0.5)
+    # Tie rule: closest to 0.5; between two equally close, the lower (more sensitive) one.
+    return float(best[distance == distance.min()].min())
+
+
+def choose_threshold(y_true: Any, prob: Any, rule: str, split: str = "val") -> dict[str, Any]:
+    """The decision threshold on calibrated probabilities; positive when prob >= threshold.
+
+    Candidates are the distinct values of `prob`.
+    - `youden`: maximises sensitivity + specificity − 1. Ties go to the candidate closest to
+      0.5, and between two equally close, to the lower one (the more sensitive screen).
+    - `sensitivity:X`: the largest candidate whose sensitivity is at least X.
+    - `fixed:X`: X itself; `y_true` and `prob` are not used and `split` is recorded as None.
+
+    Returns:
+        `{"value", "rule", "split", "applies_to": "calibrated probability"}`.
+
+    Raises:
+        ValueError: the rule is not understood, or a data-driven rule gets one class only.
+    """
+    kind, number = parse_threshold_rule(rule)
+    if kind == "fixed":
+        return {"value": float(number), "rule": rule, "split": None, "applies_to": APPLIES_TO}
+    labels, probs = _pair(y_true, prob, prob_name="prob")
+    if labels.min() == labels.max():
+        raise ValueError(f"threshold rule {rule!r} needs both classes in the {split!r} split")
+    candidates = np.unique(probs)
+    positives, negatives = np.sort(probs[labels == 1]), np.sort(probs[labels == 0])
+    n_pos_at = positives.size - np.searchsorted(positives, candidates, side="left")  # prob >= t
+    if kind == "youden":
+        n_neg_below = np.searchsorted(negatives, candidates, side="left")  # prob < t
+        value = _youden(candidates, n_pos_at, n_neg_below, positives.size, negatives.size)
+    else:
+        # Sensitivity falls as t rises; a tiny slack absorbs X·n_pos rounding (0.95·20).
+        reached = n_pos_at >= number * positives.size - 1e-9
+        value = float(candidates[reached].max())
+    return {"value": value, "rule": rule, "split": split, "applies_to": APPLIES_TO}

@@ -1,0 +1,235 @@
+"""pneumoscan.calibrate: the metadata.md formulas, fits on synthetic data, threshold rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from pneumoscan import calibrate, metrics
+
+NONE = {"method": "none", "slope": 1.0, "intercept": 0.0, "fitted_on": None}
+
+
+@pytest.mark.parametrize(
+    "p, expected",
+    [
+        (0.5, 0.0),
+        (0.75, math.log(3)),
+        (0.1, -math.log(9)),
+        (0.0, math.log(1e-7 / (1 - 1e-7))),  # clipped to 1e-7
+        (1.0, math.log((1 - 1e-7) / (1 - (1 - 1e-7)))),  # clipped to the float64 1 - 1e-7
+    ],
+)
+def test_logit_values(p, expected):
+    assert calibrate.logit(p) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_logit_is_float64_for_float32_input():
+    assert calibrate.logit(np.array([0.25, 0.5], dtype=np.float32)).dtype == np.float64
+
+
+def test_none_is_identity_on_clipped_probabilities():
+    p = np.random.default_rng(0).random(204).astype(np.float32)
+    p[:4] = [0.0, 1.0, 1e-9, 0.5]
+    calibrated = calibrate.apply_calibration(p, NONE)
+    assert calibrated.dtype == np.float64
+    expected = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    np.testing.assert_allclose(calibrated, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "p, method, slope, intercept, expected",
+    [
+        (0.75, "temperature", 2.0, 0.0, 0.9),  # logit 0.75 = ln 3; 2 ln 3 = ln 9
+        (0.9, "temperature", 0.5, 0.0, 0.75),  # ln 9 / 2 = ln 3
+        (0.5, "platt", 1.0, math.log(3), 0.75),
+        (0.75, "platt", -1.0, 0.0, 0.25),
+        (0.5, "platt", 3.0, -50.0, 1 / (1 + math.exp(50))),  # far tail, no overflow
+    ],
+)
+def test_apply_calibration_formula(p, method, slope, intercept, expected):
+    calibration = {"method": method, "slope": slope, "intercept": intercept, "fitted_on": "val"}
+    assert calibrate.apply_calibration(p, calibration) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "calibration, match",
+    [
+        ({**NONE, "method": "isotonic"}, "calibration method 'isotonic' is unknown"),
+        ({**NONE, "slope": 2.0}, "'none' needs slope 1 and intercept 0"),
+        ({**NONE, "method": "platt", "slope": float("nan")}, "finite numbers"),
+        ({**NONE, "method": "platt", "intercept": "0"}, "finite numbers"),
+    ],
+)
+def test_apply_calibration_rejects_bad_dict(calibration, match):
+    with pytest.raises(ValueError, match=match):
+        calibrate.apply_calibration([0.5], calibration)
+
+
+def _synthetic(slope: float, intercept: float, n: int = 20000, seed: int = 0):
+    """Model outputs p = sigmoid(z) whose true probability is sigmoid(slope·z + intercept)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 3.0, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(slope * z + intercept)))).astype(int)
+    return y, 1 / (1 + np.exp(-z))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5])
+def test_fit_temperature_recovers_known_temperature(temperature):
+    y, p = _synthetic(1 / temperature, 0.0)
+    fitted = calibrate.fit_temperature(y, p, split="val")
+    assert fitted["temperature"] == pytest.approx(temperature, rel=0.05)
+    assert fitted["slope"] == pytest.approx(1 / fitted["temperature"], rel=1e-12)
+    assert fitted["intercept"] == 0.0
+    assert (fitted["method"], fitted["fitted_on"]) == ("temperature", "val")
+
+
+def test_fit_temperature_lowers_the_loss():
+    y, p = _synthetic(0.4, 0.0, n=2000, seed=1)
+    fitted = calibrate.fit_temperature(y, p)
+    before = metrics.brier(y, calibrate.apply_calibration(p, NONE))
+    after = metrics.brier(y, calibrate.apply_calibration(p, fitted))
+    assert after < before
+
+
+def test_fit_temperature_warns_when_scores_separate_classes():
+    with pytest.warns(UserWarning, match="search bound"):
+        calibrate.fit_temperature([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
+
+
+def test_fit_platt_recovers_known_parameters_and_matches_sklearn():
+    y, p = _synthetic(0.7, -0.4)
+    fitted = calibrate.fit_platt(y, p, split="val")
+    assert fitted["slope"] == pytest.approx(0.7, abs=0.05)
+    assert fitted["intercept"] == pytest.approx(-0.4, abs=0.05)
+    reference = LogisticRegression(C=1e10).fit(calibrate.logit(p)[:, None], y)
+    # Platt's smoothed targets move the optimum only slightly at this size.
+    assert fitted["slope"] == pytest.approx(reference.coef_[0, 0], abs=2e-3)
+    assert fitted["intercept"] == pytest.approx(reference.intercept_[0], abs=2e-3)
+    assert (fitted["method"], fitted["fitted_on"]) == ("platt", "val")
+
+
+def test_fit_platt_uses_smoothed_targets_on_separable_scores():
+    y, p = np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.2, 0.7, 0.8, 0.9])
+    fitted = calibrate.fit_platt(y, p)
+    # Reference: each case split into a positive of weight t and a negative of weight 1 - t,
+    # with Platt's targets t = 4/5 for positives and 1/4 for negatives.
+    target = np.where(y == 1, 4 / 5, 1 / 4)
+    z = np.tile(calibrate.logit(p), 2)[:, None]
+    labels = np.r_[np.ones(5), np.zeros(5)]
+    reference = LogisticRegression(C=1e12, tol=1e-12, max_iter=10000).fit(
+        z, labels, sample_weight=np.r_[target, 1 - target]
+    )
+    assert fitted["slope"] == pytest.approx(reference.coef_[0, 0], abs=1e-5)
+    assert fitted["intercept"] == pytest.approx(reference.intercept_[0], abs=1e-5)
+
+
+@pytest.mark.parametrize("fit", [calibrate.fit_temperature, calibrate.fit_platt])
+def test_fit_needs_both_classes(fit):
+    with pytest.raises(ValueError, match="needs both classes in the 'val' split.*NORMAL"):
+        fit([0, 0, 0], [0.1, 0.5, 0.9])
+
+
+def test_fit_platt_needs_varied_scores():
+    with pytest.raises(ValueError, match="varied scores"):
+        calibrate.fit_platt([0, 1, 1], [0.3, 0.3, 0.3])
+
+
+@pytest.mark.parametrize(
+    "rule, expected",
+    [
+        ("youden", ("youden", None)),
+        ("sensitivity:0.95", ("sensitivity", 0.95)),
+        ("sensitivity:1", ("sensitivity", 1.0)),
+        ("fixed:0", ("fixed", 0.0)),
+        ("fixed:0.5", ("fixed", 0.5)),
+        ("fixed:1", ("fixed", 1.0)),
+    ],
+)
+def test_parse_threshold_rule_accepts(rule, expected):
+    assert calibrate.parse_threshold_rule(rule) == expected
+
+
+@pytest.mark.parametrize(
+    "rule",
+    ["", "Youden", "youden:1", "sensitivity", "sensitivity:0", "sensitivity:1.5", "fixed:-0.1",
+     "fixed:abc", "fixed:nan", "fixed:0.5:1", "specificity:0.9", None],
+)
+def test_parse_threshold_rule_rejects(rule):
+    message = r"threshold rule .* is not understood; use 'youden', 'sensitivity:X'"
+    with pytest.raises(ValueError, match=message):
+        calibrate.parse_threshold_rule(rule)
+
+
+# Youden's J per candidate: .1→0 .2→.2 .3→.4 .4→.6 .45→.8 .5→.6 .6→.8 .7→.6 .8→.4 .9→.2
+Y = [0, 0, 0, 0, 1, 0, 1, 1, 1, 1]
+PROB = [0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+@pytest.mark.parametrize(
+    "rule, expected",
+    [
+        ("youden", 0.45),  # J ties at .45 and .6; .45 is closer to 0.5
+        ("sensitivity:1", 0.45),
+        ("sensitivity:0.8", 0.6),
+        ("sensitivity:0.61", 0.6),
+        ("sensitivity:0.6", 0.7),
+        ("sensitivity:0.2", 0.9),
+        ("fixed:0.3", 0.3),
+    ],
+)
+def test_choose_threshold_hand_table(rule, expected):
+    chosen = calibrate.choose_threshold(Y, PROB, rule, split="val")
+    assert chosen["value"] == pytest.approx(expected, abs=1e-12)
+    assert chosen["rule"] == rule
+    assert chosen["split"] == (None if rule.startswith("fixed") else "val")
+    assert chosen["applies_to"] == "calibrated probability"
+
+
+def test_youden_ties_go_to_the_threshold_closest_to_one_half():
+    # J = .5 at .3 and at .55; .55 is closer to 0.5.
+    chosen = calibrate.choose_threshold([0, 1, 0, 1], [0.2, 0.3, 0.5, 0.55], "youden")
+    assert chosen["value"] == 0.55
+
+
+def test_youden_equally_close_ties_go_to_the_lower_threshold():
+    # J = .5 at .375 and at .625, both 0.125 from 0.5.
+    chosen = calibrate.choose_threshold([0, 1, 0, 1], [0.25, 0.375, 0.5, 0.625], "youden")
+    assert chosen["value"] == 0.375
+
+
+def test_fixed_rule_needs_no_data():
+    assert calibrate.choose_threshold(None, None, "fixed:0.25")["value"] == 0.25
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_youden_maximises_j_by_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 150)
+    prob = np.round(np.clip(rng.normal(0.4 + 0.2 * y, 0.2), 0, 1), 2)
+
+    def j(t: float) -> float:
+        pred = (prob >= t).astype(int)
+        return metrics.sensitivity(y, pred) + metrics.specificity(y, pred) - 1
+
+    value = calibrate.choose_threshold(y, prob, "youden")["value"]
+    assert j(value) == pytest.approx(max(j(t) for t in np.unique(prob)), abs=1e-12)
+
+
+@pytest.mark.parametrize("target", [0.8, 0.9, 0.95])
+def test_sensitivity_rule_is_the_largest_threshold_reaching_target(target):
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 200)
+    prob = np.clip(rng.normal(0.4 + 0.2 * y, 0.2), 0, 1)
+    value = calibrate.choose_threshold(y, prob, f"sensitivity:{target}")["value"]
+    assert metrics.sensitivity(y, (prob >= value).astype(int)) >= target
+    next_up = np.unique(prob)[np.unique(prob) > value].min()
+    assert metrics.sensitivity(y, (prob >= next_up).astype(int)) < target
+
+
+def test_data_rules_need_both_classes():
+    with pytest.raises(ValueError, match="'youden' needs both classes in the 'val' split"):
+        calibrate.choose_threshold([1, 1], [0.2, 0.8], "youden")
