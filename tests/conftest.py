@@ -47,3 +47,18 @@ def tiny_dataset(tmp_path: Path) -> Path:
     patients = {f"IM-{100 + i:04d}": 0 for i in range(12)}
     patients.update({f"person{i + 1}": 1 for i in range(12)})
     return write_class_folders(tmp_path / "xray", patients)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(dataset root with train/ only, run folder) for a 2-epoch seed model at 64x64."""
+    from pneumoscan.config import Config
+    from pneumoscan.train import train
+
+    root = tmp_path_factory.mktemp("dataset")
+    patients = {f"IM-{100 + i:04d}": 0 for i in range(15)}
+    patients.update({f"person{i + 1}": 1 for i in range(15)})
+    write_class_folders(root / "train", patients)
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    train(Config(arch="seed", image_size=64, epochs=2, batch_size=8, seed=1), root, run_dir)
+    return root, run_dir

@@ -242,3 +242,16 @@ def choose_threshold(y_true: Any, prob: Any, rule: str, split: str = "val") -> d
         reached = n_pos_at >= number * positives.size - 1e-9
         value = float(candidates[reached].max())
     return {"value": value, "rule": rule, "split": split, "applies_to": APPLIES_TO}
+
+
+def operating_point(y_true: Any, raw: Any, rule: str, split: str = "val") -> tuple[dict, dict]:
+    """Temperature scaling fitted on `raw` model outputs, then the threshold chosen by `rule`
+    on the calibrated probabilities of the same (validation) split.
+
+    Returns:
+        (calibration, threshold), the two metadata.json blocks.
+    """
+    parse_threshold_rule(rule)
+    calibration = fit_temperature(y_true, raw, split=split)
+    threshold = choose_threshold(y_true, apply_calibration(raw, calibration), rule, split=split)
+    return calibration, threshold

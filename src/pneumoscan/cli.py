@@ -19,9 +19,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 USAGE_ERROR, FAILURE = 2, 1
 NOT_BUILT = {
-    "evaluate": "evaluation",
-    "predict": "prediction",
-    "threshold": "threshold selection",
     "export": "export",
     "explain": "explanation maps",
     "serve": "the web server",
@@ -73,6 +70,86 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(commands) -> None:
+    parser = commands.add_parser("evaluate", help="clinical metrics with 95%% CIs, plots and a report")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="run folder or bundle (default: the bundled model)")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="dataset root or a split folder holding NORMAL/ and PNEUMONIA/")
+    parser.add_argument("--split", default="test", choices=("test", "val", "internal-test", "train"),
+                        help="which split of a dataset root (default: test)")
+    parser.add_argument("--out", type=Path, default=None, help="REPORT_DIR for metrics.json, plots, report.html")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from pneumoscan.evaluate import evaluate, format_table
+
+    evaluation = evaluate(args.model, args.data, args.split, batch_size=args.batch_size)
+    for note in evaluation.notes:
+        print(f"pneumoscan: {note}", file=sys.stderr)
+    if args.out is not None:
+        from pneumoscan.report import write_report
+
+        files = write_report(args.out, evaluation, data=args.data)
+        print(f"Report: {args.out / 'report.html'} ({', '.join(files)})", file=sys.stderr)
+    print(json.dumps(evaluation.result) if args.json else format_table(evaluation))
+    return 0
+
+
+def _add_threshold(commands) -> None:
+    parser = commands.add_parser("threshold", help="re-choose the operating threshold on the val split")
+    parser.add_argument("--model", type=Path, required=True, help="run folder or bundle to update")
+    parser.add_argument("--data", required=True, type=Path, help="the dataset the model was trained on")
+    parser.add_argument("--rule", required=True, help="youden | sensitivity:0.95 | fixed:0.5")
+    parser.set_defaults(handler=_threshold)
+
+
+def _threshold(args: argparse.Namespace) -> int:
+    from pneumoscan.calibrate import parse_threshold_rule
+
+    try:
+        parse_threshold_rule(args.rule)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    from pneumoscan.evaluate import rechoose_threshold
+
+    meta = rechoose_threshold(args.model, args.data, args.rule)
+    t, val = meta["threshold"], meta["metrics"]["val"]
+    print(f"{args.model}: threshold {t['value']:.4f} ({t['rule']}, chosen on {t['split']}); "
+          f"val sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f}; "
+          f"temperature {meta['calibration']['temperature']:.3f}.")
+    return 0
+
+
+def _add_predict(commands) -> None:
+    parser = commands.add_parser("predict", help="predict files and folders (recursively)")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="run folder or bundle (default: the bundled model)")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pneumoscan.predict import predict_files, render, summary_line
+
+    if args.batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {args.batch_size}")
+    records = predict_files(args.model, args.paths, batch_size=args.batch_size)
+    print(render(records, args.format))
+    for record in records:
+        if "error" in record:
+            print(f"pneumoscan: {record['error']}", file=sys.stderr)
+    print(summary_line(records), file=sys.stderr)
+    return FAILURE if any("error" in r for r in records) else 0
+
+
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         raise UsageError(f"'pneumoscan {name}' ({NOT_BUILT[name]}) is not available in this version yet.")
@@ -91,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(commands)
+    _add_evaluate(commands)
+    _add_predict(commands)
+    _add_threshold(commands)
     for name, what in NOT_BUILT.items():
         sub = commands.add_parser(name, help=f"{what} (not available yet)")
         sub.add_argument("rest", nargs=argparse.REMAINDER)
@@ -104,7 +184,9 @@ def _error_code(error: BaseException) -> int | None:
     from pneumoscan.metadata import MetadataError
     from pneumoscan.preprocess import ImageError
 
-    usage = [UsageError, DataError]
+    from pneumoscan.predict import ModelNotFound
+
+    usage = [UsageError, DataError, ModelNotFound]
     if "pneumoscan.train" in sys.modules:
         usage.append(sys.modules["pneumoscan.train"].RunConflict)
     if isinstance(error, tuple(usage)):

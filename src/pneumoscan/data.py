@@ -22,6 +22,8 @@ PATIENT_ID = re.compile(r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)")
 SPLIT_NAMES = ("train", "val", "internal-test")
 # The official val split has 16 images; under this many, carve our own from train.
 MIN_GIVEN_VAL = 100
+# splits.json keeps 64-bit hash prefixes: enough to recognise a file, a third of the size.
+SHORT_HASH = 16
 
 
 class DataError(ValueError):
@@ -232,13 +234,11 @@ class DataSplits:
         }
 
     def file_lists(self) -> dict:
-        """The content of `splits.json`: every file of every split with its hash."""
+        """The content of `splits.json`: every file of every split, as [relpath, sha256[:16]]."""
         return {
             "rule": self.rule,
-            "splits": {
-                name: [{"path": s.relpath, "sha256": s.sha256, "patient": s.patient} for s in members]
-                for name, members in self.splits.items()
-            },
+            "splits": {name: [[s.relpath, s.sha256[:SHORT_HASH]] for s in members]
+                       for name, members in self.splits.items()},
         }
 
     def table(self) -> str:
@@ -276,3 +276,17 @@ def load_splits(root: Path, val_fraction: float, test_fraction: float, seed: int
                    for name, path in layout.items() if name != "test"},
     }
     return DataSplits(Path(root), splits, rule, scans)
+
+
+def rebuild_splits(root: Path, rule: dict, digests: dict[str, str] | None = None) -> DataSplits:
+    """The splits a model was trained with, rebuilt from `root` by its recorded rule.
+
+    Raises:
+        DataError: a rebuilt split's digest differs from the recorded one (other data).
+    """
+    splits = load_splits(Path(root), rule["val_fraction"], rule["internal_test_fraction"], rule["seed"])
+    for name, expected in (digests or {}).items():
+        if name in splits.splits and split_digest(splits.splits[name]) != expected:
+            raise DataError(f"{root}: its {name} split differs from the one the model was trained "
+                            "with (other files, or other bytes); cannot rebuild it exactly.")
+    return splits

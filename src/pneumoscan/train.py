@@ -255,5 +255,18 @@ def _finish(run_dir: Path, config: Config, splits: DataSplits, state: dict,
 
 
 def _calibrate(model, meta: dict, splits: DataSplits, config: Config, log) -> dict:
-    """Calibration and operating threshold on the validation split (see pneumoscan.calibrate)."""
+    """Temperature scaling and the operating threshold, both fitted on the validation split."""
+    from pneumoscan.calibrate import operating_point
+    from pneumoscan.metrics import summarize, to_json_safe
+    from pneumoscan.predict import LoadedModel, raw_outputs
+
+    val = splits.splits["val"]
+    raw = np.array([out for _, _, out in raw_outputs(LoadedModel(Path("."), model, meta),
+                                                     [s.path for s in val], config.batch_size)])
+    labels = np.array([s.label for s in val])
+    meta["calibration"], meta["threshold"] = operating_point(labels, raw, config.threshold_rule)
+    calibrated = LoadedModel(Path("."), model, meta).calibrated(raw)
+    meta["metrics"] = {"val": to_json_safe(summarize(labels, calibrated, meta["threshold"]["value"]))}
+    log(f"Calibration: temperature {meta['calibration']['temperature']:.3f}; threshold "
+        f"{meta['threshold']['value']:.4f} ({config.threshold_rule}, chosen on val).")
     return meta

@@ -1,0 +1,141 @@
+"""Judge a model like a clinical test: `pneumoscan evaluate --model MODEL --data DIR [--split S]`,
+and re-choose its operating threshold: `pneumoscan threshold --model MODEL --data DIR --rule R`.
+
+Metrics come at the model's own (calibrated) threshold with 95% intervals from a bootstrap
+over patients, and again at 0.5 under `at_0_5`. `val`, `internal-test` and `train` are
+rebuilt exactly as training carved them; `test` is the dataset's own test/ folder.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan import metadata as metadata_io
+from pneumoscan.config import CLASS_NAMES
+from pneumoscan.data import DataError, Sample, find_layout, rebuild_splits, scan
+from pneumoscan.metrics import CI_METRICS, bootstrap_ci, summarize, to_json_safe
+from pneumoscan.predict import LoadedModel, load_model, raw_outputs
+
+SPLITS = ("test", "val", "internal-test", "train")
+
+
+@dataclass
+class Evaluation:
+    """Everything a report needs: the JSON result plus the per-image arrays."""
+
+    result: dict
+    split: str
+    model_dir: Path
+    metadata: dict
+    samples: list[Sample]
+    labels: np.ndarray
+    probabilities: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+
+def select_samples(meta: dict, data_dir: Path, split: str) -> tuple[list[Sample], str, list[str]]:
+    """The images to evaluate, a name for them, and notes (unreadable files skipped, ...).
+
+    Raises:
+        DataError: the folder or the requested split does not exist (exit 2).
+    """
+    data_dir = Path(data_dir)
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
+    if any((data_dir / name).is_dir() for name in CLASS_NAMES):
+        found = scan(data_dir)
+        return found.samples, str(data_dir), _scan_notes(found)
+    layout = find_layout(data_dir)
+    if split == "test":
+        if "test" not in layout:
+            raise DataError(f"{data_dir / 'test'}: no such folder; pass --split val or internal-test, "
+                            "or --data a folder holding NORMAL/ and PNEUMONIA/.")
+        found = scan(layout["test"])
+        return found.samples, "test", _scan_notes(found)
+    digests = {name: info["digest"] for name, info in meta["data"]["splits"].items()}
+    rebuilt = rebuild_splits(data_dir, meta["data"]["rule"], digests)
+    notes = [n for s in rebuilt.scans.values() for n in _scan_notes(s)]
+    return rebuilt.splits[split], split, notes
+
+
+def _scan_notes(found) -> list[str]:
+    if not found.unreadable:
+        return []
+    return [f"skipped {len(found.unreadable)} unreadable file(s): {'; '.join(found.unreadable[:3])}"]
+
+
+def training_overlap(model_dir: Path, samples: list[Sample]) -> int | None:
+    """How many of `samples` were in the model's training split (None: unknown)."""
+    path = Path(model_dir) / "splits.json"
+    if not path.is_file():
+        return None
+    train = {short for _, short in json.loads(path.read_text())["splits"]["train"]}
+    return sum(s.sha256[: len(next(iter(train), ""))] in train for s in samples)
+
+
+def evaluate(model: str | Path | LoadedModel | None, data_dir: Path, split: str = "test",
+             batch_size: int = 32, n_resamples: int = 1000) -> Evaluation:
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    samples, name, notes = select_samples(loaded.metadata, data_dir, split)
+    overlap = training_overlap(loaded.folder, samples)
+    if overlap:
+        notes.append(f"warning: {overlap} of the {len(samples)} evaluated files were in the model's "
+                     "training split; these figures are optimistic.")
+    raw = np.array([out for _, _, out in raw_outputs(loaded, [s.path for s in samples], batch_size)])
+    labels = np.array([s.label for s in samples])
+    probabilities = loaded.calibrated(raw.astype(np.float32))
+    threshold = float(loaded.metadata["threshold"]["value"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = summarize(labels, probabilities, threshold)
+        result["ci95"] = bootstrap_ci(labels, probabilities, threshold,
+                                      groups=np.array([s.patient for s in samples]), n_resamples=n_resamples)
+        at_half = summarize(labels, probabilities, 0.5)
+    notes.extend(sorted({f"warning: {w.message}" for w in caught}))
+    result["at_0_5"] = {k: v for k, v in at_half.items() if k != "threshold"}
+    return Evaluation(to_json_safe(result), name, loaded.folder, loaded.metadata, samples, labels,
+                      probabilities, notes)
+
+
+def format_table(evaluation: Evaluation) -> str:
+    """The metrics for people: value and 95% interval, then the confusion matrix."""
+    r = evaluation.result
+    lines = [f"{evaluation.split}: {r['n']} images, threshold {r['threshold']:.4f}",
+             f"{'metric':<18}{'value':>8}   95% CI (patients)   at 0.5"]
+    for name in (*CI_METRICS, "brier", "ece"):
+        lo, hi = r["ci95"].get(name, [None, None])
+        interval = f"[{_num(lo)}, {_num(hi)}]" if name in r["ci95"] else ""
+        lines.append(f"{name:<18}{_num(r[name]):>8}   {interval:<19} {_num(r['at_0_5'][name]):>7}")
+    cm = r["confusion_matrix"]
+    lines.append(f"confusion matrix: TN {cm['tn']}  FP {cm['fp']}  FN {cm['fn']}  TP {cm['tp']}")
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def rechoose_threshold(model_dir: Path, data_dir: Path, rule: str, batch_size: int = 32) -> dict:
+    """Refit calibration and re-choose the threshold on the rebuilt val split; rewrite metadata.
+
+    Returns:
+        The new metadata.
+    """
+    from pneumoscan.calibrate import operating_point, parse_threshold_rule
+
+    parse_threshold_rule(rule)
+    loaded = load_model(model_dir)
+    samples, _, _ = select_samples(loaded.metadata, data_dir, "val")
+    raw = np.array([out for _, _, out in raw_outputs(loaded, [s.path for s in samples], batch_size)])
+    labels = np.array([s.label for s in samples])
+    meta = dict(loaded.metadata)
+    meta["calibration"], meta["threshold"] = operating_point(labels, raw.astype(np.float32), rule)
+    calibrated = LoadedModel(loaded.folder, loaded.model, meta).calibrated(raw.astype(np.float32))
+    meta.setdefault("metrics", {})["val"] = to_json_safe(summarize(labels, calibrated, meta["threshold"]["value"]))
+    metadata_io.write(loaded.folder, meta)
+    return meta
