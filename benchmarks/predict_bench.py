@@ -1,0 +1,99 @@
+"""Benchmark `pneumoscan predict`: cold start and end-to-end images/s on this machine.
+
+    .venv/bin/python benchmarks/predict_bench.py --model RUN_OR_BUNDLE [--images 600] [--data DIR]
+
+Cold start: a new process with a warm disk cache (one untimed run first) that imports
+pneumoscan, loads the model, decodes and predicts one image; median of 3 runs. Throughput:
+`predict_files` over N images (decode + resize + forward + calibration) in a fresh process,
+plus the forward pass alone on the same batches, and the process's peak RSS. Prints a
+Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "chest_xray" / "train"
+
+THROUGHPUT = r"""
+import json, resource, sys, time
+import numpy as np
+from pneumoscan.predict import load_model, predict_files
+from pneumoscan.preprocess import decode_to_input
+model_dir, batch, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+loaded = load_model(model_dir)
+predict_files(loaded, paths[:batch], batch_size=batch)  # warm-up: traces the graph once
+start = time.perf_counter()
+records = predict_files(loaded, paths, batch_size=batch)
+end_to_end = time.perf_counter() - start
+x = np.stack([decode_to_input(p, loaded.image_size) for p in paths[:256]])
+loaded.model.predict(x[:batch], verbose=0)
+start = time.perf_counter()
+loaded.model.predict(x, batch_size=batch, verbose=0)
+forward = time.perf_counter() - start
+print(json.dumps({"n": len(records), "errors": sum("error" in r for r in records),
+                  "end_to_end_s": end_to_end, "forward_images_per_s": len(x) / forward,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def image_list(data: Path, count: int) -> list[str]:
+    files = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    if not files:
+        raise SystemExit(f"{data}: no images")
+    return [str(files[i % len(files)]) for i in range(count)]
+
+
+def cold_start(model: str, image: str, runs: int = 3) -> float:
+    command = [sys.executable, "-m", "pneumoscan", "predict", "--model", model, "--format", "json", image]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    subprocess.run(command, check=True, capture_output=True, env=env)  # warm the disk cache
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, env=env)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.is_dir() else REPO / "samples")
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    paths = image_list(args.data, args.images)
+    cold = cold_start(args.model, paths[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "throughput.py"
+        script.write_text(THROUGHPUT)
+        out = subprocess.run([sys.executable, str(script), args.model, str(args.batch_size), *paths],
+                             check=True, capture_output=True, text=True,
+                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    meta = json.loads((Path(args.model) / "metadata.json").read_text())
+    print(f"pneumoscan predict benchmark: model {args.model} ({meta['arch']}, "
+          f"{meta['input']['height']}x{meta['input']['width']}), {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, batch {args.batch_size}, data {args.data}\n")
+    print("| measure | value |\n|---|---|")
+    print(f"| cold start, one image (median of 3) | {cold:.2f} s |")
+    print(f"| end to end over {result['n']} images | {result['end_to_end_s']:.2f} s = "
+          f"{result['n'] / result['end_to_end_s']:.0f} images/s |")
+    print(f"| forward pass alone | {result['forward_images_per_s']:.0f} images/s |")
+    print(f"| peak RSS (throughput process) | {result['peak_rss_mb']:.0f} MB |")
+    print(f"| errors | {result['errors']} |")
+
+
+if __name__ == "__main__":
+    main()
