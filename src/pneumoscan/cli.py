@@ -19,7 +19,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 USAGE_ERROR, FAILURE = 2, 1
 NOT_BUILT = {
-    "export": "export",
     "explain": "explanation maps",
     "serve": "the web server",
     "demo": "the browser demo",
@@ -150,6 +149,28 @@ def _predict(args: argparse.Namespace) -> int:
     return FAILURE if any("error" in r for r in records) else 0
 
 
+def _add_export(commands) -> None:
+    parser = commands.add_parser("export", help="write a model bundle: Keras, SavedModel, HDF5 and TF.js")
+    parser.add_argument("--model", type=Path, required=True, help="run folder made by pneumoscan train")
+    parser.add_argument("--out", type=Path, required=True, help="BUNDLE_DIR to create or replace")
+    parser.add_argument("--quantize", choices=("none", "float16", "uint8"), default="none",
+                        help="TF.js weight storage (default: none = float32)")
+    parser.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pneumoscan.export import ExportError, export_bundle
+
+    try:
+        info = export_bundle(args.model, args.out, quantize=args.quantize)
+    except ExportError as error:
+        raise UsageError(str(error)) from None
+    print(f"Bundle: {args.out} ({', '.join(info['formats'])}; TF.js weights {args.quantize}, "
+          f"{info['tfjs_bytes'] / 1e6:.2f} MB)")
+    print(f"Next: pneumoscan serve --model {args.out}")
+    return 0
+
+
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         raise UsageError(f"'pneumoscan {name}' ({NOT_BUILT[name]}) is not available in this version yet.")
@@ -171,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_predict(commands)
     _add_threshold(commands)
+    _add_export(commands)
     for name, what in NOT_BUILT.items():
         sub = commands.add_parser(name, help=f"{what} (not available yet)")
         sub.add_argument("rest", nargs=argparse.REMAINDER)

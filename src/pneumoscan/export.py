@@ -1,0 +1,73 @@
+"""Write a model bundle: `pneumoscan export --model RUN_DIR --out BUNDLE_DIR [--quantize Q]`.
+
+BUNDLE_DIR/
+    model.keras      Keras 3 model (inference only)
+    saved_model/     TensorFlow SavedModel (serving signature `serve`)
+    model.h5         HDF5 (legacy Keras format)
+    tfjs/            model.json + group1-shard*of*.bin for tf.loadLayersModel (TF.js 4.22)
+    metadata.json    the run's metadata plus an `export` block
+    splits.json      the run's file lists, when it has them (lets `evaluate` flag training files)
+
+The folder is written under a temporary name and swapped in whole, so a reader never sees a
+half-written bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+from pneumoscan import metadata as metadata_io
+from pneumoscan.io import replace_dir_atomic
+from pneumoscan.predict import load_model
+
+FORMATS = ("keras", "saved_model", "h5", "tfjs")
+
+
+class ExportError(ValueError):
+    """The bundle cannot be written where asked (exit 2)."""
+
+
+def export_bundle(run_dir: Path, out_dir: Path, quantize: str = "none",
+                  formats: tuple[str, ...] = FORMATS) -> dict:
+    """Export the model of `run_dir` to `out_dir`; returns the `export` block of its metadata.
+
+    Raises:
+        ExportError: `out_dir` exists, is not a bundle and is not empty.
+        ValueError: a layer TF.js cannot run, or an unknown `quantize` (from pneumoscan.tfjs).
+    """
+    from pneumoscan.tfjs import write_tfjs
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / metadata_io.FILE_NAME).exists():
+        raise ExportError(f"{out_dir}: folder is not empty and holds no model bundle; choose another --out.")
+    loaded = load_model(run_dir)
+    build = out_dir.with_name(f".{out_dir.name}.export")
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    try:
+        tfjs = write_tfjs(loaded.model, build / "tfjs", quantize=quantize) if "tfjs" in formats else None
+        if "keras" in formats:
+            shutil.copy2(loaded.folder / "model.keras", build / "model.keras")
+        if "saved_model" in formats:
+            loaded.model.export(str(build / "saved_model"), format="tf_saved_model", verbose=False)
+        if "h5" in formats:
+            loaded.model.save(build / "model.h5")
+        if (loaded.folder / "splits.json").is_file():
+            shutil.copy2(loaded.folder / "splits.json", build / "splits.json")
+        meta = dict(loaded.metadata)
+        meta["export"] = {
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": str(loaded.folder),
+            "quantize": quantize,
+            "formats": [f for f in FORMATS if f in formats],
+            "tfjs_bytes": tfjs["total_bytes"] if tfjs else None,
+        }
+        metadata_io.write(build, meta)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    replace_dir_atomic(build, out_dir)
+    return meta["export"]
