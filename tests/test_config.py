@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from pneumoscan.config import AugmentConfig, Config
@@ -24,7 +25,8 @@ def test_invalid_values_are_value_errors(changes, message):
 
 def test_round_trip_and_resolution(tmp_path):
     config = Config(epochs=3, augment=AugmentConfig(zoom=0.2)).resolved()
-    assert config.image_size == 150
+    assert (config.arch, config.image_size, config.epochs, config.schedule) == ("pneumonet", 160, 3, "cosine")
+    assert Config(arch="seed").resolved().image_size == 150
     config.save(tmp_path / "config.json")
     assert Config.load(tmp_path / "config.json") == config
 
@@ -37,3 +39,18 @@ def test_differences_are_readable():
 def test_unknown_keys_are_refused():
     with pytest.raises(ValueError, match="unknown configuration keys: colour"):
         Config.from_dict({"colour": "blue"})
+
+
+@pytest.mark.parametrize(
+    "schedule, epoch, expected",
+    [
+        ("plateau", 0, 1e-3), ("plateau", 9, 1e-3),
+        ("cosine", 0, 1e-3 / 3), ("cosine", 1, 2e-3 / 3),  # warm-up over 2 epochs
+        ("cosine", 2, 1e-3), ("cosine", 6, 0.5e-3), ("cosine", 9, 1e-3 * (1 + np.cos(np.pi * 7 / 8)) / 2),
+    ],
+)
+def test_learning_rate_schedule(schedule, epoch, expected):
+    from pneumoscan.train import learning_rate_at
+
+    config = Config(epochs=10, learning_rate=1e-3, schedule=schedule, warmup_epochs=2).resolved()
+    assert learning_rate_at(config, epoch) == pytest.approx(expected)

@@ -64,7 +64,7 @@ def test_overfits_one_small_batch(arch):
     model = build_model(Config(arch=arch, image_size=64))
     compile_model(model, learning_rate=1e-3)
     first = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
-    model.fit(x, y, epochs=100, batch_size=16, verbose=0)
-    last = model.evaluate(x, y, verbose=0, return_dict=True)
-    assert last["loss"] < 0.1 * first
-    assert last["accuracy"] == 1.0
+    # The training-mode loss: batch-norm moving statistics need more than 100 steps to settle.
+    history = model.fit(x, y, epochs=100, batch_size=16, verbose=0).history
+    assert history["loss"][-1] < 0.1 * first
+    assert history["accuracy"][-1] == 1.0

@@ -49,3 +49,14 @@ def test_images_stream_flags_bad_files(tmp_path):
     assert rows[1][0] == str(bad)
     assert all(r[2].shape == (64, 64, 1) for r in rows)
     np.testing.assert_allclose(rows[2][2], decode_to_input(PATHS[1], 64), atol=1e-4)
+
+
+def test_augmentation_with_zero_strength_is_the_identity():
+    import tensorflow as tf
+
+    from pneumoscan.pipeline import augment_batch
+
+    x = np.stack([decode_to_input(p, 64) for p in PATHS[:3]])
+    none = AugmentConfig(rotation_degrees=0, zoom=0, shift=0, brightness=0, contrast=0)
+    out = augment_batch(tf.constant(x), tf.random.Generator.from_seed(0), none).numpy()
+    np.testing.assert_allclose(out, x, atol=1e-3)

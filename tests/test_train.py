@@ -49,7 +49,7 @@ def test_one_epoch_makes_a_complete_run_folder(tiny_dataset, tmp_path):
     assert [s["op"] for s in meta["preprocessing"]] == ["decode", "to_uint8", "grayscale", "resize", "model_input"]
     splits = meta["data"]["splits"]
     assert sum(sum(s["counts"].values()) for s in splits.values()) == 48
-    assert Config.load(run_dir / "config.json") == Config(epochs=1, **TINY)
+    assert Config.load(run_dir / "config.json") == Config(epochs=1, **TINY).resolved()
     listed = json.loads((run_dir / "splits.json").read_text())["splits"]
     assert {k: len(v) for k, v in listed.items()} == {k: sum(v["counts"].values()) for k, v in splits.items()}
     assert [row["epoch"] for row in _history(run_dir)] == ["1"]

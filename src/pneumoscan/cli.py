@@ -34,12 +34,13 @@ def _add_train(commands) -> None:
     parser.add_argument("--data", required=True, type=Path,
                         help="ROOT/{train,val,test}/{NORMAL,PNEUMONIA} or ROOT/{NORMAL,PNEUMONIA}")
     parser.add_argument("--out", required=True, type=Path, help="run folder to create or resume")
-    parser.add_argument("--arch", default="seed", help="architecture (default: seed, the paper's CNN)")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--arch", default="pneumonet",
+                        help="pneumonet (default, compact residual CNN) or seed (the paper's CNN)")
+    parser.add_argument("--epochs", type=int, default=None, help="(default: the architecture's recipe)")
+    parser.add_argument("--batch-size", type=int, default=None, help="(default: the architecture's recipe)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="input side in pixels (default: the architecture's own)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+                        help="input side in pixels (default: the architecture's recipe)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="(default: the architecture's recipe)")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--threshold-rule", default="youden",

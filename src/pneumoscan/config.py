@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+SCHEDULES = ("plateau", "cosine")
 POSITIVE_CLASS = "PNEUMONIA"
 
 
@@ -31,19 +32,24 @@ class AugmentConfig:
 class Config:
     """Every hyper-parameter of a run.
 
-    `image_size` of None means the architecture's own default (150 for `seed`).
+    A recipe field left at None takes the architecture's own value (`model.ARCHITECTURES`,
+    `recipe`) in `resolved()`; the resolved configuration is what a run records.
     """
 
-    arch: str = "seed"
+    arch: str = "pneumonet"
     image_size: int | None = None
-    epochs: int = 12
-    batch_size: int = 32
-    learning_rate: float = 1e-3
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    schedule: str | None = None  # "plateau" (reduce on plateau) or "cosine" (warm-up + cosine)
+    warmup_epochs: int | None = None
+    weight_decay: float | None = None  # decoupled (AdamW) when > 0
+    label_smoothing: float | None = None
+    early_stopping_patience: int | None = None
     seed: int = 1337
     val_fraction: float = 0.1
     internal_test_fraction: float = 0.1
     class_weights: bool = True
-    early_stopping_patience: int = 4
     plateau_patience: int = 2
     plateau_factor: float = 0.5
     min_learning_rate: float = 1e-6
@@ -51,10 +57,19 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        def unset_or(value, ok) -> bool:
+            return value is None or ok(value)
+
         checks = [
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
+            (unset_or(self.epochs, lambda v: v >= 1), f"epochs must be at least 1, got {self.epochs}"),
+            (unset_or(self.batch_size, lambda v: v >= 1), f"batch size must be at least 1, got {self.batch_size}"),
+            (unset_or(self.learning_rate, lambda v: v > 0),
+             f"learning rate must be positive, got {self.learning_rate}"),
+            (unset_or(self.schedule, lambda v: v in SCHEDULES),
+             f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (unset_or(self.label_smoothing, lambda v: 0 <= v < 0.5),
+             f"label smoothing must be in [0, 0.5), got {self.label_smoothing}"),
+            (unset_or(self.weight_decay, lambda v: v >= 0), f"weight decay must be >= 0, got {self.weight_decay}"),
             (0 < self.val_fraction < 0.5, f"val fraction must be in (0, 0.5), got {self.val_fraction}"),
             (0 < self.internal_test_fraction < 0.5,
              f"internal-test fraction must be in (0, 0.5), got {self.internal_test_fraction}"),
@@ -86,9 +101,9 @@ class Config:
             raise ValueError(
                 f"unknown architecture {self.arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}"
             )
-        if self.image_size is None:
-            return dataclasses.replace(self, image_size=ARCHITECTURES[self.arch].default_image_size)
-        return self
+        recipe = ARCHITECTURES[self.arch].recipe
+        missing = {name: value for name, value in recipe.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **missing)
 
     def differences(self, other: "Config") -> list[str]:
         """Human-readable `key: old -> new` lines, empty when equal."""

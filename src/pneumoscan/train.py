@@ -54,10 +54,25 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {c: float(len(labels) / (2 * counts[c])) for c in range(2) if counts[c]}
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
+def learning_rate_at(config: Config, epoch: int) -> float:
+    """The scheduled learning rate of 0-based `epoch` (cosine: linear warm-up, then cosine
+    decay to zero over the remaining epochs; plateau: the base rate, reduced by RunState)."""
+    base = config.learning_rate
+    if config.schedule != "cosine":
+        return base
+    if epoch < config.warmup_epochs:
+        return base * (epoch + 1) / (config.warmup_epochs + 1)
+    progress = (epoch - config.warmup_epochs) / max(1, config.epochs - config.warmup_epochs)
+    return max(0.5 * base * (1.0 + math.cos(math.pi * progress)), config.min_learning_rate)
+
+
+def compile_model(model: keras.Model, learning_rate: float, weight_decay: float = 0.0,
+                  label_smoothing: float = 0.0) -> None:
+    optimizer = (keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+                 if weight_decay > 0 else keras.optimizers.Adam(learning_rate=learning_rate))
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss="binary_crossentropy",
+        optimizer=optimizer,
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
     )
 
@@ -80,6 +95,9 @@ class RunState(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self._epoch_start = time.perf_counter()
+        if self.config.schedule == "cosine":
+            self.state["learning_rate"] = learning_rate_at(self.config, epoch)
+            self.model.optimizer.learning_rate.assign(self.state["learning_rate"])
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         logs, state = logs or {}, self.state
@@ -95,7 +113,7 @@ class RunState(keras.callbacks.Callback):
         else:
             state["epochs_without_improvement"] += 1
             state["plateau_wait"] += 1
-            if state["plateau_wait"] >= self.config.plateau_patience:
+            if self.config.schedule == "plateau" and state["plateau_wait"] >= self.config.plateau_patience:
                 state["learning_rate"] = max(state["learning_rate"] * self.config.plateau_factor,
                                              self.config.min_learning_rate)
                 state["plateau_wait"] = 0
@@ -209,7 +227,7 @@ def _model_and_state(run_dir: Path, config: Config, status: str) -> tuple[keras.
         model.optimizer.learning_rate.assign(state["learning_rate"])
         return model, RunState(run_dir, config, state)
     model = build_model(config)
-    compile_model(model, config.learning_rate)
+    compile_model(model, learning_rate_at(config, 0), config.weight_decay, config.label_smoothing)
     return model, RunState(run_dir, config)
 
 
