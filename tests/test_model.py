@@ -68,3 +68,24 @@ def test_overfits_one_small_batch(arch):
     history = model.fit(x, y, epochs=100, batch_size=16, verbose=0).history
     assert history["loss"][-1] < 0.1 * first
     assert history["accuracy"][-1] == 1.0
+
+
+@pytest.mark.parametrize(
+    "arch, image_size, expected",
+    [
+        # conv 148^2*9*3*32 + 72^2*9*32*64 + 34^2*9*64*128 + 15^2*9*128^2, dense 6272*512 + 512
+        ("seed", 150, 2 * (148**2 * 864 + 72**2 * 18432 + 34**2 * 73728 + 15**2 * 147456 + 6272 * 512 + 512)),
+    ],
+)
+def test_flops_by_hand(arch, image_size, expected):
+    from pneumoscan.model import count_flops
+
+    assert count_flops(build_model(Config(arch=arch, image_size=image_size))) == expected
+
+
+def test_pneumonet_budget():
+    from pneumoscan.model import count_flops
+
+    model = build_model(Config(arch="pneumonet"))
+    assert model.count_params() <= 1_000_000
+    assert count_flops(model) <= 0.3e9

@@ -92,3 +92,24 @@ def build_model(config: Config) -> keras.Model:
     """The architecture `config.arch` at `config.image_size`, uncompiled."""
     config = config.resolved()
     return ARCHITECTURES[config.arch].build(config.image_size)
+
+
+def count_flops(model: keras.Model) -> int:
+    """Floating-point operations for one image's forward pass (2 x multiply-adds).
+
+    Counts convolutions and dense layers, which dominate; batch norm, pooling, activations
+    and additions (a fraction of a percent here) are left out.
+    """
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, (layers.Conv2D, layers.DepthwiseConv2D, layers.SeparableConv2D)):
+            _, height, width, _ = layer.output.shape
+            kernel = layer.get_weights()[0]
+            if isinstance(layer, layers.SeparableConv2D):
+                depthwise, pointwise = layer.get_weights()[:2]
+                total += 2 * height * width * (depthwise.size + pointwise.size)
+            else:  # Conv2D kernel (k, k, in, out); DepthwiseConv2D (k, k, in, multiplier)
+                total += 2 * height * width * kernel.size
+        elif isinstance(layer, layers.Dense):
+            total += 2 * layer.get_weights()[0].size
+    return int(total)

@@ -1,0 +1,138 @@
+"""Side by side, the paper's CNN (`seed`) and the default model (`pneumonet`): size, speed, quality.
+
+    .venv/bin/python benchmarks/compare_models.py --data ../shared/data/chest_xray \
+        --runs runs/seed runs/pneumonet --shifted /work/shifted [--timing-epochs 2]
+
+Speed, in one run on this machine: each architecture trains `--timing-epochs` epochs on the
+same train split (a fresh process each, under /usr/bin/time for peak RSS); the last epoch's
+time gives training images/s (the first also decodes and caches). Inference images/s is the
+forward pass on cached batches of 32. FLOPs are 2 x multiply-adds per image; the share of
+peak compares achieved FLOP/s (training counted as 3x forward) with a float32 matmul on this
+CPU. Quality: `pneumoscan.evaluate` of each finished run on val, internal-test and their
+frozen shifted copies (benchmarks/make_shifted.py), with 95% patient-bootstrap intervals.
+Prints Markdown for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROWS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1",
+        "pr_auc")
+
+
+def matmul_peak() -> float:
+    """Float32 FLOP/s of a large matmul: the practical peak of this CPU for TensorFlow."""
+    import tensorflow as tf
+
+    a = tf.random.normal((2048, 2048))
+    tf.matmul(a, a).numpy()
+    start, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        tf.matmul(a, a).numpy()
+    return repeats * 2 * 2048**3 / (time.perf_counter() - start)
+
+
+def timed_training(arch: str, data: Path, epochs: int, workdir: Path) -> dict:
+    run_dir = workdir / arch
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "pneumoscan", "train", "--data", str(data),
+               "--out", str(run_dir), "--arch", arch, "--epochs", str(epochs)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
+    with open(run_dir / "history.csv") as handle:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(handle)]
+    n_train = len(json.loads((run_dir / "splits.json").read_text())["splits"]["train"])
+    return {"epoch_seconds": seconds, "n_train": n_train, "peak_rss_mb": rss_kb / 1024}
+
+
+def inference_speed(model, size: int, batches: int = 8) -> float:
+    x = np.random.default_rng(0).uniform(0, 255, (32, size, size, 1)).astype(np.float32)
+    model.predict_on_batch(x)
+    start = time.perf_counter()
+    for _ in range(batches):
+        model.predict_on_batch(x)
+    return batches * 32 / (time.perf_counter() - start)
+
+
+def quality(run: Path, data: Path, shifted: Path | None) -> dict[str, dict]:
+    from pneumoscan.evaluate import evaluate
+    from pneumoscan.predict import load_model
+
+    loaded = load_model(run)
+    sets = {"val": (data, "val"), "internal-test": (data, "internal-test")}
+    if shifted is not None:
+        sets |= {"shifted val": (shifted / "val", "val"),
+                 "shifted internal-test": (shifted / "internal-test", "internal-test")}
+    return {name: evaluate(loaded, folder, split).result for name, (folder, split) in sets.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--runs", type=Path, nargs=2, required=True, metavar=("SEED_RUN", "NEW_RUN"))
+    parser.add_argument("--shifted", type=Path, default=None, help="folder with val/ and internal-test/")
+    parser.add_argument("--timing-epochs", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    from pneumoscan.model import count_flops
+
+    peak = matmul_peak()
+    print(f"CPU: {os.cpu_count()} cores; float32 matmul peak {peak / 1e9:.0f} GFLOP/s\n")
+    speed_rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in args.runs:
+            meta = json.loads((run / "metadata.json").read_text())
+            model = keras.models.load_model(run / "model.keras", compile=False)
+            timing = timed_training(meta["arch"], args.data, args.timing_epochs, Path(tmp))
+            flops = count_flops(model)
+            train_ips = timing["n_train"] / timing["epoch_seconds"][-1]
+            infer_ips = inference_speed(model, meta["input"]["height"])
+            speed_rows[meta["arch"]] = {
+                "input": f"{meta['input']['height']}x{meta['input']['width']}x1",
+                "parameters": f"{model.count_params():,}",
+                "GFLOPs / image": f"{flops / 1e9:.3f}",
+                "epoch time (s, epoch 1 / last)": " / ".join(f"{s:.0f}" for s in timing["epoch_seconds"]),
+                "training images/s": f"{train_ips:.0f}",
+                "inference images/s (forward, batch 32)": f"{infer_ips:.0f}",
+                "full training run (s, epochs)": f"{meta['training']['seconds']:.0f} ({meta['training']['epochs_run']}, "
+                                                 f"best {meta['training']['best_epoch']})",
+                "peak RSS while training (MB)": f"{timing['peak_rss_mb']:.0f}",
+                "share of peak, training / inference": f"{3 * flops * train_ips / peak:.1%} / {flops * infer_ips / peak:.1%}",
+            }
+    _table("Size and speed", speed_rows)
+    for run in args.runs:
+        meta = json.loads((run / "metadata.json").read_text())
+        results = quality(run, args.data, args.shifted)
+        print(f"\n### {meta['arch']} ({run}), threshold {meta['threshold']['value']:.4f} ({meta['threshold']['rule']})\n")
+        print("| metric | " + " | ".join(results) + " |")
+        print("|---|" + "---|" * len(results))
+        for name in ROWS:
+            cells = [f"{r[name]:.3f} [{r['ci95'][name][0]:.3f}, {r['ci95'][name][1]:.3f}]"
+                     if r[name] is not None else "n/a" for r in results.values()]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print("| n | " + " | ".join(str(r["n"]) for r in results.values()) + " |")
+
+
+def _table(title: str, rows: dict[str, dict]) -> None:
+    names = list(rows)
+    print(f"### {title}\n\n| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for key in next(iter(rows.values())):
+        print(f"| {key} | " + " | ".join(rows[n][key] for n in names) + " |")
+
+
+if __name__ == "__main__":
+    main()
