@@ -245,13 +245,23 @@ def choose_threshold(y_true: Any, prob: Any, rule: str, split: str = "val") -> d
 
 
 def operating_point(y_true: Any, raw: Any, rule: str, split: str = "val") -> tuple[dict, dict]:
-    """Temperature scaling fitted on `raw` model outputs, then the threshold chosen by `rule`
-    on the calibrated probabilities of the same (validation) split.
+    """Platt scaling fitted on `raw` model outputs, then the threshold chosen by `rule` on the
+    calibrated probabilities of the same (validation) split.
+
+    Platt rather than temperature: class weights train the model as if both classes were
+    equally common, which shifts its logits by a constant; temperature scaling (slope only)
+    cannot undo that shift, Platt's intercept does.
 
     Returns:
         (calibration, threshold), the two metadata.json blocks.
     """
     parse_threshold_rule(rule)
-    calibration = fit_temperature(y_true, raw, split=split)
+    calibration = fit_platt(y_true, raw, split=split)
     threshold = choose_threshold(y_true, apply_calibration(raw, calibration), rule, split=split)
     return calibration, threshold
+
+
+def describe_calibration(calibration: dict) -> str:
+    """`platt: slope 1.02, intercept 0.85` and the like, for logs."""
+    return (f"{calibration['method']}: slope {calibration['slope']:.3f}, "
+            f"intercept {calibration['intercept']:.3f}")

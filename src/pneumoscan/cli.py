@@ -116,13 +116,14 @@ def _threshold(args: argparse.Namespace) -> int:
         parse_threshold_rule(args.rule)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    from pneumoscan.calibrate import describe_calibration
     from pneumoscan.evaluate import rechoose_threshold
 
     meta = rechoose_threshold(args.model, args.data, args.rule)
     t, val = meta["threshold"], meta["metrics"]["val"]
     print(f"{args.model}: threshold {t['value']:.4f} ({t['rule']}, chosen on {t['split']}); "
           f"val sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f}; "
-          f"temperature {meta['calibration']['temperature']:.3f}.")
+          f"calibration {describe_calibration(meta['calibration'])}.")
     return 0
 
 

@@ -285,6 +285,8 @@ def _calibrate(model, meta: dict, splits: DataSplits, config: Config, log) -> di
     meta["calibration"], meta["threshold"] = operating_point(labels, raw, config.threshold_rule)
     calibrated = LoadedModel(Path("."), model, meta).calibrated(raw)
     meta["metrics"] = {"val": to_json_safe(summarize(labels, calibrated, meta["threshold"]["value"]))}
-    log(f"Calibration: temperature {meta['calibration']['temperature']:.3f}; threshold "
+    from pneumoscan.calibrate import describe_calibration
+
+    log(f"Calibration: {describe_calibration(meta['calibration'])}; threshold "
         f"{meta['threshold']['value']:.4f} ({config.threshold_rule}, chosen on val).")
     return meta
