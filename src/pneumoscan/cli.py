@@ -12,17 +12,12 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 USAGE_ERROR, FAILURE = 2, 1
-NOT_BUILT = {
-    "explain": "explanation maps",
-    "serve": "the web server",
-    "demo": "the browser demo",
-}
 
 
 class UsageError(Exception):
@@ -173,11 +168,56 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        raise UsageError(f"'pneumoscan {name}' ({NOT_BUILT[name]}) is not available in this version yet.")
+def _add_serve(commands) -> None:
+    parser = commands.add_parser("serve", help="serve the web app and a model bundle over HTTP")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="bundle made by pneumoscan export (default: the bundled model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.set_defaults(handler=_serve)
 
-    return handler
+
+def _add_demo(commands) -> None:
+    parser = commands.add_parser("demo", help="serve the web app with the bundled model")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.set_defaults(handler=_serve, model=None)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pneumoscan.predict import bundled_model_dir
+    from pneumoscan.serve import serve
+
+    bundle = args.model or bundled_model_dir()
+    if bundle is None:
+        raise UsageError("this installation has no bundled model; pass --model BUNDLE "
+                         "(made by pneumoscan export).")
+    serve(bundle, args.host, args.port)
+    return 0
+
+
+def _add_explain(commands) -> None:
+    parser = commands.add_parser("explain", help="occlusion maps and marker checks: does the model look at the lungs?")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    parser.add_argument("--model", type=Path, default=None, help="run folder or bundle (default: the bundled model)")
+    parser.add_argument("--out", type=Path, default=Path("explanations"),
+                        help="folder for <stem>_occlusion.png (default: ./explanations)")
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.set_defaults(handler=_explain)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import json
+
+    from pneumoscan.explain import explain_files, render
+
+    records = explain_files(args.model, args.paths, args.out)
+    print(json.dumps(records, indent=2) if args.format == "json" else render(records))
+    for record in records:
+        if "error" in record:
+            print(f"pneumoscan: {record['error']}", file=sys.stderr)
+    print(f"Overlays: {args.out}", file=sys.stderr)
+    return FAILURE if any("error" in r for r in records) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,10 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_threshold(commands)
     _add_export(commands)
-    for name, what in NOT_BUILT.items():
-        sub = commands.add_parser(name, help=f"{what} (not available yet)")
-        sub.add_argument("rest", nargs=argparse.REMAINDER)
-        sub.set_defaults(handler=_not_built(name))
+    _add_explain(commands)
+    _add_serve(commands)
+    _add_demo(commands)
     return parser
 
 
@@ -209,8 +248,9 @@ def _error_code(error: BaseException) -> int | None:
     from pneumoscan.preprocess import ImageError
 
     from pneumoscan.predict import ModelNotFound
+    from pneumoscan.serve import ServeError
 
-    usage = [UsageError, DataError, ModelNotFound]
+    usage = [UsageError, DataError, ModelNotFound, ServeError]
     if "pneumoscan.train" in sys.modules:
         usage.append(sys.modules["pneumoscan.train"].RunConflict)
     if isinstance(error, tuple(usage)):

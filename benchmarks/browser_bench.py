@@ -1,0 +1,138 @@
+"""`python benchmarks/browser_bench.py --model BUNDLE`: how heavy and how fast the web app is.
+
+Serves BUNDLE with `pneumoscan.serve`, drives Debian's headless Chromium with Playwright and
+prints a Markdown table:
+
+- download: bytes of BUNDLE/tfjs/* and metadata.json (what a browser fetches for the model);
+- load: navigation start to `<body data-ready="true">` (scripts, backend start, model fetch
+  and a warm-up prediction), median of `--loads` cold loads (a fresh browser context each);
+- per image: median over `--images` files of the card's `data-ms` (decode, grayscale,
+  resize, predict, calibrate) and `data-infer-ms` (the predict call alone).
+
+It runs the model at full speed on the CPU: do not run it on a large model while a training
+shares the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+from playwright.sync_api import expect, sync_playwright
+
+from pneumoscan.serve import make_server, start_in_thread
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+TIMEOUT_MS = 300_000
+
+
+def bundle_bytes(bundle: Path) -> int:
+    files = [bundle / "metadata.json", *sorted((bundle / "tfjs").iterdir())]
+    return sum(path.stat().st_size for path in files if path.is_file())
+
+
+def image_files(folder: Path, count: int) -> list[Path]:
+    found = sorted(path for path in folder.rglob("*") if path.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    if not found:
+        raise SystemExit(f"browser_bench: no JPEG or PNG files under {folder}")
+    return list(itertools.islice(itertools.cycle(found), count))
+
+
+def open_ready(browser, url: str):
+    """A fresh context (cold cache) and page at `url`, once the model is loaded."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(url)
+    expect(page.locator("body[data-ready]")).to_have_count(1, timeout=TIMEOUT_MS)
+    if page.evaluate("document.body.dataset.ready") != "true":
+        raise SystemExit(f"browser_bench: the page did not load the model: {page.inner_text('#load-error')}")
+    return context, page
+
+
+def page_bytes(browser, url: str) -> int:
+    """Bytes a cold load of the page fetches (HTML, scripts, TF.js, wasm binary, model)."""
+    context = browser.new_context()
+    page = context.new_page()
+    sizes: list[int] = []
+    page.on("response", lambda response: sizes.append(int(response.headers.get("content-length", 0))))
+    page.goto(url)
+    expect(page.locator("body[data-ready]")).to_have_count(1, timeout=TIMEOUT_MS)
+    context.close()
+    return sum(sizes)
+
+
+def measure(browser, base_url: str, backend: str, files: list[Path], loads: int) -> dict:
+    url = f"{base_url}?backend={backend}"
+    load_ms = []
+    for _ in range(loads):
+        context, page = open_ready(browser, url)
+        load_ms.append(float(page.evaluate("document.body.dataset.readyMs")))
+        context.close()
+    context, page = open_ready(browser, url)
+    in_use = page.evaluate("document.body.dataset.backend")
+    if in_use != backend:
+        raise SystemExit(f"browser_bench: asked for {backend}, the page runs on {in_use}")
+    page.set_input_files("input[type=file]", [str(path) for path in files])
+    cards = page.locator("[data-testid=result]")
+    expect(cards).to_have_count(len(files), timeout=TIMEOUT_MS)
+    data = cards.evaluate_all("cards => cards.map(card => ({...card.dataset}))")
+    context.close()
+    failed = [card for card in data if "error" in card]
+    if failed:
+        raise SystemExit(f"browser_bench: {failed[0]['error']}")
+    return {
+        "backend": backend,
+        "page_bytes": page_bytes(browser, url),
+        "load_ms": statistics.median(load_ms),
+        "image_ms": statistics.median(float(card["ms"]) for card in data),
+        "infer_ms": statistics.median(float(card["inferMs"]) for card in data),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="an exported bundle (with tfjs/)")
+    parser.add_argument("--images", type=Path, default=REPO / "samples" / "chest_xray",
+                        help="folder of JPEG/PNG files (default: the sample X-rays)")
+    parser.add_argument("--count", type=int, default=20, help="images per backend (default 20)")
+    parser.add_argument("--loads", type=int, default=3, help="page loads per backend (default 3)")
+    parser.add_argument("--backends", default="wasm,cpu", help="comma-separated (default wasm,cpu)")
+    parser.add_argument("--chromium", default=os.environ.get("CHROMIUM") or shutil.which("chromium"))
+    args = parser.parse_args(argv)
+    if not args.chromium:
+        raise SystemExit("browser_bench: no Chromium found; install `chromium` or pass --chromium")
+
+    server = make_server(args.model, port=0, quiet=True)
+    start_in_thread(server)
+    files = image_files(args.images, args.count)
+    rows = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
+        for backend in args.backends.split(","):
+            rows.append(measure(browser, server.url, backend.strip(), files, args.loads))
+        version = browser.version
+        browser.close()
+    server.shutdown()
+    server.server_close()
+
+    size = bundle_bytes(args.model)
+    print(f"Model bundle {args.model}: {size:,} bytes to download (tfjs/ + metadata.json); "
+          f"Chromium {version} headless, {os.cpu_count()} CPUs; {len(files)} images from {args.images}.\n")
+    print(f"| backend | first load, all files (bytes) | load to ready (ms, median of {args.loads}) "
+          "| per image, total (ms, median) | per image, predict only (ms, median) |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['backend']} | {row['page_bytes']:,} | {row['load_ms']:.0f} "
+              f"| {row['image_ms']:.1f} | {row['infer_ms']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

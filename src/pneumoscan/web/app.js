@@ -1,0 +1,263 @@
+// The pneumoscan page (served by `pneumoscan serve`): load the model bundle, pick a TF.js
+// backend, and classify the chest X-rays a person drops or picks, one card per file.
+//
+// Test hooks (a contract with tests/test_web.py and benchmarks/browser_bench.py):
+//   <body data-backend="webgl|wasm|cpu" data-ready="true">  once the model is loaded;
+//   every processed file: [data-testid=result][data-filename] with data-label and
+//   data-probability (full precision) or data-error; data-ms is the time it took (decode to
+//   probability) and data-infer-ms the model's share; <body data-ready-ms> the load time.
+import {
+  ImageError, MetadataError, calibrate, decide, preprocess, readPlan,
+} from './preprocess.js';
+
+const tf = globalThis.tf; // the UMD builds served from /vendor/ (see index.html)
+const BACKENDS = ['webgl', 'wasm', 'cpu'];
+// Renderer strings of software WebGL: about 10x slower than WebAssembly for these models.
+const SOFTWARE_RENDERER = /swiftshader|llvmpipe|softpipe|software|basic render/i;
+
+const $ = (selector) => document.querySelector(selector);
+const state = { model: null, metadata: null, plan: null, queue: Promise.resolve() };
+
+function say(message) {
+  // One polite announcement at a time for screen readers; the cards hold the details.
+  $('#announcer').textContent = message;
+}
+
+// ---- backend choice -------------------------------------------------------------------
+
+/** The WebGL renderer string, or null when the browser has no WebGL. */
+function webglRenderer() {
+  const canvas = document.createElement('canvas');
+  const gl = canvas.getContext('webgl2') || canvas.getContext('webgl');
+  if (!gl) return null;
+  const info = gl.getExtension('WEBGL_debug_renderer_info');
+  const renderer = String(gl.getParameter(info ? info.UNMASKED_RENDERER_WEBGL : gl.RENDERER));
+  const lose = gl.getExtension('WEBGL_lose_context');
+  if (lose) lose.loseContext();
+  return renderer;
+}
+
+async function tryBackend(name) {
+  try {
+    if (!(await tf.setBackend(name))) return false;
+    await tf.ready();
+    const probe = tf.tidy(() => tf.add(tf.scalar(1), tf.scalar(1)));
+    const works = (await probe.data())[0] === 2;
+    probe.dispose();
+    return works;
+  } catch (error) {
+    console.warn(`pneumoscan: the ${name} backend failed to start:`, error);
+    return false;
+  }
+}
+
+/** Forced by ?backend=, else the first that works of webgl, wasm, cpu (wasm first on software GL). */
+async function chooseBackend(forced) {
+  if (forced) {
+    if (!BACKENDS.includes(forced)) {
+      throw new Error(`?backend=${forced} is not one of ${BACKENDS.join(', ')}.`);
+    }
+    if (!(await tryBackend(forced))) throw new Error(`The ${forced} backend does not work in this browser.`);
+    return { name: forced, why: 'chosen in the address (?backend=)', renderer: null };
+  }
+  const renderer = webglRenderer();
+  let order = BACKENDS;
+  let why = renderer ? `GPU: ${renderer}` : 'WebGL is not available';
+  if (renderer === null) {
+    order = ['wasm', 'cpu'];
+  } else if (SOFTWARE_RENDERER.test(renderer)) {
+    order = ['wasm', 'webgl', 'cpu'];
+    why = `WebGL is software-rendered here (${renderer.match(SOFTWARE_RENDERER)[0]}), ` +
+      'so WebAssembly is faster';
+  }
+  for (const name of order) {
+    if (await tryBackend(name)) return { name, why, renderer };
+  }
+  throw new Error('No TensorFlow.js backend works in this browser.');
+}
+
+// ---- model ----------------------------------------------------------------------------
+
+async function loadMetadata() {
+  const response = await fetch('model/metadata.json', { cache: 'no-cache' });
+  if (!response.ok) throw new Error(`model/metadata.json: HTTP ${response.status}.`);
+  return response.json();
+}
+
+async function loadModel(plan) {
+  const url = new URL('model/tfjs/model.json', document.baseURI).href;
+  const model = await tf.loadLayersModel(url);
+  // One prediction on a blank image compiles kernels, so the first file's time is honest.
+  const warm = tf.tidy(() => model.predict(tf.zeros([1, plan.height, plan.width, 1])));
+  await warm.data();
+  warm.dispose();
+  return model;
+}
+
+function describeModel(metadata) {
+  const { arch, input, calibration, threshold } = metadata;
+  const calibrated = calibration.method === 'none' ? 'uncalibrated' : `${calibration.method} calibration`;
+  return `${arch}, ${input.width}×${input.height} grayscale input, ${calibrated}, ` +
+    `threshold ${threshold.value.toFixed(3)} (${threshold.rule})`;
+}
+
+// ---- one file -> one card ---------------------------------------------------------------
+
+function newCard(file) {
+  const card = $('#card-template').content.firstElementChild.cloneNode(true);
+  card.querySelector('.filename').textContent = file.name;
+  card.setAttribute('aria-busy', 'true');
+  $('#results').append(card);
+  return card;
+}
+
+async function classify(file) {
+  const started = performance.now();
+  const { input, width, height } = await preprocess(tf, file, state.plan);
+  let p;
+  const inferStart = performance.now();
+  try {
+    const output = tf.tidy(() => state.model.predict(input)); // (1, 1)
+    p = (await output.data())[0];
+    output.dispose();
+  } finally {
+    input.dispose();
+  }
+  const done = performance.now();
+  const probability = calibrate(p, state.metadata.calibration);
+  return {
+    probability, label: decide(probability, state.metadata), width, height,
+    ms: done - started, inferMs: done - inferStart,
+  };
+}
+
+function showResult(card, file, result) {
+  const { metadata } = state;
+  const positive = result.label === metadata.class_names[1];
+  const percent = (100 * result.probability).toFixed(1);
+  card.classList.add(positive ? 'positive' : 'negative');
+  card.querySelector('.label').textContent = result.label;
+  card.querySelector('.probability-key').textContent = `Probability of ${metadata.positive_class.toLowerCase()}`;
+  card.querySelector('.bar').style.setProperty('--value', String(result.probability));
+  card.querySelector('.bar').style.setProperty('--threshold', String(metadata.threshold.value));
+  card.querySelector('.probability').textContent = `${result.probability.toFixed(3)} (${percent}%)`;
+  card.querySelector('.threshold').textContent = metadata.threshold.value.toFixed(3);
+  card.querySelector('.size').textContent = `${result.width}×${result.height} px`;
+  card.querySelector('.time').textContent = `${Math.round(result.ms)} ms`;
+  Object.assign(card.dataset, {
+    label: result.label, probability: String(result.probability),
+    ms: result.ms.toFixed(2), inferMs: result.inferMs.toFixed(2),
+    width: String(result.width), height: String(result.height),
+  });
+  const preview = card.querySelector('img');
+  const url = URL.createObjectURL(file);
+  for (const type of ['load', 'error']) {
+    preview.addEventListener(type, () => URL.revokeObjectURL(url), { once: true });
+  }
+  preview.alt = `Preview of ${file.name}`;
+  preview.src = url;
+  say(`${file.name}: ${result.label}, probability of ${metadata.positive_class.toLowerCase()} ${percent}%.`);
+}
+
+function showError(card, file, error) {
+  const message = error instanceof ImageError ? error.message
+    : `${file.name}: could not be analysed (${error && error.message ? error.message : error}).`;
+  card.classList.add('failed');
+  card.querySelector('.outcome').hidden = true;
+  const text = card.querySelector('.error');
+  text.textContent = message;
+  text.hidden = false;
+  card.dataset.error = message;
+  say(message);
+}
+
+async function processFile(file, card) {
+  try {
+    showResult(card, file, await classify(file));
+  } catch (error) {
+    if (!(error instanceof ImageError)) console.error(error);
+    showError(card, file, error);
+  } finally {
+    card.dataset.filename = file.name;
+    card.dataset.testid = 'result';
+    card.removeAttribute('aria-busy');
+  }
+}
+
+function addFiles(files) {
+  if (!state.model) {
+    say('The model is not loaded yet; add the images again once it is.');
+    return;
+  }
+  for (const file of files) {
+    const card = newCard(file);
+    // One file at a time: bounded memory, and each card's time is its own.
+    state.queue = state.queue.then(() => processFile(file, card));
+  }
+}
+
+// ---- page wiring ------------------------------------------------------------------------
+
+function wirePicker() {
+  const input = $('#files');
+  const zone = $('#drop-zone');
+  input.addEventListener('change', () => {
+    addFiles([...input.files]);
+    input.value = ''; // picking the same file again still fires `change`
+  });
+  for (const type of ['dragenter', 'dragover']) {
+    zone.addEventListener(type, (event) => {
+      event.preventDefault();
+      zone.classList.add('dragging');
+    });
+  }
+  for (const type of ['dragleave', 'drop']) {
+    zone.addEventListener(type, () => zone.classList.remove('dragging'));
+  }
+  zone.addEventListener('drop', (event) => {
+    event.preventDefault();
+    addFiles([...event.dataTransfer.files]);
+  });
+  // A file dropped beside the zone must not navigate away (and lose the results).
+  for (const type of ['dragover', 'drop']) {
+    document.addEventListener(type, (event) => event.preventDefault());
+  }
+  $('#clear').addEventListener('click', () => {
+    $('#results').replaceChildren();
+    say('Results cleared.');
+  });
+}
+
+async function main() {
+  const forced = new URLSearchParams(location.search).get('backend');
+  const select = $('#backend-choice');
+  select.value = BACKENDS.includes(forced) ? forced : '';
+  try {
+    if (!tf || !tf.wasm) throw new Error('the TensorFlow.js scripts did not load from /vendor/.');
+    tf.wasm.setWasmPaths('/vendor/'); // before any backend starts
+    const [metadata, backend] = await Promise.all([loadMetadata(), chooseBackend(forced)]);
+    state.metadata = metadata;
+    state.plan = readPlan(metadata);
+    $('#backend').textContent = backend.name;
+    $('#backend-why').textContent = backend.why;
+    if (backend.renderer) $('#backend-why').title = `WebGL renderer: ${backend.renderer}`;
+    document.body.dataset.backend = tf.getBackend();
+    state.model = await loadModel(state.plan);
+    $('#model').textContent = describeModel(metadata);
+    $('#files').disabled = false;
+    // Milliseconds from navigation start to a usable model (benchmarks/browser_bench.py).
+    document.body.dataset.readyMs = performance.now().toFixed(1);
+    document.body.dataset.ready = 'true';
+    say(`Model loaded; running on ${backend.name}. Choose or drop chest X-ray images.`);
+  } catch (error) {
+    console.error(error);
+    const what = error instanceof MetadataError ? 'This model bundle cannot run here' : 'The model could not be loaded';
+    $('#load-error').textContent = `${what}: ${error.message}`;
+    $('#load-error').hidden = false;
+    $('#model').textContent = 'not loaded';
+    document.body.dataset.ready = 'false';
+  }
+}
+
+wirePicker();
+main();

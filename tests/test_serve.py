@@ -1,0 +1,254 @@
+"""Tests for `pneumoscan.serve` (`pneumoscan serve`): routes, headers, and what it refuses.
+
+A real server on 127.0.0.1 (port 0) in a thread serves a stand-in bundle (valid metadata,
+a model.json naming two shards) and stand-in TF.js files, so no npm, browser or TensorFlow
+is needed; tests/test_web.py runs the real thing in Chromium.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from pathlib import Path
+
+import pytest
+
+from pneumoscan.metadata import MetadataError
+from pneumoscan.serve import (VENDOR_FILES, ServeError, make_server, start_in_thread,
+                              vendor_files)
+
+REPO = Path(__file__).resolve().parents[1]
+WEB = REPO / "src" / "pneumoscan" / "web"
+SHARDS = ["group1-shard1of2.bin", "group1-shard2of2.bin"]
+
+
+def _metadata() -> dict:
+    return {
+        "schema_version": 1, "pneumoscan_version": "0.1.0", "created": "2026-01-01T00:00:00+00:00",
+        "arch": "seed", "class_names": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA",
+        "input": {"height": 64, "width": 64, "channels": 1, "dtype": "float32",
+                  "color_mode": "grayscale", "value_range": [0, 255]},
+        "preprocessing": [], "output": {"activation": "sigmoid", "meaning": "p"},
+        "calibration": {"method": "none", "slope": 1.0, "intercept": 0.0, "fitted_on": None},
+        "threshold": {"value": 0.5, "rule": "fixed:0.5", "split": None,
+                      "applies_to": "calibrated probability"},
+        "config": {}, "data": {"rule": {}, "splits": {}}, "training": {}, "versions": {},
+    }
+
+
+def write_bundle(root: Path) -> Path:
+    """A stand-in exported bundle: metadata.json, model.keras, tfjs/{model.json, shards}."""
+    bundle = root / "bundle"
+    (bundle / "tfjs").mkdir(parents=True)
+    (bundle / "metadata.json").write_text(json.dumps(_metadata()))
+    (bundle / "model.keras").write_bytes(b"KERAS-NOT-SERVED")
+    model_json = {"format": "layers-model", "modelTopology": {},
+                  "weightsManifest": [{"paths": SHARDS, "weights": []}]}
+    (bundle / "tfjs" / "model.json").write_text(json.dumps(model_json))
+    for index, name in enumerate(SHARDS):
+        (bundle / "tfjs" / name).write_bytes(bytes([index]) * 1000)
+    return bundle
+
+
+def write_node_modules(root: Path) -> Path:
+    """Stand-ins for the allow-listed TF.js files, plus files that must never be served."""
+    node_modules = root / "node_modules"
+    for relative in VENDOR_FILES.values():
+        path = node_modules / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"/* {path.name} */".encode())
+    (node_modules / "@tensorflow" / "tfjs" / "package.json").write_text('{"name": "SECRET-PACKAGE"}')
+    return node_modules
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    server = make_server(write_bundle(root), port=0, quiet=True, node_modules=write_node_modules(root))
+    start_in_thread(server)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def request(server, path: str, method: str = "GET", headers: dict | None = None):
+    """Send `path` exactly as written (no normalisation); returns (response, body)."""
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        connection.putrequest(method, path, skip_host=False, skip_accept_encoding=True)
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("path, content_type", [
+    ("/", "text/html; charset=utf-8"),
+    ("/?backend=wasm", "text/html; charset=utf-8"),
+    ("/static/app.js", "text/javascript; charset=utf-8"),
+    ("/static/preprocess.js", "text/javascript; charset=utf-8"),
+    ("/static/style.css", "text/css; charset=utf-8"),
+    ("/vendor/tf.es2017.min.js", "text/javascript; charset=utf-8"),
+    ("/vendor/tf-backend-wasm.es2017.min.js", "text/javascript; charset=utf-8"),
+    ("/vendor/tfjs-backend-wasm.wasm", "application/wasm"),
+    ("/vendor/tfjs-backend-wasm-simd.wasm", "application/wasm"),
+    ("/vendor/tfjs-backend-wasm-threaded-simd.wasm", "application/wasm"),
+    ("/model/metadata.json", "application/json"),
+    ("/model/tfjs/model.json", "application/json"),
+    ("/model/tfjs/group1-shard1of2.bin", "application/octet-stream"),
+    ("/model/tfjs/group1-shard2of2.bin", "application/octet-stream"),
+    ("/healthz", "application/json"),
+])
+def test_content_types(server, path, content_type):
+    response, body = request(server, path)
+    assert response.status == 200
+    assert response.getheader("Content-Type") == content_type
+    assert int(response.getheader("Content-Length")) == len(body) > 0
+
+
+def test_index_is_the_web_page(server):
+    _, body = request(server, "/")
+    assert body == (WEB / "index.html").read_bytes()
+
+
+@pytest.mark.parametrize("path, cache_control", [
+    ("/", "no-cache"),
+    ("/static/app.js", "no-cache"),
+    ("/model/metadata.json", "no-cache"),
+    ("/model/tfjs/model.json", "no-cache"),
+    ("/model/tfjs/group1-shard1of2.bin", "no-cache"),
+    ("/healthz", "no-store"),
+    ("/vendor/tf.es2017.min.js", "public, max-age=604800"),
+    ("/vendor/tfjs-backend-wasm-simd.wasm", "public, max-age=604800"),
+])
+def test_cache_headers(server, path, cache_control):
+    response, _ = request(server, path)
+    assert response.getheader("Cache-Control") == cache_control
+
+
+@pytest.mark.parametrize("path", ["/", "/model/tfjs/model.json", "/missing", "/../pyproject.toml"])
+def test_security_headers_on_every_answer(server, path):
+    response, _ = request(server, path)
+    assert response.getheader("X-Content-Type-Options") == "nosniff"
+    policy = response.getheader("Content-Security-Policy")
+    assert "default-src 'none'" in policy
+    assert "script-src 'self' 'wasm-unsafe-eval'" in policy
+    assert "img-src 'self' blob: data:" in policy
+    assert "'unsafe-eval'" not in policy and "'unsafe-inline'" not in policy
+    assert "frame-ancestors 'none'" in policy
+    assert "Python" not in response.getheader("Server")
+
+
+def test_healthz(server):
+    response, body = request(server, "/healthz")
+    health = json.loads(body)
+    assert response.status == 200
+    assert health["status"] == "ok" and health["model"] == "seed"
+    assert health["input"] == [64, 64] and health["threshold"] == 0.5
+
+
+def test_head_sends_headers_only(server):
+    response, body = request(server, "/vendor/tf.es2017.min.js", method="HEAD")
+    assert response.status == 200 and body == b""
+    assert int(response.getheader("Content-Length")) == len("/* tf.es2017.min.js */")
+
+
+def test_etag_revalidation(server):
+    response, _ = request(server, "/model/tfjs/model.json")
+    etag = response.getheader("ETag")
+    again, body = request(server, "/model/tfjs/model.json", headers={"If-None-Match": etag})
+    assert again.status == 304 and body == b""
+
+
+@pytest.mark.parametrize("path", [
+    "/static/", "/static", "/vendor/", "/vendor", "/model/", "/model/tfjs/", "/model",
+    "/missing", "/index.htm", "/vendor/package.json", "/vendor/tf.min.js.map",
+    "/model/model.keras", "/model/tfjs/group1-shard3of3.bin", "/static/index.html.bak",
+])
+def test_not_found(server, path):
+    response, body = request(server, path)
+    assert response.status == 404
+    assert b"KERAS-NOT-SERVED" not in body
+
+
+# Each entry: a path that tries to reach a file outside the routes, and text of that file.
+TRAVERSALS = [
+    ("/../pyproject.toml", b"[build-system]"),
+    ("/static/../../../pyproject.toml", b"[build-system]"),
+    ("/vendor/..%2f..%2fpackage.json", b"SECRET-PACKAGE"),
+    ("/vendor/%2e%2e/%2e%2e/@tensorflow/tfjs/package.json", b"SECRET-PACKAGE"),
+    ("/vendor/..%5c..%5c@tensorflow%5ctfjs%5cpackage.json", b"SECRET-PACKAGE"),
+    ("/vendor/..\\..\\@tensorflow\\tfjs\\package.json", b"SECRET-PACKAGE"),
+    ("/model/../../etc/passwd", b"root:"),
+    ("/model/tfjs/../model.keras", b"KERAS-NOT-SERVED"),
+    ("/model/tfjs/..%2fmodel.keras", b"KERAS-NOT-SERVED"),
+    ("//etc/passwd", b"root:"),
+    ("/static/%2e%2e/%2e%2e/pyproject.toml", b"[build-system]"),
+    ("/static/%2E%2E/%2E%2E/pyproject.toml", b"[build-system]"),
+    ("/static/app.js%00.html", b"import"),
+    ("/etc/passwd", b"root:"),
+    ("http://127.0.0.1/../pyproject.toml", b"[build-system]"),
+]
+
+
+@pytest.mark.parametrize("path, secret", TRAVERSALS)
+def test_path_traversal_never_serves_files(server, path, secret):
+    response, body = request(server, path)
+    assert response.status in (400, 404)
+    assert secret not in body
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "BREW"])
+def test_only_get_and_head(server, method):
+    response, _ = request(server, "/", method=method)
+    assert response.status == 405
+    assert response.getheader("Allow") == "GET, HEAD"
+
+
+def test_bundle_without_tfjs_is_refused(tmp_path):
+    bundle = write_bundle(tmp_path)
+    (bundle / "tfjs" / "model.json").unlink()
+    with pytest.raises(ServeError, match="run pneumoscan export first"):
+        make_server(bundle, port=0, node_modules=write_node_modules(tmp_path))
+
+
+def test_folder_that_is_not_a_bundle_is_refused(tmp_path):
+    with pytest.raises(ServeError, match="not a model bundle.*run pneumoscan export first"):
+        make_server(tmp_path, port=0, node_modules=write_node_modules(tmp_path))
+
+
+def test_missing_shard_is_refused(tmp_path):
+    bundle = write_bundle(tmp_path)
+    (bundle / "tfjs" / SHARDS[1]).unlink()
+    with pytest.raises(ServeError, match=f"{SHARDS[1]}.*run pneumoscan export first"):
+        make_server(bundle, port=0, node_modules=write_node_modules(tmp_path))
+
+
+def test_invalid_metadata_is_refused(tmp_path):
+    bundle = write_bundle(tmp_path)
+    (bundle / "metadata.json").write_text(json.dumps({**_metadata(), "schema_version": 2}))
+    with pytest.raises(MetadataError, match="schema_version"):
+        make_server(bundle, port=0, node_modules=write_node_modules(tmp_path))
+
+
+def test_missing_tfjs_files_say_run_npm_ci(tmp_path, monkeypatch):
+    bundle = write_bundle(tmp_path)
+    monkeypatch.setenv("PNEUMOSCAN_NODE_MODULES", str(tmp_path / "empty"))
+    with pytest.raises(ServeError, match=r"the TF.js files are missing: run `npm ci` \(or `make demo`\)"):
+        make_server(bundle, port=0)
+
+
+def test_node_modules_from_environment(tmp_path, monkeypatch):
+    node_modules = write_node_modules(tmp_path)
+    monkeypatch.setenv("PNEUMOSCAN_NODE_MODULES", str(node_modules))
+    assert vendor_files() == {name: node_modules / relative for name, relative in VENDOR_FILES.items()}
+
+
+def test_port_in_use_is_a_clear_error(server, tmp_path):
+    port = server.server_address[1]
+    with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port}"):
+        make_server(write_bundle(tmp_path), port=port, node_modules=write_node_modules(tmp_path))

@@ -1,0 +1,344 @@
+"""End-to-end tests of the web app (`pneumoscan serve`, `web/`) in a real headless Chromium.
+
+A tiny model is trained on the 16 sample X-rays and exported; the page, served by
+`pneumoscan.serve` from a thread, classifies a set of awkward files (a clinical-size JPEG, an
+EXIF-rotated JPEG; colour, translucent, 16-bit and EXIF-rotated palette PNGs; one too small,
+one that is not an image) with the wasm and the cpu backends. Every card must agree with
+Python: the same label, the calibrated probability within 1e-4, the same refusals. A
+uint8-quantized export must match Python running its dequantized weights just as closely.
+
+Chromium is Debian's (`$CHROMIUM` or `chromium` on PATH; Playwright cannot download browsers
+here) and TF.js comes from node_modules; `make test` installs both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan.serve import VENDOR_FILES, make_server, node_modules_dir, start_in_thread
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples" / "chest_xray"
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+HAVE_TFJS = all((node_modules_dir() / path).is_file() for path in VENDOR_FILES.values())
+if CHROMIUM is None or not Path(CHROMIUM).is_file():
+    pytest.skip("needs Chromium: install Debian's `chromium` or set $CHROMIUM (make test does)",
+                allow_module_level=True)
+if not HAVE_TFJS:
+    pytest.skip(f"needs the TF.js npm packages in {node_modules_dir()}: run `npm ci` (make test does)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
+
+IMAGE_SIZE = 64
+FLOAT32_TOLERANCE = 1e-4  # |browser - Python| calibrated probability, same weights
+# uint8 weights (256 levels per tensor) against the float32 model. Larger than the 5e-2 of
+# tests/test_tfjs.py: the test model's logits are stretched (see _make_decisive), and with
+# them the rounding of its features; 0.02 to 0.05 was measured.
+UINT8_TOLERANCE = 1e-1
+LOGIT_SPREAD = 2.0  # std of the test model's logits over the samples (see _make_decisive)
+TIMEOUT_MS = 60_000
+
+
+# ---- the model bundle and the Python reference -----------------------------------------
+
+def _train_run(run_dir: Path, data_dir: Path) -> Path:
+    from pneumoscan.config import Config
+    from pneumoscan.train import train
+
+    train(Config(arch="seed", image_size=IMAGE_SIZE, epochs=1, batch_size=8), data_dir, run_dir,
+          log=lambda message: None)
+    return run_dir
+
+
+def _make_decisive(run_dir: Path, images: list[Path]) -> None:
+    """Rescale the last layer so the logits over `images` have mean 0 and std LOGIT_SPREAD,
+    and give the run a non-trivial calibration and a threshold between its probabilities.
+
+    One epoch on 12 images leaves every output near 0.47; a comparison of near-equal
+    probabilities would not notice a preprocessing mistake. Rescaling the last Dense layer
+    makes the output follow the image; Platt parameters exercise the page's calibration.
+    """
+    import keras
+
+    from pneumoscan import metadata as metadata_io
+    from pneumoscan.calibrate import apply_calibration, logit
+    from pneumoscan.preprocess import decode_to_input
+
+    model = keras.models.load_model(run_dir / "model.keras")
+    batch = np.stack([decode_to_input(path, IMAGE_SIZE) for path in images])
+    z = logit(model.predict(batch, verbose=0)[:, 0])
+    scale = LOGIT_SPREAD / max(float(z.std()), 1e-6)
+    kernel, bias = model.layers[-1].get_weights()  # logit = h @ kernel + bias
+    model.layers[-1].set_weights([kernel * scale, (bias - z.mean()) * scale])
+    model.save(run_dir / "model.keras")
+
+    meta = metadata_io.read(run_dir)
+    meta["calibration"] = {"method": "platt", "slope": 0.8, "intercept": 0.25,
+                           "fitted_on": "test fixture"}
+    p = np.sort(apply_calibration(model.predict(batch, verbose=0)[:, 0], meta["calibration"]))
+    middle = len(p) // 2
+    meta["threshold"] = {"value": float((p[middle - 1] + p[middle]) / 2), "rule": "fixed:test",
+                         "split": None, "applies_to": "calibrated probability"}
+    metadata_io.write(run_dir, meta)
+
+
+def _export(run_dir: Path, bundle: Path, quantize: str = "none") -> Path:
+    from pneumoscan.export import export_bundle
+
+    export_bundle(run_dir, bundle, quantize=quantize, formats=("keras", "tfjs"))
+    return bundle
+
+
+def _predict(bundle: Path, paths: list[Path]) -> list[dict]:
+    """What `pneumoscan predict` says for each file: the reference for the page."""
+    from pneumoscan.predict import predict_files
+
+    return predict_files(bundle, paths)
+
+
+def _test_files(folder: Path) -> list[Path]:
+    """Sample X-rays plus the awkward cases, written to `folder`."""
+    folder.mkdir()
+    samples = [SAMPLES / "NORMAL" / "IM-0115-0001.jpeg", SAMPLES / "NORMAL" / "IM-0497-0001.jpeg",
+               SAMPLES / "PNEUMONIA" / "person19_bacteria_61.jpeg",
+               SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg"]
+    with Image.open(SAMPLES / "PNEUMONIA" / "person409_virus_816.jpeg") as image:
+        xray = image.convert("L")
+    # Clinical size: 2000 x 1700 (the samples are 224 x 224).
+    xray.resize((2000, 1700), Image.Resampling.BICUBIC).save(folder / "clinical-2000x1700.jpeg", quality=92)
+    # Stored rotated 90 degrees counter-clockwise with EXIF orientation 6 ("rotate 90 CW to
+    # view"): decoders that apply the tag see a 224 x 170 upright image, the others 170 x 224.
+    upright = xray.crop((0, 20, 224, 190))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(folder / "exif-rotated.jpeg", exif=exif, quality=95)
+    # Colour PNG with three different channels: the luma weights matter, losslessly.
+    gray = np.asarray(xray)
+    rgb = np.stack([gray, gray[::-1], 255 - gray], axis=-1)
+    Image.fromarray(rgb).save(folder / "colour.png")
+    # Translucent: browsers premultiply alpha on a canvas; Python ignores alpha.
+    Image.fromarray(np.dstack([rgb, np.full(gray.shape, 200, np.uint8)])).save(folder / "translucent.png")
+    # 16-bit grey with values between the 8-bit levels: the to_uint8 rule decides.
+    wide = gray.astype(np.uint16) * 257 + np.arange(gray.shape[1], dtype=np.uint16)[np.newaxis, :]
+    Image.fromarray(wide).save(folder / "grey-16bit.png")
+    # A 4-bit palette PNG rotated by an EXIF orientation (7, transverse) in its eXIf chunk.
+    exif_png = Image.Exif()
+    exif_png[0x0112] = 7
+    upright.transpose(Image.Transpose.TRANSVERSE).quantize(16).save(
+        folder / "palette-exif.png", bits=4, exif=exif_png)
+    Image.new("L", (20, 20), 128).save(folder / "too-small.png")
+    (folder / "not-an-image.jpeg").write_text("This is a text file with a .jpeg name.\n")
+    return samples + sorted(path for path in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("web")
+    run_dir = _train_run(root / "run", SAMPLES)
+    _make_decisive(run_dir, sorted(SAMPLES.glob("*/*.jpeg")))
+    files = _test_files(root / "files")
+    bundle = _export(run_dir, root / "bundle")
+    return {"root": root, "run_dir": run_dir, "bundle": bundle, "files": files,
+            "reference": {Path(r["path"]).name: r for r in _predict(bundle, files)}}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = sync_api.sync_playwright().start()
+    try:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+    finally:
+        playwright.stop()
+
+
+def _serve(bundle: Path):
+    server = make_server(bundle, port=0, quiet=True)
+    start_in_thread(server)
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(workspace):
+    server = _serve(workspace["bundle"])
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _open(browser, url: str):
+    """A fresh page at `url`, with console errors collected in `page.errors`."""
+    page = browser.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+    page.goto(url)
+    sync_api.expect(page.locator("body[data-ready]")).to_have_count(1, timeout=TIMEOUT_MS)
+    return page
+
+
+def _classify(page, files: list[Path]) -> dict[str, dict]:
+    """Give the page `files`; wait for one card each; {file name: card attributes}."""
+    assert page.evaluate("document.body.dataset.ready") == "true", page.inner_text("#load-error")
+    page.set_input_files("input[type=file]", [str(path) for path in files])
+    cards = page.locator("[data-testid=result]")
+    sync_api.expect(cards).to_have_count(len(files), timeout=TIMEOUT_MS)
+    return {card["filename"]: card for card in cards.evaluate_all(
+        "cards => cards.map(card => ({...card.dataset}))")}
+
+
+# ---- tests -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["wasm", "cpu"])
+def test_page_matches_python(browser, server, workspace, backend):
+    page = _open(browser, f"{server.url}?backend={backend}")
+    assert page.evaluate("document.body.dataset.backend") == backend
+    cards = _classify(page, workspace["files"])
+    reference = workspace["reference"]
+    assert set(cards) == set(reference)
+    labels = set()
+    for name, expected in reference.items():
+        card = cards[name]
+        if "error" in expected:
+            assert card.get("error", "").startswith(f"{name}: "), (name, card)
+            assert "label" not in card and "probability" not in card
+            continue
+        assert "error" not in card, card["error"]
+        probability = float(card["probability"])
+        assert abs(probability - expected["probability"]) <= FLOAT32_TOLERANCE, (name, probability, expected)
+        if abs(expected["probability"] - expected["threshold"]) > FLOAT32_TOLERANCE:
+            assert card["label"] == expected["label"], (name, card, expected)
+        labels.add(card["label"])
+        assert float(card["ms"]) > 0
+    # The model must not say the same for every file, or a wrong input could go unnoticed.
+    assert labels == {"NORMAL", "PNEUMONIA"}
+    assert "not a JPEG or PNG" in cards["not-an-image.jpeg"]["error"]
+    assert "too small" in cards["too-small.png"]["error"]
+    # EXIF orientation applied: the upright image is wider than high, as in Python.
+    for rotated in ("exif-rotated.jpeg", "palette-exif.png"):
+        assert (cards[rotated]["width"], cards[rotated]["height"]) == ("224", "170"), rotated
+    assert (cards["clinical-2000x1700.jpeg"]["width"], cards["clinical-2000x1700.jpeg"]["height"]) == ("2000", "1700")
+    # A narrow screen (320 px) with these cards scrolls down, never sideways.
+    page.set_viewport_size({"width": 320, "height": 640})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 320
+    assert page.errors == []
+    page.close()
+
+
+def _dequantized_copy(bundle: Path, out: Path) -> Path:
+    """A copy of `bundle` whose model.keras holds the weights its tfjs/ shards decode to."""
+    import keras
+
+    from pneumoscan.tfjs import named_weights
+
+    shutil.copytree(bundle, out)
+    model_json = json.loads((bundle / "tfjs" / "model.json").read_text())
+    group = model_json["weightsManifest"][0]
+    data = b"".join((bundle / "tfjs" / name).read_bytes() for name in group["paths"])
+    model = keras.models.load_model(bundle / "model.keras")
+    variables = dict(named_weights(model))
+    offset = 0
+    for spec in group["weights"]:
+        count = int(np.prod(spec["shape"]))
+        quantization = spec.get("quantization", {"dtype": "float32"})
+        dtype = {"float32": "<f4", "float16": "<f2", "uint8": "u1"}[quantization["dtype"]]
+        values = np.frombuffer(data, dtype, count, offset).astype(np.float32)
+        offset += count * np.dtype(dtype).itemsize
+        if quantization["dtype"] == "uint8":
+            values = values * np.float32(quantization["scale"]) + np.float32(quantization["min"])
+        variables[spec["name"]].assign(values.reshape(spec["shape"]))
+    model.save(out / "model.keras")
+    return out
+
+
+def test_quantized_bundle(browser, workspace):
+    """A uint8-quantized export (4x smaller): the page computes exactly what Python computes
+    with the dequantized weights, and stays within UINT8_TOLERANCE of the float32 model."""
+    root = workspace["root"]
+    bundle = _export(workspace["run_dir"], root / "bundle-uint8", quantize="uint8")
+    model_json = json.loads((bundle / "tfjs" / "model.json").read_text())
+    assert model_json["weightsManifest"][0]["weights"][0]["quantization"]["dtype"] == "uint8"
+    files = workspace["files"][:6]
+    dequantized = {Path(r["path"]).name: r
+                   for r in _predict(_dequantized_copy(bundle, root / "bundle-uint8-dequantized"), files)}
+    server = _serve(bundle)
+    try:
+        page = _open(browser, f"{server.url}?backend=wasm")
+        cards = _classify(page, files)
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    for name, card in cards.items():
+        probability = float(card["probability"])
+        assert abs(probability - dequantized[name]["probability"]) <= FLOAT32_TOLERANCE, (name, card)
+        float32 = workspace["reference"][name]["probability"]
+        assert abs(probability - float32) <= UINT8_TOLERANCE, (name, probability, float32)
+
+
+def test_automatic_backend_avoids_software_webgl(browser, server):
+    page = _open(browser, server.url)
+    backend = page.evaluate("document.body.dataset.backend")
+    assert backend in ("webgl", "wasm", "cpu")
+    why = page.inner_text("#backend-why")
+    if "software-rendered" in why:  # --disable-gpu: SwiftShader
+        assert backend == "wasm"
+    page.close()
+
+
+def test_page_text_and_controls(browser, server):
+    page = _open(browser, f"{server.url}?backend=cpu")
+    text = page.inner_text("body")
+    assert "not a diagnosis" in text
+    assert "nothing is uploaded" in text
+    picker = page.get_by_label("Choose chest X-rays")
+    assert picker.get_attribute("type") == "file" and picker.get_attribute("multiple") is not None
+    assert picker.get_attribute("accept") == "image/jpeg,image/png"
+    assert page.locator("[aria-live]").count() >= 1
+    assert page.get_by_label("Run on").evaluate("select => select.tagName") == "SELECT"
+    # The keyboard reaches the file picker, and its button shows the focus.
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "files":
+            break
+    assert page.evaluate("document.activeElement.id") == "files"
+    outline = page.locator("label[for=files]").evaluate("label => getComputedStyle(label).outlineStyle")
+    assert outline not in ("", "none")
+    page.close()
+
+
+def test_unknown_backend_is_refused_clearly(browser, server):
+    page = _open(browser, f"{server.url}?backend=tpu")
+    assert page.evaluate("document.body.dataset.ready") == "false"
+    assert "?backend=tpu is not one of webgl, wasm, cpu" in page.inner_text("#load-error")
+    page.close()
+
+
+def test_bundle_with_unknown_preprocessing_is_refused(browser, workspace, tmp_path):
+    """A metadata.json step the page cannot reproduce stops it, instead of a silent mismatch."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(workspace["bundle"], bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    meta["preprocessing"][3]["antialias"] = True
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    server = _serve(bundle)
+    try:
+        page = _open(browser, f"{server.url}?backend=cpu")
+        assert page.evaluate("document.body.dataset.ready") == "false"
+        assert "resize must be bilinear without antialias" in page.inner_text("#load-error")
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
