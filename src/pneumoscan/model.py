@@ -45,7 +45,9 @@ def build_seed(image_size: int = 150) -> keras.Model:
 def _conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, relu: bool = True):
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
                       name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    # Momentum 0.9 (not Keras' 0.99): the moving statistics follow the weights within ~10
+    # steps, so validation in early, fast-moving epochs is not judged on stale statistics.
+    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
@@ -60,17 +62,18 @@ def _residual_block(x, filters: int, name: str):
 def build_pneumonet(image_size: int = 160) -> keras.Model:
     """A compact residual CNN on grayscale input, the project's default.
 
-    Stride-2 stem, then four residual stages that halve the resolution (32-64-128-160
-    filters), global average pooling and one sigmoid unit: ~0.75M parameters, ~0.18 GFLOPs
-    at 160x160. Plain 3x3 convolutions: on TensorFlow's CPU path they run faster than
-    depthwise-separable ones of fewer FLOPs.
+    A 4x4 stride-4 "patchify" stem, then three residual stages that halve the resolution
+    (64-128-192 filters), global average pooling and one sigmoid unit: 869,697 parameters,
+    0.12 GFLOPs at 160x160. Chosen by measuring training steps on this 2-core CPU: a stride-2
+    3x3 stem with four stages had fewer parameters but trained at half the speed, since
+    TensorFlow's CPU convolutions are slow on few channels at high resolution.
     """
     inputs = _gray_input(image_size)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    x = _conv_bn(x, 24, 3, 2, "stem")  # (batch, 80, 80, 24) at 160
-    for stage, filters in enumerate((32, 64, 128, 160), start=1):
-        x = _residual_block(x, filters, f"stage{stage}")  # 40, 20, 10, 5 pixels at 160
-    x = layers.GlobalAveragePooling2D(name="pool")(x)  # (batch, 160)
+    x = _conv_bn(x, 32, 4, 4, "stem")  # (batch, 40, 40, 32) at 160
+    for stage, filters in enumerate((64, 128, 192), start=1):
+        x = _residual_block(x, filters, f"stage{stage}")  # 20, 10, 5 pixels at 160
+    x = layers.GlobalAveragePooling2D(name="pool")(x)  # (batch, 192)
     x = layers.Dropout(0.2, name="dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", name="pneumonia")(x)
     return keras.Model(inputs, outputs, name="pneumonet")
@@ -78,7 +81,7 @@ def build_pneumonet(image_size: int = 160) -> keras.Model:
 
 _SEED_RECIPE = dict(image_size=150, epochs=12, batch_size=32, learning_rate=1e-3, schedule="plateau",
                     warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, early_stopping_patience=4)
-_PNEUMONET_RECIPE = dict(image_size=160, epochs=30, batch_size=32, learning_rate=2e-3, schedule="cosine",
+_PNEUMONET_RECIPE = dict(image_size=160, epochs=30, batch_size=32, learning_rate=1e-3, schedule="cosine",
                          warmup_epochs=2, weight_decay=1e-4, label_smoothing=0.05, early_stopping_patience=8)
 
 ARCHITECTURES: dict[str, Architecture] = {
