@@ -10,9 +10,9 @@ PIP_VERSION := 26.3
 
 .PHONY: demo test setup venv node browser clean
 
-# Until the web app lands: train 1 epoch on the bundled sample X-rays and say what comes next.
-demo: venv
-	$(PY) -m pneumoscan train --data samples/chest_xray --out runs/demo --epochs 1 --overwrite
+# Serves the page with the bundled model; the URL is printed. Ctrl-C stops it.
+demo: venv node
+	$(PY) -m pneumoscan demo
 
 test: venv node browser
 	$(PY) -m pytest

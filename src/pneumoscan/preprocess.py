@@ -29,8 +29,8 @@ PREPROCESSING_STEPS = [
     {"op": "decode", "formats": ["jpeg", "png"], "exif_orientation": True,
      "colour_conversion": "none (embedded ICC profiles are ignored)",
      "max_pixels": MAX_PIXELS, "min_side": MIN_SIDE},
-    {"op": "to_uint8", "rule": "16-bit samples v -> (v * 255 + 32767) // 65535; alpha ignored; "
-                               "palette expanded; CMYK converted to RGB"},
+    {"op": "to_uint8", "rule": "16-bit grayscale v -> (v * 255 + 32767) // 65535; 16-bit colour keeps "
+                               "the high byte; alpha ignored; palette expanded; CMYK converted to RGB"},
     {"op": "grayscale", "standard": "ITU-R BT.601", "weights": [0.299, 0.587, 0.114],
      "formula": "(19595*R + 38470*G + 7471*B + 32768) >> 16",
      "note": "single-channel images are used as they are"},
