@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pneumoscan.predict import LoadedModel, expand_paths, load_model
+from pneumoscan.predict import LoadedModel, expand_paths, load_model, table
 from pneumoscan.preprocess import ImageError, decode_to_input, resize
 
 BATCH_SIZE = 64  # occluded copies per forward pass
@@ -270,15 +270,9 @@ def explain_files(model: str | Path | LoadedModel | None, paths: Sequence[str | 
 
 def render(records: list[dict]) -> str:
     """Records from `explain_files` as a table for people (shares in percent)."""
-    width = max([len(r["path"]) for r in records] + [4])
-    lines = [f"{'path':<{width}}  p(pneumonia)  centre  border  corners  marker"]
-    for r in records:
-        if "error" in r:
-            lines.append(f"{r['path']:<{width}}  ERROR  {r['error']}")
-        else:
-            lines.append(f"{r['path']:<{width}}  {r['probability']:>12.4f}  {r['centre_share']:>6.0%}  "
-                         f"{r['border_share']:>6.0%}  {r['corner_share']:>7.0%}  {r['marker_sensitivity']:>6.3f}")
-    return "\n".join(lines)
+    return table(records, "p(pneumonia)  centre  border  corners  marker",
+                 lambda r: f"{r['probability']:>12.4f}  {r['centre_share']:>6.0%}  {r['border_share']:>6.0%}  "
+                           f"{r['corner_share']:>7.0%}  {r['marker_sensitivity']:>6.3f}")
 
 
 def save_overlay(x: np.ndarray, saliency: np.ndarray, path: str | Path, title: str = "") -> None:

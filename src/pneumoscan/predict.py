@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -154,13 +154,15 @@ def render(records: list[dict], fmt: str) -> str:
         writer.writeheader()
         writer.writerows(records)
         return buffer.getvalue().rstrip("\n")
+    return table(records, f"{'label':<10} {'p(pneumonia)':>12}  threshold",
+                 lambda r: f"{r['label']:<10} {r['probability']:>12.4f}  {r['threshold']:.4f}")
+
+
+def table(records: list[dict], header: str, cells: Callable[[dict], str]) -> str:
+    """Records as aligned text: the path column, then `cells(record)` or the record's error."""
     width = max([len(r["path"]) for r in records] + [4])
-    lines = [f"{'path':<{width}}  {'label':<10} {'p(pneumonia)':>12}  threshold"]
-    for r in records:
-        if "error" in r:
-            lines.append(f"{r['path']:<{width}}  ERROR      {r['error']}")
-        else:
-            lines.append(f"{r['path']:<{width}}  {r['label']:<10} {r['probability']:>12.4f}  {r['threshold']:.4f}")
+    lines = [f"{'path':<{width}}  {header}"]
+    lines += [f"{r['path']:<{width}}  " + (f"ERROR  {r['error']}" if "error" in r else cells(r)) for r in records]
     return "\n".join(lines)
 
 
