@@ -17,12 +17,14 @@ from pathlib import Path
 
 from pneumoscan.config import AugmentConfig, Config
 
+# The variants as they were searched (the winner, strong-aug-160, is now pneumonet's recipe).
+LIGHT = AugmentConfig()
 STRONG = AugmentConfig(rotation_degrees=10.0, zoom=0.15, shift=0.1, brightness=0.2, contrast=0.3)
 VARIANTS: dict[str, Config] = {
-    "base-160": Config(arch="pneumonet"),
+    "base-160": Config(arch="pneumonet", augment=LIGHT),
     "strong-aug-160": Config(arch="pneumonet", augment=STRONG),
-    "base-192": Config(arch="pneumonet", image_size=192),
-    "no-smoothing-160": Config(arch="pneumonet", label_smoothing=0.0),
+    "base-192": Config(arch="pneumonet", image_size=192, augment=LIGHT),
+    "no-smoothing-160": Config(arch="pneumonet", label_smoothing=0.0, augment=LIGHT),
 }
 
 

@@ -32,8 +32,9 @@ def test_round_trip_and_resolution(tmp_path):
 
 
 def test_differences_are_readable():
-    assert Config(epochs=1).differences(Config(epochs=2, augment=AugmentConfig(zoom=0.3))) == [
-        "augment.zoom: 0.1 -> 0.3", "epochs: 1 -> 2"]
+    old = Config(arch="seed", epochs=1).resolved()
+    new = Config(arch="seed", epochs=2, augment=AugmentConfig(zoom=0.3)).resolved()
+    assert old.differences(new) == ["augment.zoom: 0.1 -> 0.3", "epochs: 1 -> 2"]
 
 
 def test_unknown_keys_are_refused():

@@ -54,7 +54,7 @@ class Config:
     plateau_factor: float = 0.5
     min_learning_rate: float = 1e-6
     threshold_rule: str = "youden"
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig | None = None
 
     def __post_init__(self) -> None:
         def unset_or(value, ok) -> bool:
@@ -86,7 +86,8 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
         values = dict(values)
-        values["augment"] = AugmentConfig(**values.get("augment", {}))
+        if values.get("augment") is not None:
+            values["augment"] = AugmentConfig(**values["augment"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
