@@ -70,6 +70,11 @@ def test_quantized_exports_shrink_the_weights(bundle, tmp_path, quantize, nbytes
         else:  # one affine step of the tensor's range
             bound = (values.max() - values.min()) / 255 + 1e-7
         assert np.all(np.abs(weights[name] - values) <= bound), name
+    # Keras, SavedModel and HDF5 carry the same rounded weights as TF.js.
+    rounded = keras.models.load_model(small / "model.keras")
+    for name, variable in named_weights(rounded):
+        np.testing.assert_array_equal(variable.numpy(), weights[name])
+    assert read(small)["export"]["weights"] == f"{quantize}-rounded in every format"
 
 
 def test_export_refuses_a_folder_that_is_not_a_bundle(trained_run, tmp_path, capsys):

@@ -8,8 +8,10 @@ BUNDLE_DIR/
     metadata.json    the run's metadata plus an `export` block
     splits.json      the run's file lists, when it has them (lets `evaluate` flag training files)
 
-The folder is written under a temporary name and swapped in whole, so a reader never sees a
-half-written bundle.
+With `--quantize float16|uint8`, every format carries the quantized weights (dequantized to
+float32 for Keras, SavedModel and HDF5), so `pneumoscan predict` and the web page run the
+same numbers. The folder is written under a temporary name and swapped in whole, so a reader
+never sees a half-written bundle.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def export_bundle(run_dir: Path, out_dir: Path, quantize: str = "none",
         ExportError: `out_dir` exists, is not a bundle and is not empty.
         ValueError: a layer TF.js cannot run, or an unknown `quantize` (from pneumoscan.tfjs).
     """
-    from pneumoscan.tfjs import write_tfjs
+    from pneumoscan.tfjs import named_weights, read_weights, write_tfjs
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / metadata_io.FILE_NAME).exists():
@@ -47,9 +49,16 @@ def export_bundle(run_dir: Path, out_dir: Path, quantize: str = "none",
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     try:
-        tfjs = write_tfjs(loaded.model, build / "tfjs", quantize=quantize) if "tfjs" in formats else None
+        tfjs = write_tfjs(loaded.model, build / "tfjs", quantize=quantize)
+        if quantize != "none":  # the browser's weights, for every other format too
+            rounded = read_weights(build / "tfjs")
+            for name, variable in named_weights(loaded.model):
+                variable.assign(rounded[name])
+        if "tfjs" not in formats:
+            shutil.rmtree(build / "tfjs")
+            tfjs = None
         if "keras" in formats:
-            shutil.copy2(loaded.folder / "model.keras", build / "model.keras")
+            loaded.model.save(build / "model.keras")
         if "saved_model" in formats:
             loaded.model.export(str(build / "saved_model"), format="tf_saved_model", verbose=False)
         if "h5" in formats:
@@ -61,6 +70,7 @@ def export_bundle(run_dir: Path, out_dir: Path, quantize: str = "none",
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source": str(loaded.folder),
             "quantize": quantize,
+            "weights": "float32" if quantize == "none" else f"{quantize}-rounded in every format",
             "formats": [f for f in FORMATS if f in formats],
             "tfjs_bytes": tfjs["total_bytes"] if tfjs else None,
         }
