@@ -78,14 +78,53 @@ def quality(run: Path, data: Path, shifted: Path | None) -> dict[str, dict]:
     return {name: evaluate(loaded, folder, split).result for name, (folder, split) in sets.items()}
 
 
+def paired_differences(runs: list[Path], folder: Path, split: str, n_resamples: int = 1000,
+                       seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """New minus seed, for ROC AUC and balanced accuracy (each at its own threshold), with a
+    95% interval from one bootstrap over patients shared by both models (paired)."""
+    from pneumoscan.evaluate import evaluate
+    from pneumoscan.metrics import balanced_accuracy, roc_auc
+    from pneumoscan.predict import load_model
+
+    evaluations = [evaluate(load_model(run), folder, split, n_resamples=10) for run in runs]
+    labels = evaluations[0].labels
+    patients = np.array([s.patient for s in evaluations[0].samples])
+    assert all(np.array_equal(e.labels, labels) for e in evaluations)
+    probs = [e.probabilities for e in evaluations]
+    cuts = [e.result["threshold"] for e in evaluations]
+
+    def deltas(index: np.ndarray) -> tuple[float, float]:
+        y = labels[index]
+        auc = roc_auc(y, probs[1][index]) - roc_auc(y, probs[0][index])
+        bacc = (balanced_accuracy(y, (probs[1][index] >= cuts[1]).astype(int))
+                - balanced_accuracy(y, (probs[0][index] >= cuts[0]).astype(int)))
+        return auc, bacc
+
+    unique = np.unique(patients)
+    members = {p: np.nonzero(patients == p)[0] for p in unique}
+    rng = np.random.default_rng(seed)
+    draws = np.array([deltas(np.concatenate([members[p] for p in rng.choice(unique, unique.size)]))
+                      for _ in range(n_resamples)])
+    point = deltas(np.arange(labels.size))
+    return {name: (point[i], *np.nanpercentile(draws[:, i], [2.5, 97.5]))
+            for i, name in enumerate(("roc_auc", "balanced_accuracy"))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--runs", type=Path, nargs=2, required=True, metavar=("SEED_RUN", "NEW_RUN"))
     parser.add_argument("--shifted", type=Path, default=None, help="folder with val/ and internal-test/")
     parser.add_argument("--timing-epochs", type=int, default=2)
+    parser.add_argument("--skip-speed", action="store_true", help="quality tables only")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not args.skip_speed:
+        speed(args)
+    quality_tables(args)
+
+
+def speed(args: argparse.Namespace) -> None:
     import keras
 
     from pneumoscan.model import count_flops
@@ -114,6 +153,9 @@ def main() -> None:
                 "share of peak, training / inference": f"{3 * flops * train_ips / peak:.1%} / {flops * infer_ips / peak:.1%}",
             }
     _table("Size and speed", speed_rows)
+
+
+def quality_tables(args: argparse.Namespace) -> None:
     for run in args.runs:
         meta = json.loads((run / "metadata.json").read_text())
         results = quality(run, args.data, args.shifted)
@@ -125,6 +167,17 @@ def main() -> None:
                      if r[name] is not None else "n/a" for r in results.values()]
             print(f"| {name} | " + " | ".join(cells) + " |")
         print("| n | " + " | ".join(str(r["n"]) for r in results.values()) + " |")
+    if args.shifted is None:
+        return
+    print("\n### Paired differences, pneumonet minus seed (bootstrap over patients, 1,000 resamples)\n")
+    print("| set | Δ ROC AUC [95% CI] | Δ balanced accuracy [95% CI] |\n|---|---|---|")
+    sets = {"val": (args.data, "val"), "shifted val": (args.shifted / "val", "val"),
+            "internal-test": (args.data, "internal-test"),
+            "shifted internal-test": (args.shifted / "internal-test", "internal-test")}
+    for name, (folder, split) in sets.items():
+        d = paired_differences(list(args.runs), folder, split)
+        print(f"| {name} | " + " | ".join(f"{d[k][0]:+.4f} [{d[k][1]:+.4f}, {d[k][2]:+.4f}]"
+                                          for k in ("roc_auc", "balanced_accuracy")) + " |")
 
 
 def _table(title: str, rows: dict[str, dict]) -> None:
