@@ -9,7 +9,6 @@ import shutil
 
 import keras
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import SAMPLES, synthetic_xray
