@@ -19,6 +19,9 @@ from pneumoscan.cli import main
         (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--arch", "vgg99"], 2,
          "unknown architecture 'vgg99'"),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run"], 2, "expected class folders NORMAL/PNEUMONIA"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--threshold-rule", "bogus"], 2,
+         "threshold rule 'bogus' is not understood"),
+        (["serve", "--port", "99999"], 2, "port must be between 0 and 65535, got 99999"),
     ],
 )
 def test_usage_errors_exit_2_with_one_clear_line(argv, code, message, tmp_path, capsys):

@@ -24,6 +24,13 @@ class UsageError(Exception):
     """A mistake in the command line: exit 2."""
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, got {port}")
+    return port
+
+
 def _add_train(commands) -> None:
     parser = commands.add_parser("train", help="train a model from scratch on a chest X-ray folder")
     parser.add_argument("--data", required=True, type=Path,
@@ -173,14 +180,14 @@ def _add_serve(commands) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="bundle made by pneumoscan export (default: the bundled model)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000)
     parser.set_defaults(handler=_serve)
 
 
 def _add_demo(commands) -> None:
     parser = commands.add_parser("demo", help="serve the web app with the bundled model")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000)
     parser.set_defaults(handler=_serve, model=None)
 
 

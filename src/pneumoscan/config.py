@@ -79,6 +79,9 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        from pneumoscan.calibrate import parse_threshold_rule
+
+        parse_threshold_rule(self.threshold_rule)  # refuse a bad rule before training, not after
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
