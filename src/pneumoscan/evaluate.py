@@ -86,9 +86,8 @@ def evaluate(model: str | Path | LoadedModel | None, data_dir: Path, split: str 
     if overlap:
         notes.append(f"warning: {overlap} of the {len(samples)} evaluated files were in the model's "
                      "training split; these figures are optimistic.")
-    raw = np.array([out for _, _, out in raw_outputs(loaded, [s.path for s in samples], batch_size)])
-    labels = np.array([s.label for s in samples])
-    probabilities = loaded.calibrated(raw.astype(np.float32))
+    labels, raw = split_outputs(loaded, samples, batch_size)
+    probabilities = loaded.calibrated(raw)
     threshold = float(loaded.metadata["threshold"]["value"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -120,22 +119,36 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def split_outputs(loaded: LoadedModel, samples: list[Sample], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, raw float32 model outputs) for scanned samples, in their order."""
+    outputs = [out for _, _, out in raw_outputs(loaded, [s.path for s in samples], batch_size)]
+    return np.array([s.label for s in samples]), np.array(outputs, dtype=np.float32)
+
+
+def fit_operating_point(loaded: LoadedModel, samples: list[Sample], rule: str, batch_size: int = 32) -> dict:
+    """The model's metadata with calibration, threshold (by `rule`) and `metrics.val` fitted on
+    `samples`, which must be the validation split."""
+    from pneumoscan.calibrate import operating_point
+
+    labels, raw = split_outputs(loaded, samples, batch_size)
+    meta = dict(loaded.metadata)
+    meta["calibration"], meta["threshold"] = operating_point(labels, raw, rule)
+    calibrated = LoadedModel(loaded.folder, loaded.model, meta).calibrated(raw)
+    meta.setdefault("metrics", {})["val"] = to_json_safe(summarize(labels, calibrated, meta["threshold"]["value"]))
+    return meta
+
+
 def rechoose_threshold(model_dir: Path, data_dir: Path, rule: str, batch_size: int = 32) -> dict:
     """Refit calibration and re-choose the threshold on the rebuilt val split; rewrite metadata.
 
     Returns:
         The new metadata.
     """
-    from pneumoscan.calibrate import operating_point, parse_threshold_rule
+    from pneumoscan.calibrate import parse_threshold_rule
 
     parse_threshold_rule(rule)
     loaded = load_model(model_dir)
     samples, _, _ = select_samples(loaded.metadata, data_dir, "val")
-    raw = np.array([out for _, _, out in raw_outputs(loaded, [s.path for s in samples], batch_size)])
-    labels = np.array([s.label for s in samples])
-    meta = dict(loaded.metadata)
-    meta["calibration"], meta["threshold"] = operating_point(labels, raw.astype(np.float32), rule)
-    calibrated = LoadedModel(loaded.folder, loaded.model, meta).calibrated(raw.astype(np.float32))
-    meta.setdefault("metrics", {})["val"] = to_json_safe(summarize(labels, calibrated, meta["threshold"]["value"]))
+    meta = fit_operating_point(loaded, samples, rule, batch_size)
     metadata_io.write(loaded.folder, meta)
     return meta

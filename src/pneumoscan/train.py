@@ -273,20 +273,13 @@ def _finish(run_dir: Path, config: Config, splits: DataSplits, state: dict,
 
 
 def _calibrate(model, meta: dict, splits: DataSplits, config: Config, log) -> dict:
-    """Temperature scaling and the operating threshold, both fitted on the validation split."""
-    from pneumoscan.calibrate import operating_point
-    from pneumoscan.metrics import summarize, to_json_safe
-    from pneumoscan.predict import LoadedModel, raw_outputs
-
-    val = splits.splits["val"]
-    raw = np.array([out for _, _, out in raw_outputs(LoadedModel(Path("."), model, meta),
-                                                     [s.path for s in val], config.batch_size)])
-    labels = np.array([s.label for s in val])
-    meta["calibration"], meta["threshold"] = operating_point(labels, raw, config.threshold_rule)
-    calibrated = LoadedModel(Path("."), model, meta).calibrated(raw)
-    meta["metrics"] = {"val": to_json_safe(summarize(labels, calibrated, meta["threshold"]["value"]))}
+    """Platt calibration and the operating threshold, both fitted on the validation split."""
     from pneumoscan.calibrate import describe_calibration
+    from pneumoscan.evaluate import fit_operating_point
+    from pneumoscan.predict import LoadedModel
 
+    meta = fit_operating_point(LoadedModel(Path("."), model, meta), splits.splits["val"],
+                               config.threshold_rule, config.batch_size)
     log(f"Calibration: {describe_calibration(meta['calibration'])}; threshold "
         f"{meta['threshold']['value']:.4f} ({config.threshold_rule}, chosen on val).")
     return meta
