@@ -59,21 +59,26 @@ def _residual_block(x, filters: int, name: str):
     return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
 
 
+PNEUMONET_WIDTHS = (48, 96, 160)
+
+
 def build_pneumonet(image_size: int = 160) -> keras.Model:
     """A compact residual CNN on grayscale input, the project's default.
 
     A 4x4 stride-4 "patchify" stem, then three residual stages that halve the resolution
-    (64-128-192 filters), global average pooling and one sigmoid unit: 869,697 parameters,
-    0.12 GFLOPs at 160x160. Chosen by measuring training steps on this 2-core CPU: a stride-2
+    (48-96-160 filters), global average pooling and one sigmoid unit: 553,569 parameters,
+    0.076 GFLOPs at 160x160. Chosen by measuring training steps on this 2-core CPU: a stride-2
     3x3 stem with four stages had fewer parameters but trained at half the speed, since
-    TensorFlow's CPU convolutions are slow on few channels at high resolution.
+    TensorFlow's CPU convolutions are slow on few channels at high resolution. The first
+    pneumonet had 64-128-192 filters (869,697 parameters): it scored the same on val and
+    shifted val but ran each epoch about 1.3x slower (BENCHMARKS.md).
     """
     inputs = _gray_input(image_size)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     x = _conv_bn(x, 32, 4, 4, "stem")  # (batch, 40, 40, 32) at 160
-    for stage, filters in enumerate((64, 128, 192), start=1):
+    for stage, filters in enumerate(PNEUMONET_WIDTHS, start=1):
         x = _residual_block(x, filters, f"stage{stage}")  # 20, 10, 5 pixels at 160
-    x = layers.GlobalAveragePooling2D(name="pool")(x)  # (batch, 192)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)  # (batch, 160)
     x = layers.Dropout(0.2, name="dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", name="pneumonia")(x)
     return keras.Model(inputs, outputs, name="pneumonet")
