@@ -52,8 +52,12 @@ def _conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, relu: b
 
 
 def _residual_block(x, filters: int, name: str):
-    """Two 3x3 convolutions, the first with stride 2, plus a 1x1 strided shortcut."""
-    shortcut = _conv_bn(x, filters, 1, 2, f"{name}_short", relu=False)
+    """Two 3x3 convolutions, the first with stride 2, plus a shortcut that averages 2x2 pixels
+    before its 1x1 convolution (ResNet-D)."""
+    # Average-pool, then 1x1 convolution: a strided 1x1 would drop 3 of 4 pixels, and the
+    # model's output would move more when the image shifts by a pixel.
+    pooled = layers.AveragePooling2D(2, name=f"{name}_short_pool")(x)
+    shortcut = _conv_bn(pooled, filters, 1, 1, f"{name}_short", relu=False)
     y = _conv_bn(x, filters, 3, 2, f"{name}_a")
     y = _conv_bn(y, filters, 3, 1, f"{name}_b", relu=False)
     return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
@@ -70,8 +74,9 @@ def build_pneumonet(image_size: int = 160) -> keras.Model:
     0.076 GFLOPs at 160x160. Chosen by measuring training steps on this 2-core CPU: a stride-2
     3x3 stem with four stages had fewer parameters but trained at half the speed, since
     TensorFlow's CPU convolutions are slow on few channels at high resolution. The first
-    pneumonet had 64-128-192 filters (869,697 parameters): it scored the same on val and
-    shifted val but ran each epoch about 1.3x slower (BENCHMARKS.md).
+    pneumonet had 64-128-192 filters (869,697 parameters) and strided 1x1 shortcuts: it scored
+    the same on val and shifted val, but ran each epoch about 1.4x slower and moved more under
+    small shifts and crops of the image (BENCHMARKS.md).
     """
     inputs = _gray_input(image_size)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
