@@ -46,10 +46,12 @@ def test_unknown_architecture_is_a_value_error():
         build_model(Config(arch="nope"))
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_output_shape_range_and_no_nans(arch):
-    model = build_model(Config(arch=arch, image_size=64))
-    x = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 1)).astype(np.float32)
+# Sizes whose feature maps turn odd at some stage (150 -> 38 -> 19 -> 10) as well as even ones.
+@pytest.mark.parametrize("arch, image_size", [(arch, size) for arch in sorted(ARCHITECTURES)
+                                              for size in (64, 150, 97)])
+def test_output_shape_range_and_no_nans(arch, image_size):
+    model = build_model(Config(arch=arch, image_size=image_size))
+    x = np.random.default_rng(0).uniform(0, 255, (3, image_size, image_size, 1)).astype(np.float32)
     y = model.predict(x, verbose=0)
     assert y.shape == (3, 1)
     assert np.all(np.isfinite(y)) and np.all((y >= 0) & (y <= 1))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from pneumoscan.model import build_seed
+from pneumoscan.model import build_pneumonet, build_seed
 from pneumoscan.tfjs import SHARD_BYTES, named_weights, read_weights, write_tfjs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,13 @@ def build_residual(image_size: int = 32) -> keras.Model:
     return keras.Model(inputs, outputs, name="residual")
 
 
-ARCHITECTURES = {"seed": lambda: build_seed(64), "residual": build_residual}
+# pneumonet at 36 px has feature maps of 9, 5, 3 and 2 pixels, so its shortcuts' average
+# pooling pads odd maps ("same"), which tfjs must average over the valid pixels only, as Keras
+# does. Float32 only: a deep network with random weights amplifies weight rounding far beyond what
+# the trained model shows (BENCHMARKS.md, quantization).
+ARCHITECTURES = {"seed": lambda: build_seed(64), "residual": build_residual,
+                 "pneumonet": lambda: build_pneumonet(36)}
+QUANTIZED_ARCHITECTURES = ("seed", "residual")
 
 
 def _images(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -170,8 +176,9 @@ def test_seed_at_64_pixels_is_the_expected_size():
 
 @needs_node
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", ["none", "float16", "uint8"])
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch, quantize",
+                         [(arch, "none") for arch in sorted(ARCHITECTURES)]
+                         + [(arch, q) for arch in QUANTIZED_ARCHITECTURES for q in ("float16", "uint8")])
 def test_tfjs_matches_keras(prepared, tmp_path, arch, quantize):
     model, images, expected = prepared(arch)
     assert 0.1 < expected.std() and 0.01 < expected.min() and expected.max() < 0.99

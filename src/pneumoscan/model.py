@@ -56,7 +56,7 @@ def _residual_block(x, filters: int, name: str):
     before its 1x1 convolution (ResNet-D)."""
     # Average-pool, then 1x1 convolution: a strided 1x1 would drop 3 of 4 pixels, and the
     # model's output would move more when the image shifts by a pixel.
-    pooled = layers.AveragePooling2D(2, name=f"{name}_short_pool")(x)
+    pooled = layers.AveragePooling2D(2, padding="same", name=f"{name}_short_pool")(x)
     shortcut = _conv_bn(pooled, filters, 1, 1, f"{name}_short", relu=False)
     y = _conv_bn(x, filters, 3, 2, f"{name}_a")
     y = _conv_bn(y, filters, 3, 1, f"{name}_b", relu=False)
