@@ -17,9 +17,9 @@ from pathlib import Path
 
 from pneumoscan.config import AugmentConfig, Config
 
-# The variants as they were searched. The first three ran with the first pneumonet (64-128-192
-# filters); the current one (48-96-160) ran strong-aug-160 again and strong-aug-128, whose
-# winner is pneumonet's recipe (BENCHMARKS.md). Sizes are explicit so the rows stay what they were.
+# The variants as they were searched (BENCHMARKS.md). The first three ran with the first
+# pneumonet (64-128-192 filters); 48-96-160 filters ran strong-aug-160 again and strong-aug-128,
+# and 160 px stayed. Sizes are explicit so the rows stay what they were.
 LIGHT = AugmentConfig()
 STRONG = AugmentConfig(rotation_degrees=10.0, zoom=0.15, shift=0.1, brightness=0.2, contrast=0.3)
 VARIANTS: dict[str, Config] = {

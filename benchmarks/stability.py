@@ -1,12 +1,14 @@
-"""How far predictions move under small shifts and crops, on a whole split rather than 16 samples.
+"""How far predictions move under small shifts, crops and corner markers, on a whole split.
 
     .venv/bin/python benchmarks/stability.py --data ../shared/data/chest_xray --models M1 M2 ... \
         [--split val]
 
-For every image of the split (rebuilt from each model's recorded rule), the 13 copies of
-`pneumoscan.explain` (8 shifts of 4% with black fill, 5 crops of 5-10% resized back) are
-predicted like the image itself. Per model: the largest |change of calibrated probability| per
-image (median, mean, 90th percentile), the share of copies whose label (at the model's own
+For every image of the split (rebuilt from each model's recorded rule), the copies of
+`pneumoscan.explain` are predicted like the image itself: 13 framing copies (8 shifts of 4%
+with black fill, 5 crops of 5-10% resized back) and 13 marker copies ("R"/"L" pasted into a
+corner, corners blacked out). Per model: the largest |change of calibrated probability| per
+image over the framing copies (median, mean, 90th percentile) and over the marker copies
+(mean, 90th percentile), the share of framing copies whose label (at the model's own
 threshold) differs from the image's, and the share of images with at least one such copy.
 `tests/test_bundled.py` bounds the same measures on the bundled samples.
 """
@@ -22,7 +24,7 @@ import numpy as np
 
 def measure(model: Path, data: Path, split: str) -> dict:
     from pneumoscan.data import rebuild_splits
-    from pneumoscan.explain import crop_variants, shift_variants
+    from pneumoscan.explain import crop_variants, marker_variants, shift_variants
     from pneumoscan.predict import load_model
     from pneumoscan.preprocess import decode_to_input
 
@@ -30,20 +32,24 @@ def measure(model: Path, data: Path, split: str) -> dict:
     meta = loaded.metadata
     threshold = meta["threshold"]["value"]
     samples = rebuild_splits(data, meta["data"]["rule"]).splits[split]
-    largest, flipped, images_flipped = [], 0, 0
+    largest, markers, flipped, images_flipped = [], [], 0, 0
     for sample in samples:
         x = decode_to_input(sample.path, loaded.image_size)
-        batch = np.stack([x, *shift_variants(x).values(), *crop_variants(x).values()])
-        p = loaded.calibrated(loaded.model.predict(batch, verbose=0).reshape(-1))
+        framing = [*shift_variants(x).values(), *crop_variants(x).values()]
+        batch = np.stack([x, *framing, *marker_variants(x).values()])
+        everything = loaded.calibrated(loaded.model.predict(batch, verbose=0).reshape(-1))
+        p, marked = everything[:len(framing) + 1], everything[len(framing) + 1:]
         changed = (p[1:] >= threshold) != (p[0] >= threshold)
         largest.append(float(np.abs(p[1:] - p[0]).max()))
+        markers.append(float(np.abs(marked - p[0]).max()))
         flipped += int(changed.sum())
         images_flipped += int(changed.any())
         copies = len(p) - 1
-    largest = np.asarray(largest)
+    largest, markers = np.asarray(largest), np.asarray(markers)
     return {"model": str(model), "arch": meta["arch"], "threshold": threshold, "n": len(samples),
             "median": float(np.median(largest)), "mean": float(largest.mean()),
-            "p90": float(np.quantile(largest, 0.9)), "copies_flipped": flipped / (copies * len(samples)),
+            "p90": float(np.quantile(largest, 0.9)), "marker_mean": float(markers.mean()),
+            "marker_p90": float(np.quantile(markers, 0.9)), "copies_flipped": flipped / (copies * len(samples)),
             "images_flipped": images_flipped / len(samples)}
 
 
@@ -55,14 +61,15 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     print(f"{args.split} split of {args.data}: largest |change of calibrated probability| per image over "
-          "13 shifted/cropped copies, and labels that change at the model's threshold\n")
-    print("| model | arch | threshold | n | median | mean | 90th pct | copies with a changed label "
-          "| images with a changed label |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "13 shifted/cropped copies and over 13 marked copies, and framing copies whose label changes "
+          "at the model's threshold\n")
+    print("| model | arch | threshold | n | framing median | framing mean | framing 90th pct | markers mean "
+          "| markers 90th pct | copies with a changed label | images with a changed label |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         r = measure(model, args.data, args.split)
         print(f"| {r['model']} | {r['arch']} | {r['threshold']:.3f} | {r['n']} | {r['median']:.3f} | "
-              f"{r['mean']:.3f} | {r['p90']:.3f} | {r['copies_flipped']:.1%} | {r['images_flipped']:.1%} |",
+              f"{r['mean']:.3f} | {r['p90']:.3f} | {r['marker_mean']:.3f} | {r['marker_p90']:.3f} | {r['copies_flipped']:.1%} | {r['images_flipped']:.1%} |",
               flush=True)
 
 
