@@ -72,15 +72,14 @@ def test_tfjs_export_matches_keras(bundled, tmp_path):
 
 
 def test_labels_mostly_hold_under_small_shifts_crops_and_markers(bundled):
-    from pneumoscan.explain import crop_variants, marker_variants, shift_variants
+    from pneumoscan.explain import crop_variants, marker_variants, shift_variants, with_copies
 
     threshold = bundled.metadata["threshold"]["value"]
     framing, markers, changed, copies = [], [], 0, 0
     for path in SAMPLE_PATHS:
         x = decode_to_input(path, bundled.image_size)
-        base = bundled.calibrated(bundled.model.predict(x[None], verbose=0).reshape(-1))[0]
-        for changes, variants in ((framing, {**shift_variants(x), **crop_variants(x)}), (markers, marker_variants(x))):
-            probabilities = bundled.calibrated(bundled.model.predict(np.stack(list(variants.values())), verbose=0).reshape(-1))
+        base, groups = with_copies(bundled, x, {**shift_variants(x), **crop_variants(x)}, marker_variants(x))
+        for changes, probabilities in zip((framing, markers), groups):
             changed += int(np.sum((probabilities >= threshold) != (base >= threshold)))
             copies += len(probabilities)
             changes.append(np.abs(probabilities - base).max())

@@ -185,12 +185,24 @@ def marker_variants(x: np.ndarray) -> dict[str, np.ndarray]:
     return variants
 
 
+def with_copies(loaded: LoadedModel, x: np.ndarray, *copies: dict[str, np.ndarray]) -> tuple[float, list[np.ndarray]]:
+    """Calibrated probabilities of the input and of each group of copies, in one forward pass.
+
+    Returns:
+        The input's probability, and per group of `copies` (e.g. `shift_variants(x)`) a float64
+        array of its copies' probabilities, in the group's order.
+    """
+    image = _check_input(loaded, x)
+    probabilities = _probabilities(loaded, np.stack([image, *(v for group in copies for v in group.values())]))
+    ends = np.cumsum([len(group) for group in copies])
+    return float(probabilities[0]), np.split(probabilities[1:], ends[:-1])
+
+
 def marker_effects(loaded: LoadedModel, x: np.ndarray) -> dict[str, float]:
     """Calibrated probability of each `marker_variants` copy minus that of the input."""
-    image = _check_input(loaded, x)
-    variants = marker_variants(image)
-    probabilities = _probabilities(loaded, np.stack([image, *variants.values()]))
-    return {name: float(p - probabilities[0]) for name, p in zip(variants, probabilities[1:])}
+    variants = marker_variants(_check_input(loaded, x))
+    base, (probabilities,) = with_copies(loaded, x, variants)
+    return {name: float(p - base) for name, p in zip(variants, probabilities)}
 
 
 def marker_sensitivity(loaded: LoadedModel, x: np.ndarray) -> float:
@@ -228,11 +240,9 @@ def stability(loaded: LoadedModel, x: np.ndarray) -> dict[str, float]:
         change over `shift_variants`, over `crop_variants`, and over both.
     """
     image = _check_input(loaded, x)
-    shifts, crops = shift_variants(image), crop_variants(image)
-    probabilities = _probabilities(loaded, np.stack([image, *shifts.values(), *crops.values()]))
-    changes = np.abs(probabilities[1:] - probabilities[0])
-    shift, crop = float(changes[:len(shifts)].max()), float(changes[len(shifts):].max())
-    return {"probability": float(probabilities[0]), "shift": shift, "crop": crop, "max": max(shift, crop)}
+    base, (shifts, crops) = with_copies(loaded, image, shift_variants(image), crop_variants(image))
+    shift, crop = float(np.abs(shifts - base).max()), float(np.abs(crops - base).max())
+    return {"probability": base, "shift": shift, "crop": crop, "max": max(shift, crop)}
 
 
 def explain_files(model: str | Path | LoadedModel | None, paths: Sequence[str | Path],
