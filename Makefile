@@ -8,14 +8,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_VERSION := 26.3
 
-.PHONY: demo test setup venv node browser clean
+.PHONY: demo test lint setup venv node browser clean
 
 # Serves the page with the bundled model; the URL is printed. Ctrl-C stops it.
 demo: venv node
 	$(PY) -m pneumoscan demo
 
-test: venv node browser
+test: lint node browser
 	$(PY) -m pytest
+
+# ruff, configured in pyproject.toml: the linter, then the formatter in check mode.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 setup: venv node browser
 

@@ -28,8 +28,15 @@ from playwright.sync_api import expect, sync_playwright
 from pneumoscan.serve import make_server, start_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 TIMEOUT_MS = 300_000
 
 
@@ -99,8 +106,12 @@ def measure(browser, base_url: str, backend: str, files: list[Path], loads: int)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="an exported bundle (with tfjs/)")
-    parser.add_argument("--images", type=Path, default=REPO / "samples" / "chest_xray",
-                        help="folder of JPEG/PNG files (default: the sample X-rays)")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=REPO / "samples" / "chest_xray",
+        help="folder of JPEG/PNG files (default: the sample X-rays)",
+    )
     parser.add_argument("--count", type=int, default=20, help="images per backend (default 20)")
     parser.add_argument("--loads", type=int, default=3, help="page loads per backend (default 3)")
     parser.add_argument("--backends", default="wasm,cpu", help="comma-separated (default wasm,cpu)")
@@ -123,14 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     server.server_close()
 
     size = bundle_bytes(args.model)
-    print(f"Model bundle {args.model}: {size:,} bytes to download (tfjs/ + metadata.json); "
-          f"Chromium {version} headless, {os.cpu_count()} CPUs; {len(files)} images from {args.images}.\n")
-    print(f"| backend | first load, all files (bytes) | load to ready (ms, median of {args.loads}) "
-          "| per image, total (ms, median) | per image, predict only (ms, median) |")
+    print(
+        f"Model bundle {args.model}: {size:,} bytes to download (tfjs/ + metadata.json); "
+        f"Chromium {version} headless, {os.cpu_count()} CPUs; {len(files)} images from {args.images}.\n"
+    )
+    print(
+        f"| backend | first load, all files (bytes) | load to ready (ms, median of {args.loads}) "
+        "| per image, total (ms, median) | per image, predict only (ms, median) |"
+    )
     print("|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['backend']} | {row['page_bytes']:,} | {row['load_ms']:.0f} "
-              f"| {row['image_ms']:.1f} | {row['infer_ms']:.1f} |")
+        print(
+            f"| {row['backend']} | {row['page_bytes']:,} | {row['load_ms']:.0f} "
+            f"| {row['image_ms']:.1f} | {row['infer_ms']:.1f} |"
+        )
     return 0
 
 

@@ -29,8 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-ROWS = ("roc_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1",
-        "pr_auc")
+ROWS = (
+    "roc_auc",
+    "balanced_accuracy",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "npv",
+    "f1",
+    "pr_auc",
+)
 
 
 def matmul_peak() -> float:
@@ -47,8 +56,22 @@ def matmul_peak() -> float:
 
 def timed_training(arch: str, data: Path, epochs: int, workdir: Path) -> dict:
     run_dir = workdir / arch
-    command = ["/usr/bin/time", "-v", sys.executable, "-m", "pneumoscan", "train", "--data", str(data),
-               "--out", str(run_dir), "--arch", arch, "--epochs", str(epochs)]
+    command = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "pneumoscan",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run_dir),
+        "--arch",
+        arch,
+        "--epochs",
+        str(epochs),
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
@@ -74,13 +97,16 @@ def quality(run: Path, data: Path, shifted: Path | None) -> dict[str, dict]:
     loaded = load_model(run)
     sets = {"val": (data, "val"), "internal-test": (data, "internal-test")}
     if shifted is not None:
-        sets |= {"shifted val": (shifted / "val", "val"),
-                 "shifted internal-test": (shifted / "internal-test", "internal-test")}
+        sets |= {
+            "shifted val": (shifted / "val", "val"),
+            "shifted internal-test": (shifted / "internal-test", "internal-test"),
+        }
     return {name: evaluate(loaded, folder, split).result for name, (folder, split) in sets.items()}
 
 
-def paired_differences(runs: list[Path], folder: Path, split: str, n_resamples: int = 1000,
-                       seed: int = 0) -> dict[str, tuple[float, float, float]]:
+def paired_differences(
+    runs: list[Path], folder: Path, split: str, n_resamples: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float, float]]:
     """New minus seed, for ROC AUC and balanced accuracy (each at its own threshold), with a
     95% interval from one bootstrap over patients shared by both models (paired)."""
     from pneumoscan.evaluate import evaluate
@@ -97,18 +123,25 @@ def paired_differences(runs: list[Path], folder: Path, split: str, n_resamples: 
     def deltas(index: np.ndarray) -> tuple[float, float]:
         y = labels[index]
         auc = roc_auc(y, probs[1][index]) - roc_auc(y, probs[0][index])
-        bacc = (balanced_accuracy(y, (probs[1][index] >= cuts[1]).astype(int))
-                - balanced_accuracy(y, (probs[0][index] >= cuts[0]).astype(int)))
+        bacc = balanced_accuracy(y, (probs[1][index] >= cuts[1]).astype(int)) - balanced_accuracy(
+            y, (probs[0][index] >= cuts[0]).astype(int)
+        )
         return auc, bacc
 
     unique = np.unique(patients)
     members = {p: np.nonzero(patients == p)[0] for p in unique}
     rng = np.random.default_rng(seed)
-    draws = np.array([deltas(np.concatenate([members[p] for p in rng.choice(unique, unique.size)]))
-                      for _ in range(n_resamples)])
+    draws = np.array(
+        [
+            deltas(np.concatenate([members[p] for p in rng.choice(unique, unique.size)]))
+            for _ in range(n_resamples)
+        ]
+    )
     point = deltas(np.arange(labels.size))
-    return {name: (point[i], *np.nanpercentile(draws[:, i], [2.5, 97.5]))
-            for i, name in enumerate(("roc_auc", "balanced_accuracy"))}
+    return {
+        name: (point[i], *np.nanpercentile(draws[:, i], [2.5, 97.5]))
+        for i, name in enumerate(("roc_auc", "balanced_accuracy"))
+    }
 
 
 def main() -> None:
@@ -139,6 +172,7 @@ def speed(args: argparse.Namespace) -> None:
             model = keras.models.load_model(run / "model.keras", compile=False)
             timing = timed_training(meta["arch"], args.data, args.timing_epochs, Path(tmp))
             flops = count_flops(model)
+            training = meta["training"]
             epoch = float(np.median(timing["epoch_seconds"][1:] or timing["epoch_seconds"]))
             epoch_medians[meta["arch"]] = epoch
             train_ips = timing["n_train"] / epoch
@@ -151,10 +185,13 @@ def speed(args: argparse.Namespace) -> None:
                 "epoch time (s, median after the first)": f"{epoch:.1f}",
                 "training images/s": f"{train_ips:.0f}",
                 "inference images/s (forward, batch 32)": f"{infer_ips:.0f}",
-                "full training run (s, epochs)": f"{meta['training']['seconds']:.0f} ({meta['training']['epochs_run']}, "
-                                                 f"best {meta['training']['best_epoch']})",
+                "full training run (s, epochs)": (
+                    f"{training['seconds']:.0f} ({training['epochs_run']}, best {training['best_epoch']})"
+                ),
                 "peak RSS while training (MB)": f"{timing['peak_rss_mb']:.0f}",
-                "share of peak, training / inference": f"{3 * flops * train_ips / peak:.1%} / {flops * infer_ips / peak:.1%}",
+                "share of peak, training / inference": (
+                    f"{3 * flops * train_ips / peak:.1%} / {flops * infer_ips / peak:.1%}"
+                ),
             }
     baseline = epoch_medians.get("seed", next(iter(epoch_medians.values())))
     for arch, row in speed_rows.items():
@@ -166,25 +203,38 @@ def quality_tables(args: argparse.Namespace) -> None:
     for run in args.runs:
         meta = json.loads((run / "metadata.json").read_text())
         results = quality(run, args.data, args.shifted)
-        print(f"\n### {meta['arch']} ({run}), threshold {meta['threshold']['value']:.4f} ({meta['threshold']['rule']})\n")
+        threshold = meta["threshold"]
+        print(f"\n### {meta['arch']} ({run}), threshold {threshold['value']:.4f} ({threshold['rule']})\n")
         print("| metric | " + " | ".join(results) + " |")
         print("|---|" + "---|" * len(results))
         for name in ROWS:
-            cells = [f"{r[name]:.3f} [{r['ci95'][name][0]:.3f}, {r['ci95'][name][1]:.3f}]"
-                     if r[name] is not None else "n/a" for r in results.values()]
+            cells = [
+                f"{r[name]:.3f} [{r['ci95'][name][0]:.3f}, {r['ci95'][name][1]:.3f}]"
+                if r[name] is not None
+                else "n/a"
+                for r in results.values()
+            ]
             print(f"| {name} | " + " | ".join(cells) + " |")
         print("| n | " + " | ".join(str(r["n"]) for r in results.values()) + " |")
     if args.shifted is None:
         return
     print("\n### Paired differences, pneumonet minus seed (bootstrap over patients, 1,000 resamples)\n")
     print("| set | Δ ROC AUC [95% CI] | Δ balanced accuracy [95% CI] |\n|---|---|---|")
-    sets = {"val": (args.data, "val"), "shifted val": (args.shifted / "val", "val"),
-            "internal-test": (args.data, "internal-test"),
-            "shifted internal-test": (args.shifted / "internal-test", "internal-test")}
+    sets = {
+        "val": (args.data, "val"),
+        "shifted val": (args.shifted / "val", "val"),
+        "internal-test": (args.data, "internal-test"),
+        "shifted internal-test": (args.shifted / "internal-test", "internal-test"),
+    }
     for name, (folder, split) in sets.items():
         d = paired_differences(list(args.runs), folder, split)
-        print(f"| {name} | " + " | ".join(f"{d[k][0]:+.4f} [{d[k][1]:+.4f}, {d[k][2]:+.4f}]"
-                                          for k in ("roc_auc", "balanced_accuracy")) + " |")
+        print(
+            f"| {name} | "
+            + " | ".join(
+                f"{d[k][0]:+.4f} [{d[k][1]:+.4f}, {d[k][2]:+.4f}]" for k in ("roc_auc", "balanced_accuracy")
+            )
+            + " |"
+        )
 
 
 def _table(title: str, rows: dict[str, dict]) -> None:

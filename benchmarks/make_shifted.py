@@ -30,17 +30,31 @@ SHORT_HASH = 16
 
 def frozen_entry(manifest: dict) -> dict:
     """The committed record of one split: digests and per-file parameters, short hashes."""
-    files = {name: {"source_sha256": entry["source_sha256"][:SHORT_HASH], "steps": entry["steps"],
-                    "sha256": entry["sha256"][:SHORT_HASH]}
-             for name, entry in sorted(manifest["files"].items())}
-    return {"source_split_digest": manifest["source"]["split_digest"], "n_files": len(files),
-            "digest": manifest["digest"], "versions": manifest["versions"], "files": files}
+    files = {
+        name: {
+            "source_sha256": entry["source_sha256"][:SHORT_HASH],
+            "steps": entry["steps"],
+            "sha256": entry["sha256"][:SHORT_HASH],
+        }
+        for name, entry in sorted(manifest["files"].items())
+    }
+    return {
+        "source_split_digest": manifest["source"]["split_digest"],
+        "n_files": len(files),
+        "digest": manifest["digest"],
+        "versions": manifest["versions"],
+        "files": files,
+    }
 
 
 def frozen_header(seed: int) -> dict:
-    return {"about": "Frozen shifted benchmark (val: model selection; internal-test: reporting only). "
-                     "Written by `benchmarks/make_shifted.py --freeze`; do not edit by hand.",
-            "generator": "pneumoscan.shift", "seed": seed, **describe_families()}
+    return {
+        "about": "Frozen shifted benchmark (val: model selection; internal-test: reporting only). "
+        "Written by `benchmarks/make_shifted.py --freeze`; do not edit by hand.",
+        "generator": "pneumoscan.shift",
+        "seed": seed,
+        **describe_families(),
+    }
 
 
 def dumps_one_line_per_file(document: dict) -> str:
@@ -64,7 +78,9 @@ def freeze(manifest: dict, path: Path = FROZEN) -> list[str]:
     current = json.loads(path.read_text()) if path.is_file() else {}
     splits = current.get("splits", {})
     stale = []
-    if {k: current.get(k) for k in header if k != "about"} != {k: v for k, v in header.items() if k != "about"}:
+    if {k: current.get(k) for k in header if k != "about"} != {
+        k: v for k, v in header.items() if k != "about"
+    }:
         stale = sorted(name for name in splits if name != manifest["split"])
         splits = {}  # seed or family table changed: other splits must be frozen again
     splits[manifest["split"]] = frozen_entry(manifest)
@@ -91,14 +107,22 @@ def compare(manifest: dict, path: Path = FROZEN) -> list[str]:
     if committed["seed"] != manifest["seed"]:
         problems.append(f"seed {manifest['seed']} differs from the frozen {committed['seed']}.")
     names = sorted(set(frozen["files"]) | set(ours["files"]))
-    params = [n for n in names if frozen["files"].get(n, {}).get("steps") != ours["files"].get(n, {}).get("steps")]
-    data = [n for n in names if n not in params
-            and frozen["files"].get(n, {}).get("sha256") != ours["files"].get(n, {}).get("sha256")]
+    params = [
+        n for n in names if frozen["files"].get(n, {}).get("steps") != ours["files"].get(n, {}).get("steps")
+    ]
+    data = [
+        n
+        for n in names
+        if n not in params
+        and frozen["files"].get(n, {}).get("sha256") != ours["files"].get(n, {}).get("sha256")
+    ]
     if params:
         problems.append(f"{len(params)} file(s) have other parameters, e.g. {', '.join(params[:3])}.")
     if data:
-        problems.append(f"{len(data)} file(s) have the same parameters but other bytes, e.g. "
-                        f"{', '.join(data[:3])} (encoders: frozen {frozen['versions']}, now {ours['versions']}).")
+        problems.append(
+            f"{len(data)} file(s) have the same parameters but other bytes, e.g. "
+            f"{', '.join(data[:3])} (encoders: frozen {frozen['versions']}, now {ours['versions']})."
+        )
     return problems
 
 
@@ -118,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     manifest = read_manifest(args.out)
-    print(f"{args.split}: {len(manifest['files'])} images -> {args.out} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"{args.split}: {len(manifest['files'])} images -> {args.out} in {time.perf_counter() - start:.1f} s"
+    )
     print(f"digest {digest}")
     if args.freeze:
         stale = freeze(manifest)
-        print(f"frozen in {FROZEN}" + (f"; dropped stale {', '.join(stale)}: freeze them again" if stale else ""))
+        print(
+            f"frozen in {FROZEN}"
+            + (f"; dropped stale {', '.join(stale)}: freeze them again" if stale else "")
+        )
         return 0
     problems = compare(manifest)
     for problem in problems:

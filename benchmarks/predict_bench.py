@@ -69,7 +69,9 @@ def cold_start(model: str, image: str, runs: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.is_dir() else REPO / "samples")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA if DEFAULT_DATA.is_dir() else REPO / "samples"
+    )
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
@@ -78,18 +80,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "throughput.py"
         script.write_text(THROUGHPUT)
-        out = subprocess.run([sys.executable, str(script), args.model, str(args.batch_size), *paths],
-                             check=True, capture_output=True, text=True,
-                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")).stdout
+        out = subprocess.run(
+            [sys.executable, str(script), args.model, str(args.batch_size), *paths],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        ).stdout
     result = json.loads(out.strip().splitlines()[-1])
     meta = json.loads((Path(args.model) / "metadata.json").read_text())
-    print(f"pneumoscan predict benchmark: model {args.model} ({meta['arch']}, "
-          f"{meta['input']['height']}x{meta['input']['width']}), {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, batch {args.batch_size}, data {args.data}\n")
+    print(
+        f"pneumoscan predict benchmark: model {args.model} ({meta['arch']}, "
+        f"{meta['input']['height']}x{meta['input']['width']}), {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, batch {args.batch_size}, data {args.data}\n"
+    )
     print("| measure | value |\n|---|---|")
     print(f"| cold start, one image (median of 3) | {cold:.2f} s |")
-    print(f"| end to end over {result['n']} images | {result['end_to_end_s']:.2f} s = "
-          f"{result['n'] / result['end_to_end_s']:.0f} images/s |")
+    print(
+        f"| end to end over {result['n']} images | {result['end_to_end_s']:.2f} s = "
+        f"{result['n'] / result['end_to_end_s']:.0f} images/s |"
+    )
     print(f"| forward pass alone | {result['forward_images_per_s']:.0f} images/s |")
     print(f"| peak RSS (throughput process) | {result['peak_rss_mb']:.0f} MB |")
     print(f"| errors | {result['errors']} |")

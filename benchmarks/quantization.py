@@ -37,18 +37,23 @@ def main() -> None:
             weights = read_weights(Path(tmp) / quantize)
             for name, variable in named_weights(loaded.model):
                 variable.assign(weights[name])
-            scores = {split: evaluate(loaded, args.data, split, n_resamples=200).result["roc_auc"]
-                      for split in ("val", "internal-test")}
+            scores = {
+                split: evaluate(loaded, args.data, split, n_resamples=200).result["roc_auc"]
+                for split in ("val", "internal-test")
+            }
             rows.append((quantize, info["total_bytes"], scores))
             for name, variable in named_weights(loaded.model):
                 variable.assign(original[name])
     base = rows[0][2]["internal-test"]
-    print(f"model {args.model}\n\n| weights | TF.js bytes | val AUC | internal-test AUC | Δ vs float32 | within {TOLERANCE} |")
+    print(f"model {args.model}\n")
+    print(f"| weights | TF.js bytes | val AUC | internal-test AUC | Δ vs float32 | within {TOLERANCE} |")
     print("|---|---|---|---|---|---|")
     for quantize, size, scores in rows:
         delta = scores["internal-test"] - base
-        print(f"| {quantize} | {size:,} | {scores['val']:.4f} | {scores['internal-test']:.4f} | {delta:+.4f} | "
-              f"{'yes' if abs(delta) <= TOLERANCE else 'no'} |")
+        print(
+            f"| {quantize} | {size:,} | {scores['val']:.4f} | {scores['internal-test']:.4f} | {delta:+.4f} | "
+            f"{'yes' if abs(delta) <= TOLERANCE else 'no'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -51,14 +51,22 @@ def main() -> None:
         val = evaluate(loaded, args.data, "val", n_resamples=200).result
         shifted = evaluate(loaded, args.shifted / "val", n_resamples=200).result
         rows.append((name, result.best_epoch, minutes, val, shifted))
-        changed = {k: v for k, v in dataclasses.asdict(VARIANTS[name]).items()
-                   if v != dataclasses.asdict(Config())[k]}
+        changed = {
+            k: v
+            for k, v in dataclasses.asdict(VARIANTS[name]).items()
+            if v != dataclasses.asdict(Config())[k]
+        }
         print(f"{name}: {changed or 'defaults'}", flush=True)
-    print("\n| variant | best epoch | training minutes | val AUC | val bal. acc. | shifted val AUC | shifted val bal. acc. |")
+    print(
+        "\n| variant | best epoch | training minutes | val AUC | val bal. acc. "
+        "| shifted val AUC | shifted val bal. acc. |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, epoch, minutes, val, shifted in rows:
-        print(f"| {name} | {epoch} | {minutes:.1f} | {val['roc_auc']:.4f} | {val['balanced_accuracy']:.4f} | "
-              f"{shifted['roc_auc']:.4f} | {shifted['balanced_accuracy']:.4f} |")
+        print(
+            f"| {name} | {epoch} | {minutes:.1f} | {val['roc_auc']:.4f} | {val['balanced_accuracy']:.4f} | "
+            f"{shifted['roc_auc']:.4f} | {shifted['balanced_accuracy']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

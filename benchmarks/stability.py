@@ -35,19 +35,28 @@ def measure(model: Path, data: Path, split: str) -> dict:
     largest, markers, flipped, copies, images_flipped = [], [], 0, 0, 0
     for sample in samples:
         x = decode_to_input(sample.path, loaded.image_size)
-        base, (framing, marked) = with_copies(loaded, x, {**shift_variants(x), **crop_variants(x)},
-                                              marker_variants(x))
+        base, (framing, marked) = with_copies(
+            loaded, x, {**shift_variants(x), **crop_variants(x)}, marker_variants(x)
+        )
         changed = (framing >= threshold) != (base >= threshold)
         largest.append(float(np.abs(framing - base).max()))
         markers.append(float(np.abs(marked - base).max()))
         flipped, copies = flipped + int(changed.sum()), copies + changed.size
         images_flipped += int(changed.any())
     largest, markers = np.asarray(largest), np.asarray(markers)
-    return {"model": str(model), "arch": meta["arch"], "threshold": threshold, "n": len(samples),
-            "median": float(np.median(largest)), "mean": float(largest.mean()),
-            "p90": float(np.quantile(largest, 0.9)), "marker_mean": float(markers.mean()),
-            "marker_p90": float(np.quantile(markers, 0.9)), "copies_flipped": flipped / copies,
-            "images_flipped": images_flipped / len(samples)}
+    return {
+        "model": str(model),
+        "arch": meta["arch"],
+        "threshold": threshold,
+        "n": len(samples),
+        "median": float(np.median(largest)),
+        "mean": float(largest.mean()),
+        "p90": float(np.quantile(largest, 0.9)),
+        "marker_mean": float(markers.mean()),
+        "marker_p90": float(np.quantile(markers, 0.9)),
+        "copies_flipped": flipped / copies,
+        "images_flipped": images_flipped / len(samples),
+    }
 
 
 def main() -> None:
@@ -57,17 +66,24 @@ def main() -> None:
     parser.add_argument("--split", default="val", choices=("train", "val", "internal-test"))
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    print(f"{args.split} split of {args.data}: largest |change of calibrated probability| per image over "
-          "13 shifted/cropped copies and over 13 marked copies, and framing copies whose label changes "
-          "at the model's threshold\n")
-    print("| model | arch | threshold | n | framing median | framing mean | framing 90th pct | markers mean "
-          "| markers 90th pct | copies with a changed label | images with a changed label |")
+    print(
+        f"{args.split} split of {args.data}: largest |change of calibrated probability| per image over "
+        "13 shifted/cropped copies and over 13 marked copies, and framing copies whose label changes "
+        "at the model's threshold\n"
+    )
+    print(
+        "| model | arch | threshold | n | framing median | framing mean | framing 90th pct | markers mean "
+        "| markers 90th pct | copies with a changed label | images with a changed label |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         r = measure(model, args.data, args.split)
-        print(f"| {r['model']} | {r['arch']} | {r['threshold']:.3f} | {r['n']} | {r['median']:.3f} | "
-              f"{r['mean']:.3f} | {r['p90']:.3f} | {r['marker_mean']:.3f} | {r['marker_p90']:.3f} | "
-              f"{r['copies_flipped']:.1%} | {r['images_flipped']:.1%} |", flush=True)
+        print(
+            f"| {r['model']} | {r['arch']} | {r['threshold']:.3f} | {r['n']} | {r['median']:.3f} | "
+            f"{r['mean']:.3f} | {r['p90']:.3f} | {r['marker_mean']:.3f} | {r['marker_p90']:.3f} | "
+            f"{r['copies_flipped']:.1%} | {r['images_flipped']:.1%} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

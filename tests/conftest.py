@@ -28,15 +28,19 @@ def synthetic_xray(seed: int, label: int, size: tuple[int, int] = (72, 64)) -> n
     return np.clip(base, 0, 255).astype(np.uint8)
 
 
-def write_class_folders(root: Path, patients: dict[str, int], images_per_patient: int = 2,
-                        fmt: str = "png") -> Path:
+def write_class_folders(
+    root: Path, patients: dict[str, int], images_per_patient: int = 2, fmt: str = "png"
+) -> Path:
     """root/{NORMAL,PNEUMONIA}/<patient>-<k>.<fmt> for `patients` {id: label}."""
     for i, (patient, label) in enumerate(sorted(patients.items())):
         folder = root / ("PNEUMONIA" if label else "NORMAL")
         folder.mkdir(parents=True, exist_ok=True)
         for k in range(images_per_patient):
-            name = f"{patient}_{'bacteria' if label else ''}{k}.{fmt}" if patient.startswith("person") \
+            name = (
+                f"{patient}_{'bacteria' if label else ''}{k}.{fmt}"
+                if patient.startswith("person")
                 else f"{patient}-000{k + 1}.{fmt}"
+            )
             Image.fromarray(synthetic_xray(1000 * i + k, label)).save(folder / name)
     return root
 

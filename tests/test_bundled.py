@@ -15,7 +15,16 @@ from pneumoscan.metadata import read
 from pneumoscan.predict import bundled_model_dir, load_model
 from pneumoscan.preprocess import decode_to_input
 from pneumoscan.tfjs import read_weights
-from test_tfjs import DECODE_TOLERANCE, NODE, NODE_TIMEOUT_S, PREDICT_JS, REPO, _keras_predict, _predict_with, needs_node
+from test_tfjs import (
+    DECODE_TOLERANCE,
+    NODE,
+    NODE_TIMEOUT_S,
+    PREDICT_JS,
+    REPO,
+    _keras_predict,
+    _predict_with,
+    needs_node,
+)
 
 SAMPLE_PATHS = sorted(SAMPLES.rglob("*.jpeg"))
 # Measured on the bundled pneumonet over the 16 samples (BENCHMARKS.md, "Looks at the lungs"):
@@ -40,7 +49,11 @@ def bundled():
 def test_bundle_files_and_metadata(bundled):
     folder = bundled.folder
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("__")) == [
-        "metadata.json", "model.keras", "splits.json", "tfjs"]
+        "metadata.json",
+        "model.keras",
+        "splits.json",
+        "tfjs",
+    ]
     meta = read(folder)
     assert meta["arch"] == "pneumonet"
     assert meta["calibration"]["fitted_on"] == "val" and meta["threshold"]["split"] == "val"
@@ -59,8 +72,16 @@ def test_predict_defaults_to_the_bundled_model(capsys):
 def test_tfjs_export_matches_keras(bundled, tmp_path):
     x = np.stack([decode_to_input(p, bundled.image_size) for p in SAMPLE_PATHS[::3]])
     x.astype("<f4").tofile(tmp_path / "input.f32")
-    command = [NODE, str(PREDICT_JS), str(bundled.folder / "tfjs"), str(tmp_path / "input.f32"), *map(str, x.shape)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, cwd=REPO, check=False)
+    command = [
+        NODE,
+        str(PREDICT_JS),
+        str(bundled.folder / "tfjs"),
+        str(tmp_path / "input.f32"),
+        *map(str, x.shape),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, cwd=REPO, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     tfjs = np.asarray(json.loads(result.stdout)["outputs"], dtype=np.float64).reshape(-1)
     # The exact weights the browser runs (dequantized when the bundle is quantized).
@@ -79,7 +100,7 @@ def test_labels_mostly_hold_under_small_shifts_crops_and_markers(bundled):
     for path in SAMPLE_PATHS:
         x = decode_to_input(path, bundled.image_size)
         base, groups = with_copies(bundled, x, {**shift_variants(x), **crop_variants(x)}, marker_variants(x))
-        for changes, probabilities in zip((framing, markers), groups):
+        for changes, probabilities in zip((framing, markers), groups, strict=True):
             changed += int(np.sum((probabilities >= threshold) != (base >= threshold)))
             copies += len(probabilities)
             changes.append(np.abs(probabilities - base).max())

@@ -129,7 +129,7 @@ def test_fit_platt_uses_smoothed_targets_on_separable_scores():
 
 @pytest.mark.parametrize("fit", [calibrate.fit_temperature, calibrate.fit_platt])
 def test_fit_needs_both_classes(fit):
-    with pytest.raises(ValueError, match="needs both classes in the 'val' split.*NORMAL"):
+    with pytest.raises(ValueError, match=r"needs both classes in the 'val' split.*NORMAL"):
         fit([0, 0, 0], [0.1, 0.5, 0.9])
 
 
@@ -155,8 +155,20 @@ def test_parse_threshold_rule_accepts(rule, expected):
 
 @pytest.mark.parametrize(
     "rule",
-    ["", "Youden", "youden:1", "sensitivity", "sensitivity:0", "sensitivity:1.5", "fixed:-0.1",
-     "fixed:abc", "fixed:nan", "fixed:0.5:1", "specificity:0.9", None],
+    [
+        "",
+        "Youden",
+        "youden:1",
+        "sensitivity",
+        "sensitivity:0",
+        "sensitivity:1.5",
+        "fixed:-0.1",
+        "fixed:abc",
+        "fixed:nan",
+        "fixed:0.5:1",
+        "specificity:0.9",
+        None,
+    ],
 )
 def test_parse_threshold_rule_rejects(rule):
     message = r"threshold rule .* is not understood; use 'youden', 'sensitivity:X'"

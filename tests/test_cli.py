@@ -16,11 +16,17 @@ from pneumoscan.cli import main
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
         (["train", "--data", "{tmp}/missing", "--out", "{tmp}/run"], 2, "missing: no such folder"),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--epochs", "0"], 2, "epochs must be at least 1"),
-        (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--arch", "vgg99"], 2,
-         "unknown architecture 'vgg99'"),
+        (
+            ["train", "--data", "{tmp}", "--out", "{tmp}/run", "--arch", "vgg99"],
+            2,
+            "unknown architecture 'vgg99'",
+        ),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run"], 2, "expected class folders NORMAL/PNEUMONIA"),
-        (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--threshold-rule", "bogus"], 2,
-         "threshold rule 'bogus' is not understood"),
+        (
+            ["train", "--data", "{tmp}", "--out", "{tmp}/run", "--threshold-rule", "bogus"],
+            2,
+            "threshold rule 'bogus' is not understood",
+        ),
         (["serve", "--port", "99999"], 2, "port must be between 0 and 65535, got 99999"),
     ],
 )

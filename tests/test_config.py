@@ -45,9 +45,13 @@ def test_unknown_keys_are_refused():
 @pytest.mark.parametrize(
     "schedule, epoch, expected",
     [
-        ("plateau", 0, 1e-3), ("plateau", 9, 1e-3),
-        ("cosine", 0, 1e-3 / 3), ("cosine", 1, 2e-3 / 3),  # warm-up over 2 epochs
-        ("cosine", 2, 1e-3), ("cosine", 6, 0.5e-3), ("cosine", 9, 1e-3 * (1 + np.cos(np.pi * 7 / 8)) / 2),
+        ("plateau", 0, 1e-3),
+        ("plateau", 9, 1e-3),
+        ("cosine", 0, 1e-3 / 3),
+        ("cosine", 1, 2e-3 / 3),  # warm-up over 2 epochs
+        ("cosine", 2, 1e-3),
+        ("cosine", 6, 0.5e-3),
+        ("cosine", 9, 1e-3 * (1 + np.cos(np.pi * 7 / 8)) / 2),
     ],
 )
 def test_learning_rate_schedule(schedule, epoch, expected):

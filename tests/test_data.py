@@ -10,8 +10,16 @@ import pytest
 from PIL import Image
 
 from conftest import synthetic_xray, write_class_folders
-from pneumoscan.data import (DataError, find_layout, list_images, load_splits, patient_id, scan,
-                             split_digest, split_samples)
+from pneumoscan.data import (
+    DataError,
+    find_layout,
+    list_images,
+    load_splits,
+    patient_id,
+    scan,
+    split_digest,
+    split_samples,
+)
 
 
 @pytest.mark.parametrize(
@@ -45,8 +53,10 @@ def test_layouts(tmp_path):
         (lambda root: None, "no such folder"),
         (lambda root: (root / "other").mkdir(parents=True), "expected class folders"),
         (lambda root: (root / "NORMAL").mkdir(parents=True), "PNEUMONIA: class folder is missing"),
-        (lambda root: [(root / c).mkdir(parents=True) for c in ("NORMAL", "PNEUMONIA")],
-         "NORMAL: holds no .jpeg, .jpg or .png images"),
+        (
+            lambda root: [(root / c).mkdir(parents=True) for c in ("NORMAL", "PNEUMONIA")],
+            "NORMAL: holds no .jpeg, .jpg or .png images",
+        ),
     ],
 )
 def test_layout_errors_name_the_path(tmp_path, make, message):
@@ -119,25 +129,36 @@ def test_split_is_deterministic_and_seeded(tmp_path):
 
 
 def test_byte_identical_files_land_on_the_same_side(tmp_path):
-    root = write_class_folders(tmp_path / "d", {f"person{i}": 1 for i in range(30)}
-                               | {f"IM-{i:04d}": 0 for i in range(30)}, 1)
+    root = write_class_folders(
+        tmp_path / "d", {f"person{i}": 1 for i in range(30)} | {f"IM-{i:04d}": 0 for i in range(30)}, 1
+    )
     # Copies of patients' images under other patients' names (as in the real data set).
     for i in range(10):
         src = root / "PNEUMONIA" / f"person{i}_bacteria0.png"
         shutil.copy(src, root / "PNEUMONIA" / f"person{100 + i}_bacteria0.png")
     samples = scan(root).samples
     for seed in range(5):
-        side = {s.relpath: name for name, members in split_samples(samples, 0.2, 0.2, seed).items()
-                for s in members}
+        side = {
+            s.relpath: name
+            for name, members in split_samples(samples, 0.2, 0.2, seed).items()
+            for s in members
+        }
         for i in range(10):
-            assert side[f"PNEUMONIA/person{i}_bacteria0.png"] == side[f"PNEUMONIA/person{100 + i}_bacteria0.png"]
+            assert (
+                side[f"PNEUMONIA/person{i}_bacteria0.png"] == side[f"PNEUMONIA/person{100 + i}_bacteria0.png"]
+            )
 
 
 def test_given_large_val_split_is_used(tmp_path):
     root = tmp_path / "kaggle"
-    write_class_folders(root / "train", {f"IM-{i:04d}": 0 for i in range(20)} | {f"person{i}": 1 for i in range(20)}, 2)
-    write_class_folders(root / "val", {f"IM-{i:04d}": 0 for i in range(500, 530)}
-                        | {f"person{i}": 1 for i in range(500, 530)}, 2)
+    write_class_folders(
+        root / "train", {f"IM-{i:04d}": 0 for i in range(20)} | {f"person{i}": 1 for i in range(20)}, 2
+    )
+    write_class_folders(
+        root / "val",
+        {f"IM-{i:04d}": 0 for i in range(500, 530)} | {f"person{i}": 1 for i in range(500, 530)},
+        2,
+    )
     result = load_splits(root, 0.1, 0.1, seed=1)
     assert len(result.splits["val"]) == 120
     assert result.rule["val_source"] == "given val/ folder"
@@ -146,7 +167,9 @@ def test_given_large_val_split_is_used(tmp_path):
 
 def test_tiny_given_val_split_is_replaced_by_a_carved_one(tmp_path):
     root = tmp_path / "kaggle"
-    write_class_folders(root / "train", {f"IM-{i:04d}": 0 for i in range(20)} | {f"person{i}": 1 for i in range(20)}, 2)
+    write_class_folders(
+        root / "train", {f"IM-{i:04d}": 0 for i in range(20)} | {f"person{i}": 1 for i in range(20)}, 2
+    )
     write_class_folders(root / "val", {"IM-0900": 0, "person900": 1}, 2)
     result = load_splits(root, 0.1, 0.1, seed=1)
     assert result.rule["val_source"] == "carved from train"

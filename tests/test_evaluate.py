@@ -12,10 +12,35 @@ from conftest import SAMPLES
 from pneumoscan.cli import main
 from pneumoscan.metadata import read
 
-TOP_KEYS = ["n", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "balanced_accuracy",
-            "roc_auc", "pr_auc", "brier", "ece", "threshold", "confusion_matrix", "ci95", "at_0_5"]
-CI_KEYS = ["accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "balanced_accuracy",
-           "roc_auc", "pr_auc"]
+TOP_KEYS = [
+    "n",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "npv",
+    "f1",
+    "balanced_accuracy",
+    "roc_auc",
+    "pr_auc",
+    "brier",
+    "ece",
+    "threshold",
+    "confusion_matrix",
+    "ci95",
+    "at_0_5",
+]
+CI_KEYS = [
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "npv",
+    "f1",
+    "balanced_accuracy",
+    "roc_auc",
+    "pr_auc",
+]
 
 
 @pytest.mark.parametrize("split", ["val", "internal-test"])
@@ -64,8 +89,16 @@ def test_report_folder(trained_run, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["evaluate", "--model", str(run_dir), "--data", str(SAMPLES), "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
-    assert names == {"metrics.json", "roc.png", "pr.png", "confusion_matrix.png", "reliability.png",
-                     "training_curves.png", "errors.png", "report.html"} - ({"errors.png"} - names)
+    assert names == {
+        "metrics.json",
+        "roc.png",
+        "pr.png",
+        "confusion_matrix.png",
+        "reliability.png",
+        "training_curves.png",
+        "errors.png",
+        "report.html",
+    } - ({"errors.png"} - names)
     page = (out / "report.html").read_text()
     sources = re.findall(r'src=["\']([^"\']+)', page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
@@ -80,8 +113,12 @@ def test_threshold_command_rewrites_metadata(trained_run, tmp_path, capsys):
     shutil.copytree(run_dir, copy)
     assert main(["threshold", "--model", str(copy), "--data", str(root), "--rule", "fixed:0.3"]) == 0
     meta = read(copy)
-    assert meta["threshold"] == {"value": 0.3, "rule": "fixed:0.3", "split": None,
-                                 "applies_to": "calibrated probability"}
+    assert meta["threshold"] == {
+        "value": 0.3,
+        "rule": "fixed:0.3",
+        "split": None,
+        "applies_to": "calibrated probability",
+    }
     assert main(["threshold", "--model", str(copy), "--data", str(root), "--rule", "sensitivity:1.0"]) == 0
     meta = read(copy)
     assert meta["threshold"]["rule"] == "sensitivity:1.0" and meta["threshold"]["split"] == "val"

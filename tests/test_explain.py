@@ -13,8 +13,17 @@ from PIL import Image
 
 from conftest import SAMPLES
 from pneumoscan.explain import (
-    crop_variants, explain_files, grad_cam, marker_sensitivity, marker_variants, occlusion_map,
-    region_masks, region_shares, render, shift_variants, stability,
+    crop_variants,
+    explain_files,
+    grad_cam,
+    marker_sensitivity,
+    marker_variants,
+    occlusion_map,
+    region_masks,
+    region_shares,
+    render,
+    shift_variants,
+    stability,
 )
 from pneumoscan.predict import LoadedModel, load_model
 from pneumoscan.preprocess import decode_to_input
@@ -36,8 +45,9 @@ def _reader(rows: slice, cols: slice, scale: float = 8.0, bias: float = -4.0) ->
     model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="read")(x))
     weights = np.zeros((S, S), np.float32)
     weights[rows, cols] = 1.0
-    model.get_layer("read").set_weights([(weights * scale / weights.sum()).reshape(-1, 1),
-                                         np.array([bias], np.float32)])
+    model.get_layer("read").set_weights(
+        [(weights * scale / weights.sum()).reshape(-1, 1), np.array([bias], np.float32)]
+    )
     return LoadedModel(Path("hand-built"), model, {"input": {"height": S}, "calibration": NO_CALIBRATION})
 
 
@@ -61,16 +71,31 @@ def _mass(saliency: np.ndarray, rows: slice, cols: slice) -> float:
 # name, window the model reads, {share: (low, high)}. Patches (8 px, stride 4) that straddle
 # the window spread its evidence up to 4 px beyond it, hence the margins on the corner cases.
 OCCLUSION_CASES = [
-    ("top-left corner", (slice(0, 8), slice(0, 8)),
-     {"corner_share": (0.85, 1.0), "border_share": (0.85, 1.0), "centre_share": (0.0, 0.0)}),
-    ("bottom-right corner", (slice(56, 64), slice(56, 64)),
-     {"corner_share": (0.85, 1.0), "border_share": (0.85, 1.0), "centre_share": (0.0, 0.0)}),
-    ("top edge, left of centre", (slice(0, 8), slice(16, 24)),  # not symmetric: catches a transpose
-     {"corner_share": (0.0, 0.0), "border_share": (0.5, 1.0), "centre_share": (0.0, 0.15)}),
-    ("centre", (slice(24, 40), slice(24, 40)),
-     {"corner_share": (0.0, 0.0), "border_share": (0.0, 0.0), "centre_share": (1.0, 1.0)}),
-    ("top-left quadrant", (slice(0, 32), slice(0, 32)),
-     {"corner_share": (0.1, 0.3), "centre_share": (0.3, 0.6)}),
+    (
+        "top-left corner",
+        (slice(0, 8), slice(0, 8)),
+        {"corner_share": (0.85, 1.0), "border_share": (0.85, 1.0), "centre_share": (0.0, 0.0)},
+    ),
+    (
+        "bottom-right corner",
+        (slice(56, 64), slice(56, 64)),
+        {"corner_share": (0.85, 1.0), "border_share": (0.85, 1.0), "centre_share": (0.0, 0.0)},
+    ),
+    (
+        "top edge, left of centre",
+        (slice(0, 8), slice(16, 24)),  # not symmetric: catches a transpose
+        {"corner_share": (0.0, 0.0), "border_share": (0.5, 1.0), "centre_share": (0.0, 0.15)},
+    ),
+    (
+        "centre",
+        (slice(24, 40), slice(24, 40)),
+        {"corner_share": (0.0, 0.0), "border_share": (0.0, 0.0), "centre_share": (1.0, 1.0)},
+    ),
+    (
+        "top-left quadrant",
+        (slice(0, 32), slice(0, 32)),
+        {"corner_share": (0.1, 0.3), "centre_share": (0.3, 0.6)},
+    ),
 ]
 
 
@@ -112,8 +137,11 @@ SHARE_CASES = [
     ("one top-left pixel", np.pad([[1.0]], ((0, S - 1), (0, S - 1))), (1.0, 1.0, 0.0)),
     ("one centre pixel", np.pad([[1.0]], ((32, S - 33), (32, S - 33))), (0.0, 0.0, 1.0)),
     ("uniform", np.ones((S, S)), (4 * 10 * 10 / S**2, 1 - 52 * 52 / S**2, 44 * 38 / S**2)),
-    ("negatives ignored", np.ones((S, S)) - 2 * _half, (2 * 10 * 10 / (S * S / 2),
-                                                      1 - 52 * 26 / (S * S / 2), 44 * 19 / (S * S / 2))),
+    (
+        "negatives ignored",
+        np.ones((S, S)) - 2 * _half,
+        (2 * 10 * 10 / (S * S / 2), 1 - 52 * 26 / (S * S / 2), 44 * 19 / (S * S / 2)),
+    ),
     ("top rows", _ring, (2 * 10 * 3 / (3 * S), 1.0, 0.0)),
     ("all zero", np.zeros((S, S)), (0.0, 0.0, 0.0)),
     ("all negative", -np.ones((S, S)), (0.0, 0.0, 0.0)),
@@ -123,8 +151,9 @@ SHARE_CASES = [
 @pytest.mark.parametrize("name, saliency, expected", SHARE_CASES, ids=[c[0] for c in SHARE_CASES])
 def test_region_shares_table(name, saliency, expected):
     shares = region_shares(saliency)
-    assert [shares["corner_share"], shares["border_share"], shares["centre_share"]] == \
-        pytest.approx(expected, abs=1e-12)
+    assert [shares["corner_share"], shares["border_share"], shares["centre_share"]] == pytest.approx(
+        expected, abs=1e-12
+    )
 
 
 def test_region_masks_geometry_and_errors():
@@ -149,8 +178,8 @@ def test_marker_variants_touch_only_their_corner():
         if not name.startswith("black"):
             assert (image == 255).sum() >= 6 and (image == 0).any(), name  # white ink on black box
     assert variants["R top-left"][: S // 2, : S // 2].max() == 255
-    assert variants["R bottom-right"][S // 2:, S // 2:].max() == 255
-    assert variants["R top-left"][S // 2:, :].max() == 100
+    assert variants["R bottom-right"][S // 2 :, S // 2 :].max() == 255
+    assert variants["R top-left"][S // 2 :, :].max() == 100
 
 
 # name, model, image, (low, high) bound on the largest probability change
@@ -204,8 +233,9 @@ def test_grad_cam_follows_the_features_and_needs_a_pooling_layer():
 def test_grad_cam_on_pneumonet():
     from pneumoscan.model import build_pneumonet
 
-    loaded = LoadedModel(Path("untrained"), build_pneumonet(S),
-                         {"input": {"height": S}, "calibration": NO_CALIBRATION})
+    loaded = LoadedModel(
+        Path("untrained"), build_pneumonet(S), {"input": {"height": S}, "calibration": NO_CALIBRATION}
+    )
     cam = grad_cam(loaded, CHECKER)
     assert cam.shape == (S, S) and np.all(np.isfinite(cam)) and 0.0 <= cam.min() <= cam.max() <= 1.0
 
@@ -220,8 +250,14 @@ def test_explain_files_writes_overlays_and_error_records(trained_run, tmp_path):
     shutil.copy(SAMPLES / "PNEUMONIA" / "person19_bacteria_61.jpeg", inputs / "b" / "same.jpeg")
     (inputs / "empty.jpeg").write_bytes(b"")
     (inputs / "notes.png").write_text("hello")
-    paths = [good, inputs / "empty.jpeg", inputs / "a" / "same.jpeg", inputs / "missing.png",
-             inputs / "b" / "same.jpeg", inputs / "notes.png"]
+    paths = [
+        good,
+        inputs / "empty.jpeg",
+        inputs / "a" / "same.jpeg",
+        inputs / "missing.png",
+        inputs / "b" / "same.jpeg",
+        inputs / "notes.png",
+    ]
     records = explain_files(run_dir, paths, tmp_path / "out")
     assert [r["path"] for r in records] == [str(p) for p in paths]
     assert [("error" in r) for r in records] == [False, True, False, True, False, True]

@@ -29,8 +29,14 @@ def bundle(trained_run, tmp_path_factory):
 
 def test_bundle_holds_every_format(bundle):
     _, out = bundle
-    assert {p.name for p in out.iterdir()} == {"model.keras", "saved_model", "model.h5", "tfjs",
-                                              "metadata.json", "splits.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "model.keras",
+        "saved_model",
+        "model.h5",
+        "tfjs",
+        "metadata.json",
+        "splits.json",
+    }
     assert sorted(p.name for p in (out / "tfjs").iterdir()) == ["group1-shard1of1.bin", "model.json"]
     meta = read(out)
     assert meta["export"]["quantize"] == "none"
@@ -57,6 +63,7 @@ def test_quantized_exports_shrink_the_weights(bundle, tmp_path, quantize, nbytes
     run_dir, out = bundle
     small = tmp_path / quantize
     assert main(["export", "--model", str(run_dir), "--out", str(small), "--quantize", quantize]) == 0
+
     def shard_bytes(folder):
         return sum(p.stat().st_size for p in (folder / "tfjs").glob("group1-shard*"))
 

@@ -148,17 +148,18 @@ def test_defined_metrics_do_not_warn():
 @pytest.mark.parametrize(
     "function, first, second, match",
     [
-        (metrics.sensitivity, np.zeros((3, 2)), [0, 1, 1],
-         r"y_true has shape \(3, 2\); expected a 1-D array"),
+        (
+            metrics.sensitivity,
+            np.zeros((3, 2)),
+            [0, 1, 1],
+            r"y_true has shape \(3, 2\); expected a 1-D array",
+        ),
         (metrics.accuracy, 1, 1, r"y_true has shape \(\); expected a 1-D array"),
-        (metrics.roc_auc, [0, 1], np.full((2, 1), 0.5),
-         r"y_prob has shape \(2, 1\); expected a 1-D"),
-        (metrics.roc_auc, [0, 1, 1], [0.1, 0.2],
-         r"y_true has shape \(3,\) but y_prob has shape \(2,\)"),
+        (metrics.roc_auc, [0, 1], np.full((2, 1), 0.5), r"y_prob has shape \(2, 1\); expected a 1-D"),
+        (metrics.roc_auc, [0, 1, 1], [0.1, 0.2], r"y_true has shape \(3,\) but y_prob has shape \(2,\)"),
         (metrics.confusion_matrix, [0, 1], [0, 1, 1], r"y_pred has shape \(3,\)"),
         (metrics.brier, [], [], r"y_true has shape \(0,\); expected at least one value"),
-        (metrics.confusion_matrix, [0, 2], [0, 1],
-         r"only 0 \(NORMAL\) and 1 \(PNEUMONIA\); found \[2\]"),
+        (metrics.confusion_matrix, [0, 2], [0, 1], r"only 0 \(NORMAL\) and 1 \(PNEUMONIA\); found \[2\]"),
         (metrics.f1, [0, 1], [0, 0.5], r"y_pred must hold only 0"),
         (metrics.roc_auc, ["a", "b"], [0.1, 0.2], r"y_true must hold only 0"),
         (metrics.brier, [0, 1], [0.5, 1.5], r"y_prob must lie in \[0, 1\]; found \[1.5\]"),
@@ -171,8 +172,20 @@ def test_bad_input_raises_value_error(function, first, second, match):
 
 
 SUMMARY_KEYS = [
-    "n", "accuracy", "sensitivity", "specificity", "precision", "npv", "f1",
-    "balanced_accuracy", "roc_auc", "pr_auc", "brier", "ece", "threshold", "confusion_matrix",
+    "n",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "npv",
+    "f1",
+    "balanced_accuracy",
+    "roc_auc",
+    "pr_auc",
+    "brier",
+    "ece",
+    "threshold",
+    "confusion_matrix",
 ]
 
 
@@ -234,6 +247,7 @@ def test_group_weights_keep_patients_whole():
     assert weights.shape == (50, 6)
     for patient, size in (("p1", 2), ("p2", 1), ("p3", 3)):
         columns = weights[:, groups == patient]
+        assert columns.shape == (50, size)
         assert (columns == columns[:, :1]).all()  # one count for all images of a patient
     # Each resample draws as many patients as there are (3), so the counts per patient sum to 3.
     per_patient = weights[:, [1, 3, 0]]
@@ -301,8 +315,7 @@ def test_to_json_safe_turns_nan_into_null():
     }
     text = json.dumps(metrics.to_json_safe(value), allow_nan=False)
     assert text == (
-        '{"a": null, "b": [1.5, null, null], "c": 3, "d": {"e": null, "f": [1, true]}, '
-        '"g": [0.25, null]}'
+        '{"a": null, "b": [1.5, null, null], "c": 3, "d": {"e": null, "f": [1, true]}, "g": [0.25, null]}'
     )
 
 

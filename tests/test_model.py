@@ -47,8 +47,9 @@ def test_unknown_architecture_is_a_value_error():
 
 
 # Sizes whose feature maps turn odd at some stage (150 -> 38 -> 19 -> 10) as well as even ones.
-@pytest.mark.parametrize("arch, image_size", [(arch, size) for arch in sorted(ARCHITECTURES)
-                                              for size in (64, 150, 97)])
+@pytest.mark.parametrize(
+    "arch, image_size", [(arch, size) for arch in sorted(ARCHITECTURES) for size in (64, 150, 97)]
+)
 def test_output_shape_range_and_no_nans(arch, image_size):
     model = build_model(Config(arch=arch, image_size=image_size))
     x = np.random.default_rng(0).uniform(0, 255, (3, image_size, image_size, 1)).astype(np.float32)

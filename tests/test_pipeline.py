@@ -22,17 +22,17 @@ def test_evaluation_batches_match_decode_to_input():
     assert [x.shape for x, _ in batches] == [(4, 96, 96, 1), (2, 96, 96, 1)]
     x = np.concatenate([b[0] for b in batches])
     y = np.concatenate([b[1] for b in batches])
-    assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 255
+    assert x.dtype == np.float32 and x.min() >= 0 and x.max() <= 255
     np.testing.assert_array_equal(y, LABELS)
-    for got, path in zip(x, PATHS):
+    for got, path in zip(x, PATHS, strict=True):
         np.testing.assert_allclose(got, decode_to_input(path, 96), atol=1e-4)
 
 
 def test_training_batches_are_augmented_shuffled_and_in_range():
     plain = np.concatenate([x for x, _ in _batches(labelled(PATHS, LABELS, 96, batch_size=6))])
     dataset = labelled(PATHS, LABELS, 96, batch_size=6, training=True, seed=3, augment=AugmentConfig())
-    (x1, y1), = _batches(dataset)
-    (x2, y2), = _batches(dataset)
+    ((x1, y1),) = _batches(dataset)
+    ((x2, _),) = _batches(dataset)
     assert x1.shape == (6, 96, 96, 1) and x1.dtype == np.float32
     assert x1.min() >= 0 and x1.max() <= 255
     assert sorted(y1) == sorted(LABELS)

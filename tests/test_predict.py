@@ -46,8 +46,10 @@ UNUSUAL = {
 BAD = {
     "empty.jpeg": (lambda p: p.write_bytes(b""), "the file is empty"),
     "notes.png": (lambda p: p.write_text("hello"), "is not a JPEG or PNG image"),
-    "truncated.jpeg": (lambda p: p.write_bytes((SAMPLES / "NORMAL" / "IM-0115-0001.jpeg").read_bytes()[:700]),
-                       "truncated or corrupt"),
+    "truncated.jpeg": (
+        lambda p: p.write_bytes((SAMPLES / "NORMAL" / "IM-0115-0001.jpeg").read_bytes()[:700]),
+        "truncated or corrupt",
+    ),
     "bomb.png": (lambda p: _save(p, Image.new("L", (9000, 6000))), "over the 50 MP limit"),
     "icon.png": (lambda p: _save(p, Image.new("L", (20, 20))), "too small to be a chest X-ray"),
     "anim.gif": (lambda p: _save(p, Image.fromarray(GRAY), format="GIF"), "only JPEG and PNG"),
@@ -93,17 +95,31 @@ def test_bad_inputs_each_get_one_sentence_and_the_rest_go_on(trained_run, tmp_pa
     for name, (make, _) in BAD.items():
         make(folder / name)
     good = shutil.copy(SAMPLES / "PNEUMONIA" / "person19_bacteria_61.jpeg", folder / "good.jpeg")
-    args = ["predict", "--model", str(run_dir), "--format", "json", str(tmp_path / "missing.png"),
-            str(folder / "empty.jpeg"), str(folder / "good.jpeg"), str(folder / "notes.png"),
-            str(folder / "anim.gif"), str(folder / "truncated.jpeg"), str(folder / "bomb.png"),
-            str(folder / "icon.png"), str(tmp_path / "nothing_here")]
+    args = [
+        "predict",
+        "--model",
+        str(run_dir),
+        "--format",
+        "json",
+        str(tmp_path / "missing.png"),
+        str(folder / "empty.jpeg"),
+        str(folder / "good.jpeg"),
+        str(folder / "notes.png"),
+        str(folder / "anim.gif"),
+        str(folder / "truncated.jpeg"),
+        str(folder / "bomb.png"),
+        str(folder / "icon.png"),
+        str(tmp_path / "nothing_here"),
+    ]
     (tmp_path / "nothing_here").mkdir()
     assert main(args) == 1
     out, err = capsys.readouterr()
     records = json.loads(out)
     assert [r["path"] for r in records] == args[5:]
     by_name = {r["path"].rsplit("/", 1)[1]: r for r in records}
-    assert by_name["good.jpeg"]["label"] in ("NORMAL", "PNEUMONIA") and str(good) == by_name["good.jpeg"]["path"]
+    assert (
+        by_name["good.jpeg"]["label"] in ("NORMAL", "PNEUMONIA") and str(good) == by_name["good.jpeg"]["path"]
+    )
     assert "no such file or folder" in by_name["missing.png"]["error"]
     assert "folder holds no .jpeg" in by_name["nothing_here"]["error"]
     for name, (_, message) in BAD.items():

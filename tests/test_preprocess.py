@@ -38,11 +38,17 @@ def _exif_rotated(orientation: int) -> bytes:
     [
         ("gray.png", _encode(Image.fromarray(GRAY), "PNG"), GRAY),
         ("rgb.png", _encode(Image.fromarray(RGB), "PNG"), _luma(RGB)),
-        ("rgba.png", _encode(Image.fromarray(np.dstack([RGB, np.full(GRAY.shape, 7, np.uint8)])), "PNG"),
-         _luma(RGB)),
+        (
+            "rgba.png",
+            _encode(Image.fromarray(np.dstack([RGB, np.full(GRAY.shape, 7, np.uint8)])), "PNG"),
+            _luma(RGB),
+        ),
         ("gray16.png", _encode(Image.fromarray(GRAY.astype(np.uint16) * 257), "PNG"), GRAY),
-        ("palette.png", _encode(Image.fromarray(RGB).quantize(64), "PNG"),
-         _luma(np.asarray(Image.fromarray(RGB).quantize(64).convert("RGB")))),
+        (
+            "palette.png",
+            _encode(Image.fromarray(RGB).quantize(64), "PNG"),
+            _luma(np.asarray(Image.fromarray(RGB).quantize(64).convert("RGB"))),
+        ),
         ("rot90.png", _exif_rotated(6), np.rot90(GRAY, k=-1)),  # 6 = rotate 90 clockwise to view
         ("rot180.png", _exif_rotated(3), np.rot90(GRAY, k=2)),
     ],
@@ -108,4 +114,4 @@ def test_resize_is_bilinear_with_half_pixel_centres():
 def test_decode_to_input_shape_and_range():
     x = decode_to_input(next((SAMPLES / "PNEUMONIA").iterdir()), 150)
     assert x.shape == (150, 150, 1) and x.dtype == np.float32
-    assert 0.0 <= x.min() and x.max() <= 255.0 and x.std() > 1
+    assert x.min() >= 0.0 and x.max() <= 255.0 and x.std() > 1

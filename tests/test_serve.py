@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from pneumoscan.metadata import MetadataError
-from pneumoscan.serve import (VENDOR_FILES, ServeError, make_server, start_in_thread,
-                              vendor_files)
+from pneumoscan.serve import VENDOR_FILES, ServeError, make_server, start_in_thread, vendor_files
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "src" / "pneumoscan" / "web"
@@ -24,15 +23,33 @@ SHARDS = ["group1-shard1of2.bin", "group1-shard2of2.bin"]
 
 def _metadata() -> dict:
     return {
-        "schema_version": 1, "pneumoscan_version": "0.1.0", "created": "2026-01-01T00:00:00+00:00",
-        "arch": "seed", "class_names": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA",
-        "input": {"height": 64, "width": 64, "channels": 1, "dtype": "float32",
-                  "color_mode": "grayscale", "value_range": [0, 255]},
-        "preprocessing": [], "output": {"activation": "sigmoid", "meaning": "p"},
+        "schema_version": 1,
+        "pneumoscan_version": "0.1.0",
+        "created": "2026-01-01T00:00:00+00:00",
+        "arch": "seed",
+        "class_names": ["NORMAL", "PNEUMONIA"],
+        "positive_class": "PNEUMONIA",
+        "input": {
+            "height": 64,
+            "width": 64,
+            "channels": 1,
+            "dtype": "float32",
+            "color_mode": "grayscale",
+            "value_range": [0, 255],
+        },
+        "preprocessing": [],
+        "output": {"activation": "sigmoid", "meaning": "p"},
         "calibration": {"method": "none", "slope": 1.0, "intercept": 0.0, "fitted_on": None},
-        "threshold": {"value": 0.5, "rule": "fixed:0.5", "split": None,
-                      "applies_to": "calibrated probability"},
-        "config": {}, "data": {"rule": {}, "splits": {}}, "training": {}, "versions": {},
+        "threshold": {
+            "value": 0.5,
+            "rule": "fixed:0.5",
+            "split": None,
+            "applies_to": "calibrated probability",
+        },
+        "config": {},
+        "data": {"rule": {}, "splits": {}},
+        "training": {},
+        "versions": {},
     }
 
 
@@ -42,8 +59,11 @@ def write_bundle(root: Path) -> Path:
     (bundle / "tfjs").mkdir(parents=True)
     (bundle / "metadata.json").write_text(json.dumps(_metadata()))
     (bundle / "model.keras").write_bytes(b"KERAS-NOT-SERVED")
-    model_json = {"format": "layers-model", "modelTopology": {},
-                  "weightsManifest": [{"paths": SHARDS, "weights": []}]}
+    model_json = {
+        "format": "layers-model",
+        "modelTopology": {},
+        "weightsManifest": [{"paths": SHARDS, "weights": []}],
+    }
     (bundle / "tfjs" / "model.json").write_text(json.dumps(model_json))
     for index, name in enumerate(SHARDS):
         (bundle / "tfjs" / name).write_bytes(bytes([index]) * 1000)
@@ -86,23 +106,26 @@ def request(server, path: str, method: str = "GET", headers: dict | None = None)
         connection.close()
 
 
-@pytest.mark.parametrize("path, content_type", [
-    ("/", "text/html; charset=utf-8"),
-    ("/?backend=wasm", "text/html; charset=utf-8"),
-    ("/static/app.js", "text/javascript; charset=utf-8"),
-    ("/static/preprocess.js", "text/javascript; charset=utf-8"),
-    ("/static/style.css", "text/css; charset=utf-8"),
-    ("/vendor/tf.es2017.min.js", "text/javascript; charset=utf-8"),
-    ("/vendor/tf-backend-wasm.es2017.min.js", "text/javascript; charset=utf-8"),
-    ("/vendor/tfjs-backend-wasm.wasm", "application/wasm"),
-    ("/vendor/tfjs-backend-wasm-simd.wasm", "application/wasm"),
-    ("/vendor/tfjs-backend-wasm-threaded-simd.wasm", "application/wasm"),
-    ("/model/metadata.json", "application/json"),
-    ("/model/tfjs/model.json", "application/json"),
-    ("/model/tfjs/group1-shard1of2.bin", "application/octet-stream"),
-    ("/model/tfjs/group1-shard2of2.bin", "application/octet-stream"),
-    ("/healthz", "application/json"),
-])
+@pytest.mark.parametrize(
+    "path, content_type",
+    [
+        ("/", "text/html; charset=utf-8"),
+        ("/?backend=wasm", "text/html; charset=utf-8"),
+        ("/static/app.js", "text/javascript; charset=utf-8"),
+        ("/static/preprocess.js", "text/javascript; charset=utf-8"),
+        ("/static/style.css", "text/css; charset=utf-8"),
+        ("/vendor/tf.es2017.min.js", "text/javascript; charset=utf-8"),
+        ("/vendor/tf-backend-wasm.es2017.min.js", "text/javascript; charset=utf-8"),
+        ("/vendor/tfjs-backend-wasm.wasm", "application/wasm"),
+        ("/vendor/tfjs-backend-wasm-simd.wasm", "application/wasm"),
+        ("/vendor/tfjs-backend-wasm-threaded-simd.wasm", "application/wasm"),
+        ("/model/metadata.json", "application/json"),
+        ("/model/tfjs/model.json", "application/json"),
+        ("/model/tfjs/group1-shard1of2.bin", "application/octet-stream"),
+        ("/model/tfjs/group1-shard2of2.bin", "application/octet-stream"),
+        ("/healthz", "application/json"),
+    ],
+)
 def test_content_types(server, path, content_type):
     response, body = request(server, path)
     assert response.status == 200
@@ -115,16 +138,19 @@ def test_index_is_the_web_page(server):
     assert body == (WEB / "index.html").read_bytes()
 
 
-@pytest.mark.parametrize("path, cache_control", [
-    ("/", "no-cache"),
-    ("/static/app.js", "no-cache"),
-    ("/model/metadata.json", "no-cache"),
-    ("/model/tfjs/model.json", "no-cache"),
-    ("/model/tfjs/group1-shard1of2.bin", "no-cache"),
-    ("/healthz", "no-store"),
-    ("/vendor/tf.es2017.min.js", "public, max-age=604800"),
-    ("/vendor/tfjs-backend-wasm-simd.wasm", "public, max-age=604800"),
-])
+@pytest.mark.parametrize(
+    "path, cache_control",
+    [
+        ("/", "no-cache"),
+        ("/static/app.js", "no-cache"),
+        ("/model/metadata.json", "no-cache"),
+        ("/model/tfjs/model.json", "no-cache"),
+        ("/model/tfjs/group1-shard1of2.bin", "no-cache"),
+        ("/healthz", "no-store"),
+        ("/vendor/tf.es2017.min.js", "public, max-age=604800"),
+        ("/vendor/tfjs-backend-wasm-simd.wasm", "public, max-age=604800"),
+    ],
+)
 def test_cache_headers(server, path, cache_control):
     response, _ = request(server, path)
     assert response.getheader("Cache-Control") == cache_control
@@ -164,11 +190,25 @@ def test_etag_revalidation(server):
     assert again.status == 304 and body == b""
 
 
-@pytest.mark.parametrize("path", [
-    "/static/", "/static", "/vendor/", "/vendor", "/model/", "/model/tfjs/", "/model",
-    "/missing", "/index.htm", "/vendor/package.json", "/vendor/tf.min.js.map",
-    "/model/model.keras", "/model/tfjs/group1-shard3of3.bin", "/static/index.html.bak",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/",
+        "/static",
+        "/vendor/",
+        "/vendor",
+        "/model/",
+        "/model/tfjs/",
+        "/model",
+        "/missing",
+        "/index.htm",
+        "/vendor/package.json",
+        "/vendor/tf.min.js.map",
+        "/model/model.keras",
+        "/model/tfjs/group1-shard3of3.bin",
+        "/static/index.html.bak",
+    ],
+)
 def test_not_found(server, path):
     response, body = request(server, path)
     assert response.status == 404
@@ -217,7 +257,7 @@ def test_bundle_without_tfjs_is_refused(tmp_path):
 
 
 def test_folder_that_is_not_a_bundle_is_refused(tmp_path):
-    with pytest.raises(ServeError, match="not a model bundle.*run pneumoscan export first"):
+    with pytest.raises(ServeError, match=r"not a model bundle.*run pneumoscan export first"):
         make_server(tmp_path, port=0, node_modules=write_node_modules(tmp_path))
 
 

@@ -16,8 +16,19 @@ from conftest import REPO, SAMPLES, SHARED_DATA
 from pneumoscan.config import AugmentConfig
 from pneumoscan.data import load_splits, patient_id, scan, split_digest
 from pneumoscan.preprocess import load_grayscale
-from pneumoscan.shift import (FAMILIES, FAMILY_BY_NAME, HELD_OUT_FAMILIES, build_shifted, file_format,
-                              output_relpath, perturb, plan, plan_one, read_manifest, transform)
+from pneumoscan.shift import (
+    FAMILIES,
+    FAMILY_BY_NAME,
+    HELD_OUT_FAMILIES,
+    build_shifted,
+    file_format,
+    output_relpath,
+    perturb,
+    plan,
+    plan_one,
+    read_manifest,
+    transform,
+)
 
 XRAY = load_grayscale(SAMPLES / "PNEUMONIA" / "person19_bacteria_61.jpeg")  # (224, 224)
 RAMP = np.tile(np.arange(224, dtype=np.uint8), (224, 1))  # value = column index
@@ -51,52 +62,133 @@ FAMILY_CASES = [
     # (step, source image, check(src, out))
     ({"family": "exposure", "gain": 0.85}, XRAY, lambda s, o: o.mean() < s.mean() - 10 and o.max() < s.max()),
     ({"family": "exposure", "gain": 1.15}, XRAY, lambda s, o: o.mean() > s.mean() + 10),
-    ({"family": "contrast", "factor": 0.8}, XRAY,
-     lambda s, o: o.std() < 0.85 * s.std() and abs(o.mean() - s.mean()) < 2),
+    (
+        {"family": "contrast", "factor": 0.8},
+        XRAY,
+        lambda s, o: o.std() < 0.85 * s.std() and abs(o.mean() - s.mean()) < 2,
+    ),
     ({"family": "contrast", "factor": 1.25}, XRAY, lambda s, o: o.std() > 1.1 * s.std()),
-    ({"family": "gamma", "gamma": 1.4}, FULL_RAMP,
-     lambda s, o: (o.min(), o.max()) == (0, 255) and o.mean() < s.mean() - 10
-     and np.all(np.diff(o[0].astype(int)) >= 0)),
-    ({"family": "gamma", "gamma": 0.7}, FULL_RAMP,
-     lambda s, o: (o.min(), o.max()) == (0, 255) and o.mean() > s.mean() + 10
-     and np.all(np.diff(o[0].astype(int)) >= 0)),
-    ({"family": "crop", "scale": 0.8, "x": 1.0, "y": 0.5}, RAMP,
-     lambda s, o: o.shape == s.shape and check_ramp_window(o, 0.2 * 224, 223)),
-    ({"family": "crop", "scale": 0.9, "x": 0.0, "y": 0.0}, RAMP,
-     lambda s, o: o.shape == s.shape and check_ramp_window(o, 0, 0.9 * 224)),
-    ({"family": "stretch", "axis": "width", "factor": 1.2, "offset": 0.5}, RAMP,
-     lambda s, o: o.shape == s.shape and check_ramp_window(o, 224 * (1 - 1 / 1.2) / 2, 224 * (1 + 1 / 1.2) / 2)),
-    ({"family": "stretch", "axis": "height", "factor": 1.2, "offset": 0.0}, RAMP,
-     lambda s, o: o.shape == s.shape and np.array_equal(o, s)),  # a vertical stretch leaves columns alone
-    ({"family": "pad", "axis": "width", "fraction": 0.25, "before": 0.25, "fill": 7}, XRAY,
-     lambda s, o: o.shape == (224, 280) and np.all(o[:, :14] == 7) and np.all(o[:, -42:] == 7)
-     and np.array_equal(o[:, 14:238], s)),
-    ({"family": "pad", "axis": "height", "fraction": 0.1, "before": 0.5, "fill": 0}, XRAY,
-     lambda s, o: o.shape == (246, 224) and np.array_equal(o[11:235], s) and not o[:11].any()),
-    ({"family": "blur", "sigma": 1.0}, XRAY,
-     lambda s, o: high_frequency(o) < 0.85 * high_frequency(s) and abs(o.mean() - s.mean()) < 1),
-    ({"family": "noise", "sigma": 5.0, "seed": 3}, XRAY,
-     lambda s, o: 4.0 < (o.astype(float) - s).std() < 5.5 and abs((o.astype(float) - s).mean()) < 0.5),
-    ({"family": "marker", "kind": "letter", "text": "L", "corner": "bottom-right", "size": 3.0, "value": 250,
-      "margin": 0.03}, XRAY,
-     lambda s, o: np.sum(o[112:, 112:] == 250) > 50 and unchanged_outside(s, o, slice(112, None), slice(112, None))),
-    ({"family": "marker", "kind": "label", "text": "PORTABLE", "corner": "top-left", "size": 2.0, "value": 240,
-      "margin": 0.03}, XRAY,
-     lambda s, o: np.sum(o[:112, :112] == 240) > 500 and np.sum(o[:112, :112] == 0) > 50
-     and unchanged_outside(s, o, slice(None, 112), slice(None, 112))),
-    ({"family": "blackout", "corner": "top-right", "width": 0.2, "height": 0.1}, XRAY,
-     lambda s, o: not o[:22, -45:].any() and unchanged_outside(s, o, slice(None, 22), slice(-45, None))),
-    ({"family": "resample", "scale": 0.5, "down": "nearest", "up": "nearest"}, XRAY,
-     lambda s, o: o.shape == s.shape and np.array_equal(o[::2, ::2], o[1::2, 1::2]) and not np.array_equal(o, s)),
-    ({"family": "resample", "scale": 0.45, "down": "box", "up": "bicubic"}, XRAY,
-     lambda s, o: o.shape == s.shape and high_frequency(o) < 0.9 * high_frequency(s)),
-    ({"family": "jpeg", "quality": 20}, XRAY,
-     lambda s, o: 0.5 < np.abs(o.astype(float) - s).mean() < 6),
+    (
+        {"family": "gamma", "gamma": 1.4},
+        FULL_RAMP,
+        lambda s, o: (
+            (o.min(), o.max()) == (0, 255)
+            and o.mean() < s.mean() - 10
+            and np.all(np.diff(o[0].astype(int)) >= 0)
+        ),
+    ),
+    (
+        {"family": "gamma", "gamma": 0.7},
+        FULL_RAMP,
+        lambda s, o: (
+            (o.min(), o.max()) == (0, 255)
+            and o.mean() > s.mean() + 10
+            and np.all(np.diff(o[0].astype(int)) >= 0)
+        ),
+    ),
+    (
+        {"family": "crop", "scale": 0.8, "x": 1.0, "y": 0.5},
+        RAMP,
+        lambda s, o: o.shape == s.shape and check_ramp_window(o, 0.2 * 224, 223),
+    ),
+    (
+        {"family": "crop", "scale": 0.9, "x": 0.0, "y": 0.0},
+        RAMP,
+        lambda s, o: o.shape == s.shape and check_ramp_window(o, 0, 0.9 * 224),
+    ),
+    (
+        {"family": "stretch", "axis": "width", "factor": 1.2, "offset": 0.5},
+        RAMP,
+        lambda s, o: (
+            o.shape == s.shape and check_ramp_window(o, 224 * (1 - 1 / 1.2) / 2, 224 * (1 + 1 / 1.2) / 2)
+        ),
+    ),
+    (
+        {"family": "stretch", "axis": "height", "factor": 1.2, "offset": 0.0},
+        RAMP,
+        lambda s, o: o.shape == s.shape and np.array_equal(o, s),
+    ),  # a vertical stretch leaves columns alone
+    (
+        {"family": "pad", "axis": "width", "fraction": 0.25, "before": 0.25, "fill": 7},
+        XRAY,
+        lambda s, o: (
+            o.shape == (224, 280)
+            and np.all(o[:, :14] == 7)
+            and np.all(o[:, -42:] == 7)
+            and np.array_equal(o[:, 14:238], s)
+        ),
+    ),
+    (
+        {"family": "pad", "axis": "height", "fraction": 0.1, "before": 0.5, "fill": 0},
+        XRAY,
+        lambda s, o: o.shape == (246, 224) and np.array_equal(o[11:235], s) and not o[:11].any(),
+    ),
+    (
+        {"family": "blur", "sigma": 1.0},
+        XRAY,
+        lambda s, o: high_frequency(o) < 0.85 * high_frequency(s) and abs(o.mean() - s.mean()) < 1,
+    ),
+    (
+        {"family": "noise", "sigma": 5.0, "seed": 3},
+        XRAY,
+        lambda s, o: 4.0 < (o.astype(float) - s).std() < 5.5 and abs((o.astype(float) - s).mean()) < 0.5,
+    ),
+    (
+        {
+            "family": "marker",
+            "kind": "letter",
+            "text": "L",
+            "corner": "bottom-right",
+            "size": 3.0,
+            "value": 250,
+            "margin": 0.03,
+        },
+        XRAY,
+        lambda s, o: (
+            np.sum(o[112:, 112:] == 250) > 50 and unchanged_outside(s, o, slice(112, None), slice(112, None))
+        ),
+    ),
+    (
+        {
+            "family": "marker",
+            "kind": "label",
+            "text": "PORTABLE",
+            "corner": "top-left",
+            "size": 2.0,
+            "value": 240,
+            "margin": 0.03,
+        },
+        XRAY,
+        lambda s, o: (
+            np.sum(o[:112, :112] == 240) > 500
+            and np.sum(o[:112, :112] == 0) > 50
+            and unchanged_outside(s, o, slice(None, 112), slice(None, 112))
+        ),
+    ),
+    (
+        {"family": "blackout", "corner": "top-right", "width": 0.2, "height": 0.1},
+        XRAY,
+        lambda s, o: not o[:22, -45:].any() and unchanged_outside(s, o, slice(None, 22), slice(-45, None)),
+    ),
+    (
+        {"family": "resample", "scale": 0.5, "down": "nearest", "up": "nearest"},
+        XRAY,
+        lambda s, o: (
+            o.shape == s.shape and np.array_equal(o[::2, ::2], o[1::2, 1::2]) and not np.array_equal(o, s)
+        ),
+    ),
+    (
+        {"family": "resample", "scale": 0.45, "down": "box", "up": "bicubic"},
+        XRAY,
+        lambda s, o: o.shape == s.shape and high_frequency(o) < 0.9 * high_frequency(s),
+    ),
+    ({"family": "jpeg", "quality": 20}, XRAY, lambda s, o: 0.5 < np.abs(o.astype(float) - s).mean() < 6),
 ]
 
 
-@pytest.mark.parametrize("step, source, check", FAMILY_CASES,
-                         ids=[f"{c[0]['family']}-{i}" for i, c in enumerate(FAMILY_CASES)])
+@pytest.mark.parametrize(
+    "step, source, check", FAMILY_CASES, ids=[f"{c[0]['family']}-{i}" for i, c in enumerate(FAMILY_CASES)]
+)
 def test_each_family_changes_the_image_as_expected(step, source, check):
     params = {"steps": [step]}
     before = source.copy()
@@ -110,9 +202,18 @@ def test_each_family_changes_the_image_as_expected(step, source, check):
 
 def test_every_family_is_tested_and_held_out_families_are_not_augmented():
     assert {case[0]["family"] for case in FAMILY_CASES} == set(FAMILY_BY_NAME)
-    assert set(HELD_OUT_FAMILIES) == {"gamma", "stretch", "blur", "noise", "marker", "blackout", "pad",
-                                      "resample", "jpeg"}
-    augmented = {field for field in AugmentConfig.__dataclass_fields__}
+    assert set(HELD_OUT_FAMILIES) == {
+        "gamma",
+        "stretch",
+        "blur",
+        "noise",
+        "marker",
+        "blackout",
+        "pad",
+        "resample",
+        "jpeg",
+    }
+    augmented = set(AugmentConfig.__dataclass_fields__)
     assert all(f.training_counterpart in augmented for f in FAMILIES if not f.held_out)
     assert all(f.training_counterpart is None for f in FAMILIES if f.held_out)
 
@@ -134,11 +235,18 @@ def test_transform_rejects_bad_input():
         transform(XRAY, {"steps": [{"family": "sepia"}]})
 
 
-@pytest.mark.parametrize("relpath, steps, expected", [
-    ("PNEUMONIA/person19_bacteria_61.jpeg", [{"family": "blur", "sigma": 1.0}], "PNEUMONIA/person19_bacteria_61.png"),
-    ("NORMAL/IM-0115-0001.jpeg", [{"family": "jpeg", "quality": 20}], "NORMAL/IM-0115-0001.jpeg"),
-    ("NORMAL/IM-0115-0001.png", [{"family": "jpeg", "quality": 20}], "NORMAL/IM-0115-0001.jpeg"),
-])
+@pytest.mark.parametrize(
+    "relpath, steps, expected",
+    [
+        (
+            "PNEUMONIA/person19_bacteria_61.jpeg",
+            [{"family": "blur", "sigma": 1.0}],
+            "PNEUMONIA/person19_bacteria_61.png",
+        ),
+        ("NORMAL/IM-0115-0001.jpeg", [{"family": "jpeg", "quality": 20}], "NORMAL/IM-0115-0001.jpeg"),
+        ("NORMAL/IM-0115-0001.png", [{"family": "jpeg", "quality": 20}], "NORMAL/IM-0115-0001.jpeg"),
+    ],
+)
 def test_output_names_keep_the_patient_id(relpath, steps, expected):
     name = output_relpath(relpath, {"steps": steps})
     assert name == expected and patient_id(Path(name).name) == patient_id(Path(relpath).name)
@@ -159,8 +267,10 @@ def test_plan_mixes_one_and_two_families_over_all_families():
     assert all(40 < n < 110 for n in counts.values()), counts  # ~75 each when uniform
     assert 240 < sum(len(p["steps"]) == 2 for p in plans) < 360
     order = [f.name for f in FAMILIES]
-    assert all([s["family"] for s in p["steps"]] == sorted((s["family"] for s in p["steps"]), key=order.index)
-               for p in plans)
+    assert all(
+        [s["family"] for s in p["steps"]] == sorted((s["family"] for s in p["steps"]), key=order.index)
+        for p in plans
+    )
 
 
 def test_planned_perturbations_of_the_samples_stay_readable():
@@ -168,7 +278,7 @@ def test_planned_perturbations_of_the_samples_stay_readable():
         params = plan_one(sample.sha256)
         data = perturb(load_grayscale(sample.path), params)
         out = load_grayscale(sample.path.name, data)
-        assert 200 <= min(out.shape) and max(out.shape) <= 290
+        assert min(out.shape) >= 200 and max(out.shape) <= 290
         assert (data[:2] == b"\xff\xd8") == (file_format(params) == "jpeg")
 
 

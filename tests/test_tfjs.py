@@ -62,8 +62,10 @@ def build_residual(image_size: int = 32) -> keras.Model:
     x = layers.MaxPooling2D(2, name="max_pool")(x)  # (batch, 16, 16, 8)
     x = layers.AveragePooling2D(2, name="avg_pool")(x)  # (batch, 8, 8, 8)
     x = layers.Dropout(0.2, name="dropout")(x)
-    pooled = [layers.GlobalAveragePooling2D(name="global_avg")(x),
-              layers.GlobalMaxPooling2D(name="global_max")(x)]
+    pooled = [
+        layers.GlobalAveragePooling2D(name="global_avg")(x),
+        layers.GlobalMaxPooling2D(name="global_max")(x),
+    ]
     x = layers.Concatenate(name="pooled")(pooled)  # (batch, 16)
     x = layers.Dense(8, activation="relu", name="hidden")(x)
     outputs = layers.Dense(1, activation="sigmoid", name="pneumonia")(x)
@@ -74,8 +76,11 @@ def build_residual(image_size: int = 32) -> keras.Model:
 # pooling pads odd maps ("same"), which tfjs must average over the valid pixels only, as Keras
 # does. Float32 only: a deep network with random weights amplifies weight rounding far beyond what
 # the trained model shows (BENCHMARKS.md, quantization).
-ARCHITECTURES = {"seed": lambda: build_seed(64), "residual": build_residual,
-                 "pneumonet": lambda: build_pneumonet(36)}
+ARCHITECTURES = {
+    "seed": lambda: build_seed(64),
+    "residual": build_residual,
+    "pneumonet": lambda: build_pneumonet(36),
+}
 QUANTIZED_ARCHITECTURES = ("seed", "residual")
 
 
@@ -147,19 +152,18 @@ def _tfjs_predict(model_dir: Path, images: np.ndarray) -> np.ndarray:
     input_path = model_dir.parent / "input.f32"
     images.astype("<f4").tofile(input_path)
     command = [NODE, str(PREDICT_JS), str(model_dir), str(input_path), *map(str, images.shape)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=NODE_TIMEOUT_S,
-                            cwd=REPO, check=False)
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, cwd=REPO, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reply = json.loads(result.stdout)
     assert reply["backend"] == "cpu"
     return np.asarray(reply["outputs"], dtype=np.float64)
 
 
-def _predict_with(model: keras.Model, weights: dict[str, np.ndarray],
-                  images: np.ndarray) -> np.ndarray:
+def _predict_with(model: keras.Model, weights: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
     """Keras outputs with `weights` swapped in; the model's own weights are restored after."""
-    originals = [(variable, variable.numpy())
-                 for _, variable in named_weights(model)]
+    originals = [(variable, variable.numpy()) for _, variable in named_weights(model)]
     try:
         for name, variable in named_weights(model):
             variable.assign(weights[name])
@@ -176,12 +180,14 @@ def test_seed_at_64_pixels_is_the_expected_size():
 
 @needs_node
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, quantize",
-                         [(arch, "none") for arch in sorted(ARCHITECTURES)]
-                         + [(arch, q) for arch in QUANTIZED_ARCHITECTURES for q in ("float16", "uint8")])
+@pytest.mark.parametrize(
+    "arch, quantize",
+    [(arch, "none") for arch in sorted(ARCHITECTURES)]
+    + [(arch, q) for arch in QUANTIZED_ARCHITECTURES for q in ("float16", "uint8")],
+)
 def test_tfjs_matches_keras(prepared, tmp_path, arch, quantize):
     model, images, expected = prepared(arch)
-    assert 0.1 < expected.std() and 0.01 < expected.min() and expected.max() < 0.99
+    assert expected.std() > 0.1 and expected.min() > 0.01 and expected.max() < 0.99
     model_dir = tmp_path / "model"
     write_tfjs(model, model_dir, quantize=quantize)
 
@@ -232,12 +238,15 @@ def test_tfjs_loads_weights_split_across_shards(tmp_path):
 @needs_node
 @pytest.mark.slow
 def test_sequential_model_is_exported_as_a_graph(tmp_path):
-    model = keras.Sequential([
-        keras.Input(shape=(12, 12, 1)),
-        layers.Conv2D(4, 3, activation="relu", name="conv"),
-        layers.Flatten(name="flatten"),
-        layers.Dense(1, activation="sigmoid", name="pneumonia"),
-    ], name="stack")
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(12, 12, 1)),
+            layers.Conv2D(4, 3, activation="relu", name="conv"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(1, activation="sigmoid", name="pneumonia"),
+        ],
+        name="stack",
+    )
     images = _images(2, 12, np.random.default_rng(2))
     write_tfjs(model, tmp_path / "model")
 
@@ -253,11 +262,16 @@ def test_weight_names_are_layer_slash_weight(prepared, tmp_path):
     weights = json.loads((tmp_path / "model.json").read_text())["weightsManifest"][0]["weights"]
     names = {spec["name"] for spec in weights}
     assert not any(name.startswith(f"{model.name}/") for name in names)
-    assert {"stem/kernel", "stem_bn/moving_variance", "sep/depthwise_kernel",
-            "sep/pointwise_kernel", "depthwise/depthwise_kernel", "pneumonia/bias"} <= names
+    assert {
+        "stem/kernel",
+        "stem_bn/moving_variance",
+        "sep/depthwise_kernel",
+        "sep/pointwise_kernel",
+        "depthwise/depthwise_kernel",
+        "pneumonia/bias",
+    } <= names
     assert "depthwise/kernel" not in names
-    assert all(spec["quantization"] == {"dtype": "float16", "original_dtype": "float32"}
-               for spec in weights)
+    assert all(spec["quantization"] == {"dtype": "float16", "original_dtype": "float32"} for spec in weights)
 
 
 def test_topology_is_in_the_form_tfjs_layers_reads(prepared, tmp_path):
@@ -307,11 +321,13 @@ def _model_with(layer: keras.layers.Layer, shape: tuple[int, ...]) -> keras.Mode
         (layers.Dense(2, activation="gelu", name="gelu"), (4,), "activation 'gelu'"),
         (layers.GlobalAveragePooling2D(keepdims=True, name="keep"), (8, 8, 1), "keepdims=True"),
         (layers.Rescaling([1.0, 2.0], name="per_channel"), (8, 8, 2), "per-channel"),
-        (layers.MaxPooling2D(2, data_format="channels_first", name="cf"), (1, 8, 8),
-         "data_format 'channels_first'"),
+        (
+            layers.MaxPooling2D(2, data_format="channels_first", name="cf"),
+            (1, 8, 8),
+            "data_format 'channels_first'",
+        ),
     ],
-    ids=["lambda", "lstm", "grouped-conv", "leaky-relu", "gelu", "keepdims", "per-channel",
-         "channels-first"],
+    ids=["lambda", "lstm", "grouped-conv", "leaky-relu", "gelu", "keepdims", "per-channel", "channels-first"],
 )
 def test_what_tfjs_cannot_reproduce_is_refused(tmp_path, layer, shape, message):
     with pytest.raises(ValueError, match=message):

@@ -20,7 +20,7 @@ from pneumoscan.cli import main
 from pneumoscan.config import Config
 from pneumoscan.train import CHECKPOINT, RunConflict, class_weights, train
 
-TINY = dict(arch="seed", image_size=64, batch_size=8, seed=1)
+TINY = {"arch": "seed", "image_size": 64, "batch_size": 8, "seed": 1}
 RUN_FILES = {"model.keras", "metadata.json", "config.json", "history.csv", "splits.json", "logs"}
 
 
@@ -42,11 +42,23 @@ def test_one_epoch_makes_a_complete_run_folder(tiny_dataset, tmp_path):
     result = train(Config(epochs=1, **TINY), tiny_dataset, run_dir)
     assert {p.name for p in run_dir.iterdir()} == RUN_FILES
     meta = metadata_io.read(run_dir)
-    assert meta["input"] == {"height": 64, "width": 64, "channels": 1, "dtype": "float32",
-                             "color_mode": "grayscale", "value_range": [0, 255]}
+    assert meta["input"] == {
+        "height": 64,
+        "width": 64,
+        "channels": 1,
+        "dtype": "float32",
+        "color_mode": "grayscale",
+        "value_range": [0, 255],
+    }
     assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["arch"] == "seed"
     assert meta["training"]["best_epoch"] == result.best_epoch == 1
-    assert [s["op"] for s in meta["preprocessing"]] == ["decode", "to_uint8", "grayscale", "resize", "model_input"]
+    assert [s["op"] for s in meta["preprocessing"]] == [
+        "decode",
+        "to_uint8",
+        "grayscale",
+        "resize",
+        "model_input",
+    ]
     splits = meta["data"]["splits"]
     assert sum(sum(s["counts"].values()) for s in splits.values()) == 48
     assert Config.load(run_dir / "config.json") == Config(epochs=1, **TINY).resolved()
@@ -59,8 +71,21 @@ def test_one_epoch_makes_a_complete_run_folder(tiny_dataset, tmp_path):
 
 def test_finished_run_is_left_alone_and_changed_config_refused(tiny_dataset, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["train", "--data", str(tiny_dataset), "--out", str(run_dir), "--epochs", "1",
-            "--image-size", "64", "--batch-size", "8", "--seed", "1"]
+    args = [
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--out",
+        str(run_dir),
+        "--epochs",
+        "1",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--seed",
+        "1",
+    ]
     assert main(args) == 0
     stamp = (run_dir / "model.keras").stat().st_mtime_ns
     assert main(args) == 0
@@ -71,7 +96,7 @@ def test_finished_run_is_left_alone_and_changed_config_refused(tiny_dataset, tmp
     assert main(changed) == 2
     err = capsys.readouterr().err
     assert "different configuration (epochs: 1 -> 2)" in err and "Traceback" not in err
-    assert main(changed + ["--overwrite"]) == 0
+    assert main([*changed, "--overwrite"]) == 0
     assert len(_history(run_dir)) == 2
 
 
@@ -126,11 +151,28 @@ def test_resume_restores_optimizer_and_callback_state(tiny_dataset, tmp_path):
 @pytest.mark.slow
 def test_kill_9_then_same_command_resumes(tiny_dataset, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["train", "--data", str(tiny_dataset), "--out", str(run_dir), "--epochs", "40",
-            "--image-size", "150", "--batch-size", "8", "--seed", "1"]
+    args = [
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--out",
+        str(run_dir),
+        "--epochs",
+        "40",
+        "--image-size",
+        "150",
+        "--batch-size",
+        "8",
+        "--seed",
+        "1",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    process = subprocess.Popen([sys.executable, "-m", "pneumoscan", *args], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pneumoscan", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = run_dir / CHECKPOINT / "state.json"
     deadline = time.monotonic() + 180
     while not state.exists() and time.monotonic() < deadline and process.poll() is None:

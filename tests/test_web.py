@@ -29,15 +29,26 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "chest_xray"
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 HAVE_TFJS = all((node_modules_dir() / path).is_file() for path in VENDOR_FILES.values())
 if CHROMIUM is None or not Path(CHROMIUM).is_file():
-    pytest.skip("needs Chromium: install Debian's `chromium` or set $CHROMIUM (make test does)",
-                allow_module_level=True)
+    pytest.skip(
+        "needs Chromium: install Debian's `chromium` or set $CHROMIUM (make test does)",
+        allow_module_level=True,
+    )
 if not HAVE_TFJS:
-    pytest.skip(f"needs the TF.js npm packages in {node_modules_dir()}: run `npm ci` (make test does)",
-                allow_module_level=True)
+    pytest.skip(
+        f"needs the TF.js npm packages in {node_modules_dir()}: run `npm ci` (make test does)",
+        allow_module_level=True,
+    )
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
 
 IMAGE_SIZE = 64
@@ -52,12 +63,17 @@ TIMEOUT_MS = 60_000
 
 # ---- the model bundle and the Python reference -----------------------------------------
 
+
 def _train_run(run_dir: Path, data_dir: Path) -> Path:
     from pneumoscan.config import Config
     from pneumoscan.train import train
 
-    train(Config(arch="seed", image_size=IMAGE_SIZE, epochs=1, batch_size=8), data_dir, run_dir,
-          log=lambda message: None)
+    train(
+        Config(arch="seed", image_size=IMAGE_SIZE, epochs=1, batch_size=8),
+        data_dir,
+        run_dir,
+        log=lambda message: None,
+    )
     return run_dir
 
 
@@ -84,12 +100,15 @@ def _make_decisive(run_dir: Path, images: list[Path]) -> None:
     model.save(run_dir / "model.keras")
 
     meta = metadata_io.read(run_dir)
-    meta["calibration"] = {"method": "platt", "slope": 0.8, "intercept": 0.25,
-                           "fitted_on": "test fixture"}
+    meta["calibration"] = {"method": "platt", "slope": 0.8, "intercept": 0.25, "fitted_on": "test fixture"}
     p = np.sort(apply_calibration(model.predict(batch, verbose=0)[:, 0], meta["calibration"]))
     middle = len(p) // 2
-    meta["threshold"] = {"value": float((p[middle - 1] + p[middle]) / 2), "rule": "fixed:test",
-                         "split": None, "applies_to": "calibrated probability"}
+    meta["threshold"] = {
+        "value": float((p[middle - 1] + p[middle]) / 2),
+        "rule": "fixed:test",
+        "split": None,
+        "applies_to": "calibrated probability",
+    }
     metadata_io.write(run_dir, meta)
 
 
@@ -110,9 +129,12 @@ def _predict(bundle: Path, paths: list[Path]) -> list[dict]:
 def _test_files(folder: Path) -> list[Path]:
     """Sample X-rays plus the awkward cases, written to `folder`."""
     folder.mkdir()
-    samples = [SAMPLES / "NORMAL" / "IM-0115-0001.jpeg", SAMPLES / "NORMAL" / "IM-0497-0001.jpeg",
-               SAMPLES / "PNEUMONIA" / "person19_bacteria_61.jpeg",
-               SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg"]
+    samples = [
+        SAMPLES / "NORMAL" / "IM-0115-0001.jpeg",
+        SAMPLES / "NORMAL" / "IM-0497-0001.jpeg",
+        SAMPLES / "PNEUMONIA" / "person19_bacteria_61.jpeg",
+        SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg",
+    ]
     with Image.open(SAMPLES / "PNEUMONIA" / "person409_virus_816.jpeg") as image:
         xray = image.convert("L")
     # Clinical size: 2000 x 1700 (the samples are 224 x 224).
@@ -136,7 +158,8 @@ def _test_files(folder: Path) -> list[Path]:
     exif_png = Image.Exif()
     exif_png[0x0112] = 7
     upright.transpose(Image.Transpose.TRANSVERSE).quantize(16).save(
-        folder / "palette-exif.png", bits=4, exif=exif_png)
+        folder / "palette-exif.png", bits=4, exif=exif_png
+    )
     Image.new("L", (20, 20), 128).save(folder / "too-small.png")
     (folder / "not-an-image.jpeg").write_text("This is a text file with a .jpeg name.\n")
     return samples + sorted(path for path in folder.iterdir())
@@ -149,8 +172,13 @@ def workspace(tmp_path_factory) -> dict:
     _make_decisive(run_dir, sorted(SAMPLES.glob("*/*.jpeg")))
     files = _test_files(root / "files")
     bundle = _export(run_dir, root / "bundle")
-    return {"root": root, "run_dir": run_dir, "bundle": bundle, "files": files,
-            "reference": {Path(r["path"]).name: r for r in _predict(bundle, files)}}
+    return {
+        "root": root,
+        "run_dir": run_dir,
+        "bundle": bundle,
+        "files": files,
+        "reference": {Path(r["path"]).name: r for r in _predict(bundle, files)},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +223,14 @@ def _classify(page, files: list[Path]) -> dict[str, dict]:
     page.set_input_files("input[type=file]", [str(path) for path in files])
     cards = page.locator("[data-testid=result]")
     sync_api.expect(cards).to_have_count(len(files), timeout=TIMEOUT_MS)
-    return {card["filename"]: card for card in cards.evaluate_all(
-        "cards => cards.map(card => ({...card.dataset}))")}
+    return {
+        card["filename"]: card
+        for card in cards.evaluate_all("cards => cards.map(card => ({...card.dataset}))")
+    }
 
 
 # ---- tests -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["wasm", "cpu"])
 def test_page_matches_python(browser, server, workspace, backend):
@@ -229,7 +260,10 @@ def test_page_matches_python(browser, server, workspace, backend):
     # EXIF orientation applied: the upright image is wider than high, as in Python.
     for rotated in ("exif-rotated.jpeg", "palette-exif.png"):
         assert (cards[rotated]["width"], cards[rotated]["height"]) == ("224", "170"), rotated
-    assert (cards["clinical-2000x1700.jpeg"]["width"], cards["clinical-2000x1700.jpeg"]["height"]) == ("2000", "1700")
+    assert (cards["clinical-2000x1700.jpeg"]["width"], cards["clinical-2000x1700.jpeg"]["height"]) == (
+        "2000",
+        "1700",
+    )
     # A narrow screen (320 px) with these cards scrolls down, never sideways.
     page.set_viewport_size({"width": 320, "height": 640})
     assert page.evaluate("document.documentElement.scrollWidth") <= 320
@@ -271,8 +305,10 @@ def test_quantized_bundle(browser, workspace):
     model_json = json.loads((bundle / "tfjs" / "model.json").read_text())
     assert model_json["weightsManifest"][0]["weights"][0]["quantization"]["dtype"] == "uint8"
     files = workspace["files"][:6]
-    dequantized = {Path(r["path"]).name: r
-                   for r in _predict(_dequantized_copy(bundle, root / "bundle-uint8-dequantized"), files)}
+    dequantized = {
+        Path(r["path"]).name: r
+        for r in _predict(_dequantized_copy(bundle, root / "bundle-uint8-dequantized"), files)
+    }
     server = _serve(bundle)
     try:
         page = _open(browser, f"{server.url}?backend=wasm")

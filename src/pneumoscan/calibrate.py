@@ -60,9 +60,7 @@ def apply_calibration(p: Any, calibration: dict[str, Any]) -> np.ndarray:
             f"calibration slope and intercept must be finite numbers; got {slope!r}, {intercept!r}"
         )
     if method == "none" and (slope != 1 or intercept != 0):
-        raise ValueError(
-            f"calibration method 'none' needs slope 1 and intercept 0; got {slope}, {intercept}"
-        )
+        raise ValueError(f"calibration method 'none' needs slope 1 and intercept 0; got {slope}, {intercept}")
     return _sigmoid(float(slope) * logit(p) + float(intercept))
 
 
@@ -75,9 +73,7 @@ def _fit_inputs(y_true: Any, p: Any, split: str) -> tuple[np.ndarray, np.ndarray
     labels, probs = _pair(y_true, p, prob_name="p")
     if labels.min() == labels.max():
         only = "PNEUMONIA (1)" if labels[0] == 1 else "NORMAL (0)"
-        raise ValueError(
-            f"calibration needs both classes in the {split!r} split, but it holds only {only}"
-        )
+        raise ValueError(f"calibration needs both classes in the {split!r} split, but it holds only {only}")
     return labels.astype(np.float64), logit(probs)
 
 
@@ -263,5 +259,6 @@ def operating_point(y_true: Any, raw: Any, rule: str, split: str = "val") -> tup
 
 def describe_calibration(calibration: dict) -> str:
     """`platt: slope 1.02, intercept 0.85` and the like, for logs."""
-    return (f"{calibration['method']}: slope {calibration['slope']:.3f}, "
-            f"intercept {calibration['intercept']:.3f}")
+    return (
+        f"{calibration['method']}: slope {calibration['slope']:.3f}, intercept {calibration['intercept']:.3f}"
+    )

@@ -11,8 +11,8 @@ import argparse
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 # Quiet TensorFlow's C++ start-up chatter before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,20 +33,36 @@ def _port(text: str) -> int:
 
 def _add_train(commands) -> None:
     parser = commands.add_parser("train", help="train a model from scratch on a chest X-ray folder")
-    parser.add_argument("--data", required=True, type=Path,
-                        help="ROOT/{train,val,test}/{NORMAL,PNEUMONIA} or ROOT/{NORMAL,PNEUMONIA}")
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="ROOT/{train,val,test}/{NORMAL,PNEUMONIA} or ROOT/{NORMAL,PNEUMONIA}",
+    )
     parser.add_argument("--out", required=True, type=Path, help="run folder to create or resume")
-    parser.add_argument("--arch", default="pneumonet",
-                        help="pneumonet (default, compact residual CNN) or seed (the paper's CNN)")
+    parser.add_argument(
+        "--arch",
+        default="pneumonet",
+        help="pneumonet (default, compact residual CNN) or seed (the paper's CNN)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="(default: the architecture's recipe)")
     parser.add_argument("--batch-size", type=int, default=None, help="(default: the architecture's recipe)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="input side in pixels (default: the architecture's recipe)")
-    parser.add_argument("--learning-rate", type=float, default=None, help="(default: the architecture's recipe)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input side in pixels (default: the architecture's recipe)",
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, help="(default: the architecture's recipe)"
+    )
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--threshold-rule", default="youden",
-                        help="youden | sensitivity:0.95 | fixed:0.5 (chosen on the val split)")
+    parser.add_argument(
+        "--threshold-rule",
+        default="youden",
+        help="youden | sensitivity:0.95 | fixed:0.5 (chosen on the val split)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
     parser.set_defaults(handler=_train)
 
@@ -55,10 +71,16 @@ def _train(args: argparse.Namespace) -> int:
     from pneumoscan.config import Config
 
     try:
-        config = Config(arch=args.arch, image_size=args.image_size, epochs=args.epochs,
-                        batch_size=args.batch_size, learning_rate=args.learning_rate,
-                        seed=args.seed, val_fraction=args.val_fraction,
-                        threshold_rule=args.threshold_rule).resolved()
+        config = Config(
+            arch=args.arch,
+            image_size=args.image_size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            threshold_rule=args.threshold_rule,
+        ).resolved()
     except ValueError as error:
         raise UsageError(str(error)) from None
     from pneumoscan.train import train
@@ -74,13 +96,24 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_evaluate(commands) -> None:
     parser = commands.add_parser("evaluate", help="clinical metrics with 95%% CIs, plots and a report")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="run folder or bundle (default: the bundled model)")
-    parser.add_argument("--data", required=True, type=Path,
-                        help="dataset root or a split folder holding NORMAL/ and PNEUMONIA/")
-    parser.add_argument("--split", default="test", choices=("test", "val", "internal-test", "train"),
-                        help="which split of a dataset root (default: test)")
-    parser.add_argument("--out", type=Path, default=None, help="REPORT_DIR for metrics.json, plots, report.html")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="run folder or bundle (default: the bundled model)"
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="dataset root or a split folder holding NORMAL/ and PNEUMONIA/",
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "val", "internal-test", "train"),
+        help="which split of a dataset root (default: test)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="REPORT_DIR for metrics.json, plots, report.html"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.set_defaults(handler=_evaluate)
@@ -123,17 +156,20 @@ def _threshold(args: argparse.Namespace) -> int:
 
     meta = rechoose_threshold(args.model, args.data, args.rule)
     t, val = meta["threshold"], meta["metrics"]["val"]
-    print(f"{args.model}: threshold {t['value']:.4f} ({t['rule']}, chosen on {t['split']}); "
-          f"val sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f}; "
-          f"calibration {describe_calibration(meta['calibration'])}.")
+    print(
+        f"{args.model}: threshold {t['value']:.4f} ({t['rule']}, chosen on {t['split']}); "
+        f"val sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f}; "
+        f"calibration {describe_calibration(meta['calibration'])}."
+    )
     return 0
 
 
 def _add_predict(commands) -> None:
     parser = commands.add_parser("predict", help="predict files and folders (recursively)")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="run folder or bundle (default: the bundled model)")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="run folder or bundle (default: the bundled model)"
+    )
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.set_defaults(handler=_predict)
@@ -157,8 +193,12 @@ def _add_export(commands) -> None:
     parser = commands.add_parser("export", help="write a model bundle: Keras, SavedModel, HDF5 and TF.js")
     parser.add_argument("--model", type=Path, required=True, help="run folder made by pneumoscan train")
     parser.add_argument("--out", type=Path, required=True, help="BUNDLE_DIR to create or replace")
-    parser.add_argument("--quantize", choices=("none", "float16", "uint8"), default="none",
-                        help="TF.js weight storage (default: none = float32)")
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "float16", "uint8"),
+        default="none",
+        help="TF.js weight storage (default: none = float32)",
+    )
     parser.set_defaults(handler=_export)
 
 
@@ -169,16 +209,22 @@ def _export(args: argparse.Namespace) -> int:
         info = export_bundle(args.model, args.out, quantize=args.quantize)
     except ExportError as error:
         raise UsageError(str(error)) from None
-    print(f"Bundle: {args.out} ({', '.join(info['formats'])}; TF.js weights {args.quantize}, "
-          f"{info['tfjs_bytes'] / 1e6:.2f} MB)")
+    print(
+        f"Bundle: {args.out} ({', '.join(info['formats'])}; TF.js weights {args.quantize}, "
+        f"{info['tfjs_bytes'] / 1e6:.2f} MB)"
+    )
     print(f"Next: pneumoscan serve --model {args.out}")
     return 0
 
 
 def _add_serve(commands) -> None:
     parser = commands.add_parser("serve", help="serve the web app and a model bundle over HTTP")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="bundle made by pneumoscan export (default: the bundled model)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="bundle made by pneumoscan export (default: the bundled model)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=_port, default=8000)
     parser.set_defaults(handler=_serve)
@@ -197,18 +243,27 @@ def _serve(args: argparse.Namespace) -> int:
 
     bundle = args.model or bundled_model_dir()
     if bundle is None:
-        raise UsageError("this installation has no bundled model; pass --model BUNDLE "
-                         "(made by pneumoscan export).")
+        raise UsageError(
+            "this installation has no bundled model; pass --model BUNDLE (made by pneumoscan export)."
+        )
     serve(bundle, args.host, args.port)
     return 0
 
 
 def _add_explain(commands) -> None:
-    parser = commands.add_parser("explain", help="occlusion maps and marker checks: does the model look at the lungs?")
+    parser = commands.add_parser(
+        "explain", help="occlusion maps and marker checks: does the model look at the lungs?"
+    )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    parser.add_argument("--model", type=Path, default=None, help="run folder or bundle (default: the bundled model)")
-    parser.add_argument("--out", type=Path, default=Path("explanations"),
-                        help="folder for <stem>_occlusion.png (default: ./explanations)")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="run folder or bundle (default: the bundled model)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("explanations"),
+        help="folder for <stem>_occlusion.png (default: ./explanations)",
+    )
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.set_defaults(handler=_explain)
 
@@ -252,9 +307,8 @@ def _error_code(error: BaseException) -> int | None:
     """Exit code for an error a person can act on; None for a bug."""
     from pneumoscan.data import DataError
     from pneumoscan.metadata import MetadataError
-    from pneumoscan.preprocess import ImageError
-
     from pneumoscan.predict import ModelNotFound
+    from pneumoscan.preprocess import ImageError
     from pneumoscan.serve import ServeError
 
     usage = [UsageError, DataError, ModelNotFound, ServeError]
@@ -278,13 +332,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pneumoscan: interrupted; the same command resumes where it stopped.", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - the one place that turns errors into exit codes
+    except Exception as error:
         if args.debug:
             traceback.print_exc()
         code = _error_code(error)
         if code is None:
-            print(f"pneumoscan: unexpected error: {type(error).__name__}: {error} "
-                  "(run with --debug for the traceback).", file=sys.stderr)
+            print(
+                f"pneumoscan: unexpected error: {type(error).__name__}: {error} "
+                "(run with --debug for the traceback).",
+                file=sys.stderr,
+            )
             return FAILURE
         print(f"pneumoscan: error: {error}", file=sys.stderr)
         return code

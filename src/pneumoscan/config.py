@@ -62,19 +62,35 @@ class Config:
 
         checks = [
             (unset_or(self.epochs, lambda v: v >= 1), f"epochs must be at least 1, got {self.epochs}"),
-            (unset_or(self.batch_size, lambda v: v >= 1), f"batch size must be at least 1, got {self.batch_size}"),
-            (unset_or(self.learning_rate, lambda v: v > 0),
-             f"learning rate must be positive, got {self.learning_rate}"),
-            (unset_or(self.schedule, lambda v: v in SCHEDULES),
-             f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (unset_or(self.label_smoothing, lambda v: 0 <= v < 0.5),
-             f"label smoothing must be in [0, 0.5), got {self.label_smoothing}"),
-            (unset_or(self.weight_decay, lambda v: v >= 0), f"weight decay must be >= 0, got {self.weight_decay}"),
+            (
+                unset_or(self.batch_size, lambda v: v >= 1),
+                f"batch size must be at least 1, got {self.batch_size}",
+            ),
+            (
+                unset_or(self.learning_rate, lambda v: v > 0),
+                f"learning rate must be positive, got {self.learning_rate}",
+            ),
+            (
+                unset_or(self.schedule, lambda v: v in SCHEDULES),
+                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
+            ),
+            (
+                unset_or(self.label_smoothing, lambda v: 0 <= v < 0.5),
+                f"label smoothing must be in [0, 0.5), got {self.label_smoothing}",
+            ),
+            (
+                unset_or(self.weight_decay, lambda v: v >= 0),
+                f"weight decay must be >= 0, got {self.weight_decay}",
+            ),
             (0 < self.val_fraction < 0.5, f"val fraction must be in (0, 0.5), got {self.val_fraction}"),
-            (0 < self.internal_test_fraction < 0.5,
-             f"internal-test fraction must be in (0, 0.5), got {self.internal_test_fraction}"),
-            (self.image_size is None or 32 <= self.image_size <= 1024,
-             f"image size must be between 32 and 1024, got {self.image_size}"),
+            (
+                0 < self.internal_test_fraction < 0.5,
+                f"internal-test fraction must be in (0, 0.5), got {self.internal_test_fraction}",
+            ),
+            (
+                self.image_size is None or 32 <= self.image_size <= 1024,
+                f"image size must be between 32 and 1024, got {self.image_size}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -87,7 +103,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Config":
+    def from_dict(cls, values: dict[str, Any]) -> Config:
         values = dict(values)
         if values.get("augment") is not None:
             values["augment"] = AugmentConfig(**values["augment"])
@@ -97,7 +113,7 @@ class Config:
             raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
         return cls(**values)
 
-    def resolved(self) -> "Config":
+    def resolved(self) -> Config:
         """The same configuration with the architecture's defaults filled in."""
         from pneumoscan.model import ARCHITECTURES
 
@@ -109,7 +125,7 @@ class Config:
         missing = {name: value for name, value in recipe.items() if getattr(self, name) is None}
         return dataclasses.replace(self, **missing)
 
-    def differences(self, other: "Config") -> list[str]:
+    def differences(self, other: Config) -> list[str]:
         """Human-readable `key: old -> new` lines, empty when equal."""
         mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
         return [
@@ -124,7 +140,7 @@ class Config:
         write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: Path) -> "Config":
+    def load(cls, path: Path) -> Config:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

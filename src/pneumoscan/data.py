@@ -99,7 +99,8 @@ def list_images(split_dir: Path) -> list[tuple[Path, int]]:
     for label, name in enumerate(CLASS_NAMES):
         class_dir = split_dir / name
         files = sorted(
-            p for p in class_dir.rglob("*")
+            p
+            for p in class_dir.rglob("*")
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
         )
         if not files:
@@ -167,7 +168,10 @@ def _groups(samples: list[Sample]) -> list[list[Sample]]:
 
 
 def split_samples(
-    samples: list[Sample], val_fraction: float, test_fraction: float, seed: int,
+    samples: list[Sample],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
     carve_val: bool = True,
 ) -> dict[str, list[Sample]]:
     """Stratified, patient-grouped, duplicate-safe split into train / val / internal-test.
@@ -237,16 +241,19 @@ class DataSplits:
         """The content of `splits.json`: every file of every split, as [relpath, sha256[:16]]."""
         return {
             "rule": self.rule,
-            "splits": {name: [[s.relpath, s.sha256[:SHORT_HASH]] for s in members]
-                       for name, members in self.splits.items()},
+            "splits": {
+                name: [[s.relpath, s.sha256[:SHORT_HASH]] for s in members]
+                for name, members in self.splits.items()
+            },
         }
 
     def table(self) -> str:
         rows = [f"{'split':<14}" + "".join(f"{c:>11}" for c in CLASS_NAMES) + f"{'total':>8}"]
         for name, members in self.splits.items():
             counts = Counter(CLASS_NAMES[s.label] for s in members)
-            rows.append(f"{name:<14}" + "".join(f"{counts[c]:>11}" for c in CLASS_NAMES)
-                        + f"{len(members):>8}")
+            rows.append(
+                f"{name:<14}" + "".join(f"{counts[c]:>11}" for c in CLASS_NAMES) + f"{len(members):>8}"
+            )
         return "\n".join(rows)
 
 
@@ -261,8 +268,7 @@ def load_splits(root: Path, val_fraction: float, test_fraction: float, seed: int
         scans["val"] = val_scan
         if len(val_scan.samples) >= MIN_GIVEN_VAL:
             given_val = val_scan.samples
-    splits = split_samples(train_scan.samples, val_fraction, test_fraction, seed,
-                           carve_val=given_val is None)
+    splits = split_samples(train_scan.samples, val_fraction, test_fraction, seed, carve_val=given_val is None)
     if given_val is not None:
         splits["val"] = given_val
     rule = {
@@ -272,8 +278,11 @@ def load_splits(root: Path, val_fraction: float, test_fraction: float, seed: int
         "val_fraction": val_fraction,
         "internal_test_fraction": test_fraction,
         "val_source": "given val/ folder" if given_val is not None else "carved from train",
-        "source": {name: str(path.relative_to(root)) if path != Path(root) else "."
-                   for name, path in layout.items() if name != "test"},
+        "source": {
+            name: str(path.relative_to(root)) if path != Path(root) else "."
+            for name, path in layout.items()
+            if name != "test"
+        },
     }
     return DataSplits(Path(root), splits, rule, scans)
 
@@ -287,6 +296,8 @@ def rebuild_splits(root: Path, rule: dict, digests: dict[str, str] | None = None
     splits = load_splits(Path(root), rule["val_fraction"], rule["internal_test_fraction"], rule["seed"])
     for name, expected in (digests or {}).items():
         if name in splits.splits and split_digest(splits.splits[name]) != expected:
-            raise DataError(f"{root}: its {name} split differs from the one the model was trained "
-                            "with (other files, or other bytes); cannot rebuild it exactly.")
+            raise DataError(
+                f"{root}: its {name} split differs from the one the model was trained "
+                "with (other files, or other bytes); cannot rebuild it exactly."
+            )
     return splits

@@ -53,8 +53,10 @@ def select_samples(meta: dict, data_dir: Path, split: str) -> tuple[list[Sample]
     layout = find_layout(data_dir)
     if split == "test":
         if "test" not in layout:
-            raise DataError(f"{data_dir / 'test'}: no such folder; pass --split val or internal-test, "
-                            "or --data a folder holding NORMAL/ and PNEUMONIA/.")
+            raise DataError(
+                f"{data_dir / 'test'}: no such folder; pass --split val or internal-test, "
+                "or --data a folder holding NORMAL/ and PNEUMONIA/."
+            )
         found = scan(layout["test"])
         return found.samples, "test", _scan_notes(found)
     digests = {name: info["digest"] for name, info in meta["data"]["splits"].items()}
@@ -78,34 +80,49 @@ def training_overlap(model_dir: Path, samples: list[Sample]) -> int | None:
     return sum(s.sha256[: len(next(iter(train), ""))] in train for s in samples)
 
 
-def evaluate(model: str | Path | LoadedModel | None, data_dir: Path, split: str = "test",
-             batch_size: int = 32, n_resamples: int = 1000) -> Evaluation:
+def evaluate(
+    model: str | Path | LoadedModel | None,
+    data_dir: Path,
+    split: str = "test",
+    batch_size: int = 32,
+    n_resamples: int = 1000,
+) -> Evaluation:
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     samples, name, notes = select_samples(loaded.metadata, data_dir, split)
     overlap = training_overlap(loaded.folder, samples)
     if overlap:
-        notes.append(f"warning: {overlap} of the {len(samples)} evaluated files were in the model's "
-                     "training split; these figures are optimistic.")
+        notes.append(
+            f"warning: {overlap} of the {len(samples)} evaluated files were in the model's "
+            "training split; these figures are optimistic."
+        )
     labels, raw = split_outputs(loaded, samples, batch_size)
     probabilities = loaded.calibrated(raw)
     threshold = float(loaded.metadata["threshold"]["value"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = summarize(labels, probabilities, threshold)
-        result["ci95"] = bootstrap_ci(labels, probabilities, threshold,
-                                      groups=np.array([s.patient for s in samples]), n_resamples=n_resamples)
+        result["ci95"] = bootstrap_ci(
+            labels,
+            probabilities,
+            threshold,
+            groups=np.array([s.patient for s in samples]),
+            n_resamples=n_resamples,
+        )
         at_half = summarize(labels, probabilities, 0.5)
     notes.extend(sorted({f"warning: {w.message}" for w in caught}))
     result["at_0_5"] = {k: v for k, v in at_half.items() if k != "threshold"}
-    return Evaluation(to_json_safe(result), name, loaded.folder, loaded.metadata, samples, labels,
-                      probabilities, notes)
+    return Evaluation(
+        to_json_safe(result), name, loaded.folder, loaded.metadata, samples, labels, probabilities, notes
+    )
 
 
 def format_table(evaluation: Evaluation) -> str:
     """The metrics for people: value and 95% interval, then the confusion matrix."""
     r = evaluation.result
-    lines = [f"{evaluation.split}: {r['n']} images, threshold {r['threshold']:.4f}",
-             f"{'metric':<18}{'value':>8}   95% CI (patients)   at 0.5"]
+    lines = [
+        f"{evaluation.split}: {r['n']} images, threshold {r['threshold']:.4f}",
+        f"{'metric':<18}{'value':>8}   95% CI (patients)   at 0.5",
+    ]
     for name in (*CI_METRICS, "brier", "ece"):
         lo, hi = r["ci95"].get(name, [None, None])
         interval = f"[{_num(lo)}, {_num(hi)}]" if name in r["ci95"] else ""
@@ -119,7 +136,9 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def split_outputs(loaded: LoadedModel, samples: list[Sample], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def split_outputs(
+    loaded: LoadedModel, samples: list[Sample], batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels, raw float32 model outputs) for scanned samples, in their order."""
     outputs = [out for _, _, out in raw_outputs(loaded, [s.path for s in samples], batch_size)]
     return np.array([s.label for s in samples]), np.array(outputs, dtype=np.float32)
@@ -134,7 +153,9 @@ def fit_operating_point(loaded: LoadedModel, samples: list[Sample], rule: str, b
     meta = dict(loaded.metadata)
     meta["calibration"], meta["threshold"] = operating_point(labels, raw, rule)
     calibrated = LoadedModel(loaded.folder, loaded.model, meta).calibrated(raw)
-    meta.setdefault("metrics", {})["val"] = to_json_safe(summarize(labels, calibrated, meta["threshold"]["value"]))
+    meta.setdefault("metrics", {})["val"] = to_json_safe(
+        summarize(labels, calibrated, meta["threshold"]["value"])
+    )
     return meta
 
 

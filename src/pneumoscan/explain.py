@@ -15,8 +15,8 @@ Everything works on the model's (S, S, 1) float32 input in [0, 255], as made by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -40,8 +40,13 @@ SHIFT_FRACTION = 0.04  # translation, in each direction, zero (black) fill
 CROP_FRACTION = 0.05  # cut from each side, then resized back to S
 
 
-def occlusion_map(loaded: LoadedModel, x: np.ndarray, patch: int | None = None,
-                  stride: int | None = None, fill: str = "mean") -> np.ndarray:
+def occlusion_map(
+    loaded: LoadedModel,
+    x: np.ndarray,
+    patch: int | None = None,
+    stride: int | None = None,
+    fill: str = "mean",
+) -> np.ndarray:
     """Drop in the model's raw output when each patch is occluded, as an (S, S) map.
 
     Args:
@@ -71,15 +76,15 @@ def occlusion_map(loaded: LoadedModel, x: np.ndarray, patch: int | None = None,
     starts = _patch_starts(size, patch, stride)
     covers = np.zeros((len(starts), size), bool)  # covers[i, p]: patch start i covers pixel p
     for i, start in enumerate(starts):
-        covers[i, start:start + patch] = True
+        covers[i, start : start + patch] = True
     rows, cols = np.divmod(np.arange(len(starts) ** 2), len(starts))  # every (row, col) pair
     base = _raw(loaded, image[np.newaxis])[0]
     drops = np.empty(len(rows))
     for begin in range(0, len(rows), BATCH_SIZE):
-        r, c = rows[begin:begin + BATCH_SIZE], cols[begin:begin + BATCH_SIZE]
+        r, c = rows[begin : begin + BATCH_SIZE], cols[begin : begin + BATCH_SIZE]
         masks = covers[r][:, :, np.newaxis] & covers[c][:, np.newaxis, :]  # (batch, S, S)
         copies = np.where(masks[..., np.newaxis], value, image[np.newaxis])  # (batch, S, S, 1)
-        drops[begin:begin + len(r)] = base - _raw(loaded, copies)
+        drops[begin : begin + len(r)] = base - _raw(loaded, copies)
     grid = drops.reshape(len(starts), len(starts))
     cover = covers.astype(np.float64)
     total = cover.T @ grid @ cover  # (S, S) sum of drops of the patches over each pixel
@@ -123,9 +128,9 @@ def region_masks(size: int, border: float = BORDER_FRACTION) -> dict[str, np.nda
         for cols in (slice(0, corner), slice(size - corner, size)):
             masks["corner"][rows, cols] = True
     masks["border"][:] = True
-    masks["border"][band:size - band, band:size - band] = False
+    masks["border"][band : size - band, band : size - band] = False
     top, left = round((1 - CENTRE_HEIGHT) / 2 * size), round((1 - CENTRE_WIDTH) / 2 * size)
-    masks["centre"][top:size - top, left:size - left] = True
+    masks["centre"][top : size - top, left : size - left] = True
     return masks
 
 
@@ -154,8 +159,10 @@ def region_shares(saliency: np.ndarray, border: float = BORDER_FRACTION) -> dict
     positive = np.clip(values, 0.0, None)
     total = positive.sum()
     masks = region_masks(values.shape[0], border)
-    return {f"{name}_share": float(positive[mask].sum() / total) if total > 0 else 0.0
-            for name, mask in masks.items()}
+    return {
+        f"{name}_share": float(positive[mask].sum() / total) if total > 0 else 0.0
+        for name, mask in masks.items()
+    }
 
 
 def marker_variants(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -173,19 +180,21 @@ def marker_variants(x: np.ndarray) -> dict[str, np.ndarray]:
         height, width = stamp.shape
         for name, (top, left) in _corners(size, height, width, margin).items():
             copy = image.copy()
-            copy[top:top + height, left:left + width, 0] = stamp
+            copy[top : top + height, left : left + width, 0] = stamp
             variants[f"{letter} {name}"] = copy
     blacked = image.copy()
     for name, (top, left) in _corners(size, corner, corner, 0).items():
         copy = image.copy()
-        copy[top:top + corner, left:left + corner] = 0.0
-        blacked[top:top + corner, left:left + corner] = 0.0
+        copy[top : top + corner, left : left + corner] = 0.0
+        blacked[top : top + corner, left : left + corner] = 0.0
         variants[f"black {name}"] = copy
     variants["black corners"] = blacked
     return variants
 
 
-def with_copies(loaded: LoadedModel, x: np.ndarray, *copies: dict[str, np.ndarray]) -> tuple[float, list[np.ndarray]]:
+def with_copies(
+    loaded: LoadedModel, x: np.ndarray, *copies: dict[str, np.ndarray]
+) -> tuple[float, list[np.ndarray]]:
     """Calibrated probabilities of the input and of each group of copies, in one forward pass.
 
     Returns:
@@ -193,7 +202,9 @@ def with_copies(loaded: LoadedModel, x: np.ndarray, *copies: dict[str, np.ndarra
         array of its copies' probabilities, in the group's order.
     """
     image = _check_input(loaded, x)
-    probabilities = _probabilities(loaded, np.stack([image, *(v for group in copies for v in group.values())]))
+    probabilities = _probabilities(
+        loaded, np.stack([image, *(v for group in copies for v in group.values())])
+    )
     ends = np.cumsum([len(group) for group in copies])
     return float(probabilities[0]), np.split(probabilities[1:], ends[:-1])
 
@@ -202,7 +213,7 @@ def marker_effects(loaded: LoadedModel, x: np.ndarray) -> dict[str, float]:
     """Calibrated probability of each `marker_variants` copy minus that of the input."""
     variants = marker_variants(_check_input(loaded, x))
     base, (probabilities,) = with_copies(loaded, x, variants)
-    return {name: float(p - base) for name, p in zip(variants, probabilities)}
+    return {name: float(p - base) for name, p in zip(variants, probabilities, strict=True)}
 
 
 def marker_sensitivity(loaded: LoadedModel, x: np.ndarray) -> float:
@@ -215,8 +226,12 @@ def shift_variants(x: np.ndarray) -> dict[str, np.ndarray]:
     """The (S, S, 1) input moved by `SHIFT_FRACTION` of S in 8 directions, zero (black) fill."""
     image = np.asarray(x, dtype=np.float32)
     step = max(1, round(SHIFT_FRACTION * image.shape[0]))
-    return {f"shift {dy:+d},{dx:+d}": _shift(image, dy, dx)
-            for dy in (-step, 0, step) for dx in (-step, 0, step) if (dy, dx) != (0, 0)}
+    return {
+        f"shift {dy:+d},{dx:+d}": _shift(image, dy, dx)
+        for dy in (-step, 0, step)
+        for dx in (-step, 0, step)
+        if (dy, dx) != (0, 0)
+    }
 
 
 def crop_variants(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -228,8 +243,10 @@ def crop_variants(x: np.ndarray) -> dict[str, np.ndarray]:
     keep = size - 2 * cut
     boxes = {"crop centre": (cut, cut)}
     boxes.update({f"crop {name}": start for name, start in _corners(size, keep, keep, 0).items()})
-    return {name: resize(image[top:top + keep, left:left + keep], size).numpy()
-            for name, (top, left) in boxes.items()}
+    return {
+        name: resize(image[top : top + keep, left : left + keep], size).numpy()
+        for name, (top, left) in boxes.items()
+    }
 
 
 def stability(loaded: LoadedModel, x: np.ndarray) -> dict[str, float]:
@@ -245,8 +262,9 @@ def stability(loaded: LoadedModel, x: np.ndarray) -> dict[str, float]:
     return {"probability": base, "shift": shift, "crop": crop, "max": max(shift, crop)}
 
 
-def explain_files(model: str | Path | LoadedModel | None, paths: Sequence[str | Path],
-                  out_dir: str | Path) -> list[dict]:
+def explain_files(
+    model: str | Path | LoadedModel | None, paths: Sequence[str | Path], out_dir: str | Path
+) -> list[dict]:
     """Occlusion maps for files and folders (recursively), one overlay PNG per image.
 
     Args:
@@ -280,9 +298,14 @@ def explain_files(model: str | Path | LoadedModel | None, paths: Sequence[str | 
 
 def render(records: list[dict]) -> str:
     """Records from `explain_files` as a table for people (shares in percent)."""
-    return table(records, "p(pneumonia)  centre  border  corners  marker",
-                 lambda r: f"{r['probability']:>12.4f}  {r['centre_share']:>6.0%}  {r['border_share']:>6.0%}  "
-                           f"{r['corner_share']:>7.0%}  {r['marker_sensitivity']:>6.3f}")
+    return table(
+        records,
+        "p(pneumonia)  centre  border  corners  marker",
+        lambda r: (
+            f"{r['probability']:>12.4f}  {r['centre_share']:>6.0%}  {r['border_share']:>6.0%}  "
+            f"{r['corner_share']:>7.0%}  {r['marker_sensitivity']:>6.3f}"
+        ),
+    )
 
 
 def save_overlay(x: np.ndarray, saliency: np.ndarray, path: str | Path, title: str = "") -> None:
@@ -302,12 +325,30 @@ def save_overlay(x: np.ndarray, saliency: np.ndarray, path: str | Path, title: s
         heat = heat / heat.max()
         axes.imshow(heat, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.6 * heat)
     top, left = round((1 - CENTRE_HEIGHT) / 2 * size), round((1 - CENTRE_WIDTH) / 2 * size)
-    axes.add_patch(Rectangle((left - 0.5, top - 0.5), size - 2 * left, size - 2 * top,
-                             fill=False, edgecolor="cyan", linestyle="--", linewidth=0.8))
+    axes.add_patch(
+        Rectangle(
+            (left - 0.5, top - 0.5),
+            size - 2 * left,
+            size - 2 * top,
+            fill=False,
+            edgecolor="cyan",
+            linestyle="--",
+            linewidth=0.8,
+        )
+    )
     corner = max(1, round(CORNER_FRACTION * size))
     for top, left in _corners(size, corner, corner, 0).values():
-        axes.add_patch(Rectangle((left - 0.5, top - 0.5), corner, corner,
-                                 fill=False, edgecolor="lime", linestyle=":", linewidth=0.8))
+        axes.add_patch(
+            Rectangle(
+                (left - 0.5, top - 0.5),
+                corner,
+                corner,
+                fill=False,
+                edgecolor="lime",
+                linestyle=":",
+                linewidth=0.8,
+            )
+        )
     axes.set_axis_off()
     figure.suptitle(title, fontsize=7, y=0.995)
     figure.savefig(path)
@@ -317,10 +358,20 @@ def _explain_one(loaded: LoadedModel, x: np.ndarray, path: Path, png: Path) -> d
     saliency = occlusion_map(loaded, x)
     probability = float(_probabilities(loaded, x[np.newaxis])[0])
     shares = region_shares(saliency)
-    save_overlay(x, saliency, png, title=f"{path.name}\np(pneumonia) {probability:.3f}, saliency: centre "
-                                        f"{shares['centre_share']:.0%}, corners {shares['corner_share']:.0%}")
-    return {"path": str(path), "probability": probability, **shares,
-            "marker_sensitivity": marker_sensitivity(loaded, x), "png": str(png)}
+    save_overlay(
+        x,
+        saliency,
+        png,
+        title=f"{path.name}\np(pneumonia) {probability:.3f}, saliency: centre "
+        f"{shares['centre_share']:.0%}, corners {shares['corner_share']:.0%}",
+    )
+    return {
+        "path": str(path),
+        "probability": probability,
+        **shares,
+        "marker_sensitivity": marker_sensitivity(loaded, x),
+        "png": str(png),
+    }
 
 
 def _png_name(stem: str, taken: set[str]) -> str:
@@ -342,8 +393,10 @@ def _check_input(loaded: LoadedModel, x: np.ndarray) -> np.ndarray:
 
 def _raw(loaded: LoadedModel, images: np.ndarray) -> np.ndarray:
     """Raw model outputs, float64 (n,), for (n, S, S, 1) inputs, BATCH_SIZE at a time."""
-    outputs = [np.asarray(loaded.model(images[i:i + BATCH_SIZE], training=False)).reshape(-1)
-               for i in range(0, len(images), BATCH_SIZE)]
+    outputs = [
+        np.asarray(loaded.model(images[i : i + BATCH_SIZE], training=False)).reshape(-1)
+        for i in range(0, len(images), BATCH_SIZE)
+    ]
     return np.concatenate(outputs).astype(np.float64)
 
 
@@ -353,14 +406,18 @@ def _probabilities(loaded: LoadedModel, images: np.ndarray) -> np.ndarray:
 
 def _patch_starts(size: int, patch: int, stride: int) -> list[int]:
     starts = list(range(0, size - patch + 1, stride))
-    return starts if starts[-1] == size - patch else starts + [size - patch]
+    return starts if starts[-1] == size - patch else [*starts, size - patch]
 
 
 def _corners(size: int, height: int, width: int, margin: int) -> dict[str, tuple[int, int]]:
     """(top, left) of a height x width box `margin` pixels in from each corner."""
     bottom, right = size - margin - height, size - margin - width
-    return {"top-left": (margin, margin), "top-right": (margin, right),
-            "bottom-left": (bottom, margin), "bottom-right": (bottom, right)}
+    return {
+        "top-left": (margin, margin),
+        "top-right": (margin, right),
+        "bottom-left": (bottom, margin),
+        "bottom-right": (bottom, right),
+    }
 
 
 def _marker_stamp(letter: str, size: int) -> np.ndarray:
@@ -382,6 +439,7 @@ def _shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Move content down by dy and right by dx pixels (negative: up, left); zeros come in."""
     size = image.shape[0]
     out = np.zeros_like(image)
-    out[max(dy, 0):size + min(dy, 0), max(dx, 0):size + min(dx, 0)] = \
-        image[max(-dy, 0):size + min(-dy, 0), max(-dx, 0):size + min(-dx, 0)]
+    out[max(dy, 0) : size + min(dy, 0), max(dx, 0) : size + min(dx, 0)] = image[
+        max(-dy, 0) : size + min(-dy, 0), max(-dx, 0) : size + min(-dx, 0)
+    ]
     return out

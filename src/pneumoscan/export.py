@@ -31,8 +31,9 @@ class ExportError(ValueError):
     """The bundle cannot be written where asked (exit 2)."""
 
 
-def export_bundle(run_dir: Path, out_dir: Path, quantize: str = "none",
-                  formats: tuple[str, ...] = FORMATS) -> dict:
+def export_bundle(
+    run_dir: Path, out_dir: Path, quantize: str = "none", formats: tuple[str, ...] = FORMATS
+) -> dict:
     """Export the model of `run_dir` to `out_dir`; returns the `export` block of its metadata.
 
     Raises:
@@ -67,7 +68,7 @@ def export_bundle(run_dir: Path, out_dir: Path, quantize: str = "none",
             shutil.copy2(loaded.folder / "splits.json", build / "splits.json")
         meta = dict(loaded.metadata)
         meta["export"] = {
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "source": str(loaded.folder),
             "quantize": quantize,
             "weights": "float32" if quantize == "none" else f"{quantize}-rounded in every format",

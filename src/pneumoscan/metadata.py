@@ -18,8 +18,7 @@ from pneumoscan.preprocess import PREPROCESSING_STEPS
 SCHEMA_VERSION = 1
 FILE_NAME = "metadata.json"
 NO_CALIBRATION = {"method": "none", "slope": 1.0, "intercept": 0.0, "fitted_on": None}
-DEFAULT_THRESHOLD = {"value": 0.5, "rule": "fixed:0.5", "split": None,
-                     "applies_to": "calibrated probability"}
+DEFAULT_THRESHOLD = {"value": 0.5, "rule": "fixed:0.5", "split": None, "applies_to": "calibrated probability"}
 
 # key -> expected type(s); nested objects list their own required keys.
 _REQUIRED: dict[str, Any] = {
@@ -29,8 +28,14 @@ _REQUIRED: dict[str, Any] = {
     "arch": str,
     "class_names": list,
     "positive_class": str,
-    "input": {"height": int, "width": int, "channels": int, "dtype": str, "color_mode": str,
-              "value_range": list},
+    "input": {
+        "height": int,
+        "width": int,
+        "channels": int,
+        "dtype": str,
+        "color_mode": str,
+        "value_range": list,
+    },
     "preprocessing": list,
     "output": {"activation": str, "meaning": str},
     "calibration": {"method": str, "slope": (int, float), "intercept": (int, float)},
@@ -52,8 +57,13 @@ def library_versions() -> dict[str, str]:
     import PIL
     import tensorflow
 
-    return {"python": platform.python_version(), "tensorflow": tensorflow.__version__,
-            "keras": keras.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__}
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tensorflow.__version__,
+        "keras": keras.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+    }
 
 
 def build(config: Config, data_summary: dict, training: dict) -> dict[str, Any]:
@@ -64,14 +74,22 @@ def build(config: Config, data_summary: dict, training: dict) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "pneumoscan_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "arch": config.arch,
         "class_names": list(CLASS_NAMES),
         "positive_class": POSITIVE_CLASS,
-        "input": {"height": config.image_size, "width": config.image_size, "channels": 1,
-                  "dtype": "float32", "color_mode": "grayscale", "value_range": [0, 255]},
-        "preprocessing": [dict(step, size=[config.image_size] * 2) if step["op"] == "resize" else step
-                          for step in PREPROCESSING_STEPS],
+        "input": {
+            "height": config.image_size,
+            "width": config.image_size,
+            "channels": 1,
+            "dtype": "float32",
+            "color_mode": "grayscale",
+            "value_range": [0, 255],
+        },
+        "preprocessing": [
+            dict(step, size=[config.image_size] * 2) if step["op"] == "resize" else step
+            for step in PREPROCESSING_STEPS
+        ],
         "output": {"activation": "sigmoid", "meaning": f"probability of {POSITIVE_CLASS} before calibration"},
         "calibration": dict(NO_CALIBRATION),
         "threshold": dict(DEFAULT_THRESHOLD),

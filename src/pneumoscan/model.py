@@ -7,8 +7,8 @@ the browser) need no preprocessing beyond decode, grayscale and resize.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import keras
 from keras import layers
@@ -43,8 +43,9 @@ def build_seed(image_size: int = 150) -> keras.Model:
 
 
 def _conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, relu: bool = True):
-    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
-                      name=f"{name}_conv")(x)
+    x = layers.Conv2D(
+        filters, kernel_size, strides=strides, padding="same", use_bias=False, name=f"{name}_conv"
+    )(x)
     # Momentum 0.9 (not Keras' 0.99): the moving statistics follow the weights within ~10
     # steps, so validation in early, fast-moving epochs is not judged on stale statistics.
     x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
@@ -89,19 +90,37 @@ def build_pneumonet(image_size: int = 160) -> keras.Model:
     return keras.Model(inputs, outputs, name="pneumonet")
 
 
-_SEED_RECIPE = dict(image_size=150, epochs=12, batch_size=32, learning_rate=1e-3, schedule="plateau",
-                    warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, early_stopping_patience=4,
-                    augment=AugmentConfig())
+_SEED_RECIPE = {
+    "image_size": 150,
+    "epochs": 12,
+    "batch_size": 32,
+    "learning_rate": 1e-3,
+    "schedule": "plateau",
+    "warmup_epochs": 0,
+    "weight_decay": 0.0,
+    "label_smoothing": 0.0,
+    "early_stopping_patience": 4,
+    "augment": AugmentConfig(),
+}
 # Chosen by benchmarks/recipe_search.py on val and shifted val (BENCHMARKS.md): stronger
 # augmentation beat the light one on shifted-val balanced accuracy; 192 px did not beat 160.
-_PNEUMONET_RECIPE = dict(image_size=160, epochs=30, batch_size=32, learning_rate=1e-3, schedule="cosine",
-                         warmup_epochs=2, weight_decay=1e-4, label_smoothing=0.05, early_stopping_patience=8,
-                         augment=AugmentConfig(rotation_degrees=10.0, zoom=0.15, shift=0.1, brightness=0.2,
-                                               contrast=0.3))
+_PNEUMONET_RECIPE = {
+    "image_size": 160,
+    "epochs": 30,
+    "batch_size": 32,
+    "learning_rate": 1e-3,
+    "schedule": "cosine",
+    "warmup_epochs": 2,
+    "weight_decay": 1e-4,
+    "label_smoothing": 0.05,
+    "early_stopping_patience": 8,
+    "augment": AugmentConfig(rotation_degrees=10.0, zoom=0.15, shift=0.1, brightness=0.2, contrast=0.3),
+}
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "pneumonet": Architecture(build_pneumonet, "compact residual CNN, grayscale, batch norm, GAP",
-                              _PNEUMONET_RECIPE),
+    "pneumonet": Architecture(
+        build_pneumonet, "compact residual CNN, grayscale, batch norm, GAP", _PNEUMONET_RECIPE
+    ),
     "seed": Architecture(build_seed, "the paper's CNN (Kermany et al., 2018)", _SEED_RECIPE),
 }
 

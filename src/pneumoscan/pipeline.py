@@ -6,8 +6,8 @@ augment (training only) -> prefetch, with `num_parallel_calls=AUTOTUNE` on every
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -49,16 +49,21 @@ def images(paths: Sequence[str | Path], image_size: int) -> tf.data.Dataset:
 
 
 def labelled(
-    paths: Sequence[str | Path], labels: Sequence[int], image_size: int, batch_size: int,
-    training: bool = False, seed: int = 0, augment: AugmentConfig | None = None,
+    paths: Sequence[str | Path],
+    labels: Sequence[int],
+    image_size: int,
+    batch_size: int,
+    training: bool = False,
+    seed: int = 0,
+    augment: AugmentConfig | None = None,
 ) -> tf.data.Dataset:
     """Batches of (images, labels) for `fit` and `evaluate`; files must have been scanned."""
-    dataset = tf.data.Dataset.from_tensor_slices(
-        ([str(p) for p in paths], np.asarray(labels, np.float32))
-    )
+    dataset = tf.data.Dataset.from_tensor_slices(([str(p) for p in paths], np.asarray(labels, np.float32)))
     dataset = dataset.map(
-        lambda path, label: (tf.ensure_shape(resize(_load_luma(path), image_size),
-                                             (image_size, image_size, 1)), label),
+        lambda path, label: (
+            tf.ensure_shape(resize(_load_luma(path), image_size), (image_size, image_size, 1)),
+            label,
+        ),
         num_parallel_calls=AUTOTUNE,
     ).cache()
     if training:
@@ -66,8 +71,9 @@ def labelled(
     dataset = dataset.batch(batch_size)
     if training and augment is not None:
         generator = tf.random.Generator.from_seed(seed)
-        dataset = dataset.map(lambda x, y: (augment_batch(x, generator, augment), y),
-                              num_parallel_calls=AUTOTUNE)
+        dataset = dataset.map(
+            lambda x, y: (augment_batch(x, generator, augment), y), num_parallel_calls=AUTOTUNE
+        )
     return dataset.prefetch(AUTOTUNE)
 
 
@@ -90,12 +96,27 @@ def augment_batch(images: tf.Tensor, generator: tf.random.Generator, augment: Au
     centre_x, centre_y = (width - 1.0) / 2.0, (height - 1.0) / 2.0
     # Output pixel (x, y) samples input (cos*(x-cx-tx) + sin*(y-cy-ty) + cx, -sin*(...) + cos*(...) + cy).
     from_x, from_y = centre_x + shift_x, centre_y + shift_y
-    transforms = tf.stack([cos, sin, centre_x - cos * from_x - sin * from_y,
-                           -sin, cos, centre_y + sin * from_x - cos * from_y,
-                           tf.zeros([batch]), tf.zeros([batch])], axis=1)
+    transforms = tf.stack(
+        [
+            cos,
+            sin,
+            centre_x - cos * from_x - sin * from_y,
+            -sin,
+            cos,
+            centre_y + sin * from_x - cos * from_y,
+            tf.zeros([batch]),
+            tf.zeros([batch]),
+        ],
+        axis=1,
+    )
     images = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
-        interpolation="BILINEAR", fill_mode="CONSTANT")
+        images=images,
+        transforms=transforms,
+        output_shape=shape[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
     brightness = uniform(-augment.brightness, augment.brightness)[:, None, None, None] * 255.0
     contrast = uniform(1.0 - augment.contrast, 1.0 + augment.contrast)[:, None, None, None]
     mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,8 +40,10 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     if model is None:
         bundled = bundled_model_dir()
         if bundled is None:
-            raise ModelNotFound("no --model given and this installation has no bundled model; "
-                                "pass --model RUN_DIR (a folder made by pneumoscan train).")
+            raise ModelNotFound(
+                "no --model given and this installation has no bundled model; "
+                "pass --model RUN_DIR (a folder made by pneumoscan train)."
+            )
         return bundled
     folder = Path(model)
     if not (folder / "model.keras").is_file() or not (folder / metadata_io.FILE_NAME).is_file():
@@ -76,8 +79,9 @@ def load_model(model: str | Path | None) -> LoadedModel:
     return LoadedModel(folder, keras.models.load_model(folder / "model.keras", compile=False), meta)
 
 
-def raw_outputs(loaded: LoadedModel, paths: Sequence[str | Path],
-                batch_size: int = 32) -> Iterator[tuple[str, bool, float]]:
+def raw_outputs(
+    loaded: LoadedModel, paths: Sequence[str | Path], batch_size: int = 32
+) -> Iterator[tuple[str, bool, float]]:
     """(path, decoded_ok, raw model output) for every path, in order, batch by batch."""
     import tensorflow as tf
 
@@ -89,7 +93,7 @@ def raw_outputs(loaded: LoadedModel, paths: Sequence[str | Path],
     dataset = images(paths, loaded.image_size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
     for batch_paths, ok, x in dataset:
         outputs = forward(x).numpy().reshape(-1)
-        for path, good, output in zip(batch_paths.numpy(), ok.numpy(), outputs):
+        for path, good, output in zip(batch_paths.numpy(), ok.numpy(), outputs, strict=True):
             yield path.decode(), bool(good), float(output)
 
 
@@ -100,10 +104,17 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path | dict]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            items.extend(found or [{"path": str(path),
-                                    "error": f"{path}: folder holds no .jpeg, .jpg or .png images."}])
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            items.extend(
+                found
+                or [{"path": str(path), "error": f"{path}: folder holds no .jpeg, .jpg or .png images."}]
+            )
         elif path.exists():
             items.append(path)
         else:
@@ -111,8 +122,9 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path | dict]:
     return items
 
 
-def predict_files(model: str | Path | LoadedModel | None, inputs: Sequence[str | Path],
-                  batch_size: int = 32) -> list[dict]:
+def predict_files(
+    model: str | Path | LoadedModel | None, inputs: Sequence[str | Path], batch_size: int = 32
+) -> list[dict]:
     """One record per image, in input order: `{path, label, probability, threshold}` or
     `{path, error}`."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -129,8 +141,14 @@ def predict_files(model: str | Path | LoadedModel | None, inputs: Sequence[str |
             records.append({"path": path, "error": _why(path)})
             continue
         probability = float(loaded.calibrated(np.float32(raw)))
-        records.append({"path": path, "label": loaded.label(probability),
-                        "probability": probability, "threshold": threshold})
+        records.append(
+            {
+                "path": path,
+                "label": loaded.label(probability),
+                "probability": probability,
+                "threshold": threshold,
+            }
+        )
     return records
 
 
@@ -149,20 +167,26 @@ def render(records: list[dict], fmt: str) -> str:
         return json.dumps(records, indent=2)
     if fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["path", "label", "probability", "threshold", "error"],
-                                lineterminator="\n")
+        writer = csv.DictWriter(
+            buffer, fieldnames=["path", "label", "probability", "threshold", "error"], lineterminator="\n"
+        )
         writer.writeheader()
         writer.writerows(records)
         return buffer.getvalue().rstrip("\n")
-    return table(records, f"{'label':<10} {'p(pneumonia)':>12}  threshold",
-                 lambda r: f"{r['label']:<10} {r['probability']:>12.4f}  {r['threshold']:.4f}")
+    return table(
+        records,
+        f"{'label':<10} {'p(pneumonia)':>12}  threshold",
+        lambda r: f"{r['label']:<10} {r['probability']:>12.4f}  {r['threshold']:.4f}",
+    )
 
 
 def table(records: list[dict], header: str, cells: Callable[[dict], str]) -> str:
     """Records as aligned text: the path column, then `cells(record)` or the record's error."""
     width = max([len(r["path"]) for r in records] + [4])
     lines = [f"{'path':<{width}}  {header}"]
-    lines += [f"{r['path']:<{width}}  " + (f"ERROR  {r['error']}" if "error" in r else cells(r)) for r in records]
+    lines += [
+        f"{r['path']:<{width}}  " + (f"ERROR  {r['error']}" if "error" in r else cells(r)) for r in records
+    ]
     return "\n".join(lines)
 
 
@@ -174,4 +198,3 @@ def summary_line(records: list[dict]) -> str:
             counts[r["label"]] = counts.get(r["label"], 0) + 1
     parts = ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
     return f"{len(records) - failed} image(s) predicted ({parts or 'none'}); {failed} failed."
-

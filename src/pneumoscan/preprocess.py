@@ -26,20 +26,43 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 LUMA_WEIGHTS_Q16 = (19595, 38470, 7471)
 
 PREPROCESSING_STEPS = [
-    {"op": "decode", "formats": ["jpeg", "png"], "exif_orientation": True,
-     "colour_conversion": "none (embedded ICC profiles are ignored)",
-     "max_pixels": MAX_PIXELS, "min_side": MIN_SIDE},
-    {"op": "to_uint8", "rule": "16-bit grayscale v -> (v * 255 + 32767) // 65535; 16-bit colour keeps "
-                               "the high byte; alpha ignored; palette expanded; CMYK converted to RGB"},
-    {"op": "grayscale", "standard": "ITU-R BT.601", "weights": [0.299, 0.587, 0.114],
-     "formula": "(19595*R + 38470*G + 7471*B + 32768) >> 16",
-     "note": "single-channel images are used as they are"},
-    {"op": "resize", "method": "bilinear", "half_pixel_centers": True, "align_corners": False,
-     "antialias": False, "output_dtype": "float32",
-     "equivalent": "tf.image.resize(..., 'bilinear') in Python; "
-                   "tf.image.resizeBilinear(x, [h, w], false, true) in TF.js"},
-    {"op": "model_input", "layout": "NHWC", "channels": 1, "value_range": [0, 255],
-     "note": "scaling to [0, 1] and any channel copy are layers of the model"},
+    {
+        "op": "decode",
+        "formats": ["jpeg", "png"],
+        "exif_orientation": True,
+        "colour_conversion": "none (embedded ICC profiles are ignored)",
+        "max_pixels": MAX_PIXELS,
+        "min_side": MIN_SIDE,
+    },
+    {
+        "op": "to_uint8",
+        "rule": "16-bit grayscale v -> (v * 255 + 32767) // 65535; 16-bit colour keeps "
+        "the high byte; alpha ignored; palette expanded; CMYK converted to RGB",
+    },
+    {
+        "op": "grayscale",
+        "standard": "ITU-R BT.601",
+        "weights": [0.299, 0.587, 0.114],
+        "formula": "(19595*R + 38470*G + 7471*B + 32768) >> 16",
+        "note": "single-channel images are used as they are",
+    },
+    {
+        "op": "resize",
+        "method": "bilinear",
+        "half_pixel_centers": True,
+        "align_corners": False,
+        "antialias": False,
+        "output_dtype": "float32",
+        "equivalent": "tf.image.resize(..., 'bilinear') in Python; "
+        "tf.image.resizeBilinear(x, [h, w], false, true) in TF.js",
+    },
+    {
+        "op": "model_input",
+        "layout": "NHWC",
+        "channels": 1,
+        "value_range": [0, 255],
+        "note": "scaling to [0, 1] and any channel copy are layers of the model",
+    },
 ]
 
 

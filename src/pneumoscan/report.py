@@ -8,6 +8,7 @@ training_curves when the model folder has `history.csv`, errors) and one self-co
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import html
 import json
@@ -49,9 +50,12 @@ def _plot_roc(ev: Evaluation, path: Path) -> None:
     ax.plot(fpr, tpr, lw=2, label=f"AUC {_fmt(r['roc_auc'])} {_ci(r, 'roc_auc')}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     if r["specificity"] is not None and r["sensitivity"] is not None:
-        ax.plot(1 - r["specificity"], r["sensitivity"], "o", c="crimson",
-                label=f"threshold {r['threshold']:.3f}")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC ({ev.split})", xlim=(0, 1), ylim=(0, 1.01))
+        ax.plot(
+            1 - r["specificity"], r["sensitivity"], "o", c="crimson", label=f"threshold {r['threshold']:.3f}"
+        )
+    ax.set(
+        xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC ({ev.split})", xlim=(0, 1), ylim=(0, 1.01)
+    )
     ax.legend(loc="lower right")
     _save(fig, path)
 
@@ -65,8 +69,13 @@ def _plot_pr(ev: Evaluation, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(recall, precision, lw=2, label=f"AP {_fmt(ev.result['pr_auc'])} {_ci(ev.result, 'pr_auc')}")
     ax.axhline(ev.labels.mean() if ev.labels.size else 0, ls="--", c="grey", lw=1, label="prevalence")
-    ax.set(xlabel="sensitivity (recall)", ylabel="precision (PPV)", title=f"Precision-recall ({ev.split})",
-           xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="sensitivity (recall)",
+        ylabel="precision (PPV)",
+        title=f"Precision-recall ({ev.split})",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="lower left")
     _save(fig, path)
 
@@ -78,10 +87,24 @@ def _plot_confusion(ev: Evaluation, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4, 3.6))
     ax.imshow(grid, cmap="Blues")
     for (i, j), value in np.ndenumerate(grid):
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=14,
-                color="white" if value > grid.max() / 2 else "black")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["NORMAL", "PNEUMONIA"], yticklabels=["NORMAL", "PNEUMONIA"],
-           xlabel="predicted", ylabel="true", title=f"Confusion matrix at {ev.result['threshold']:.3f}")
+        ax.text(
+            j,
+            i,
+            str(value),
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="white" if value > grid.max() / 2 else "black",
+        )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["NORMAL", "PNEUMONIA"],
+        yticklabels=["NORMAL", "PNEUMONIA"],
+        xlabel="predicted",
+        ylabel="true",
+        title=f"Confusion matrix at {ev.result['threshold']:.3f}",
+    )
     _save(fig, path)
 
 
@@ -94,10 +117,22 @@ def _plot_reliability(ev: Evaluation, path: Path, bins: int = 15) -> None:
     for b in range(bins):
         members = index == b
         if members.any():
-            ax.bar(edges[b], ev.labels[members].mean(), width=1 / bins, align="edge",
-                   alpha=0.6, edgecolor="k", color="tab:blue")
-    ax.set(xlabel="calibrated probability of pneumonia", ylabel="fraction with pneumonia",
-           title=f"Reliability (ECE {_fmt(ev.result['ece'])})", xlim=(0, 1), ylim=(0, 1))
+            ax.bar(
+                edges[b],
+                ev.labels[members].mean(),
+                width=1 / bins,
+                align="edge",
+                alpha=0.6,
+                edgecolor="k",
+                color="tab:blue",
+            )
+    ax.set(
+        xlabel="calibrated probability of pneumonia",
+        ylabel="fraction with pneumonia",
+        title=f"Reliability (ECE {_fmt(ev.result['ece'])})",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     _save(fig, path)
 
 
@@ -109,7 +144,7 @@ def _plot_history(history: Path, path: Path) -> bool:
     plt = _figure()
     epochs = [int(r["epoch"]) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, metric in zip(axes, ("loss", "auc")):
+    for ax, metric in zip(axes, ("loss", "auc"), strict=True):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = [float(r[prefix + metric]) for r in rows if r.get(prefix + metric)]
             if values:
@@ -135,11 +170,9 @@ def _plot_errors(ev: Evaluation, path: Path) -> int:
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (kind, i) in zip(axes.flat, chosen):
-        try:
+    for ax, (kind, i) in zip(axes.flat, chosen, strict=False):  # the grid may have spare cells
+        with contextlib.suppress(ImageError):  # a file removed since; its title still names it
             ax.imshow(load_grayscale(ev.samples[i].path), cmap="gray")
-        except ImageError:
-            pass
         ax.set_title(f"{kind}\np={p[i]:.3f} {Path(ev.samples[i].relpath).name[:22]}", fontsize=7)
     _save(fig, path)
     return len(chosen)
@@ -167,14 +200,24 @@ def _ci(result: dict, name: str) -> str:
 def write_report(out_dir: Path, ev: Evaluation, data: Path) -> list[str]:
     """Write every report file; returns their names."""
     meta = ev.metadata
-    context = {"model": str(ev.model_dir), "arch": meta["arch"], "data": str(data), "split": ev.split,
-               "threshold_rule": meta["threshold"]["rule"], "threshold_split": meta["threshold"].get("split"),
-               "calibration": meta["calibration"]["method"]}
+    context = {
+        "model": str(ev.model_dir),
+        "arch": meta["arch"],
+        "data": str(data),
+        "split": ev.split,
+        "threshold_rule": meta["threshold"]["rule"],
+        "threshold_split": meta["threshold"].get("split"),
+        "calibration": meta["calibration"]["method"],
+    }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "metrics.json", {**ev.result, "context": context, "notes": ev.notes})
-    plots = {"roc.png": _plot_roc, "pr.png": _plot_pr, "confusion_matrix.png": _plot_confusion,
-             "reliability.png": _plot_reliability}
+    plots = {
+        "roc.png": _plot_roc,
+        "pr.png": _plot_pr,
+        "confusion_matrix.png": _plot_confusion,
+        "reliability.png": _plot_reliability,
+    }
     for name, plot in plots.items():
         plot(ev, out_dir / name)
     written = ["metrics.json", *plots]
@@ -187,33 +230,42 @@ def write_report(out_dir: Path, ev: Evaluation, data: Path) -> list[str]:
     return [*written, "report.html"]
 
 
+def _figure_html(png: Path) -> str:
+    """One plot inlined as a data: URL, captioned with its name."""
+    caption = png.stem.replace("_", " ")
+    data = base64.b64encode(png.read_bytes()).decode()
+    image = f"<img alt='{caption}' src='data:image/png;base64,{data}'>"
+    return f"<figure>{image}<figcaption>{caption}</figcaption></figure>"
+
+
 def _html(out_dir: Path, ev: Evaluation, context: dict, files: list[str]) -> str:
     r = ev.result
     rows = "".join(
         f"<tr><td>{name}</td><td>{_fmt(r[name])}</td><td>{_ci(r, name) if name in r['ci95'] else ''}</td>"
-        f"<td>{_fmt(r['at_0_5'][name])}</td></tr>" for name in (*CI_METRICS, "brier", "ece"))
-    images = "".join(
-        f"<figure><img alt='{name[:-4].replace('_', ' ')}' src='data:image/png;base64,"
-        f"{base64.b64encode((out_dir / name).read_bytes()).decode()}'><figcaption>{name[:-4].replace('_', ' ')}"
-        "</figcaption></figure>" for name in files if name.endswith(".png"))
+        f"<td>{_fmt(r['at_0_5'][name])}</td></tr>"
+        for name in (*CI_METRICS, "brier", "ece")
+    )
+    images = "".join(_figure_html(out_dir / name) for name in files if name.endswith(".png"))
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in ev.notes) or "<li>none</li>"
     cm = r["confusion_matrix"]
+    model = html.escape(str(context["model"]))
+    viewport = '<meta name="viewport" content="width=device-width, initial-scale=1">'
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<html lang="en"><head><meta charset="utf-8">{viewport}
 <title>pneumoscan evaluation: {html.escape(ev.split)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#1b1f24}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccd;padding:.3rem .6rem;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}figure{{display:inline-block;margin:.5rem}}
 img{{max-width:100%}}pre{{background:#f4f6f8;padding:.8rem;overflow:auto}}</style></head><body>
 <h1>pneumoscan evaluation</h1>
-<p>Split <b>{html.escape(ev.split)}</b>: {r['n']} images. Model <code>{html.escape(str(context['model']))}</code>
-({html.escape(context['arch'])}), threshold {r['threshold']:.4f} ({html.escape(context['threshold_rule'])},
-chosen on {html.escape(str(context['threshold_split']))}). Probabilities are calibrated
-({html.escape(context['calibration'])}). Intervals: 95% percentile bootstrap over patients.</p>
+<p>Split <b>{html.escape(ev.split)}</b>: {r["n"]} images. Model <code>{model}</code>
+({html.escape(context["arch"])}), threshold {r["threshold"]:.4f} ({html.escape(context["threshold_rule"])},
+chosen on {html.escape(str(context["threshold_split"]))}). Probabilities are calibrated
+({html.escape(context["calibration"])}). Intervals: 95% percentile bootstrap over patients.</p>
 <p>Research software, not a medical device.</p>
 <h2>Metrics</h2>
 <table><tr><th>metric</th><th>value</th><th>95% CI</th><th>at 0.5</th></tr>{rows}</table>
-<p>Confusion matrix: TN {cm['tn']}, FP {cm['fp']}, FN {cm['fn']}, TP {cm['tp']}.</p>
+<p>Confusion matrix: TN {cm["tn"]}, FP {cm["fp"]}, FN {cm["fn"]}, TP {cm["tp"]}.</p>
 <h2>Notes</h2><ul>{notes}</ul>
 <h2>Plots</h2>{images}
 <h2>metrics.json</h2><pre>{html.escape(json.dumps(r, indent=1))}</pre>

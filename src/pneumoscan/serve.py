@@ -45,8 +45,9 @@ VENDOR_FILES = {
     "tf-backend-wasm.es2017.min.js": "@tensorflow/tfjs-backend-wasm/dist/tf-backend-wasm.es2017.min.js",
     "tfjs-backend-wasm.wasm": "@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm",
     "tfjs-backend-wasm-simd.wasm": "@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm-simd.wasm",
-    "tfjs-backend-wasm-threaded-simd.wasm":
-        "@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm-threaded-simd.wasm",
+    "tfjs-backend-wasm-threaded-simd.wasm": (
+        "@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm-threaded-simd.wasm"
+    ),
 }
 SHARD_NAME = re.compile(r"group1-shard[0-9]+of[0-9]+\.bin")
 MIME_TYPES = {
@@ -61,16 +62,18 @@ MIME_TYPES = {
 }
 # The page needs its own scripts, WebAssembly compilation (tfjs-backend-wasm), fetches to
 # this origin, and blob:/data: images for previews. Nothing may frame it or post from it.
-CONTENT_SECURITY_POLICY = "; ".join([
-    "default-src 'none'",
-    "script-src 'self' 'wasm-unsafe-eval'",
-    "style-src 'self'",
-    "img-src 'self' blob: data:",
-    "connect-src 'self'",
-    "form-action 'self'",
-    "base-uri 'none'",
-    "frame-ancestors 'none'",
-])
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src 'self' 'wasm-unsafe-eval'",
+        "style-src 'self'",
+        "img-src 'self' blob: data:",
+        "connect-src 'self'",
+        "form-action 'self'",
+        "base-uri 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
@@ -112,8 +115,9 @@ def vendor_files(node_modules: Path | None = None) -> dict[str, Path]:
     files = {name: root / relative for name, relative in VENDOR_FILES.items()}
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
-        raise ServeError(f"the TF.js files are missing: run `npm ci` (or `make demo`); "
-                         f"not found: {missing[0]}")
+        raise ServeError(
+            f"the TF.js files are missing: run `npm ci` (or `make demo`); not found: {missing[0]}"
+        )
     return files
 
 
@@ -130,9 +134,11 @@ def bundle_routes(bundle: Path) -> tuple[dict[str, Route], dict]:
         raise ServeError(f"{bundle} is not a model bundle (no metadata.json); {hint}.")
     model_json = bundle / "tfjs" / "model.json"
     if not model_json.is_file():
-        raise ServeError(f"{bundle} has no tfjs/model.json, the browser model; {hint} "
-                         f"(pneumoscan export --model {bundle} --out BUNDLE_DIR, if it is "
-                         "a run folder) and serve BUNDLE_DIR.")
+        raise ServeError(
+            f"{bundle} has no tfjs/model.json, the browser model; {hint} "
+            f"(pneumoscan export --model {bundle} --out BUNDLE_DIR, if it is "
+            "a run folder) and serve BUNDLE_DIR."
+        )
     metadata = metadata_io.read(bundle)
     try:
         manifest = json.loads(model_json.read_text(encoding="utf-8"))["weightsManifest"]
@@ -146,8 +152,9 @@ def bundle_routes(bundle: Path) -> tuple[dict[str, Route], dict]:
     for name in shards:
         path = bundle / "tfjs" / name
         if not SHARD_NAME.fullmatch(name) or not path.is_file():
-            raise ServeError(f"{model_json} lists weight file {name!r}, which is missing or "
-                             f"misnamed; {hint}.")
+            raise ServeError(
+                f"{model_json} lists weight file {name!r}, which is missing or misnamed; {hint}."
+            )
         routes[f"/model/tfjs/{name}"] = Route(path, NO_CACHE)
     return routes, metadata
 
@@ -168,8 +175,13 @@ def _unsafe(path: str) -> bool:
     """A request path that tries to leave its folder: `..`, backslashes, `//`, NUL bytes."""
     decoded = unquote(path)
     segments = decoded.split("/")[1:]
-    return (not path.startswith("/") or path.startswith("//") or "\\" in decoded
-            or "\x00" in decoded or any(part in (".", "..") for part in segments))
+    return (
+        not path.startswith("/")
+        or path.startswith("//")
+        or "\\" in decoded
+        or "\x00" in decoded
+        or any(part in (".", "..") for part in segments)
+    )
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -207,8 +219,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # Plain-text errors (the default HTML page echoes the request line back).
         self.send_response(code, message)
-        self._send_text_body(f"{code} {self.responses.get(code, ('error',))[0].lower()}\n",
-                             send_body=self.command != "HEAD", close=True)
+        self._send_text_body(
+            f"{code} {self.responses.get(code, ('error',))[0].lower()}\n",
+            send_body=self.command != "HEAD",
+            close=True,
+        )
 
     def _send_text_body(self, text: str, send_body: bool, close: bool = False) -> None:
         body = text.encode("utf-8")
@@ -273,7 +288,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if send_body:
                 shutil.copyfileobj(handle, self.wfile, CHUNK_BYTES)
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args) -> None:
         # One line per request; control characters escaped so a request cannot forge lines.
         if not self.server.quiet:
             message = (format % args).translate(self._control_char_table)
@@ -303,8 +318,13 @@ class Server(http.server.ThreadingHTTPServer):
         return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def make_server(bundle: Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False,
-                node_modules: Path | None = None) -> Server:
+def make_server(
+    bundle: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    quiet: bool = False,
+    node_modules: Path | None = None,
+) -> Server:
     """A server for `bundle`, bound but not yet serving (`port=0` picks a free port).
 
     Raises:
@@ -313,15 +333,21 @@ def make_server(bundle: Path, host: str = "127.0.0.1", port: int = 8000, quiet: 
         MetadataError: if the bundle's metadata.json breaks the schema.
     """
     routes, metadata = build_routes(Path(bundle), node_modules)
-    health = {"status": "ok", "model": metadata["arch"], "pneumoscan_version": __version__,
-              "model_version": metadata["pneumoscan_version"], "created": metadata["created"],
-              "input": [metadata["input"]["height"], metadata["input"]["width"]],
-              "threshold": metadata["threshold"]["value"]}
+    health = {
+        "status": "ok",
+        "model": metadata["arch"],
+        "pneumoscan_version": __version__,
+        "model_version": metadata["pneumoscan_version"],
+        "created": metadata["created"],
+        "input": [metadata["input"]["height"], metadata["input"]["width"]],
+        "threshold": metadata["threshold"]["value"],
+    }
     try:
         return Server((host, port), routes, health, quiet)
     except OSError as error:  # port taken, address not on this machine, no permission
-        raise ServeError(f"cannot listen on {host}:{port} ({error.strerror or error}); "
-                         "choose another --port or --host.") from None
+        raise ServeError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port or --host."
+        ) from None
 
 
 def start_in_thread(server: Server) -> threading.Thread:

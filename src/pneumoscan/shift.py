@@ -44,8 +44,12 @@ REFERENCE_SIDE = 224
 PNG_COMPRESS_LEVEL = 6
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 MARKER_TEXTS = {"letter": ("L", "R"), "label": ("PORTABLE", "AP", "SUPINE", "ERECT")}
-RESAMPLING = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX,
-              "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 
 
 class _Draws:
@@ -121,7 +125,6 @@ def _stretch(gray: np.ndarray, p: dict) -> np.ndarray:
 
 def _pad(gray: np.ndarray, p: dict) -> np.ndarray:
     """Borders on two opposite sides: the aspect ratio grows by `fraction` (letter-boxing)."""
-    height, width = gray.shape
     axis = 1 if p["axis"] == "width" else 0
     total = round(p["fraction"] * gray.shape[axis])
     before = round(p["before"] * total)
@@ -163,14 +166,15 @@ def _marker(gray: np.ndarray, p: dict) -> np.ndarray:
     values = np.asarray(Image.fromarray(values).resize(size, nearest))
     top, left = _corner_origin(gray.shape, mask.shape, p["corner"], p["margin"])
     out = gray.copy()
-    window = out[top:top + mask.shape[0], left:left + mask.shape[1]]  # a view; clipped at the edge
+    window = out[top : top + mask.shape[0], left : left + mask.shape[1]]  # a view; clipped at the edge
     rows, cols = window.shape
     window[mask[:rows, :cols]] = values[:rows, :cols][mask[:rows, :cols]]
     return out
 
 
-def _corner_origin(shape: tuple[int, int], box: tuple[int, int], corner: str,
-                   margin: float) -> tuple[int, int]:
+def _corner_origin(
+    shape: tuple[int, int], box: tuple[int, int], corner: str, margin: float
+) -> tuple[int, int]:
     gap = round(margin * min(shape))
     top = gap if corner.startswith("top") else max(0, shape[0] - box[0] - gap)
     left = gap if corner.endswith("left") else max(0, shape[1] - box[1] - gap)
@@ -182,7 +186,7 @@ def _blackout(gray: np.ndarray, p: dict) -> np.ndarray:
     patch = (round(p["height"] * gray.shape[0]), round(p["width"] * gray.shape[1]))
     top, left = _corner_origin(gray.shape, patch, p["corner"], 0.0)
     out = gray.copy()
-    out[top:top + patch[0], left:left + patch[1]] = 0
+    out[top : top + patch[0], left : left + patch[1]] = 0
     return out
 
 
@@ -190,7 +194,8 @@ def _resample(gray: np.ndarray, p: dict) -> np.ndarray:
     """Down-sampled by `scale` then up-sampled back: an archive or viewer round trip."""
     height, width = gray.shape
     small = Image.fromarray(gray).resize(
-        (max(1, round(width * p["scale"])), max(1, round(height * p["scale"]))), RESAMPLING[p["down"]])
+        (max(1, round(width * p["scale"])), max(1, round(height * p["scale"]))), RESAMPLING[p["down"]]
+    )
     return np.asarray(small.resize((width, height), RESAMPLING[p["up"]]))
 
 
@@ -208,53 +213,148 @@ class Family:
     apply: Callable[[np.ndarray, dict], np.ndarray]
 
     def describe(self) -> dict:
-        return {"held_out": self.held_out, "training_counterpart": self.training_counterpart,
-                "severity": self.severity}
+        return {
+            "held_out": self.held_out,
+            "training_counterpart": self.training_counterpart,
+            "severity": self.severity,
+        }
 
 
 def _draw_marker(d: _Draws) -> dict:
     kind = d.choice("marker.kind", ("letter", "label"))
     size = d.uniform("marker.size", 3.0, 5.0) if kind == "letter" else d.uniform("marker.size", 1.0, 1.6)
-    return {"kind": kind, "text": d.choice("marker.text", MARKER_TEXTS[kind]),
-            "corner": d.choice("marker.corner", CORNERS), "size": size,
-            "value": d.integer("marker.value", 215, 255), "margin": d.uniform("marker.margin", 0.02, 0.06)}
+    return {
+        "kind": kind,
+        "text": d.choice("marker.text", MARKER_TEXTS[kind]),
+        "corner": d.choice("marker.corner", CORNERS),
+        "size": size,
+        "value": d.integer("marker.value", 215, 255),
+        "margin": d.uniform("marker.margin", 0.02, 0.06),
+    }
 
 
 # Listed in the order they are applied: exposure first, file encoding last.
 FAMILIES = (
-    Family("exposure", False, "brightness", "gain x0.83-0.91 or x1.1-1.2 (clipped)",
-           lambda d: {"gain": d.around_one("exposure.gain", 1.1, 1.2)}, _exposure),
-    Family("contrast", False, "contrast", "factor x0.75-0.87 or x1.15-1.33 around the mean",
-           lambda d: {"factor": d.around_one("contrast.factor", 1.15, 1.33)}, _contrast),
-    Family("gamma", True, None, "gamma 0.67-0.8 or 1.25-1.5 (0 and 255 stay put)",
-           lambda d: {"gamma": d.around_one("gamma.gamma", 1.25, 1.5)}, _gamma),
-    Family("crop", False, "zoom", "window of 82-92% of each side, anywhere, resized back",
-           lambda d: {"scale": d.uniform("crop.scale", 0.82, 0.92), "x": d.uniform("crop.x", 0, 1),
-                      "y": d.uniform("crop.y", 0, 1)}, _crop),
-    Family("stretch", True, None, "one axis stretched x1.08-1.2, overflow cropped",
-           lambda d: {"axis": d.choice("stretch.axis", ("width", "height")),
-                      "factor": d.uniform("stretch.factor", 1.08, 1.2),
-                      "offset": d.uniform("stretch.offset", 0, 1)}, _stretch),
-    Family("blur", True, None, "Gaussian sigma 0.8-1.5 px",
-           lambda d: {"sigma": d.uniform("blur.sigma", 0.8, 1.5)}, _blur),
-    Family("noise", True, None, "additive Gaussian, sigma 2-6 grey levels",
-           lambda d: {"sigma": d.uniform("noise.sigma", 2.0, 6.0), "seed": d.integer("noise.seed", 0, 2**31 - 1)},
-           _noise),
-    Family("marker", True, None, "in a corner: bright L/R letter 18-30 px tall, or white label with dark text 15-24 px tall",
-           _draw_marker, _marker),
-    Family("blackout", True, None, "black patch of 10-20% x 10-20% of the sides in a corner",
-           lambda d: {"corner": d.choice("blackout.corner", CORNERS), "width": d.uniform("blackout.width", 0.1, 0.2),
-                      "height": d.uniform("blackout.height", 0.1, 0.2)}, _blackout),
-    Family("pad", True, None, "dark borders on two opposite sides: aspect ratio +10-25%",
-           lambda d: {"axis": d.choice("pad.axis", ("width", "height")),
-                      "fraction": d.uniform("pad.fraction", 0.1, 0.25), "before": d.uniform("pad.before", 0.2, 0.8),
-                      "fill": d.integer("pad.fill", 0, 24)}, _pad),
-    Family("resample", True, None, "down to 45-65% (box or nearest) and back up (nearest/bilinear/bicubic)",
-           lambda d: {"scale": d.uniform("resample.scale", 0.45, 0.65),
-                      "down": d.choice("resample.down", ("box", "nearest")),
-                      "up": d.choice("resample.up", ("nearest", "bilinear", "bicubic"))}, _resample),
-    Family("jpeg", True, None, "saved as JPEG at quality 15-35",
-           lambda d: {"quality": d.integer("jpeg.quality", 15, 35)}, _jpeg),
+    Family(
+        "exposure",
+        False,
+        "brightness",
+        "gain x0.83-0.91 or x1.1-1.2 (clipped)",
+        lambda d: {"gain": d.around_one("exposure.gain", 1.1, 1.2)},
+        _exposure,
+    ),
+    Family(
+        "contrast",
+        False,
+        "contrast",
+        "factor x0.75-0.87 or x1.15-1.33 around the mean",
+        lambda d: {"factor": d.around_one("contrast.factor", 1.15, 1.33)},
+        _contrast,
+    ),
+    Family(
+        "gamma",
+        True,
+        None,
+        "gamma 0.67-0.8 or 1.25-1.5 (0 and 255 stay put)",
+        lambda d: {"gamma": d.around_one("gamma.gamma", 1.25, 1.5)},
+        _gamma,
+    ),
+    Family(
+        "crop",
+        False,
+        "zoom",
+        "window of 82-92% of each side, anywhere, resized back",
+        lambda d: {
+            "scale": d.uniform("crop.scale", 0.82, 0.92),
+            "x": d.uniform("crop.x", 0, 1),
+            "y": d.uniform("crop.y", 0, 1),
+        },
+        _crop,
+    ),
+    Family(
+        "stretch",
+        True,
+        None,
+        "one axis stretched x1.08-1.2, overflow cropped",
+        lambda d: {
+            "axis": d.choice("stretch.axis", ("width", "height")),
+            "factor": d.uniform("stretch.factor", 1.08, 1.2),
+            "offset": d.uniform("stretch.offset", 0, 1),
+        },
+        _stretch,
+    ),
+    Family(
+        "blur",
+        True,
+        None,
+        "Gaussian sigma 0.8-1.5 px",
+        lambda d: {"sigma": d.uniform("blur.sigma", 0.8, 1.5)},
+        _blur,
+    ),
+    Family(
+        "noise",
+        True,
+        None,
+        "additive Gaussian, sigma 2-6 grey levels",
+        lambda d: {
+            "sigma": d.uniform("noise.sigma", 2.0, 6.0),
+            "seed": d.integer("noise.seed", 0, 2**31 - 1),
+        },
+        _noise,
+    ),
+    Family(
+        "marker",
+        True,
+        None,
+        "in a corner: bright L/R letter 18-30 px tall, or white label with dark text 15-24 px tall",
+        _draw_marker,
+        _marker,
+    ),
+    Family(
+        "blackout",
+        True,
+        None,
+        "black patch of 10-20% x 10-20% of the sides in a corner",
+        lambda d: {
+            "corner": d.choice("blackout.corner", CORNERS),
+            "width": d.uniform("blackout.width", 0.1, 0.2),
+            "height": d.uniform("blackout.height", 0.1, 0.2),
+        },
+        _blackout,
+    ),
+    Family(
+        "pad",
+        True,
+        None,
+        "dark borders on two opposite sides: aspect ratio +10-25%",
+        lambda d: {
+            "axis": d.choice("pad.axis", ("width", "height")),
+            "fraction": d.uniform("pad.fraction", 0.1, 0.25),
+            "before": d.uniform("pad.before", 0.2, 0.8),
+            "fill": d.integer("pad.fill", 0, 24),
+        },
+        _pad,
+    ),
+    Family(
+        "resample",
+        True,
+        None,
+        "down to 45-65% (box or nearest) and back up (nearest/bilinear/bicubic)",
+        lambda d: {
+            "scale": d.uniform("resample.scale", 0.45, 0.65),
+            "down": d.choice("resample.down", ("box", "nearest")),
+            "up": d.choice("resample.up", ("nearest", "bilinear", "bicubic")),
+        },
+        _resample,
+    ),
+    Family(
+        "jpeg",
+        True,
+        None,
+        "saved as JPEG at quality 15-35",
+        lambda d: {"quality": d.integer("jpeg.quality", 15, 35)},
+        _jpeg,
+    ),
 )
 FAMILY_BY_NAME = {family.name: family for family in FAMILIES}
 HELD_OUT_FAMILIES = tuple(f.name for f in FAMILIES if f.held_out)
@@ -315,20 +415,26 @@ def output_relpath(relpath: str, params: dict) -> str:
     path = Path(relpath)
     if file_format(params) == "png":
         return path.with_suffix(".png").as_posix()
-    return path.as_posix() if path.suffix.lower() in (".jpeg", ".jpg") else path.with_suffix(".jpeg").as_posix()
+    return (
+        path.as_posix() if path.suffix.lower() in (".jpeg", ".jpg") else path.with_suffix(".jpeg").as_posix()
+    )
 
 
 def shifted_digest(files: dict[str, dict]) -> str:
     """sha256 over sorted `relpath sha256` lines: equals `data.split_digest` of the output folder."""
-    return hashlib.sha256("\n".join(sorted(f"{name} {entry['sha256']}" for name, entry in files.items()))
-                          .encode()).hexdigest()
+    return hashlib.sha256(
+        "\n".join(sorted(f"{name} {entry['sha256']}" for name, entry in files.items())).encode()
+    ).hexdigest()
 
 
 def describe_families() -> dict:
-    return {"order": [f.name for f in FAMILIES], "reference_side": REFERENCE_SIDE,
-            "families": {f.name: f.describe() for f in FAMILIES},
-            "held_out_families": list(HELD_OUT_FAMILIES),
-            "training_augmentation": list(TRAINING_AUGMENTATION)}
+    return {
+        "order": [f.name for f in FAMILIES],
+        "reference_side": REFERENCE_SIDE,
+        "families": {f.name: f.describe() for f in FAMILIES},
+        "held_out_families": list(HELD_OUT_FAMILIES),
+        "training_augmentation": list(TRAINING_AUGMENTATION),
+    }
 
 
 def _shift_one(sample: Sample, params: dict) -> tuple[str, bytes]:
@@ -358,18 +464,30 @@ def build_shifted(root: Path, split: str, out_dir: Path, seed: int = SHIFT_SEED)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         written = list(pool.map(_shift_one, samples, params))
     files = {}
-    for sample, step_params, (name, data) in zip(samples, params, written):
+    for sample, step_params, (name, data) in zip(samples, params, written, strict=True):
         if name in files:
-            raise ValueError(f"{root}: {files[name]['source']} and {sample.relpath} would both be written as {name}")
-        files[name] = {"source": sample.relpath, "source_sha256": sample.sha256,
-                       "label": CLASS_NAMES[sample.label], **step_params,
-                       "sha256": hashlib.sha256(data).hexdigest()}
+            raise ValueError(
+                f"{root}: {files[name]['source']} and {sample.relpath} would both be written as {name}"
+            )
+        files[name] = {
+            "source": sample.relpath,
+            "source_sha256": sample.sha256,
+            "label": CLASS_NAMES[sample.label],
+            **step_params,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
     digest = shifted_digest(files)
-    manifest = {"generator": "pneumoscan.shift (benchmarks/make_shifted.py)", "seed": seed, "split": split,
-                "source": {"rule": splits.rule, "split_digest": split_digest(samples)},
-                "versions": library_versions(), **describe_families(),
-                "digest": digest, "files": files}
-    _write_folder(out_dir, {name: data for name, data in written}, manifest)
+    manifest = {
+        "generator": "pneumoscan.shift (benchmarks/make_shifted.py)",
+        "seed": seed,
+        "split": split,
+        "source": {"rule": splits.rule, "split_digest": split_digest(samples)},
+        "versions": library_versions(),
+        **describe_families(),
+        "digest": digest,
+        "files": files,
+    }
+    _write_folder(out_dir, dict(written), manifest)
     return digest
 
 
@@ -394,9 +512,13 @@ def library_versions() -> dict:
     import PIL
     from PIL import features
 
-    return {"pillow": PIL.__version__,
-            "numpy": np.__version__, "libjpeg": features.version("jpg"),
-            "libjpeg_turbo": features.version("libjpeg_turbo"), "zlib": features.version("zlib")}
+    return {
+        "pillow": PIL.__version__,
+        "numpy": np.__version__,
+        "libjpeg": features.version("jpg"),
+        "libjpeg_turbo": features.version("libjpeg_turbo"),
+        "zlib": features.version("zlib"),
+    }
 
 
 def read_manifest(out_dir: Path) -> dict:

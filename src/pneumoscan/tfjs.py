@@ -30,8 +30,7 @@ SHARD_BYTES = 4 * 1024 * 1024  # tfjs-converter's default shard size
 MODEL_FILE = "model.json"
 
 # Layer class -> the config keys tfjs-layers 4.22 reads for it (besides name, trainable, dtype).
-_CONV_KEYS = {"kernel_size", "strides", "padding", "data_format", "dilation_rate", "activation",
-              "use_bias"}
+_CONV_KEYS = {"kernel_size", "strides", "padding", "data_format", "dilation_rate", "activation", "use_bias"}
 _POOL_KEYS = {"pool_size", "strides", "padding", "data_format"}
 SUPPORTED_LAYERS: dict[str, set[str]] = {
     "InputLayer": {"batch_shape"},
@@ -56,17 +55,32 @@ SUPPORTED_LAYERS: dict[str, set[str]] = {
 }
 # Keras 3 options tfjs lacks: exported (by dropping them) only while they hold these values.
 _NEUTRAL_OPTIONS: dict[str, Any] = {
-    "groups": 1, "keepdims": False, "negative_slope": 0.0, "threshold": 0.0,
-    "sparse": False, "ragged": False, "optional": False, "quantization_config": None,
-    "lora_rank": None, "lora_alpha": None, "renorm": False,
+    "groups": 1,
+    "keepdims": False,
+    "negative_slope": 0.0,
+    "threshold": 0.0,
+    "sparse": False,
+    "ragged": False,
+    "optional": False,
+    "quantization_config": None,
+    "lora_rank": None,
+    "lora_alpha": None,
+    "renorm": False,
 }
 # Keras 3 options that do not change inference: distributed batch statistics, and the
 # settings of batch renormalization, which is only exported while switched off.
 _IGNORED_OPTIONS = {"synchronized", "renorm_clipping", "renorm_momentum"}
 _IGNORED_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
 # Keras activation name -> tfjs activation name, for the activations the tests verify.
-ACTIVATIONS = {"linear": "linear", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh",
-               "softmax": "softmax", "silu": "swish", "swish": "swish"}
+ACTIVATIONS = {
+    "linear": "linear",
+    "relu": "relu",
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    "softmax": "softmax",
+    "silu": "swish",
+    "swish": "swish",
+}
 # Keras 3 variable names that tfjs-layers spells differently, by layer class.
 _TFJS_WEIGHT_NAMES = {("DepthwiseConv2D", "kernel"): "depthwise_kernel"}
 
@@ -89,8 +103,7 @@ def write_tfjs(model: keras.Model, out_dir: Path, quantize: str = "none") -> dic
             a dtype policy other than float32, or a weight that is not finite.
     """
     if quantize not in QUANTIZE_OPTIONS:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_OPTIONS)}, "
-                         f"not {quantize!r}.")
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_OPTIONS)}, not {quantize!r}.")
     model = _as_functional(model)
     topology = {
         "class_name": "Model",
@@ -151,8 +164,10 @@ def _model_config(model: keras.Model) -> dict:
     """The model's Keras 3 config in the tf.keras 2 form that tfjs-layers 4.22 deserializes."""
     config = model.get_config()
     if "layers" not in config:
-        raise ValueError(f"Model {model.name!r} is not functional; only functional or "
-                         "Sequential models can be exported to TF.js.")
+        raise ValueError(
+            f"Model {model.name!r} is not functional; only functional or "
+            "Sequential models can be exported to TF.js."
+        )
     layers = [_layer_entry(entry) for entry in config["layers"]]
     translated = {
         "name": config["name"],
@@ -169,10 +184,11 @@ def _layer_entry(entry: dict) -> dict:
     """One layer of the model config: class, translated config, name and inbound nodes."""
     class_name, name = entry["class_name"], entry["config"].get("name", entry.get("name"))
     module = entry.get("module") or "keras.layers"
-    if (class_name not in SUPPORTED_LAYERS or entry.get("registered_name")
-            or not module.startswith("keras")):
-        raise ValueError(f"Layer {name!r} of class {class_name} cannot be exported to TF.js; "
-                         f"supported classes: {', '.join(SUPPORTED_LAYERS)}.")
+    if class_name not in SUPPORTED_LAYERS or entry.get("registered_name") or not module.startswith("keras"):
+        raise ValueError(
+            f"Layer {name!r} of class {class_name} cannot be exported to TF.js; "
+            f"supported classes: {', '.join(SUPPORTED_LAYERS)}."
+        )
     return {
         "class_name": class_name,
         "config": _layer_config(class_name, entry["config"]),
@@ -191,17 +207,24 @@ def _layer_config(class_name: str, config: dict) -> dict:
             continue
         if key in _NEUTRAL_OPTIONS and key not in allowed:
             if value != _NEUTRAL_OPTIONS[key]:
-                raise ValueError(f"Layer {name!r} ({class_name}) sets {key}={value!r}, "
-                                 "which TF.js layers cannot reproduce.")
+                raise ValueError(
+                    f"Layer {name!r} ({class_name}) sets {key}={value!r}, "
+                    "which TF.js layers cannot reproduce."
+                )
             continue
         if key not in allowed:
-            raise ValueError(f"Layer {name!r} ({class_name}) has option {key!r}, "
-                             "which this exporter does not know how to translate.")
+            raise ValueError(
+                f"Layer {name!r} ({class_name}) has option {key!r}, "
+                "which this exporter does not know how to translate."
+            )
         translated[key] = _option(key, value, name)
     if class_name == "Rescaling" and not all(
-            isinstance(translated.get(key, 0.0), (int, float)) for key in ("scale", "offset")):
-        raise ValueError(f"Layer {name!r} (Rescaling) has a per-channel scale or offset; "
-                         "TF.js export supports single numbers.")
+        isinstance(translated.get(key, 0.0), (int, float)) for key in ("scale", "offset")
+    ):
+        raise ValueError(
+            f"Layer {name!r} (Rescaling) has a per-channel scale or offset; "
+            "TF.js export supports single numbers."
+        )
     if class_name == "InputLayer":
         translated["batch_input_shape"] = translated.pop("batch_shape")
         translated.setdefault("dtype", "float32")
@@ -213,16 +236,20 @@ def _option(key: str, value: Any, layer_name: str) -> Any:
     if key == "dtype":
         policy = value["config"]["name"] if isinstance(value, dict) else value
         if policy != "float32":
-            raise ValueError(f"Layer {layer_name!r} uses dtype policy {policy!r}; "
-                             "TF.js export needs float32.")
+            raise ValueError(
+                f"Layer {layer_name!r} uses dtype policy {policy!r}; TF.js export needs float32."
+            )
         return policy
     if key == "data_format" and value != "channels_last":
-        raise ValueError(f"Layer {layer_name!r} uses data_format {value!r}; TF.js export "
-                         "supports channels_last.")
+        raise ValueError(
+            f"Layer {layer_name!r} uses data_format {value!r}; TF.js export supports channels_last."
+        )
     if key == "activation":
         if not isinstance(value, str) or value not in ACTIVATIONS:
-            raise ValueError(f"Layer {layer_name!r} uses activation {value!r}; TF.js export "
-                             f"supports {', '.join(sorted(ACTIVATIONS))}.")
+            raise ValueError(
+                f"Layer {layer_name!r} uses activation {value!r}; TF.js export "
+                f"supports {', '.join(sorted(ACTIVATIONS))}."
+            )
         return ACTIVATIONS[value]
     return list(value) if isinstance(value, tuple) else value
 
@@ -236,18 +263,25 @@ def _node(node: dict, layer_name: str) -> list[list]:
     args = node.get("args", [])
     # Keras 3 records `training=False` and `mask=None` on symbolic calls; tfjs' predict runs
     # in inference mode anyway. `training=True` (dropout at inference) it could not reproduce.
-    kwargs = {key: value for key, value in node.get("kwargs", {}).items()
-              if value is not None and not (key == "training" and value is False)}
+    kwargs = {
+        key: value
+        for key, value in node.get("kwargs", {}).items()
+        if value is not None and not (key == "training" and value is False)
+    }
     if len(args) != 1 or kwargs:
-        raise ValueError(f"Layer {layer_name!r} is called with arguments other than its input "
-                         f"tensors ({len(args)} positional, keyword {sorted(kwargs)}); "
-                         "TF.js export cannot reproduce that call.")
+        raise ValueError(
+            f"Layer {layer_name!r} is called with arguments other than its input "
+            f"tensors ({len(args)} positional, keyword {sorted(kwargs)}); "
+            "TF.js export cannot reproduce that call."
+        )
     tensors = args[0] if isinstance(args[0], list) else [args[0]]
     entries = []
     for tensor in tensors:
         if not (isinstance(tensor, dict) and tensor.get("class_name") == "__keras_tensor__"):
-            raise ValueError(f"Layer {layer_name!r} takes a constant input; TF.js export needs "
-                             "every input to be a tensor of the model.")
+            raise ValueError(
+                f"Layer {layer_name!r} takes a constant input; TF.js export needs "
+                "every input to be a tensor of the model."
+            )
         inbound, node_index, tensor_index = tensor["config"]["keras_history"]
         entries.append([inbound, node_index, tensor_index, {}])
     return entries
@@ -269,8 +303,10 @@ def _check_references(config: dict) -> None:
         for node in layer["inbound_nodes"]:
             for inbound, *_ in node:
                 if inbound not in seen:
-                    raise ValueError(f"Layer {layer['name']!r} takes input from {inbound!r}, "
-                                     "which is not an earlier layer of the model.")
+                    raise ValueError(
+                        f"Layer {layer['name']!r} takes input from {inbound!r}, "
+                        "which is not an earlier layer of the model."
+                    )
         seen.add(layer["name"])
     for name, *_ in config["input_layers"] + config["output_layers"]:
         if name not in seen:
@@ -331,7 +367,7 @@ def _write_shards(data: bytes, out_dir: Path) -> list[str]:
     count = max(1, math.ceil(len(data) / SHARD_BYTES))
     names = [f"group1-shard{index}of{count}.bin" for index in range(1, count + 1)]
     for index, name in enumerate(names):
-        (out_dir / name).write_bytes(data[index * SHARD_BYTES:(index + 1) * SHARD_BYTES])
+        (out_dir / name).write_bytes(data[index * SHARD_BYTES : (index + 1) * SHARD_BYTES])
     return names
 
 

@@ -16,23 +16,32 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
 
 from pneumoscan import metadata as metadata_io
+from pneumoscan import pipeline
 from pneumoscan.config import Config
 from pneumoscan.data import DataSplits, load_splits
 from pneumoscan.io import replace_dir_atomic, save_model_atomic, write_bytes_atomic, write_json_atomic
 from pneumoscan.model import build_model
-from pneumoscan import pipeline
 
 CHECKPOINT = "checkpoint"
-HISTORY_FIELDS = ("epoch", "loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc",
-                  "learning_rate", "seconds")
+HISTORY_FIELDS = (
+    "epoch",
+    "loss",
+    "accuracy",
+    "auc",
+    "val_loss",
+    "val_accuracy",
+    "val_auc",
+    "learning_rate",
+    "seconds",
+)
 
 
 class RunConflict(ValueError):
@@ -66,10 +75,14 @@ def learning_rate_at(config: Config, epoch: int) -> float:
     return max(0.5 * base * (1.0 + math.cos(math.pi * progress)), config.min_learning_rate)
 
 
-def compile_model(model: keras.Model, learning_rate: float, weight_decay: float = 0.0,
-                  label_smoothing: float = 0.0) -> None:
-    optimizer = (keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
-                 if weight_decay > 0 else keras.optimizers.Adam(learning_rate=learning_rate))
+def compile_model(
+    model: keras.Model, learning_rate: float, weight_decay: float = 0.0, label_smoothing: float = 0.0
+) -> None:
+    optimizer = (
+        keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+        if weight_decay > 0
+        else keras.optimizers.Adam(learning_rate=learning_rate)
+    )
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
@@ -87,10 +100,17 @@ class RunState(keras.callbacks.Callback):
     def __init__(self, run_dir: Path, config: Config, state: dict | None = None):
         super().__init__()
         self.run_dir, self.config = run_dir, config
-        self.state = state or {"epochs_done": 0, "best_val_auc": -math.inf, "best_epoch": 0,
-                               "epochs_without_improvement": 0, "plateau_wait": 0,
-                               "learning_rate": config.learning_rate, "stopped_early": False,
-                               "history": [], "seconds": 0.0}
+        self.state = state or {
+            "epochs_done": 0,
+            "best_val_auc": -math.inf,
+            "best_epoch": 0,
+            "epochs_without_improvement": 0,
+            "plateau_wait": 0,
+            "learning_rate": config.learning_rate,
+            "stopped_early": False,
+            "history": [],
+            "seconds": 0.0,
+        }
         self._epoch_start = 0.0
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
@@ -103,19 +123,28 @@ class RunState(keras.callbacks.Callback):
         logs, state = logs or {}, self.state
         val_auc = float(logs.get("val_auc", float("nan")))
         seconds = time.perf_counter() - self._epoch_start
-        state["history"].append({"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_FIELDS if k in logs},
-                                 "learning_rate": state["learning_rate"], "seconds": round(seconds, 2)})
+        state["history"].append(
+            {
+                "epoch": epoch + 1,
+                **{k: float(logs[k]) for k in HISTORY_FIELDS if k in logs},
+                "learning_rate": state["learning_rate"],
+                "seconds": round(seconds, 2),
+            }
+        )
         state["epochs_done"], state["seconds"] = epoch + 1, state["seconds"] + seconds
         # The first epoch is always "best so far", even if its AUC is undefined (NaN).
         improved = val_auc > state["best_val_auc"] or state["best_epoch"] == 0
         if improved:
-            state.update(best_val_auc=val_auc, best_epoch=epoch + 1, epochs_without_improvement=0, plateau_wait=0)
+            state.update(
+                best_val_auc=val_auc, best_epoch=epoch + 1, epochs_without_improvement=0, plateau_wait=0
+            )
         else:
             state["epochs_without_improvement"] += 1
             state["plateau_wait"] += 1
             if self.config.schedule == "plateau" and state["plateau_wait"] >= self.config.plateau_patience:
-                state["learning_rate"] = max(state["learning_rate"] * self.config.plateau_factor,
-                                             self.config.min_learning_rate)
+                state["learning_rate"] = max(
+                    state["learning_rate"] * self.config.plateau_factor, self.config.min_learning_rate
+                )
                 state["plateau_wait"] = 0
                 self.model.optimizer.learning_rate.assign(state["learning_rate"])
                 print(f"\nEpoch {epoch + 1}: learning rate reduced to {state['learning_rate']:.2e}")
@@ -162,13 +191,18 @@ def check_existing_run(run_dir: Path, config: Config, overwrite: bool) -> str:
             shutil.rmtree(run_dir / name, ignore_errors=True)
     if not config_path.exists():
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise RunConflict(f"{run_dir}: folder is not empty and holds no pneumoscan run; "
-                              "choose another --out or pass --overwrite.")
+            raise RunConflict(
+                f"{run_dir}: folder is not empty and holds no pneumoscan run; "
+                "choose another --out or pass --overwrite."
+            )
         return "new"
     differences = Config.load(config_path).differences(config)
     if differences:
-        raise RunConflict(f"{run_dir} holds a run with a different configuration ("
-                          + "; ".join(differences) + "); pass --overwrite to start over.")
+        raise RunConflict(
+            f"{run_dir} holds a run with a different configuration ("
+            + "; ".join(differences)
+            + "); pass --overwrite to start over."
+        )
     if (run_dir / "metadata.json").exists() and (run_dir / "model.keras").exists():
         return "finished"
     return "resume" if (run_dir / CHECKPOINT / "state.json").exists() else "new"
@@ -179,19 +213,29 @@ def _check_same_data(run_dir: Path, splits: DataSplits) -> None:
     now = splits.file_lists()
     for name in saved["splits"]:
         if saved["splits"][name] != now["splits"].get(name):
-            raise RunConflict(f"{run_dir}: the {name} split of {splits.root} differs from the one "
-                              "this run was started on; pass --overwrite to start over.")
+            raise RunConflict(
+                f"{run_dir}: the {name} split of {splits.root} differs from the one "
+                "this run was started on; pass --overwrite to start over."
+            )
 
 
-def train(config: Config, data_dir: Path, run_dir: Path, overwrite: bool = False,
-          extra_callbacks: list | None = None, log: Callable[[str], None] = print) -> TrainResult:
+def train(
+    config: Config,
+    data_dir: Path,
+    run_dir: Path,
+    overwrite: bool = False,
+    extra_callbacks: list | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
     """Train `config` on the train split of `data_dir`, selecting on its val split."""
     config, run_dir = config.resolved(), Path(run_dir)
     status = check_existing_run(run_dir, config, overwrite)
     if status == "finished":
         meta = metadata_io.read(run_dir)
-        log(f"{run_dir} already holds a finished run (best epoch {meta['training']['best_epoch']}, "
-            f"val AUC {meta['training']['best_val_auc']:.4f}); nothing to do.")
+        log(
+            f"{run_dir} already holds a finished run (best epoch {meta['training']['best_epoch']}, "
+            f"val AUC {meta['training']['best_val_auc']:.4f}); nothing to do."
+        )
         return TrainResult(run_dir, True, 0, meta["training"]["best_epoch"], meta["training"]["best_val_auc"])
 
     splits = load_splits(Path(data_dir), config.val_fraction, config.internal_test_fraction, config.seed)
@@ -209,8 +253,10 @@ def train(config: Config, data_dir: Path, run_dir: Path, overwrite: bool = False
     model, callback = _model_and_state(run_dir, config, status)
     start_epoch = callback.state["epochs_done"]
     if status == "resume":
-        log(f"Resuming {run_dir} after epoch {start_epoch} (best val AUC so far "
-            f"{callback.state['best_val_auc']:.4f}, learning rate {callback.state['learning_rate']:.2e}).")
+        log(
+            f"Resuming {run_dir} after epoch {start_epoch} (best val AUC so far "
+            f"{callback.state['best_val_auc']:.4f}, learning rate {callback.state['learning_rate']:.2e})."
+        )
 
     done = callback.state["stopped_early"] or start_epoch >= config.epochs
     if not done:
@@ -231,22 +277,37 @@ def _model_and_state(run_dir: Path, config: Config, status: str) -> tuple[keras.
     return model, RunState(run_dir, config)
 
 
-def _fit(model, splits: DataSplits, config: Config, run_dir: Path, callback: RunState,
-         start_epoch: int, extra_callbacks: list) -> None:
+def _fit(
+    model,
+    splits: DataSplits,
+    config: Config,
+    run_dir: Path,
+    callback: RunState,
+    start_epoch: int,
+    extra_callbacks: list,
+) -> None:
     def dataset(name: str, training: bool):
         samples = splits.splits[name]
-        return pipeline.labelled([s.path for s in samples], [s.label for s in samples],
-                                 config.image_size, config.batch_size, training=training,
-                                 seed=config.seed, augment=config.augment if training else None)
+        return pipeline.labelled(
+            [s.path for s in samples],
+            [s.label for s in samples],
+            config.image_size,
+            config.batch_size,
+            training=training,
+            seed=config.seed,
+            augment=config.augment if training else None,
+        )
 
     train_labels = np.array([s.label for s in splits.splits["train"]])
     # One endless iterator over the training set, cut into epochs by steps_per_epoch: a fresh
     # iterator per epoch (fit's default) sometimes left the CPU idle for ~10 s before its
     # first batch, which cost a small model's 12 s epoch almost as much again.
     steps_per_epoch = math.ceil(len(train_labels) / config.batch_size)
-    callbacks = [callback,
-                 keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs"), write_graph=False),
-                 *extra_callbacks]
+    callbacks = [
+        callback,
+        keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs"), write_graph=False),
+        *extra_callbacks,
+    ]
     model.fit(
         dataset("train", True).repeat(),
         steps_per_epoch=steps_per_epoch,
@@ -260,15 +321,21 @@ def _fit(model, splits: DataSplits, config: Config, run_dir: Path, callback: Run
     )
 
 
-def _finish(run_dir: Path, config: Config, splits: DataSplits, state: dict,
-            log: Callable[[str], None]) -> tuple[int, float]:
+def _finish(
+    run_dir: Path, config: Config, splits: DataSplits, state: dict, log: Callable[[str], None]
+) -> tuple[int, float]:
     """Best weights -> clean `model.keras` (no optimizer) -> `metadata.json`; drop the checkpoint."""
     model = build_model(config)
     model.load_weights(run_dir / CHECKPOINT / "best.weights.h5")
     save_model_atomic(model, run_dir / "model.keras")
-    training = {"best_epoch": state["best_epoch"], "best_val_auc": state["best_val_auc"],
-                "epochs_run": state["epochs_done"], "stopped_early": state["stopped_early"],
-                "seconds": round(state["seconds"], 1), "selected_on": "val AUC"}
+    training = {
+        "best_epoch": state["best_epoch"],
+        "best_val_auc": state["best_val_auc"],
+        "epochs_run": state["epochs_done"],
+        "stopped_early": state["stopped_early"],
+        "seconds": round(state["seconds"], 1),
+        "selected_on": "val AUC",
+    }
     meta = metadata_io.build(config, splits.summary(), training)
     meta = _calibrate(model, meta, splits, config, log)
     metadata_io.write(run_dir, meta)
@@ -283,8 +350,11 @@ def _calibrate(model, meta: dict, splits: DataSplits, config: Config, log) -> di
     from pneumoscan.evaluate import fit_operating_point
     from pneumoscan.predict import LoadedModel
 
-    meta = fit_operating_point(LoadedModel(Path("."), model, meta), splits.splits["val"],
-                               config.threshold_rule, config.batch_size)
-    log(f"Calibration: {describe_calibration(meta['calibration'])}; threshold "
-        f"{meta['threshold']['value']:.4f} ({config.threshold_rule}, chosen on val).")
+    meta = fit_operating_point(
+        LoadedModel(Path("."), model, meta), splits.splits["val"], config.threshold_rule, config.batch_size
+    )
+    log(
+        f"Calibration: {describe_calibration(meta['calibration'])}; threshold "
+        f"{meta['threshold']['value']:.4f} ({config.threshold_rule}, chosen on val)."
+    )
     return meta
