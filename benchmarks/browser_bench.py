@@ -25,6 +25,7 @@ from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
+from pneumoscan.data import find_images
 from pneumoscan.serve import make_server, start_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def bundle_bytes(bundle: Path) -> int:
 
 
 def image_files(folder: Path, count: int) -> list[Path]:
-    found = sorted(path for path in folder.rglob("*") if path.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    found = find_images(folder)
     if not found:
         raise SystemExit(f"browser_bench: no JPEG or PNG files under {folder}")
     return list(itertools.islice(itertools.cycle(found), count))

@@ -81,20 +81,22 @@ def timed_training(arch: str, data: Path, epochs: int, workdir: Path) -> dict:
     return {"epoch_seconds": seconds, "n_train": n_train, "peak_rss_mb": rss_kb / 1024}
 
 
-def inference_speed(model, size: int, batches: int = 8) -> float:
+def inference_speed(bundle, batches: int = 8) -> float:
+    """Images/s of `Bundle.forward` on batches of 32 random inputs (after one warm-up batch)."""
+    size = bundle.image_size
     x = np.random.default_rng(0).uniform(0, 255, (32, size, size, 1)).astype(np.float32)
-    model.predict_on_batch(x)
+    bundle.forward(x)
     start = time.perf_counter()
     for _ in range(batches):
-        model.predict_on_batch(x)
+        bundle.forward(x)
     return batches * 32 / (time.perf_counter() - start)
 
 
 def quality(run: Path, data: Path, shifted: Path | None) -> dict[str, dict]:
+    from pneumoscan.bundle import Bundle
     from pneumoscan.evaluate import evaluate
-    from pneumoscan.predict import load_model
 
-    loaded = load_model(run)
+    loaded = Bundle.load(run)
     sets = {"val": (data, "val"), "internal-test": (data, "internal-test")}
     if shifted is not None:
         sets |= {
@@ -109,11 +111,11 @@ def paired_differences(
 ) -> dict[str, tuple[float, float, float]]:
     """New minus seed, for ROC AUC and balanced accuracy (each at its own threshold), with a
     95% interval from one bootstrap over patients shared by both models (paired)."""
+    from pneumoscan.bundle import Bundle
     from pneumoscan.evaluate import evaluate
     from pneumoscan.metrics import balanced_accuracy, roc_auc
-    from pneumoscan.predict import load_model
 
-    evaluations = [evaluate(load_model(run), folder, split, n_resamples=10) for run in runs]
+    evaluations = [evaluate(Bundle.load(run), folder, split, n_resamples=10) for run in runs]
     labels = evaluations[0].labels
     patients = np.array([s.patient for s in evaluations[0].samples])
     assert all(np.array_equal(e.labels, labels) for e in evaluations)
@@ -159,8 +161,7 @@ def main() -> None:
 
 
 def speed(args: argparse.Namespace) -> None:
-    import keras
-
+    from pneumoscan.bundle import Bundle
     from pneumoscan.model import count_flops
 
     peak = matmul_peak()
@@ -168,15 +169,15 @@ def speed(args: argparse.Namespace) -> None:
     speed_rows, epoch_medians = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs:
-            meta = json.loads((run / "metadata.json").read_text())
-            model = keras.models.load_model(run / "model.keras", compile=False)
+            bundle = Bundle.load(run)
+            meta, model = bundle.metadata, bundle.model
             timing = timed_training(meta["arch"], args.data, args.timing_epochs, Path(tmp))
             flops = count_flops(model)
             training = meta["training"]
             epoch = float(np.median(timing["epoch_seconds"][1:] or timing["epoch_seconds"]))
             epoch_medians[meta["arch"]] = epoch
             train_ips = timing["n_train"] / epoch
-            infer_ips = inference_speed(model, meta["input"]["height"])
+            infer_ips = inference_speed(bundle)
             speed_rows[meta["arch"]] = {
                 "input": f"{meta['input']['height']}x{meta['input']['width']}x1",
                 "parameters": f"{model.count_params():,}",

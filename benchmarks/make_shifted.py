@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/make_shifted.py --data ROOT --split val|internal-test --out DIR
         [--check | --freeze]
 
-The images go to DIR/{NORMAL,PNEUMONIA}/ with DIR/manifest.json (see pneumoscan/shift.py).
+The images go to DIR/{NORMAL,PNEUMONIA}/ with DIR/manifest.json (see pneumoscan/shifted_benchmark.py).
 Without a flag the digest is printed and compared for information; `--check` exits 1 when it
 differs from `benchmarks/shifted_manifest.json`; `--freeze` writes that split's seed, family
 table, per-file parameters and digest into it (do this once, before any model search).
@@ -21,7 +21,13 @@ from pathlib import Path
 
 from pneumoscan.data import DataError
 from pneumoscan.io import write_bytes_atomic
-from pneumoscan.shift import SHIFT_SEED, SHIFT_SPLITS, build_shifted, describe_families, read_manifest
+from pneumoscan.shifted_benchmark import (
+    SHIFT_SEED,
+    SHIFT_SPLITS,
+    build_shifted,
+    describe_families,
+    read_manifest,
+)
 
 FROZEN = Path(__file__).resolve().parent / "shifted_manifest.json"
 # The committed file keeps 64-bit hash prefixes, like splits.json: enough to name a changed file.
@@ -51,7 +57,7 @@ def frozen_header(seed: int) -> dict:
     return {
         "about": "Frozen shifted benchmark (val: model selection; internal-test: reporting only). "
         "Written by `benchmarks/make_shifted.py --freeze`; do not edit by hand.",
-        "generator": "pneumoscan.shift",
+        "generator": "pneumoscan.shifted_benchmark",
         "seed": seed,
         **describe_families(),
     }

@@ -5,7 +5,7 @@
 Cold start: a new process with a warm disk cache (one untimed run first) that imports
 pneumoscan, loads the model, decodes and predicts one image; median of 3 runs. Throughput:
 `predict_files` over N images (decode + resize + forward + calibration) in a fresh process,
-plus the forward pass alone on the same batches, and the process's peak RSS. Prints a
+plus the forward pass alone (`Bundle.forward`) on the same batches, and the process's peak RSS. Prints a
 Markdown table for BENCHMARKS.md.
 """
 
@@ -22,24 +22,27 @@ import tempfile
 import time
 from pathlib import Path
 
+from pneumoscan.data import find_images
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "chest_xray" / "train"
 
 THROUGHPUT = r"""
 import json, resource, sys, time
 import numpy as np
-from pneumoscan.predict import load_model, predict_files
+from pneumoscan.bundle import Bundle
+from pneumoscan.predict import predict_files
 from pneumoscan.preprocess import decode_to_input
 model_dir, batch, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-loaded = load_model(model_dir)
-predict_files(loaded, paths[:batch], batch_size=batch)  # warm-up: traces the graph once
+bundle = Bundle.load(model_dir)
+predict_files(bundle, paths[:batch], batch_size=batch)  # warm-up: traces the graph once
 start = time.perf_counter()
-records = predict_files(loaded, paths, batch_size=batch)
+records = predict_files(bundle, paths, batch_size=batch)
 end_to_end = time.perf_counter() - start
-x = np.stack([decode_to_input(p, loaded.image_size) for p in paths[:256]])
-loaded.model.predict(x[:batch], verbose=0)
+x = np.stack([decode_to_input(p, bundle.image_size) for p in paths[:256]])
+bundle.forward(x[:batch], batch)
 start = time.perf_counter()
-loaded.model.predict(x, batch_size=batch, verbose=0)
+bundle.forward(x, batch)
 forward = time.perf_counter() - start
 print(json.dumps({"n": len(records), "errors": sum("error" in r for r in records),
                   "end_to_end_s": end_to_end, "forward_images_per_s": len(x) / forward,
@@ -48,7 +51,7 @@ print(json.dumps({"n": len(records), "errors": sum("error" in r for r in records
 
 
 def image_list(data: Path, count: int) -> list[str]:
-    files = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    files = find_images(data)
     if not files:
         raise SystemExit(f"{data}: no images")
     return [str(files[i % len(files)]) for i in range(count)]

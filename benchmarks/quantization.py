@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/quantization.py --model RUN_DIR --data ../shared/data/chest_xray
 
 Each variant is exported with `pneumoscan.tfjs.write_tfjs`; its weights are read back exactly
-as TF.js dequantizes them (`read_weights`) and put into the Keras model, which is then
+as TF.js dequantizes them and put into the Keras model (`bundle.tfjs_weights`), which is then
 evaluated on the internal-test split (and val) like `pneumoscan evaluate`. The bundle may ship
 quantized weights when internal-test AUC stays within 0.002 of float32.
 """
@@ -24,26 +24,21 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from pneumoscan.bundle import Bundle, tfjs_weights
     from pneumoscan.evaluate import evaluate
-    from pneumoscan.predict import load_model
-    from pneumoscan.tfjs import named_weights, read_weights, write_tfjs
+    from pneumoscan.tfjs import write_tfjs
 
-    loaded = load_model(args.model)
-    original = {name: variable.numpy() for name, variable in named_weights(loaded.model)}
+    bundle = Bundle.load(args.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for quantize in ("none", "float16", "uint8"):
-            info = write_tfjs(loaded.model, Path(tmp) / quantize, quantize=quantize)
-            weights = read_weights(Path(tmp) / quantize)
-            for name, variable in named_weights(loaded.model):
-                variable.assign(weights[name])
-            scores = {
-                split: evaluate(loaded, args.data, split, n_resamples=200).result["roc_auc"]
-                for split in ("val", "internal-test")
-            }
+            info = write_tfjs(bundle.model, Path(tmp) / quantize, quantize=quantize)
+            with tfjs_weights(bundle.model, Path(tmp) / quantize):
+                scores = {
+                    split: evaluate(bundle, args.data, split, n_resamples=200).result["roc_auc"]
+                    for split in ("val", "internal-test")
+                }
             rows.append((quantize, info["total_bytes"], scores))
-            for name, variable in named_weights(loaded.model):
-                variable.assign(original[name])
     base = rows[0][2]["internal-test"]
     print(f"model {args.model}\n")
     print(f"| weights | TF.js bytes | val AUC | internal-test AUC | Δ vs float32 | within {TOLERANCE} |")

@@ -15,13 +15,13 @@ import dataclasses
 import os
 from pathlib import Path
 
-from pneumoscan.config import AugmentConfig, Config
+from pneumoscan.config import RECIPES, AugmentConfig, Config
 
 # The variants as they were searched (BENCHMARKS.md). The first three ran with the first
 # pneumonet (64-128-192 filters); 48-96-160 filters ran strong-aug-160 again and strong-aug-128,
 # and 160 px stayed. Sizes are explicit so the rows stay what they were.
 LIGHT = AugmentConfig()
-STRONG = AugmentConfig(rotation_degrees=10.0, zoom=0.15, shift=0.1, brightness=0.2, contrast=0.3)
+STRONG = RECIPES["pneumonet"].augment  # the winner, now pneumonet's recipe
 VARIANTS: dict[str, Config] = {
     "base-160": Config(arch="pneumonet", image_size=160, augment=LIGHT),
     "strong-aug-160": Config(arch="pneumonet", image_size=160, augment=STRONG),
@@ -39,14 +39,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, choices=sorted(VARIANTS))
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from pneumoscan.bundle import Bundle
     from pneumoscan.evaluate import evaluate
-    from pneumoscan.predict import load_model
     from pneumoscan.train import train
 
     rows = []
     for name in args.only or VARIANTS:
         result = train(VARIANTS[name], args.data, args.out / name, log=lambda _: None)
-        loaded = load_model(args.out / name)
+        loaded = Bundle.load(args.out / name)
         minutes = loaded.metadata["training"]["seconds"] / 60
         val = evaluate(loaded, args.data, "val", n_resamples=200).result
         shifted = evaluate(loaded, args.shifted / "val", n_resamples=200).result

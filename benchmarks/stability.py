@@ -4,7 +4,7 @@
         [--split val]
 
 For every image of the split (rebuilt from each model's recorded rule), the copies of
-`pneumoscan.explain` are predicted like the image itself: 13 framing copies (8 shifts of 4%
+`pneumoscan.robustness` are predicted like the image itself: 13 framing copies (8 shifts of 4%
 with black fill, 5 crops of 5-10% resized back) and 13 marker copies ("R"/"L" pasted into a
 corner, corners blacked out). Per model: the largest |change of calibrated probability| per
 image over the framing copies (median, mean, 90th percentile) and over the marker copies
@@ -23,39 +23,28 @@ import numpy as np
 
 
 def measure(model: Path, data: Path, split: str) -> dict:
-    from pneumoscan.data import rebuild_splits
-    from pneumoscan.explain import crop_variants, marker_variants, shift_variants, with_copies
-    from pneumoscan.predict import load_model
-    from pneumoscan.preprocess import decode_to_input
+    from pneumoscan.bundle import Bundle
+    from pneumoscan.data import inputs, rebuild_splits
+    from pneumoscan.robustness import copy_effects
 
-    loaded = load_model(model)
-    meta = loaded.metadata
-    threshold = meta["threshold"]["value"]
-    samples = rebuild_splits(data, meta["data"]["rule"]).splits[split]
-    largest, markers, flipped, copies, images_flipped = [], [], 0, 0, 0
-    for sample in samples:
-        x = decode_to_input(sample.path, loaded.image_size)
-        base, (framing, marked) = with_copies(
-            loaded, x, {**shift_variants(x), **crop_variants(x)}, marker_variants(x)
-        )
-        changed = (framing >= threshold) != (base >= threshold)
-        largest.append(float(np.abs(framing - base).max()))
-        markers.append(float(np.abs(marked - base).max()))
-        flipped, copies = flipped + int(changed.sum()), copies + changed.size
-        images_flipped += int(changed.any())
-    largest, markers = np.asarray(largest), np.asarray(markers)
+    bundle = Bundle.load(model)
+    meta = bundle.metadata
+    samples = rebuild_splits(data, meta["data"]["rule"], image_size=bundle.image_size).splits[split]
+    effects = copy_effects(bundle, inputs(samples))
+    changed = effects.changed_label("framing", bundle.threshold)
+    largest, markers = effects.largest_change("framing"), effects.largest_change("markers")
     return {
         "model": str(model),
         "arch": meta["arch"],
-        "threshold": threshold,
+        "threshold": bundle.threshold,
         "n": len(samples),
         "median": float(np.median(largest)),
         "mean": float(largest.mean()),
         "p90": float(np.quantile(largest, 0.9)),
         "marker_mean": float(markers.mean()),
         "marker_p90": float(np.quantile(markers, 0.9)),
-        "copies_flipped": flipped / copies,
-        "images_flipped": images_flipped / len(samples),
+        "copies_flipped": float(changed.mean()),
+        "images_flipped": float(changed.any(axis=1).mean()),
     }
 
 

@@ -1,8 +1,12 @@
-"""Shared fixtures: synthetic X-ray-like images in tmp_path and the committed real samples."""
+"""Shared fixtures and helpers: synthetic X-ray-like images in tmp_path, the committed real
+samples, and running a TF.js export in Node (tests/js/predict.mjs) beside Keras."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -11,9 +15,44 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pneumoscan.bundle import Bundle
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples" / "chest_xray"
 SHARED_DATA = REPO.parent / "shared" / "data" / "chest_xray"
+
+PREDICT_JS = REPO / "tests" / "js" / "predict.mjs"
+NODE = shutil.which("node")
+HAVE_TFJS = (REPO / "node_modules" / "@tensorflow" / "tfjs" / "package.json").is_file()
+needs_node = pytest.mark.skipif(
+    NODE is None or not HAVE_TFJS,
+    reason="needs `node` and node_modules/@tensorflow/tfjs (run `npm ci` in the repo root)",
+)
+NODE_TIMEOUT_S = 120
+# Between TF.js and Keras running the same (dequantized) weights: only float32 rounding.
+DECODE_TOLERANCE = 1e-5
+
+
+def keras_predict(model, images: np.ndarray) -> np.ndarray:
+    """The model's outputs in inference mode, float64."""
+    import keras
+
+    return keras.ops.convert_to_numpy(model(images, training=False)).astype(np.float64)
+
+
+def tfjs_predict(model_dir: Path, images: np.ndarray, workdir: Path) -> np.ndarray:
+    """Outputs of the TF.js layers model in `model_dir` on the cpu backend of @tensorflow/tfjs in
+    Node, float64; the input is written to `workdir`."""
+    input_path = Path(workdir) / "input.f32"
+    images.astype("<f4").tofile(input_path)
+    command = [NODE, str(PREDICT_JS), str(model_dir), str(input_path), *map(str, images.shape)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, cwd=REPO, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reply = json.loads(result.stdout)
+    assert reply["backend"] == "cpu"
+    return np.asarray(reply["outputs"], dtype=np.float64)
 
 
 def synthetic_xray(seed: int, label: int, size: tuple[int, int] = (72, 64)) -> np.ndarray:
@@ -64,5 +103,37 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     patients.update({f"person{i + 1}": 1 for i in range(15)})
     write_class_folders(root / "train", patients)
     run_dir = tmp_path_factory.mktemp("runs") / "run"
-    train(Config(arch="seed", image_size=64, epochs=2, batch_size=8, seed=1), root, run_dir)
+    train(Config(arch="seed", image_size=64, epochs=2, batch_size=8, random_seed=1), root, run_dir)
     return root, run_dir
+
+
+# ---- hand-built models for explain and robustness: inputs of S x S --------------------------
+
+S = 64  # regions at 64: corner squares 10 px, border band 6 px, centre rows 10-53, cols 13-50
+NO_CALIBRATION = {"method": "none", "slope": 1.0, "intercept": 0.0}
+YY, XX = np.mgrid[0:S, 0:S]
+# 8 x 8 checkerboard of bright (220) and dark (20) cells, bright at the top-left and
+# bottom-right corners: every region holds bright and dark pixels alike, so only the model's
+# weights decide where occluding (with the mean, 120) lowers the output.
+CHECKER = np.where((YY // 8 + XX // 8) % 2 == 0, 220.0, 20.0).astype(np.float32)[..., None]
+FLAT = np.full((S, S, 1), 100.0, np.float32)
+
+
+def window_reader(rows: slice, cols: slice, scale: float = 8.0, bias: float = -4.0) -> Bundle:
+    """sigmoid(scale * mean(x[rows, cols] / 255) + bias): a model that sees only that window."""
+    import keras
+
+    inputs = keras.Input((S, S, 1))
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="read")(x))
+    weights = np.zeros((S, S), np.float32)
+    weights[rows, cols] = 1.0
+    model.get_layer("read").set_weights(
+        [(weights * scale / weights.sum()).reshape(-1, 1), np.array([bias], np.float32)]
+    )
+    return hand_built(model)
+
+
+def hand_built(model) -> Bundle:
+    """A Bundle around a Keras model of S x S inputs, uncalibrated."""
+    return Bundle(Path("hand-built"), model, {"input": {"height": S}, "calibration": NO_CALIBRATION})

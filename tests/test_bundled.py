@@ -4,27 +4,16 @@ TF.js as in Keras, and keeping its labels under small shifts, crops and corner m
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import SAMPLES
+from conftest import DECODE_TOLERANCE, SAMPLES, keras_predict, needs_node, tfjs_predict
+from pneumoscan.bundle import Bundle, bundled_dir, tfjs_weights
 from pneumoscan.cli import main
 from pneumoscan.metadata import read
-from pneumoscan.predict import bundled_model_dir, load_model
 from pneumoscan.preprocess import decode_to_input
-from pneumoscan.tfjs import read_weights
-from test_tfjs import (
-    DECODE_TOLERANCE,
-    NODE,
-    NODE_TIMEOUT_S,
-    PREDICT_JS,
-    REPO,
-    _keras_predict,
-    _predict_with,
-    needs_node,
-)
+from pneumoscan.robustness import copy_effects
 
 SAMPLE_PATHS = sorted(SAMPLES.rglob("*.jpeg"))
 # Measured on the bundled pneumonet over the 16 samples (BENCHMARKS.md, "Looks at the lungs"):
@@ -41,9 +30,9 @@ CHANGED_LABEL_SHARE_BOUND = 0.05
 
 @pytest.fixture(scope="module")
 def bundled():
-    folder = bundled_model_dir()
+    folder = bundled_dir()
     assert folder is not None, "src/pneumoscan/bundled holds no model"
-    return load_model(None)
+    return Bundle.load(None)
 
 
 def test_bundle_files_and_metadata(bundled):
@@ -71,39 +60,21 @@ def test_predict_defaults_to_the_bundled_model(capsys):
 @needs_node
 def test_tfjs_export_matches_keras(bundled, tmp_path):
     x = np.stack([decode_to_input(p, bundled.image_size) for p in SAMPLE_PATHS[::3]])
-    x.astype("<f4").tofile(tmp_path / "input.f32")
-    command = [
-        NODE,
-        str(PREDICT_JS),
-        str(bundled.folder / "tfjs"),
-        str(tmp_path / "input.f32"),
-        *map(str, x.shape),
-    ]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, cwd=REPO, check=False
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    tfjs = np.asarray(json.loads(result.stdout)["outputs"], dtype=np.float64).reshape(-1)
+    tfjs = tfjs_predict(bundled.folder / "tfjs", x, tmp_path).reshape(-1)
     # The exact weights the browser runs (dequantized when the bundle is quantized).
-    same_weights = _predict_with(bundled.model, read_weights(bundled.folder / "tfjs"), x).reshape(-1)
+    with tfjs_weights(bundled.model, bundled.folder / "tfjs"):
+        same_weights = keras_predict(bundled.model, x).reshape(-1)
     np.testing.assert_allclose(tfjs, same_weights, atol=DECODE_TOLERANCE)
     quantize = read(bundled.folder).get("export", {}).get("quantize", "none")
     bound = {"none": 1e-5, "float16": 2e-3, "uint8": 5e-2}[quantize]
-    np.testing.assert_allclose(tfjs, _keras_predict(bundled.model, x).reshape(-1), atol=bound)
+    np.testing.assert_allclose(tfjs, keras_predict(bundled.model, x).reshape(-1), atol=bound)
 
 
 def test_labels_mostly_hold_under_small_shifts_crops_and_markers(bundled):
-    from pneumoscan.explain import crop_variants, marker_variants, shift_variants, with_copies
-
-    threshold = bundled.metadata["threshold"]["value"]
-    framing, markers, changed, copies = [], [], 0, 0
-    for path in SAMPLE_PATHS:
-        x = decode_to_input(path, bundled.image_size)
-        base, groups = with_copies(bundled, x, {**shift_variants(x), **crop_variants(x)}, marker_variants(x))
-        for changes, probabilities in zip((framing, markers), groups, strict=True):
-            changed += int(np.sum((probabilities >= threshold) != (base >= threshold)))
-            copies += len(probabilities)
-            changes.append(np.abs(probabilities - base).max())
+    effects = copy_effects(bundled, (decode_to_input(path, bundled.image_size) for path in SAMPLE_PATHS))
+    threshold = bundled.threshold
+    changed = sum(int(effects.changed_label(group, threshold).sum()) for group in ("framing", "markers"))
+    copies = effects.framing.size + effects.markers.size
     assert changed / copies <= CHANGED_LABEL_SHARE_BOUND, f"{changed} of {copies} copies changed label"
-    assert np.median(framing) < MEDIAN_SHIFT_CROP_BOUND
-    assert np.median(markers) < MEDIAN_MARKER_BOUND
+    assert np.median(effects.largest_change("framing")) < MEDIAN_SHIFT_CROP_BOUND
+    assert np.median(effects.largest_change("markers")) < MEDIAN_MARKER_BOUND

@@ -9,6 +9,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from pneumoscan import calibrate, metrics
+from pneumoscan.config import ThresholdRule
 
 NONE = {"method": "none", "slope": 1.0, "intercept": 0.0, "fitted_on": None}
 
@@ -150,7 +151,9 @@ def test_fit_platt_needs_varied_scores():
     ],
 )
 def test_parse_threshold_rule_accepts(rule, expected):
-    assert calibrate.parse_threshold_rule(rule) == expected
+    parsed = ThresholdRule.parse(rule)
+    assert (parsed.kind, parsed.value) == expected
+    assert str(parsed) == rule
 
 
 @pytest.mark.parametrize(
@@ -173,7 +176,7 @@ def test_parse_threshold_rule_accepts(rule, expected):
 def test_parse_threshold_rule_rejects(rule):
     message = r"threshold rule .* is not understood; use 'youden', 'sensitivity:X'"
     with pytest.raises(ValueError, match=message):
-        calibrate.parse_threshold_rule(rule)
+        ThresholdRule.parse(rule)
 
 
 # Youden's J per candidate: .1→0 .2→.2 .3→.4 .4→.6 .45→.8 .5→.6 .6→.8 .7→.6 .8→.4 .9→.2

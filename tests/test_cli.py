@@ -55,9 +55,9 @@ def test_serve_refuses_a_bundle_without_tfjs(trained_run, capsys):
 
 
 def test_demo_without_a_bundled_model_says_so(monkeypatch, capsys):
-    from pneumoscan import predict
+    from pneumoscan import bundle
 
-    monkeypatch.setattr(predict, "bundled_model_dir", lambda: None)
+    monkeypatch.setattr(bundle, "bundled_dir", lambda: None)
     assert main(["demo", "--port", "0"]) == 2
     assert "no bundled model" in capsys.readouterr().err
 

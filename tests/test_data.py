@@ -6,13 +6,16 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import synthetic_xray, write_class_folders
 from pneumoscan.data import (
     DataError,
+    find_images,
     find_layout,
+    inputs,
     list_images,
     load_splits,
     patient_id,
@@ -20,6 +23,7 @@ from pneumoscan.data import (
     split_digest,
     split_samples,
 )
+from pneumoscan.preprocess import decode_to_input
 
 
 @pytest.mark.parametrize(
@@ -73,8 +77,25 @@ def test_suffixes_any_case_and_other_files_ignored(tmp_path):
     Image.fromarray(synthetic_xray(6, 1)).save(root / "PNEUMONIA" / "person2_virus_1.PNG", format="PNG")
     (root / "NORMAL" / "notes.txt").write_text("not an image")
     (root / "NORMAL" / ".hidden.png").write_bytes(b"")
+    (root / "NORMAL" / ".thumbnails").mkdir()  # a hidden folder's images are not data either
+    Image.fromarray(synthetic_xray(7, 0)).save(root / "NORMAL" / ".thumbnails" / "IM-0003-0001.png")
+    (root / "NORMAL" / "folder.png").mkdir()  # a folder with an image's name is not a file
     names = sorted(p.name for p, _ in list_images(root))
     assert names == ["IM-0001-0001.png", "IM-0002-0001.JPG", "person1_bacteria0.png", "person2_virus_1.PNG"]
+    # predict lists folders by the same rule
+    assert [p.name for p in find_images(root / "NORMAL")] == ["IM-0001-0001.png", "IM-0002-0001.JPG"]
+
+
+def test_scan_keeps_each_model_input_from_its_one_decode(tmp_path):
+    root = write_class_folders(tmp_path / "d", {"IM-0001": 0, "person1": 1}, 1)
+    plain, sized = scan(root), scan(root, image_size=48)
+    assert all(s.image is None for s in plain.samples)
+    for sample in sized.samples:
+        np.testing.assert_array_equal(sample.image, decode_to_input(sample.path, 48))
+    assert inputs(sized.samples).shape == (2, 48, 48, 1)
+    assert plain.samples == sized.samples  # the image takes no part in a sample's identity
+    with pytest.raises(ValueError, match="scanned without an image size"):
+        inputs(plain.samples)
 
 
 def test_unreadable_files_are_reported_and_skipped(tmp_path):

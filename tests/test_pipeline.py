@@ -1,4 +1,5 @@
-"""pneumoscan.pipeline: tf.data shapes, dtypes, ranges; augmentation on training only."""
+"""pneumoscan.pipeline: tf.data shapes, dtypes, ranges; augmentation on training only; the
+prediction stream carries each bad file's reason."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 
 from conftest import SAMPLES
 from pneumoscan.config import AugmentConfig
+from pneumoscan.data import inputs, scan
 from pneumoscan.pipeline import images, labelled
 from pneumoscan.preprocess import decode_to_input
 
@@ -13,12 +15,18 @@ PATHS = sorted(SAMPLES.rglob("*.jpeg"))[:6]
 LABELS = [int(p.parent.name == "PNEUMONIA") for p in PATHS]
 
 
+def _inputs(size: int) -> np.ndarray:
+    """The model inputs of PATHS at `size`, from the scan's one decode."""
+    by_path = {sample.path: sample for sample in scan(SAMPLES, image_size=size).samples}
+    return inputs([by_path[path] for path in PATHS])
+
+
 def _batches(dataset):
     return [(x.numpy(), y.numpy()) for x, y in dataset]
 
 
 def test_evaluation_batches_match_decode_to_input():
-    batches = _batches(labelled(PATHS, LABELS, 96, batch_size=4))
+    batches = _batches(labelled(_inputs(96), LABELS, batch_size=4))
     assert [x.shape for x, _ in batches] == [(4, 96, 96, 1), (2, 96, 96, 1)]
     x = np.concatenate([b[0] for b in batches])
     y = np.concatenate([b[1] for b in batches])
@@ -29,8 +37,8 @@ def test_evaluation_batches_match_decode_to_input():
 
 
 def test_training_batches_are_augmented_shuffled_and_in_range():
-    plain = np.concatenate([x for x, _ in _batches(labelled(PATHS, LABELS, 96, batch_size=6))])
-    dataset = labelled(PATHS, LABELS, 96, batch_size=6, training=True, seed=3, augment=AugmentConfig())
+    plain = np.concatenate([x for x, _ in _batches(labelled(_inputs(96), LABELS, batch_size=6))])
+    dataset = labelled(_inputs(96), LABELS, batch_size=6, training=True, seed=3, augment=AugmentConfig())
     ((x1, y1),) = _batches(dataset)
     ((x2, _),) = _batches(dataset)
     assert x1.shape == (6, 96, 96, 1) and x1.dtype == np.float32
@@ -44,9 +52,13 @@ def test_training_batches_are_augmented_shuffled_and_in_range():
 def test_images_stream_flags_bad_files(tmp_path):
     bad = tmp_path / "bad.jpeg"
     bad.write_bytes(b"not an image")
-    rows = [(p.numpy().decode(), bool(ok), x.numpy()) for p, ok, x in images([PATHS[0], bad, PATHS[1]], 64)]
-    assert [r[1] for r in rows] == [True, False, True]
+    rows = [
+        (p.numpy().decode(), e.numpy().decode(), x.numpy())
+        for p, e, x in images([PATHS[0], bad, PATHS[1]], 64)
+    ]
+    assert [r[1] == "" for r in rows] == [True, False, True]
     assert rows[1][0] == str(bad)
+    assert rows[1][1] == f"{bad}: is not a JPEG or PNG image."  # the decode's own sentence
     assert all(r[2].shape == (64, 64, 1) for r in rows)
     np.testing.assert_allclose(rows[2][2], decode_to_input(PATHS[1], 64), atol=1e-4)
 
@@ -57,6 +69,6 @@ def test_augmentation_with_zero_strength_is_the_identity():
     from pneumoscan.pipeline import augment_batch
 
     x = np.stack([decode_to_input(p, 64) for p in PATHS[:3]])
-    none = AugmentConfig(rotation_degrees=0, zoom=0, shift=0, brightness=0, contrast=0)
+    none = AugmentConfig(rotation_degrees=0, zoom=0, translation=0, brightness=0, contrast=0)
     out = augment_batch(tf.constant(x), tf.random.Generator.from_seed(0), none).numpy()
     np.testing.assert_allclose(out, x, atol=1e-3)

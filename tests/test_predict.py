@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import SAMPLES, synthetic_xray
-from pneumoscan import predict as predict_module
+from pneumoscan import bundle as bundle_module
 from pneumoscan.calibrate import apply_calibration
 from pneumoscan.cli import main
 from pneumoscan.metadata import read
@@ -141,7 +141,7 @@ def test_formats(trained_run, capsys):
 
 
 def test_missing_model_without_a_bundle_is_a_usage_error(monkeypatch, capsys):
-    monkeypatch.setattr(predict_module, "bundled_model_dir", lambda: None)
+    monkeypatch.setattr(bundle_module, "bundled_dir", lambda: None)
     assert main(["predict", str(SAMPLES)]) == 2
     assert "no --model given and this installation has no bundled model" in capsys.readouterr().err
 

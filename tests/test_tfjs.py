@@ -10,36 +10,23 @@ quantization must stay within the stated bound).
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 from keras import layers
 
+from conftest import DECODE_TOLERANCE, keras_predict, needs_node, tfjs_predict
+from pneumoscan.bundle import tfjs_weights
 from pneumoscan.model import build_pneumonet, build_seed
 from pneumoscan.tfjs import SHARD_BYTES, named_weights, read_weights, write_tfjs
-
-REPO = Path(__file__).resolve().parents[1]
-PREDICT_JS = REPO / "tests" / "js" / "predict.mjs"
-NODE = shutil.which("node")
-HAVE_TFJS = (REPO / "node_modules" / "@tensorflow" / "tfjs" / "package.json").is_file()
-needs_node = pytest.mark.skipif(
-    NODE is None or not HAVE_TFJS,
-    reason="needs `node` and node_modules/@tensorflow/tfjs (run `npm ci` in the repo root)",
-)
 
 # Largest |probability difference| allowed between TF.js and the float32 Keras model.
 FLOAT32_TOLERANCE = 1e-5
 FLOAT16_TOLERANCE = 2e-3  # float16 keeps 11 significant bits: ~5e-4 relative per weight
 UINT8_TOLERANCE = 5e-2  # 256 levels per tensor: up to range/510 absolute per weight
 TOLERANCE = {"none": FLOAT32_TOLERANCE, "float16": FLOAT16_TOLERANCE, "uint8": UINT8_TOLERANCE}
-# Between TF.js and Keras running the same (dequantized) weights: only float32 rounding.
-DECODE_TOLERANCE = 1e-5
 LOGIT_SPREAD = 2.0  # std of the output logits the random weights are scaled to
-NODE_TIMEOUT_S = 120
 
 
 def build_residual(image_size: int = 32) -> keras.Model:
@@ -138,39 +125,10 @@ def prepared() -> dict:
             images = _images(6, model.input_shape[1], rng)
             _randomize(model, rng)
             _spread_logits(model, images)
-            cache[arch] = (model, images, _keras_predict(model, images))
+            cache[arch] = (model, images, keras_predict(model, images))
         return cache[arch]
 
     return get
-
-
-def _keras_predict(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    return keras.ops.convert_to_numpy(model(images, training=False)).astype(np.float64)
-
-
-def _tfjs_predict(model_dir: Path, images: np.ndarray) -> np.ndarray:
-    input_path = model_dir.parent / "input.f32"
-    images.astype("<f4").tofile(input_path)
-    command = [NODE, str(PREDICT_JS), str(model_dir), str(input_path), *map(str, images.shape)]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, cwd=REPO, check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    reply = json.loads(result.stdout)
-    assert reply["backend"] == "cpu"
-    return np.asarray(reply["outputs"], dtype=np.float64)
-
-
-def _predict_with(model: keras.Model, weights: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
-    """Keras outputs with `weights` swapped in; the model's own weights are restored after."""
-    originals = [(variable, variable.numpy()) for _, variable in named_weights(model)]
-    try:
-        for name, variable in named_weights(model):
-            variable.assign(weights[name])
-        return _keras_predict(model, images)
-    finally:
-        for variable, values in originals:
-            variable.assign(values)
 
 
 def test_seed_at_64_pixels_is_the_expected_size():
@@ -191,10 +149,11 @@ def test_tfjs_matches_keras(prepared, tmp_path, arch, quantize):
     model_dir = tmp_path / "model"
     write_tfjs(model, model_dir, quantize=quantize)
 
-    outputs = _tfjs_predict(model_dir, images)
+    outputs = tfjs_predict(model_dir, images, tmp_path)
 
     assert outputs.shape == expected.shape == (len(images), 1)
-    exact = _predict_with(model, read_weights(model_dir), images)
+    with tfjs_weights(model, model_dir):
+        exact = keras_predict(model, images)
     decode_error = np.abs(outputs - exact).max()
     assert decode_error <= DECODE_TOLERANCE, f"tfjs vs Keras on the stored weights: {decode_error}"
     error = np.abs(outputs - expected).max()
@@ -230,9 +189,9 @@ def test_tfjs_loads_weights_split_across_shards(tmp_path):
     features = np.random.default_rng(1).normal(size=(3, 1024)).astype(np.float32)
     write_tfjs(model, tmp_path / "model")
 
-    outputs = _tfjs_predict(tmp_path / "model", features)
+    outputs = tfjs_predict(tmp_path / "model", features, tmp_path)
 
-    np.testing.assert_allclose(outputs, _keras_predict(model, features), atol=FLOAT32_TOLERANCE)
+    np.testing.assert_allclose(outputs, keras_predict(model, features), atol=FLOAT32_TOLERANCE)
 
 
 @needs_node
@@ -250,9 +209,9 @@ def test_sequential_model_is_exported_as_a_graph(tmp_path):
     images = _images(2, 12, np.random.default_rng(2))
     write_tfjs(model, tmp_path / "model")
 
-    outputs = _tfjs_predict(tmp_path / "model", images)
+    outputs = tfjs_predict(tmp_path / "model", images, tmp_path)
 
-    np.testing.assert_allclose(outputs, _keras_predict(model, images), atol=FLOAT32_TOLERANCE)
+    np.testing.assert_allclose(outputs, keras_predict(model, images), atol=FLOAT32_TOLERANCE)
 
 
 def test_weight_names_are_layer_slash_weight(prepared, tmp_path):

@@ -20,7 +20,7 @@ from pneumoscan.cli import main
 from pneumoscan.config import Config
 from pneumoscan.train import CHECKPOINT, RunConflict, class_weights, train
 
-TINY = {"arch": "seed", "image_size": 64, "batch_size": 8, "seed": 1}
+TINY = {"arch": "seed", "image_size": 64, "batch_size": 8, "random_seed": 1}
 RUN_FILES = {"model.keras", "metadata.json", "config.json", "history.csv", "splits.json", "logs"}
 
 

@@ -273,27 +273,13 @@ def test_page_matches_python(browser, server, workspace, backend):
 
 def _dequantized_copy(bundle: Path, out: Path) -> Path:
     """A copy of `bundle` whose model.keras holds the weights its tfjs/ shards decode to."""
-    import keras
-
-    from pneumoscan.tfjs import named_weights
+    from pneumoscan.bundle import Bundle, set_named_weights
+    from pneumoscan.tfjs import read_weights
 
     shutil.copytree(bundle, out)
-    model_json = json.loads((bundle / "tfjs" / "model.json").read_text())
-    group = model_json["weightsManifest"][0]
-    data = b"".join((bundle / "tfjs" / name).read_bytes() for name in group["paths"])
-    model = keras.models.load_model(bundle / "model.keras")
-    variables = dict(named_weights(model))
-    offset = 0
-    for spec in group["weights"]:
-        count = int(np.prod(spec["shape"]))
-        quantization = spec.get("quantization", {"dtype": "float32"})
-        dtype = {"float32": "<f4", "float16": "<f2", "uint8": "u1"}[quantization["dtype"]]
-        values = np.frombuffer(data, dtype, count, offset).astype(np.float32)
-        offset += count * np.dtype(dtype).itemsize
-        if quantization["dtype"] == "uint8":
-            values = values * np.float32(quantization["scale"]) + np.float32(quantization["min"])
-        variables[spec["name"]].assign(values.reshape(spec["shape"]))
-    model.save(out / "model.keras")
+    loaded = Bundle.load(bundle)
+    set_named_weights(loaded.model, read_weights(bundle / "tfjs"))
+    loaded.model.save(out / "model.keras")
     return out
 
 

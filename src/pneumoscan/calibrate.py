@@ -1,5 +1,6 @@
 """Calibration and decision threshold: `pneumoscan train` fits both on the validation split,
-`pneumoscan threshold` re-chooses the threshold of a trained model.
+`pneumoscan threshold` re-chooses the threshold of a trained model. `fit_operating_point` does
+both from arrays of labels and raw model outputs.
 
 The formulas follow `docs/metadata.md` (section "Calibration and decision"); the web page
 applies the same ones, so everything here is float64 and written out, not delegated to a
@@ -15,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from pneumoscan.metrics import _pair
+from pneumoscan.config import ThresholdRule
+from pneumoscan.metrics import paired_inputs, summarize, to_json_safe
 
 EPSILON = 1e-7  # probabilities are clipped to [EPSILON, 1 - EPSILON] before the logit
 METHODS = ("none", "temperature", "platt")
 APPLIES_TO = "calibrated probability"
-RULE_FORMS = "'youden', 'sensitivity:X' with 0 < X <= 1, or 'fixed:X' with 0 <= X <= 1"
 # Temperature is searched on log T within these bounds. Reaching the lower one means the
 # scores separate the classes (the optimum is T -> 0); the upper one, that they carry no
 # signal or the wrong sign (T -> infinity). Either way a warning says so.
@@ -70,7 +71,7 @@ def _nll(labels: np.ndarray, z: np.ndarray) -> float:
 
 
 def _fit_inputs(y_true: Any, p: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
-    labels, probs = _pair(y_true, p, prob_name="p")
+    labels, probs = paired_inputs(y_true, p, prob_name="p")
     if labels.min() == labels.max():
         only = "PNEUMONIA (1)" if labels[0] == 1 else "NORMAL (0)"
         raise ValueError(f"calibration needs both classes in the {split!r} split, but it holds only {only}")
@@ -167,34 +168,6 @@ def _newton_logistic(design: np.ndarray, target: np.ndarray) -> tuple[float, flo
     return float(params[0]), float(params[1])
 
 
-def parse_threshold_rule(rule: str) -> tuple[str, float | None]:
-    """Split a rule into its kind and number.
-
-    Returns:
-        `("youden", None)`, `("sensitivity", X)` or `("fixed", X)`.
-
-    Raises:
-        ValueError: the rule is none of 'youden', 'sensitivity:X' (0 < X <= 1),
-            'fixed:X' (0 <= X <= 1).
-    """
-    problem = ValueError(f"threshold rule {rule!r} is not understood; use {RULE_FORMS}")
-    if not isinstance(rule, str):
-        raise problem
-    if rule == "youden":
-        return "youden", None
-    kind, _, number = rule.partition(":")
-    if kind not in ("sensitivity", "fixed"):
-        raise problem
-    try:
-        value = float(number)
-    except ValueError:
-        raise problem from None
-    lowest_ok = (lambda x: x > 0.0) if kind == "sensitivity" else (lambda x: x >= 0.0)
-    if not (lowest_ok(value) and value <= 1.0):  # also rejects NaN
-        raise problem
-    return kind, value
-
-
 def _youden(
     candidates: np.ndarray, n_pos_at: np.ndarray, n_neg_below: np.ndarray, n_pos: int, n_neg: int
 ) -> float:
@@ -206,7 +179,7 @@ def _youden(
     return float(best[distance == distance.min()].min())
 
 
-def choose_threshold(y_true: Any, prob: Any, rule: str, split: str = "val") -> dict[str, Any]:
+def choose_threshold(y_true: Any, prob: Any, rule: ThresholdRule | str, split: str = "val") -> dict[str, Any]:
     """The decision threshold on calibrated probabilities; positive when prob >= threshold.
 
     Candidates are the distinct values of `prob`.
@@ -221,12 +194,13 @@ def choose_threshold(y_true: Any, prob: Any, rule: str, split: str = "val") -> d
     Raises:
         ValueError: the rule is not understood, or a data-driven rule gets one class only.
     """
-    kind, number = parse_threshold_rule(rule)
+    rule = ThresholdRule.parse(rule)
+    kind, number = rule.kind, rule.value
     if kind == "fixed":
-        return {"value": float(number), "rule": rule, "split": None, "applies_to": APPLIES_TO}
-    labels, probs = _pair(y_true, prob, prob_name="prob")
+        return {"value": float(number), "rule": str(rule), "split": None, "applies_to": APPLIES_TO}
+    labels, probs = paired_inputs(y_true, prob, prob_name="prob")
     if labels.min() == labels.max():
-        raise ValueError(f"threshold rule {rule!r} needs both classes in the {split!r} split")
+        raise ValueError(f"threshold rule {str(rule)!r} needs both classes in the {split!r} split")
     candidates = np.unique(probs)
     positives, negatives = np.sort(probs[labels == 1]), np.sort(probs[labels == 0])
     n_pos_at = positives.size - np.searchsorted(positives, candidates, side="left")  # prob >= t
@@ -237,24 +211,30 @@ def choose_threshold(y_true: Any, prob: Any, rule: str, split: str = "val") -> d
         # Sensitivity falls as t rises; a tiny slack absorbs X·n_pos rounding (0.95·20).
         reached = n_pos_at >= number * positives.size - 1e-9
         value = float(candidates[reached].max())
-    return {"value": value, "rule": rule, "split": split, "applies_to": APPLIES_TO}
+    return {"value": value, "rule": str(rule), "split": split, "applies_to": APPLIES_TO}
 
 
-def operating_point(y_true: Any, raw: Any, rule: str, split: str = "val") -> tuple[dict, dict]:
+def fit_operating_point(y_true: Any, raw: Any, rule: ThresholdRule | str, split: str = "val") -> dict:
     """Platt scaling fitted on `raw` model outputs, then the threshold chosen by `rule` on the
-    calibrated probabilities of the same (validation) split.
+    calibrated probabilities of the same (validation) split, and the metrics there.
 
     Platt rather than temperature: class weights train the model as if both classes were
     equally common, which shifts its logits by a constant; temperature scaling (slope only)
     cannot undo that shift, Platt's intercept does.
 
     Returns:
-        (calibration, threshold), the two metadata.json blocks.
+        `{"calibration", "threshold", "metrics"}`: the two metadata.json blocks and the
+        metrics of the split at that threshold (metadata's `metrics.<split>`).
+
+    Raises:
+        ValueError: a bad rule (before anything is fitted), one class only, bad shapes.
     """
-    parse_threshold_rule(rule)
+    rule = ThresholdRule.parse(rule)
     calibration = fit_platt(y_true, raw, split=split)
-    threshold = choose_threshold(y_true, apply_calibration(raw, calibration), rule, split=split)
-    return calibration, threshold
+    calibrated = apply_calibration(raw, calibration)
+    threshold = choose_threshold(y_true, calibrated, rule, split=split)
+    metrics = to_json_safe(summarize(y_true, calibrated, threshold["value"]))
+    return {"calibration": calibration, "threshold": threshold, "metrics": metrics}
 
 
 def describe_calibration(calibration: dict) -> str:

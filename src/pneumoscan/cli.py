@@ -14,7 +14,11 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-# Quiet TensorFlow's C++ start-up chatter before anything imports it.
+from pneumoscan import bundle as bundle_module
+from pneumoscan.bundle import INFERENCE_BATCH
+from pneumoscan.config import DEFAULTS, RECIPES, Config, ThresholdRule
+
+# Quiet TensorFlow's C++ start-up chatter before anything imports it (the modules above do not).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 USAGE_ERROR, FAILURE = 2, 1
@@ -42,8 +46,9 @@ def _add_train(commands) -> None:
     parser.add_argument("--out", required=True, type=Path, help="run folder to create or resume")
     parser.add_argument(
         "--arch",
-        default="pneumonet",
-        help="pneumonet (default, compact residual CNN) or seed (the paper's CNN)",
+        default=DEFAULTS.arch,
+        help=", ".join(f"{name} ({recipe.description})" for name, recipe in RECIPES.items())
+        + f" (default: {DEFAULTS.arch})",
     )
     parser.add_argument("--epochs", type=int, default=None, help="(default: the architecture's recipe)")
     parser.add_argument("--batch-size", type=int, default=None, help="(default: the architecture's recipe)")
@@ -56,20 +61,24 @@ def _add_train(commands) -> None:
     parser.add_argument(
         "--learning-rate", type=float, default=None, help="(default: the architecture's recipe)"
     )
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULTS.random_seed,
+        help="seeds the split, weights, order and augmentation",
+    )
+    parser.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction)
     parser.add_argument(
         "--threshold-rule",
-        default="youden",
-        help="youden | sensitivity:0.95 | fixed:0.5 (chosen on the val split)",
+        default=str(DEFAULTS.threshold_rule),
+        help="youden | sensitivity:0.95 | fixed:0.5, chosen on the val split "
+        f"(default: {DEFAULTS.threshold_rule})",
     )
     parser.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
     parser.set_defaults(handler=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pneumoscan.config import Config
-
     try:
         config = Config(
             arch=args.arch,
@@ -77,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
-            seed=args.seed,
+            random_seed=args.seed,
             val_fraction=args.val_fraction,
             threshold_rule=args.threshold_rule,
         ).resolved()
@@ -115,7 +124,7 @@ def _add_evaluate(commands) -> None:
         "--out", type=Path, default=None, help="REPORT_DIR for metrics.json, plots, report.html"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH)
     parser.set_defaults(handler=_evaluate)
 
 
@@ -145,16 +154,14 @@ def _add_threshold(commands) -> None:
 
 
 def _threshold(args: argparse.Namespace) -> int:
-    from pneumoscan.calibrate import parse_threshold_rule
-
     try:
-        parse_threshold_rule(args.rule)
+        rule = ThresholdRule.parse(args.rule)
     except ValueError as error:
         raise UsageError(str(error)) from None
     from pneumoscan.calibrate import describe_calibration
     from pneumoscan.evaluate import rechoose_threshold
 
-    meta = rechoose_threshold(args.model, args.data, args.rule)
+    meta = rechoose_threshold(args.model, args.data, rule)
     t, val = meta["threshold"], meta["metrics"]["val"]
     print(
         f"{args.model}: threshold {t['value']:.4f} ({t['rule']}, chosen on {t['split']}); "
@@ -171,7 +178,7 @@ def _add_predict(commands) -> None:
         "--model", type=Path, default=None, help="run folder or bundle (default: the bundled model)"
     )
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH)
     parser.set_defaults(handler=_predict)
 
 
@@ -238,10 +245,9 @@ def _add_demo(commands) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pneumoscan.predict import bundled_model_dir
     from pneumoscan.serve import serve
 
-    bundle = args.model or bundled_model_dir()
+    bundle = args.model or bundle_module.bundled_dir()
     if bundle is None:
         raise UsageError(
             "this installation has no bundled model; pass --model BUNDLE (made by pneumoscan export)."
@@ -307,11 +313,10 @@ def _error_code(error: BaseException) -> int | None:
     """Exit code for an error a person can act on; None for a bug."""
     from pneumoscan.data import DataError
     from pneumoscan.metadata import MetadataError
-    from pneumoscan.predict import ModelNotFound
     from pneumoscan.preprocess import ImageError
     from pneumoscan.serve import ServeError
 
-    usage = [UsageError, DataError, ModelNotFound, ServeError]
+    usage = [UsageError, DataError, bundle_module.ModelNotFound, ServeError]
     if "pneumoscan.train" in sys.modules:
         usage.append(sys.modules["pneumoscan.train"].RunConflict)
     if isinstance(error, tuple(usage)):

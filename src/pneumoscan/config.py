@@ -1,7 +1,10 @@
 """The one configuration object: `pneumoscan train` builds it, every stage reads it.
 
-A run writes the resolved configuration to `RUN_DIR/config.json`; the same command on the
-same folder compares against it to resume, or to refuse a changed configuration.
+`Config` holds every hyper-parameter of a run. A field left at None takes the value of the
+architecture's `Recipe` (`RECIPES`) in `Config.resolved()`; the resolved configuration is what a
+run records in `RUN_DIR/config.json`, and the same command on the same folder compares against
+it to resume, or to refuse a changed configuration. The CLI takes its defaults from here, and
+the threshold rule is parsed here, once (`ThresholdRule.parse`).
 """
 
 from __future__ import annotations
@@ -12,28 +15,163 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pneumoscan.io import write_json_atomic
+
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
-SCHEDULES = ("plateau", "cosine")
 POSITIVE_CLASS = "PNEUMONIA"
+SCHEDULES = ("plateau", "cosine")
+# Names a configuration once used, and what they are called now: old run folders still resume.
+RENAMED_KEYS = {"seed": "random_seed"}
+RENAMED_AUGMENT_KEYS = {"shift": "translation"}
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How the operating threshold is chosen on the validation split.
+
+    `youden` (maximise sensitivity + specificity - 1), `sensitivity:X` (the largest threshold whose
+    sensitivity is at least X, 0 < X <= 1) or `fixed:X` (X itself, 0 <= X <= 1). `text` is the rule
+    as written, which metadata.json records.
+    """
+
+    kind: str
+    value: float | None
+    text: str
+
+    FORMS = "'youden', 'sensitivity:X' with 0 < X <= 1, or 'fixed:X' with 0 <= X <= 1"
+
+    @classmethod
+    def parse(cls, rule: str | ThresholdRule) -> ThresholdRule:
+        """Raises:
+        ValueError: the rule is none of the three forms.
+        """
+        if isinstance(rule, ThresholdRule):
+            return rule
+        problem = ValueError(f"threshold rule {rule!r} is not understood; use {cls.FORMS}")
+        if not isinstance(rule, str):
+            raise problem
+        if rule == "youden":
+            return cls("youden", None, rule)
+        kind, _, number = rule.partition(":")
+        if kind not in ("sensitivity", "fixed"):
+            raise problem
+        try:
+            value = float(number)
+        except ValueError:
+            raise problem from None
+        lowest_ok = value > 0.0 if kind == "sensitivity" else value >= 0.0
+        if not (lowest_ok and value <= 1.0):  # also rejects NaN
+            raise problem
+        return cls(kind, value, rule)
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training-only augmentation; factors follow Keras' preprocessing layers."""
+    """Training-only augmentation; factors follow Keras' preprocessing layers.
+
+    `translation` is the largest move in each direction, as a fraction of the side.
+    """
 
     rotation_degrees: float = 7.0
     zoom: float = 0.1
-    shift: float = 0.08
+    translation: float = 0.08
     brightness: float = 0.1
     contrast: float = 0.1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture's own hyper-parameters (`model.py` says what each means for each).
+
+    Attributes:
+        widths: filters of each stage (pneumonet) or of each convolution block (seed).
+        stem_filters: filters of pneumonet's 4x4 stride-4 stem; None where there is no stem.
+        dense_units: width of the hidden dense layer (seed); None where there is none.
+        dropout_rate: dropout before the output layer.
+        batchnorm_momentum: momentum of every batch norm; None where there is no batch norm.
+    """
+
+    widths: tuple[int, ...]
+    stem_filters: int | None = None
+    dense_units: int | None = None
+    dropout_rate: float = 0.0
+    batchnorm_momentum: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(self.widths))  # JSON gives a list back
+        if not self.widths or any(width < 1 for width in self.widths):
+            raise ValueError(f"model widths must be positive filter counts, got {self.widths}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {self.dropout_rate}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What an architecture trains with unless told otherwise: a value for each recipe field
+    of `Config`."""
+
+    description: str
+    image_size: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    schedule: str
+    warmup_epochs: int
+    weight_decay: float
+    label_smoothing: float
+    early_stopping_patience: int
+    augment: AugmentConfig
+    model: ModelConfig
+
+
+RECIPES: dict[str, Recipe] = {
+    # Chosen by benchmarks/recipe_search.py on val and shifted val (BENCHMARKS.md): stronger
+    # augmentation beat the light one on shifted-val balanced accuracy; 192 px did not beat 160.
+    # Batch-norm momentum 0.9 (not Keras' 0.99): the moving statistics follow the weights within
+    # ~10 steps, so validation in early, fast-moving epochs is not judged on stale statistics.
+    "pneumonet": Recipe(
+        description="compact residual CNN, grayscale, batch norm, GAP",
+        image_size=160,
+        epochs=30,
+        batch_size=32,
+        learning_rate=1e-3,
+        schedule="cosine",
+        warmup_epochs=2,
+        weight_decay=1e-4,
+        label_smoothing=0.05,
+        early_stopping_patience=8,
+        augment=AugmentConfig(
+            rotation_degrees=10.0, zoom=0.15, translation=0.1, brightness=0.2, contrast=0.3
+        ),
+        model=ModelConfig(widths=(48, 96, 160), stem_filters=32, dropout_rate=0.2, batchnorm_momentum=0.9),
+    ),
+    "seed": Recipe(
+        description="the paper's CNN (Kermany et al., 2018)",
+        image_size=150,
+        epochs=12,
+        batch_size=32,
+        learning_rate=1e-3,
+        schedule="plateau",
+        warmup_epochs=0,
+        weight_decay=0.0,
+        label_smoothing=0.0,
+        early_stopping_patience=4,
+        augment=AugmentConfig(),
+        model=ModelConfig(widths=(32, 64, 128, 128), dense_units=512, dropout_rate=0.5),
+    ),
+}
+RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "description")
 
 
 @dataclass(frozen=True)
 class Config:
     """Every hyper-parameter of a run.
 
-    A recipe field left at None takes the architecture's own value (`model.ARCHITECTURES`,
-    `recipe`) in `resolved()`; the resolved configuration is what a run records.
+    A recipe field (`RECIPE_FIELDS`) left at None takes the architecture's value in `resolved()`.
+    `random_seed` seeds the split of the data, the weights, the data order and the augmentation.
     """
 
     arch: str = "pneumonet"
@@ -46,15 +184,16 @@ class Config:
     weight_decay: float | None = None  # decoupled (AdamW) when > 0
     label_smoothing: float | None = None
     early_stopping_patience: int | None = None
-    seed: int = 1337
+    random_seed: int = 1337
     val_fraction: float = 0.1
     internal_test_fraction: float = 0.1
     class_weights: bool = True
     plateau_patience: int = 2
     plateau_factor: float = 0.5
     min_learning_rate: float = 1e-6
-    threshold_rule: str = "youden"
+    threshold_rule: ThresholdRule | str = "youden"
     augment: AugmentConfig | None = None
+    model: ModelConfig | None = None
 
     def __post_init__(self) -> None:
         def unset_or(value, ok) -> bool:
@@ -95,18 +234,24 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        from pneumoscan.calibrate import parse_threshold_rule
-
-        parse_threshold_rule(self.threshold_rule)  # refuse a bad rule before training, not after
+        # Parsed here, once: a bad rule is refused before training, not after.
+        object.__setattr__(self, "threshold_rule", ThresholdRule.parse(self.threshold_rule))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["threshold_rule"] = str(self.threshold_rule)
+        if self.model is not None:
+            values["model"]["widths"] = list(self.model.widths)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        values = dict(values)
+        values = {RENAMED_KEYS.get(key, key): value for key, value in values.items()}
         if values.get("augment") is not None:
-            values["augment"] = AugmentConfig(**values["augment"])
+            augment = {RENAMED_AUGMENT_KEYS.get(k, k): v for k, v in values["augment"].items()}
+            values["augment"] = AugmentConfig(**augment)
+        if values.get("model") is not None:
+            values["model"] = ModelConfig(**values["model"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -114,15 +259,17 @@ class Config:
         return cls(**values)
 
     def resolved(self) -> Config:
-        """The same configuration with the architecture's defaults filled in."""
-        from pneumoscan.model import ARCHITECTURES
+        """The same configuration with the architecture's recipe filled in.
 
-        if self.arch not in ARCHITECTURES:
+        Raises:
+            ValueError: the architecture has no recipe.
+        """
+        if self.arch not in RECIPES:
             raise ValueError(
-                f"unknown architecture {self.arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}"
+                f"unknown architecture {self.arch!r}; choose one of {', '.join(sorted(RECIPES))}"
             )
-        recipe = ARCHITECTURES[self.arch].recipe
-        missing = {name: value for name, value in recipe.items() if getattr(self, name) is None}
+        recipe = RECIPES[self.arch]
+        missing = {name: getattr(recipe, name) for name in RECIPE_FIELDS if getattr(self, name) is None}
         return dataclasses.replace(self, **missing)
 
     def differences(self, other: Config) -> list[str]:
@@ -135,13 +282,14 @@ class Config:
         ]
 
     def save(self, path: Path) -> None:
-        from pneumoscan.io import write_json_atomic
-
         write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Path) -> Config:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+DEFAULTS = Config()
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

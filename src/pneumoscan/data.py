@@ -3,10 +3,15 @@
 Layouts: `ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*` (Kaggle/Mendeley) or a single split
 folder `ROOT/{NORMAL,PNEUMONIA}/*`. Splits are fixed file lists made here, before any tf.data
 pipeline exists, so they never reshuffle and never leak patients or duplicate files.
+
+`find_images` is the one rule for which files of a folder are images (also for `predict`), and
+`scan` decodes each image once: given the model's input size it keeps each image's model input
+(`Sample.image`), which training and evaluation use without decoding the file again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -15,8 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from pneumoscan.config import CLASS_NAMES
-from pneumoscan.preprocess import IMAGE_SUFFIXES, ImageError, load_grayscale
+from pneumoscan.preprocess import IMAGE_SUFFIXES, ImageError, load_grayscale, resize
 
 PATIENT_ID = re.compile(r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)")
 SPLIT_NAMES = ("train", "val", "internal-test")
@@ -37,6 +44,8 @@ class Sample:
     label: int  # index into CLASS_NAMES
     patient: str
     sha256: str
+    # The model input (S, S, 1) float32 in [0, 255], when the scan was given the input size.
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -86,8 +95,21 @@ def find_layout(root: Path) -> dict[str, Path]:
     return splits
 
 
+def find_images(folder: Path) -> list[Path]:
+    """The image files under `folder`, recursively, sorted: regular files with a .jpeg, .jpg or
+    .png suffix (any case), skipping hidden files and anything inside a hidden folder."""
+    folder = Path(folder)
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+
+
 def list_images(split_dir: Path) -> list[tuple[Path, int]]:
-    """(path, label) for every image file of a split folder, sorted.
+    """(path, label) for every image file of a split folder (`find_images`), sorted.
 
     Raises:
         DataError: a class folder is missing or holds no images.
@@ -97,20 +119,21 @@ def list_images(split_dir: Path) -> list[tuple[Path, int]]:
             raise DataError(f"{split_dir / name}: class folder is missing.")
     found = []
     for label, name in enumerate(CLASS_NAMES):
-        class_dir = split_dir / name
-        files = sorted(
-            p
-            for p in class_dir.rglob("*")
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = find_images(split_dir / name)
         if not files:
-            raise DataError(f"{class_dir}: holds no .jpeg, .jpg or .png images.")
+            raise DataError(f"{split_dir / name}: holds no .jpeg, .jpg or .png images.")
         found.extend((path, label) for path in files)
     return found
 
 
-def scan(split_dir: Path) -> Scan:
-    """Read, hash and decode every image of a split folder; unreadable ones are skipped."""
+def scan(split_dir: Path, image_size: int | None = None) -> Scan:
+    """Read, hash and decode every image of a split folder; unreadable ones are skipped.
+
+    Args:
+        split_dir: a folder holding NORMAL/ and PNEUMONIA/.
+        image_size: when given, each sample keeps its model input (`Sample.image`), made from
+            this one decode, so nothing downstream decodes the file again.
+    """
     split_dir = Path(split_dir)
     listed = list_images(split_dir)
 
@@ -118,7 +141,7 @@ def scan(split_dir: Path) -> Scan:
         path, label = item
         try:
             data = path.read_bytes()
-            load_grayscale(path, data)
+            gray = load_grayscale(path, data)
         except (ImageError, OSError) as error:
             return str(error) if isinstance(error, ImageError) else f"{path}: {error.strerror}."
         return Sample(
@@ -127,6 +150,7 @@ def scan(split_dir: Path) -> Scan:
             label=label,
             patient=patient_id(path.name) or "",
             sha256=hashlib.sha256(data).hexdigest(),
+            image=None if image_size is None else resize(gray, image_size).numpy(),
         )
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -140,8 +164,19 @@ def scan(split_dir: Path) -> Scan:
     return Scan(split_dir, samples, unreadable, unmatched)
 
 
+def inputs(samples: list[Sample]) -> np.ndarray:
+    """The samples' model inputs stacked: (n, S, S, 1) float32.
+
+    Raises:
+        ValueError: the samples were scanned without an image size.
+    """
+    if any(sample.image is None for sample in samples):
+        raise ValueError("these samples were scanned without an image size; pass image_size to scan()")
+    return np.stack([sample.image for sample in samples])
+
+
 def _own_group(sample: Sample) -> Sample:
-    return Sample(sample.path, sample.relpath, sample.label, f"file:{sample.relpath}", sample.sha256)
+    return dataclasses.replace(sample, patient=f"file:{sample.relpath}")
 
 
 def _groups(samples: list[Sample]) -> list[list[Sample]]:
@@ -257,14 +292,19 @@ class DataSplits:
         return "\n".join(rows)
 
 
-def load_splits(root: Path, val_fraction: float, test_fraction: float, seed: int) -> DataSplits:
-    """Scan a dataset folder and build its train / val / internal-test file lists."""
+def load_splits(
+    root: Path, val_fraction: float, test_fraction: float, seed: int, image_size: int | None = None
+) -> DataSplits:
+    """Scan a dataset folder and build its train / val / internal-test file lists.
+
+    With `image_size`, every sample keeps its model input (see `scan`).
+    """
     layout = find_layout(Path(root))
-    train_scan = scan(layout["train"])
+    train_scan = scan(layout["train"], image_size)
     scans = {"train": train_scan}
     given_val = None
     if "val" in layout:
-        val_scan = scan(layout["val"])
+        val_scan = scan(layout["val"], image_size)
         scans["val"] = val_scan
         if len(val_scan.samples) >= MIN_GIVEN_VAL:
             given_val = val_scan.samples
@@ -287,13 +327,17 @@ def load_splits(root: Path, val_fraction: float, test_fraction: float, seed: int
     return DataSplits(Path(root), splits, rule, scans)
 
 
-def rebuild_splits(root: Path, rule: dict, digests: dict[str, str] | None = None) -> DataSplits:
+def rebuild_splits(
+    root: Path, rule: dict, digests: dict[str, str] | None = None, image_size: int | None = None
+) -> DataSplits:
     """The splits a model was trained with, rebuilt from `root` by its recorded rule.
 
     Raises:
         DataError: a rebuilt split's digest differs from the recorded one (other data).
     """
-    splits = load_splits(Path(root), rule["val_fraction"], rule["internal_test_fraction"], rule["seed"])
+    splits = load_splits(
+        Path(root), rule["val_fraction"], rule["internal_test_fraction"], rule["seed"], image_size
+    )
     for name, expected in (digests or {}).items():
         if name in splits.splits and split_digest(splits.splits[name]) != expected:
             raise DataError(

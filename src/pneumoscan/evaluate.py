@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import metadata as metadata_io
-from pneumoscan.config import CLASS_NAMES
-from pneumoscan.data import DataError, Sample, find_layout, rebuild_splits, scan
+from pneumoscan.bundle import INFERENCE_BATCH, Bundle
+from pneumoscan.calibrate import fit_operating_point
+from pneumoscan.config import CLASS_NAMES, ThresholdRule
+from pneumoscan.data import DataError, Sample, find_layout, inputs, rebuild_splits, scan
 from pneumoscan.metrics import CI_METRICS, bootstrap_ci, summarize, to_json_safe
-from pneumoscan.predict import LoadedModel, load_model, raw_outputs
 
 SPLITS = ("test", "val", "internal-test", "train")
 
@@ -38,8 +39,12 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
 
 
-def select_samples(meta: dict, data_dir: Path, split: str) -> tuple[list[Sample], str, list[str]]:
+def select_samples(
+    meta: dict, data_dir: Path, split: str, image_size: int | None = None
+) -> tuple[list[Sample], str, list[str]]:
     """The images to evaluate, a name for them, and notes (unreadable files skipped, ...).
+
+    With `image_size`, each sample carries its model input from the scan's one decode.
 
     Raises:
         DataError: the folder or the requested split does not exist (exit 2).
@@ -48,7 +53,7 @@ def select_samples(meta: dict, data_dir: Path, split: str) -> tuple[list[Sample]
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
     if any((data_dir / name).is_dir() for name in CLASS_NAMES):
-        found = scan(data_dir)
+        found = scan(data_dir, image_size)
         return found.samples, str(data_dir), _scan_notes(found)
     layout = find_layout(data_dir)
     if split == "test":
@@ -57,10 +62,10 @@ def select_samples(meta: dict, data_dir: Path, split: str) -> tuple[list[Sample]
                 f"{data_dir / 'test'}: no such folder; pass --split val or internal-test, "
                 "or --data a folder holding NORMAL/ and PNEUMONIA/."
             )
-        found = scan(layout["test"])
+        found = scan(layout["test"], image_size)
         return found.samples, "test", _scan_notes(found)
     digests = {name: info["digest"] for name, info in meta["data"]["splits"].items()}
-    rebuilt = rebuild_splits(data_dir, meta["data"]["rule"], digests)
+    rebuilt = rebuild_splits(data_dir, meta["data"]["rule"], digests, image_size)
     notes = [n for s in rebuilt.scans.values() for n in _scan_notes(s)]
     return rebuilt.splits[split], split, notes
 
@@ -81,23 +86,23 @@ def training_overlap(model_dir: Path, samples: list[Sample]) -> int | None:
 
 
 def evaluate(
-    model: str | Path | LoadedModel | None,
+    model: str | Path | Bundle | None,
     data_dir: Path,
     split: str = "test",
-    batch_size: int = 32,
+    batch_size: int = INFERENCE_BATCH,
     n_resamples: int = 1000,
 ) -> Evaluation:
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    samples, name, notes = select_samples(loaded.metadata, data_dir, split)
-    overlap = training_overlap(loaded.folder, samples)
+    bundle = Bundle.load(model)
+    samples, name, notes = select_samples(bundle.metadata, data_dir, split, bundle.image_size)
+    overlap = training_overlap(bundle.folder, samples)
     if overlap:
         notes.append(
             f"warning: {overlap} of the {len(samples)} evaluated files were in the model's "
             "training split; these figures are optimistic."
         )
-    labels, raw = split_outputs(loaded, samples, batch_size)
-    probabilities = loaded.calibrated(raw)
-    threshold = float(loaded.metadata["threshold"]["value"])
+    labels, raw = split_outputs(bundle, samples, batch_size)
+    probabilities = bundle.calibrated(raw)
+    threshold = bundle.threshold
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = summarize(labels, probabilities, threshold)
@@ -112,7 +117,7 @@ def evaluate(
     notes.extend(sorted({f"warning: {w.message}" for w in caught}))
     result["at_0_5"] = {k: v for k, v in at_half.items() if k != "threshold"}
     return Evaluation(
-        to_json_safe(result), name, loaded.folder, loaded.metadata, samples, labels, probabilities, notes
+        to_json_safe(result), name, bundle.folder, bundle.metadata, samples, labels, probabilities, notes
     )
 
 
@@ -137,39 +142,24 @@ def _num(value) -> str:
 
 
 def split_outputs(
-    loaded: LoadedModel, samples: list[Sample], batch_size: int = 32
+    bundle: Bundle, samples: list[Sample], batch_size: int = INFERENCE_BATCH
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, raw float32 model outputs) for scanned samples, in their order."""
-    outputs = [out for _, _, out in raw_outputs(loaded, [s.path for s in samples], batch_size)]
-    return np.array([s.label for s in samples]), np.array(outputs, dtype=np.float32)
+    """(labels, raw float32 model outputs) for samples scanned with the model's input size."""
+    return np.array([s.label for s in samples]), bundle.forward(inputs(samples), batch_size)
 
 
-def fit_operating_point(loaded: LoadedModel, samples: list[Sample], rule: str, batch_size: int = 32) -> dict:
-    """The model's metadata with calibration, threshold (by `rule`) and `metrics.val` fitted on
-    `samples`, which must be the validation split."""
-    from pneumoscan.calibrate import operating_point
-
-    labels, raw = split_outputs(loaded, samples, batch_size)
-    meta = dict(loaded.metadata)
-    meta["calibration"], meta["threshold"] = operating_point(labels, raw, rule)
-    calibrated = LoadedModel(loaded.folder, loaded.model, meta).calibrated(raw)
-    meta.setdefault("metrics", {})["val"] = to_json_safe(
-        summarize(labels, calibrated, meta["threshold"]["value"])
-    )
-    return meta
-
-
-def rechoose_threshold(model_dir: Path, data_dir: Path, rule: str, batch_size: int = 32) -> dict:
+def rechoose_threshold(
+    model_dir: Path, data_dir: Path, rule: ThresholdRule | str, batch_size: int = INFERENCE_BATCH
+) -> dict:
     """Refit calibration and re-choose the threshold on the rebuilt val split; rewrite metadata.
 
     Returns:
         The new metadata.
     """
-    from pneumoscan.calibrate import parse_threshold_rule
-
-    parse_threshold_rule(rule)
-    loaded = load_model(model_dir)
-    samples, _, _ = select_samples(loaded.metadata, data_dir, "val")
-    meta = fit_operating_point(loaded, samples, rule, batch_size)
-    metadata_io.write(loaded.folder, meta)
+    rule = ThresholdRule.parse(rule)  # a bad rule is refused before the data is read
+    bundle = Bundle.load(model_dir)
+    samples, _, _ = select_samples(bundle.metadata, data_dir, "val", bundle.image_size)
+    labels, raw = split_outputs(bundle, samples, batch_size)
+    meta = metadata_io.with_operating_point(bundle.metadata, fit_operating_point(labels, raw, rule))
+    metadata_io.write(bundle.folder, meta)
     return meta

@@ -4,10 +4,9 @@ Occlusion saliency: each patch of the model's input is replaced by the image mea
 in the model's raw output is spread back over the patch (averaged where patches overlap).
 `region_shares` then says how much of the positive saliency falls on the corners (where the
 burned-in "R"/"L" markers and labels sit), on the border band (collimator edges, film borders)
-and on the central lung field. Two direct checks complement the map: `marker_sensitivity`
-pastes a bright synthetic marker into each corner (and blacks the corners out) and
-`stability` shifts and crops the image a little; both report the largest change of the
-calibrated probability, which a model that reads the lungs keeps small.
+and on the central lung field. A direct check complements the map: `robustness.marker_sensitivity`
+pastes a bright synthetic marker into each corner (and blacks the corners out) and reports the
+largest change of the calibrated probability, which a model that reads the lungs keeps small.
 
 Everything works on the model's (S, S, 1) float32 input in [0, 255], as made by
 `pneumoscan.preprocess.decode_to_input`, so the maps line up with what the model saw.
@@ -19,29 +18,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
-from pneumoscan.predict import LoadedModel, expand_paths, load_model, table
-from pneumoscan.preprocess import ImageError, decode_to_input, resize
+from pneumoscan.bundle import Bundle
+from pneumoscan.predict import expand_paths, table
+from pneumoscan.preprocess import ImageError, decode_to_input
+from pneumoscan.robustness import CORNER_FRACTION, check_input, corners, marker_sensitivity
 
-BATCH_SIZE = 64  # occluded copies per forward pass
+BATCH_SIZE = 64  # occluded copies made at a time
 FILLS = ("mean", "zero")  # what an occluded patch is filled with
 # Regions, as fractions of the side S of the (square) model input. They overlap: a corner
-# square lies partly in the border band, so the shares need not add up to 1.
-CORNER_FRACTION = 0.15  # side of each corner square: where L/R markers and text labels sit
+# square (CORNER_FRACTION, where L/R markers and text labels sit) lies partly in the border
+# band, so the shares need not add up to 1.
 BORDER_FRACTION = 0.10  # width of the outer band: film edges, collimation, rotation gaps
 CENTRE_HEIGHT, CENTRE_WIDTH = 0.70, 0.60  # the central field: both lungs and the heart
-# The synthetic marker: a bright letter (255) on a dark box (0), as lead markers appear.
-MARKER_LETTERS = ("R", "L")
-MARKER_HEIGHT = 0.08  # letter height, a fraction of S (real markers: 5-10% of the film)
-MARKER_MARGIN = 0.02  # gap between the marker box and the image edges
-# Small acquisition changes a model should shrug off (training augments with similar ones).
-SHIFT_FRACTION = 0.04  # translation, in each direction, zero (black) fill
-CROP_FRACTION = 0.05  # cut from each side, then resized back to S
 
 
 def occlusion_map(
-    loaded: LoadedModel,
+    bundle: Bundle,
     x: np.ndarray,
     patch: int | None = None,
     stride: int | None = None,
@@ -50,7 +43,7 @@ def occlusion_map(
     """Drop in the model's raw output when each patch is occluded, as an (S, S) map.
 
     Args:
-        loaded: the model (its raw, uncalibrated sigmoid output is used).
+        bundle: the model (its raw, uncalibrated sigmoid output is used).
         x: one (S, S, 1) input in [0, 255].
         patch: side of the square patch; default S // 8.
         stride: step between patches; default patch // 2. The last row and column of
@@ -64,7 +57,7 @@ def occlusion_map(
     Raises:
         ValueError: wrong input shape, patch or stride out of range, or unknown fill.
     """
-    image = _check_input(loaded, x)
+    image = check_input(bundle, x)
     size = image.shape[0]
     patch = max(1, size // 8) if patch is None else patch
     stride = max(1, patch // 2) if stride is None else stride
@@ -78,13 +71,13 @@ def occlusion_map(
     for i, start in enumerate(starts):
         covers[i, start : start + patch] = True
     rows, cols = np.divmod(np.arange(len(starts) ** 2), len(starts))  # every (row, col) pair
-    base = _raw(loaded, image[np.newaxis])[0]
+    base = np.float64(bundle.forward(image[np.newaxis])[0])
     drops = np.empty(len(rows))
     for begin in range(0, len(rows), BATCH_SIZE):
         r, c = rows[begin : begin + BATCH_SIZE], cols[begin : begin + BATCH_SIZE]
         masks = covers[r][:, :, np.newaxis] & covers[c][:, np.newaxis, :]  # (batch, S, S)
         copies = np.where(masks[..., np.newaxis], value, image[np.newaxis])  # (batch, S, S, 1)
-        drops[begin : begin + len(r)] = base - _raw(loaded, copies)
+        drops[begin : begin + len(r)] = base - bundle.forward(copies).astype(np.float64)
     grid = drops.reshape(len(starts), len(starts))
     cover = covers.astype(np.float64)
     total = cover.T @ grid @ cover  # (S, S) sum of drops of the patches over each pixel
@@ -92,7 +85,7 @@ def occlusion_map(
     return total / count
 
 
-def grad_cam(loaded: LoadedModel, x: np.ndarray) -> np.ndarray | None:
+def grad_cam(bundle: Bundle, x: np.ndarray) -> np.ndarray | None:
     """Grad-CAM on the feature map entering the model's GlobalAveragePooling2D layer.
 
     Returns:
@@ -102,11 +95,11 @@ def grad_cam(loaded: LoadedModel, x: np.ndarray) -> np.ndarray | None:
     import keras
     import tensorflow as tf
 
-    image = _check_input(loaded, x)
-    pools = [layer for layer in loaded.model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
+    image = check_input(bundle, x)
+    pools = [layer for layer in bundle.model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
     if not pools:
         return None
-    probe = keras.Model(loaded.model.inputs, [pools[-1].input, loaded.model.outputs[0]])
+    probe = keras.Model(bundle.model.inputs, [pools[-1].input, bundle.model.outputs[0]])
     with tf.GradientTape() as tape:
         features, output = probe(tf.constant(image[np.newaxis]), training=False)  # (1, h, w, c)
     gradients = tape.gradient(output, features)
@@ -165,105 +158,8 @@ def region_shares(saliency: np.ndarray, border: float = BORDER_FRACTION) -> dict
     }
 
 
-def marker_variants(x: np.ndarray) -> dict[str, np.ndarray]:
-    """Copies of the (S, S, 1) input with a synthetic marker in one corner, or corners blacked out.
-
-    Keys: `"R top-left"` ... `"L bottom-right"` (a letter per `MARKER_LETTERS` and corner),
-    `"black top-left"` ... (one corner square set to 0) and `"black corners"` (all four).
-    """
-    image = np.asarray(x, dtype=np.float32)
-    size = image.shape[0]
-    margin, corner = round(MARKER_MARGIN * size), max(1, round(CORNER_FRACTION * size))
-    variants = {}
-    for letter in MARKER_LETTERS:
-        stamp = _marker_stamp(letter, size)
-        height, width = stamp.shape
-        for name, (top, left) in _corners(size, height, width, margin).items():
-            copy = image.copy()
-            copy[top : top + height, left : left + width, 0] = stamp
-            variants[f"{letter} {name}"] = copy
-    blacked = image.copy()
-    for name, (top, left) in _corners(size, corner, corner, 0).items():
-        copy = image.copy()
-        copy[top : top + corner, left : left + corner] = 0.0
-        blacked[top : top + corner, left : left + corner] = 0.0
-        variants[f"black {name}"] = copy
-    variants["black corners"] = blacked
-    return variants
-
-
-def with_copies(
-    loaded: LoadedModel, x: np.ndarray, *copies: dict[str, np.ndarray]
-) -> tuple[float, list[np.ndarray]]:
-    """Calibrated probabilities of the input and of each group of copies, in one forward pass.
-
-    Returns:
-        The input's probability, and per group of `copies` (e.g. `shift_variants(x)`) a float64
-        array of its copies' probabilities, in the group's order.
-    """
-    image = _check_input(loaded, x)
-    probabilities = _probabilities(
-        loaded, np.stack([image, *(v for group in copies for v in group.values())])
-    )
-    ends = np.cumsum([len(group) for group in copies])
-    return float(probabilities[0]), np.split(probabilities[1:], ends[:-1])
-
-
-def marker_effects(loaded: LoadedModel, x: np.ndarray) -> dict[str, float]:
-    """Calibrated probability of each `marker_variants` copy minus that of the input."""
-    variants = marker_variants(_check_input(loaded, x))
-    base, (probabilities,) = with_copies(loaded, x, variants)
-    return {name: float(p - base) for name, p in zip(variants, probabilities, strict=True)}
-
-
-def marker_sensitivity(loaded: LoadedModel, x: np.ndarray) -> float:
-    """Largest |change of calibrated probability| over `marker_variants`: ~0 for a model that
-    ignores the corners."""
-    return max(abs(delta) for delta in marker_effects(loaded, x).values())
-
-
-def shift_variants(x: np.ndarray) -> dict[str, np.ndarray]:
-    """The (S, S, 1) input moved by `SHIFT_FRACTION` of S in 8 directions, zero (black) fill."""
-    image = np.asarray(x, dtype=np.float32)
-    step = max(1, round(SHIFT_FRACTION * image.shape[0]))
-    return {
-        f"shift {dy:+d},{dx:+d}": _shift(image, dy, dx)
-        for dy in (-step, 0, step)
-        for dx in (-step, 0, step)
-        if (dy, dx) != (0, 0)
-    }
-
-
-def crop_variants(x: np.ndarray) -> dict[str, np.ndarray]:
-    """Crops resized back to S (bilinear, `preprocess.resize`): `CROP_FRACTION` cut from every
-    side ("crop centre"), and twice that from two sides, keeping one corner ("crop top-left"...)."""
-    image = np.asarray(x, dtype=np.float32)
-    size = image.shape[0]
-    cut = max(1, round(CROP_FRACTION * size))
-    keep = size - 2 * cut
-    boxes = {"crop centre": (cut, cut)}
-    boxes.update({f"crop {name}": start for name, start in _corners(size, keep, keep, 0).items()})
-    return {
-        name: resize(image[top : top + keep, left : left + keep], size).numpy()
-        for name, (top, left) in boxes.items()
-    }
-
-
-def stability(loaded: LoadedModel, x: np.ndarray) -> dict[str, float]:
-    """Largest |change of calibrated probability| under small shifts and crops.
-
-    Returns:
-        `{probability, shift, crop, max}`: the input's calibrated probability, the largest
-        change over `shift_variants`, over `crop_variants`, and over both.
-    """
-    image = _check_input(loaded, x)
-    base, (shifts, crops) = with_copies(loaded, image, shift_variants(image), crop_variants(image))
-    shift, crop = float(np.abs(shifts - base).max()), float(np.abs(crops - base).max())
-    return {"probability": base, "shift": shift, "crop": crop, "max": max(shift, crop)}
-
-
 def explain_files(
-    model: str | Path | LoadedModel | None, paths: Sequence[str | Path], out_dir: str | Path
+    model: str | Path | Bundle | None, paths: Sequence[str | Path], out_dir: str | Path
 ) -> list[dict]:
     """Occlusion maps for files and folders (recursively), one overlay PNG per image.
 
@@ -278,7 +174,7 @@ def explain_files(
         border_share, centre_share, marker_sensitivity, png}`, or `{path, error}` for a file
         that cannot be used (the others go on).
     """
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    bundle = Bundle.load(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
@@ -288,11 +184,11 @@ def explain_files(
             records.append(item)
             continue
         try:
-            x = decode_to_input(item, loaded.image_size)
+            x = decode_to_input(item, bundle.image_size)
         except ImageError as error:
             records.append({"path": str(item), "error": str(error)})
             continue
-        records.append(_explain_one(loaded, x, item, out / _png_name(item.stem, taken)))
+        records.append(_explain_one(bundle, x, item, out / _png_name(item.stem, taken)))
     return records
 
 
@@ -337,7 +233,7 @@ def save_overlay(x: np.ndarray, saliency: np.ndarray, path: str | Path, title: s
         )
     )
     corner = max(1, round(CORNER_FRACTION * size))
-    for top, left in _corners(size, corner, corner, 0).values():
+    for top, left in corners(size, corner, corner, 0).values():
         axes.add_patch(
             Rectangle(
                 (left - 0.5, top - 0.5),
@@ -354,9 +250,9 @@ def save_overlay(x: np.ndarray, saliency: np.ndarray, path: str | Path, title: s
     figure.savefig(path)
 
 
-def _explain_one(loaded: LoadedModel, x: np.ndarray, path: Path, png: Path) -> dict:
-    saliency = occlusion_map(loaded, x)
-    probability = float(_probabilities(loaded, x[np.newaxis])[0])
+def _explain_one(bundle: Bundle, x: np.ndarray, path: Path, png: Path) -> dict:
+    saliency = occlusion_map(bundle, x)
+    probability = float(bundle.probabilities(x[np.newaxis])[0])
     shares = region_shares(saliency)
     save_overlay(
         x,
@@ -369,7 +265,7 @@ def _explain_one(loaded: LoadedModel, x: np.ndarray, path: Path, png: Path) -> d
         "path": str(path),
         "probability": probability,
         **shares,
-        "marker_sensitivity": marker_sensitivity(loaded, x),
+        "marker_sensitivity": marker_sensitivity(bundle, x),
         "png": str(png),
     }
 
@@ -383,63 +279,6 @@ def _png_name(stem: str, taken: set[str]) -> str:
     return f"{name}_occlusion.png"
 
 
-def _check_input(loaded: LoadedModel, x: np.ndarray) -> np.ndarray:
-    image = np.asarray(x, dtype=np.float32)
-    size = loaded.image_size
-    if image.shape != (size, size, 1):
-        raise ValueError(f"expected one ({size}, {size}, 1) model input; got shape {image.shape}")
-    return image
-
-
-def _raw(loaded: LoadedModel, images: np.ndarray) -> np.ndarray:
-    """Raw model outputs, float64 (n,), for (n, S, S, 1) inputs, BATCH_SIZE at a time."""
-    outputs = [
-        np.asarray(loaded.model(images[i : i + BATCH_SIZE], training=False)).reshape(-1)
-        for i in range(0, len(images), BATCH_SIZE)
-    ]
-    return np.concatenate(outputs).astype(np.float64)
-
-
-def _probabilities(loaded: LoadedModel, images: np.ndarray) -> np.ndarray:
-    return np.asarray(loaded.calibrated(_raw(loaded, images)), dtype=np.float64).reshape(-1)
-
-
 def _patch_starts(size: int, patch: int, stride: int) -> list[int]:
     starts = list(range(0, size - patch + 1, stride))
     return starts if starts[-1] == size - patch else [*starts, size - patch]
-
-
-def _corners(size: int, height: int, width: int, margin: int) -> dict[str, tuple[int, int]]:
-    """(top, left) of a height x width box `margin` pixels in from each corner."""
-    bottom, right = size - margin - height, size - margin - width
-    return {
-        "top-left": (margin, margin),
-        "top-right": (margin, right),
-        "bottom-left": (bottom, margin),
-        "bottom-right": (bottom, right),
-    }
-
-
-def _marker_stamp(letter: str, size: int) -> np.ndarray:
-    """float32 (h, w): the letter in PIL's default bitmap font at MARKER_HEIGHT * size, white
-    (255) on a black (0) box with a margin of a quarter of its height."""
-    font = ImageFont.load_default_imagefont()
-    left, top, right, bottom = font.getbbox(letter)
-    canvas = Image.new("L", (right - left, bottom - top), 0)
-    ImageDraw.Draw(canvas).text((-left, -top), letter, fill=255, font=font)
-    glyph = canvas.crop(canvas.getbbox())  # the ink only
-    height = max(3, round(MARKER_HEIGHT * size))
-    width = max(2, round(glyph.width * height / glyph.height))
-    ink = np.asarray(glyph.resize((width, height), Image.Resampling.NEAREST)) > 127
-    pad = max(1, height // 4)
-    return np.pad(np.where(ink, 255.0, 0.0), pad).astype(np.float32)
-
-
-def _shift(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Move content down by dy and right by dx pixels (negative: up, left); zeros come in."""
-    size = image.shape[0]
-    out = np.zeros_like(image)
-    out[max(dy, 0) : size + min(dy, 0), max(dx, 0) : size + min(dx, 0)] = image[
-        max(-dy, 0) : size + min(-dy, 0), max(-dx, 0) : size + min(-dx, 0)
-    ]
-    return out

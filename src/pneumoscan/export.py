@@ -21,8 +21,8 @@ import shutil
 from pathlib import Path
 
 from pneumoscan import metadata as metadata_io
+from pneumoscan.bundle import Bundle, set_named_weights
 from pneumoscan.io import replace_dir_atomic
-from pneumoscan.predict import load_model
 
 FORMATS = ("keras", "saved_model", "h5", "tfjs")
 
@@ -40,36 +40,34 @@ def export_bundle(
         ExportError: `out_dir` exists, is not a bundle and is not empty.
         ValueError: a layer TF.js cannot run, or an unknown `quantize` (from pneumoscan.tfjs).
     """
-    from pneumoscan.tfjs import named_weights, read_weights, write_tfjs
+    from pneumoscan.tfjs import read_weights, write_tfjs
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / metadata_io.FILE_NAME).exists():
         raise ExportError(f"{out_dir}: folder is not empty and holds no model bundle; choose another --out.")
-    loaded = load_model(run_dir)
+    bundle = Bundle.load(run_dir)
     build = out_dir.with_name(f".{out_dir.name}.export")
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     try:
-        tfjs = write_tfjs(loaded.model, build / "tfjs", quantize=quantize)
+        tfjs = write_tfjs(bundle.model, build / "tfjs", quantize=quantize)
         if quantize != "none":  # the browser's weights, for every other format too
-            rounded = read_weights(build / "tfjs")
-            for name, variable in named_weights(loaded.model):
-                variable.assign(rounded[name])
+            set_named_weights(bundle.model, read_weights(build / "tfjs"))
         if "tfjs" not in formats:
             shutil.rmtree(build / "tfjs")
             tfjs = None
         if "keras" in formats:
-            loaded.model.save(build / "model.keras")
+            bundle.model.save(build / "model.keras")
         if "saved_model" in formats:
-            loaded.model.export(str(build / "saved_model"), format="tf_saved_model", verbose=False)
+            bundle.model.export(str(build / "saved_model"), format="tf_saved_model", verbose=False)
         if "h5" in formats:
-            loaded.model.save(build / "model.h5")
-        if (loaded.folder / "splits.json").is_file():
-            shutil.copy2(loaded.folder / "splits.json", build / "splits.json")
-        meta = dict(loaded.metadata)
+            bundle.model.save(build / "model.h5")
+        if (bundle.folder / "splits.json").is_file():
+            shutil.copy2(bundle.folder / "splits.json", build / "splits.json")
+        meta = dict(bundle.metadata)
         meta["export"] = {
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "source": str(loaded.folder),
+            "source": str(bundle.folder),
             "quantize": quantize,
             "weights": "float32" if quantize == "none" else f"{quantize}-rounded in every format",
             "formats": [f for f in FORMATS if f in formats],

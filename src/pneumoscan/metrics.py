@@ -91,7 +91,7 @@ def _same_length(first: np.ndarray, first_name: str, second: np.ndarray, second_
         )
 
 
-def _pair(y_true: Any, y_prob: Any, prob_name: str = "y_prob") -> tuple[np.ndarray, np.ndarray]:
+def paired_inputs(y_true: Any, y_prob: Any, prob_name: str = "y_prob") -> tuple[np.ndarray, np.ndarray]:
     """Validated (labels, probabilities) of equal length."""
     labels, probs = _labels(y_true), _probabilities(y_prob, prob_name)
     _same_length(labels, "y_true", probs, prob_name)
@@ -231,7 +231,7 @@ def _ap_from_levels(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
 
 
 def _ranking_metric(metric: str, y_true: Any, y_prob: Any) -> float:
-    labels, probs = _pair(y_true, y_prob)
+    labels, probs = paired_inputs(y_true, y_prob)
     if labels.min() == labels.max():
         return _undefined(metric, "y_true holds only one class")
     pos, neg = _level_weights(labels, probs, np.ones((1, labels.size)))
@@ -260,7 +260,7 @@ def pr_auc(y_true: Any, y_prob: Any) -> float:
 
 def brier(y_true: Any, y_prob: Any) -> float:
     """Mean squared difference between probability and outcome (lower is better)."""
-    labels, probs = _pair(y_true, y_prob)
+    labels, probs = paired_inputs(y_true, y_prob)
     return float(np.mean((probs - labels) ** 2))
 
 
@@ -269,7 +269,7 @@ def expected_calibration_error(y_true: Any, y_prob: Any, n_bins: int = 15) -> fl
 
     Bins split [0, 1] into `n_bins` intervals [a, b); the last one is closed, [a, 1].
     """
-    labels, probs = _pair(y_true, y_prob)
+    labels, probs = paired_inputs(y_true, y_prob)
     if int(n_bins) != n_bins or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
     edges = np.linspace(0.0, 1.0, int(n_bins) + 1)
@@ -303,7 +303,7 @@ def summarize(y_true: Any, y_prob: Any, threshold: float) -> dict[str, Any]:
         Keys `n, accuracy, sensitivity, specificity, precision, npv, f1, balanced_accuracy,
         roc_auc, pr_auc, brier, ece, threshold, confusion_matrix` (the last a tn/fp/fn/tp dict).
     """
-    labels, probs = _pair(y_true, y_prob)
+    labels, probs = paired_inputs(y_true, y_prob)
     threshold = _threshold(threshold)
     pred = (probs >= threshold).astype(np.int64)
     counted = {name: function(labels, pred) for name, function in _COUNT_METRICS.items()}
@@ -369,7 +369,7 @@ def bootstrap_ci(
         `{metric: [low, high]}` for each of `CI_METRICS`. A resample where a metric is
         undefined is left out of that metric's interval; `[nan, nan]` if all are.
     """
-    labels, probs = _pair(y_true, y_prob)
+    labels, probs = paired_inputs(y_true, y_prob)
     group_ids = _as_1d(groups, "groups")
     _same_length(labels, "y_true", group_ids, "groups")
     threshold = _threshold(threshold)

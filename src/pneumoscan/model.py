@@ -8,127 +8,95 @@ the browser) need no preprocessing beyond decode, grayscale and resize.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import keras
 from keras import layers
 
-from pneumoscan.config import AugmentConfig, Config
-
-
-@dataclass(frozen=True)
-class Architecture:
-    build: Callable[[int], keras.Model]
-    description: str
-    recipe: dict  # the Config values this architecture trains with unless told otherwise
+from pneumoscan.config import RECIPES, Config, ModelConfig
 
 
 def _gray_input(image_size: int, name: str = "image") -> keras.KerasTensor:
     return keras.Input(shape=(image_size, image_size, 1), dtype="float32", name=name)
 
 
-def build_seed(image_size: int = 150) -> keras.Model:
-    """The CNN of Kermany et al. (2018): 3,453,121 parameters at 150x150x3."""
+def build_seed(image_size: int = 150, model: ModelConfig = RECIPES["seed"].model) -> keras.Model:
+    """The CNN of Kermany et al. (2018): 3,453,121 parameters at 150x150x3.
+
+    `model.widths` are the filters of the four 3x3 convolution + 2x2 max-pool blocks, then
+    `model.dropout_rate` dropout, a dense layer of `model.dense_units` and the output unit.
+    """
     inputs = _gray_input(image_size)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     x = layers.Concatenate(axis=-1, name="gray_to_rgb")([x, x, x])  # (batch, 150, 150, 3)
-    for index, filters in enumerate((32, 64, 128, 128), start=1):
+    for index, filters in enumerate(model.widths, start=1):
         x = layers.Conv2D(filters, 3, activation="relu", name=f"conv{index}")(x)
         x = layers.MaxPooling2D(pool_size=2, strides=2, name=f"pool{index}")(x)
     x = layers.Flatten(name="flatten")(x)  # (batch, 7 * 7 * 128) at 150x150
-    x = layers.Dropout(0.5, name="dropout")(x)
-    x = layers.Dense(512, activation="relu", name="dense")(x)
+    x = layers.Dropout(model.dropout_rate, name="dropout")(x)
+    x = layers.Dense(model.dense_units, activation="relu", name="dense")(x)
     outputs = layers.Dense(1, activation="sigmoid", name="pneumonia")(x)
     return keras.Model(inputs, outputs, name="seed")
 
 
-def _conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, relu: bool = True):
+def _conv_bn(x, filters: int, kernel_size: int, strides: int, name: str, momentum: float, relu: bool = True):
     x = layers.Conv2D(
         filters, kernel_size, strides=strides, padding="same", use_bias=False, name=f"{name}_conv"
     )(x)
-    # Momentum 0.9 (not Keras' 0.99): the moving statistics follow the weights within ~10
-    # steps, so validation in early, fast-moving epochs is not judged on stale statistics.
-    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(momentum=momentum, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def _residual_block(x, filters: int, name: str):
+def _residual_block(x, filters: int, name: str, momentum: float):
     """Two 3x3 convolutions, the first with stride 2, plus a shortcut that averages 2x2 pixels
     before its 1x1 convolution (ResNet-D)."""
     # Average-pool, then 1x1 convolution: a strided 1x1 would drop 3 of 4 pixels, and the
     # model's output would move more when the image shifts by a pixel.
     pooled = layers.AveragePooling2D(2, padding="same", name=f"{name}_short_pool")(x)
-    shortcut = _conv_bn(pooled, filters, 1, 1, f"{name}_short", relu=False)
-    y = _conv_bn(x, filters, 3, 2, f"{name}_a")
-    y = _conv_bn(y, filters, 3, 1, f"{name}_b", relu=False)
+    shortcut = _conv_bn(pooled, filters, 1, 1, f"{name}_short", momentum, relu=False)
+    y = _conv_bn(x, filters, 3, 2, f"{name}_a", momentum)
+    y = _conv_bn(y, filters, 3, 1, f"{name}_b", momentum, relu=False)
     return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
 
 
-PNEUMONET_WIDTHS = (48, 96, 160)
-
-
-def build_pneumonet(image_size: int = 160) -> keras.Model:
+def build_pneumonet(image_size: int = 160, model: ModelConfig = RECIPES["pneumonet"].model) -> keras.Model:
     """A compact residual CNN on grayscale input, the project's default.
 
-    A 4x4 stride-4 "patchify" stem, then three residual stages that halve the resolution
-    (48-96-160 filters), global average pooling and one sigmoid unit: 553,569 parameters,
-    0.076 GFLOPs at 160x160. Chosen by measuring training steps on this 2-core CPU: a stride-2
-    3x3 stem with four stages had fewer parameters but trained at half the speed, since
-    TensorFlow's CPU convolutions are slow on few channels at high resolution. The first
-    pneumonet had 64-128-192 filters (869,697 parameters) and strided 1x1 shortcuts: it scored
-    the same on val and shifted val, but ran each epoch about 1.4x slower and moved more under
-    small shifts and crops of the image (BENCHMARKS.md).
+    A 4x4 stride-4 "patchify" stem of `model.stem_filters`, then one residual stage per entry of
+    `model.widths` (48-96-160 filters), each halving the resolution, global average pooling and
+    one sigmoid unit: 553,569 parameters, 0.076 GFLOPs at 160x160. Chosen by measuring training
+    steps on this 2-core CPU: a stride-2 3x3 stem with four stages had fewer parameters but
+    trained at half the speed, since TensorFlow's CPU convolutions are slow on few channels at
+    high resolution. The first pneumonet had 64-128-192 filters (869,697 parameters) and strided
+    1x1 shortcuts: it scored the same on val and shifted val, but ran each epoch about 1.4x
+    slower and moved more under small shifts and crops of the image (BENCHMARKS.md).
     """
+    momentum = model.batchnorm_momentum
     inputs = _gray_input(image_size)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    x = _conv_bn(x, 32, 4, 4, "stem")  # (batch, 40, 40, 32) at 160
-    for stage, filters in enumerate(PNEUMONET_WIDTHS, start=1):
-        x = _residual_block(x, filters, f"stage{stage}")  # 20, 10, 5 pixels at 160
+    x = _conv_bn(x, model.stem_filters, 4, 4, "stem", momentum)  # (batch, 40, 40, 32) at 160
+    for stage, filters in enumerate(model.widths, start=1):
+        x = _residual_block(x, filters, f"stage{stage}", momentum)  # 20, 10, 5 pixels at 160
     x = layers.GlobalAveragePooling2D(name="pool")(x)  # (batch, 160)
-    x = layers.Dropout(0.2, name="dropout")(x)
+    x = layers.Dropout(model.dropout_rate, name="dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", name="pneumonia")(x)
     return keras.Model(inputs, outputs, name="pneumonet")
 
 
-_SEED_RECIPE = {
-    "image_size": 150,
-    "epochs": 12,
-    "batch_size": 32,
-    "learning_rate": 1e-3,
-    "schedule": "plateau",
-    "warmup_epochs": 0,
-    "weight_decay": 0.0,
-    "label_smoothing": 0.0,
-    "early_stopping_patience": 4,
-    "augment": AugmentConfig(),
-}
-# Chosen by benchmarks/recipe_search.py on val and shifted val (BENCHMARKS.md): stronger
-# augmentation beat the light one on shifted-val balanced accuracy; 192 px did not beat 160.
-_PNEUMONET_RECIPE = {
-    "image_size": 160,
-    "epochs": 30,
-    "batch_size": 32,
-    "learning_rate": 1e-3,
-    "schedule": "cosine",
-    "warmup_epochs": 2,
-    "weight_decay": 1e-4,
-    "label_smoothing": 0.05,
-    "early_stopping_patience": 8,
-    "augment": AugmentConfig(rotation_degrees=10.0, zoom=0.15, shift=0.1, brightness=0.2, contrast=0.3),
-}
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "pneumonet": Architecture(
-        build_pneumonet, "compact residual CNN, grayscale, batch norm, GAP", _PNEUMONET_RECIPE
-    ),
-    "seed": Architecture(build_seed, "the paper's CNN (Kermany et al., 2018)", _SEED_RECIPE),
+# `--arch NAME` -> the function that builds it; each architecture's recipe is in config.RECIPES.
+ARCHITECTURES: dict[str, Callable[[int, ModelConfig], keras.Model]] = {
+    "pneumonet": build_pneumonet,
+    "seed": build_seed,
 }
 
 
 def build_model(config: Config) -> keras.Model:
-    """The architecture `config.arch` at `config.image_size`, uncompiled."""
+    """The architecture `config.arch` at `config.image_size`, uncompiled.
+
+    Raises:
+        ValueError: the architecture is unknown.
+    """
     config = config.resolved()
-    return ARCHITECTURES[config.arch].build(config.image_size)
+    return ARCHITECTURES[config.arch](config.image_size, config.model)
 
 
 def count_flops(model: keras.Model) -> int:

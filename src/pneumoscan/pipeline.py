@@ -1,7 +1,9 @@
-"""tf.data input pipelines over fixed file lists: `pneumoscan train`, `evaluate`, `predict`.
+"""tf.data input pipelines: `pneumoscan train` over decoded model inputs, `predict` over files.
 
-decode -> grayscale -> resize (pneumoscan.preprocess) -> cache -> shuffle -> batch ->
-augment (training only) -> prefetch, with `num_parallel_calls=AUTOTUNE` on every map.
+Training: model inputs (decoded once by `data.scan`) -> shuffle -> batch -> augment -> prefetch.
+Prediction: path -> decode -> grayscale -> resize (pneumoscan.preprocess) with the decode's error,
+if any, carried along as text, so a bad file becomes a record and the stream goes on.
+`num_parallel_calls=AUTOTUNE` on every map.
 """
 
 from __future__ import annotations
@@ -18,56 +20,50 @@ from pneumoscan.preprocess import ImageError, load_grayscale, resize
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def _load_luma(path: tf.Tensor) -> tf.Tensor:
-    """tf.data wrapper around `load_grayscale`; an unreadable file yields a 0x0 image."""
+def _load_luma(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """tf.data wrapper around `load_grayscale`: (luma, error). A file that cannot be used gives a
+    0x0 image and the decoder's one-sentence reason; a good one an empty reason."""
 
-    def load(raw: bytes) -> np.ndarray:
+    def load(raw: bytes) -> tuple[np.ndarray, bytes]:
         try:
-            return load_grayscale(raw.decode())
-        except ImageError:
-            return np.zeros((0, 0), np.uint8)
+            return load_grayscale(raw.decode()), b""
+        except ImageError as error:
+            return np.zeros((0, 0), np.uint8), str(error).encode()
 
-    image = tf.numpy_function(load, [path], tf.uint8, stateful=False)
+    image, error = tf.numpy_function(load, [path], (tf.uint8, tf.string), stateful=False)
     image.set_shape([None, None])
-    return image
+    error.set_shape([])
+    return image, error
 
 
 def images(paths: Sequence[str | Path], image_size: int) -> tf.data.Dataset:
-    """(path, ok, image) for every path, in order; `ok` is False when the file failed to decode.
-
-    Used by `predict`: a bad file never stops the stream.
-    """
+    """(path, error, image) for every path, in order; `error` is b"" when the file decoded, else
+    the reason it did not (and `image` is then zeros). Used by `predict`."""
     dataset = tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
 
     def load(path: tf.Tensor):
-        luma = _load_luma(path)
-        ok = tf.size(luma) > 0
-        safe = tf.cond(ok, lambda: luma, lambda: tf.zeros((image_size, image_size), tf.uint8))
-        return path, ok, resize(safe, image_size)
+        luma, error = _load_luma(path)
+        safe = tf.cond(tf.size(luma) > 0, lambda: luma, lambda: tf.zeros((image_size, image_size), tf.uint8))
+        return path, error, resize(safe, image_size)
 
     return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
 def labelled(
-    paths: Sequence[str | Path],
+    inputs: np.ndarray,
     labels: Sequence[int],
-    image_size: int,
     batch_size: int,
     training: bool = False,
     seed: int = 0,
     augment: AugmentConfig | None = None,
 ) -> tf.data.Dataset:
-    """Batches of (images, labels) for `fit` and `evaluate`; files must have been scanned."""
-    dataset = tf.data.Dataset.from_tensor_slices(([str(p) for p in paths], np.asarray(labels, np.float32)))
-    dataset = dataset.map(
-        lambda path, label: (
-            tf.ensure_shape(resize(_load_luma(path), image_size), (image_size, image_size, 1)),
-            label,
-        ),
-        num_parallel_calls=AUTOTUNE,
-    ).cache()
+    """Batches of (images, labels) for `fit`, from model inputs (n, S, S, 1) (`data.inputs`).
+
+    Training shuffles every epoch (seeded) and augments when `augment` is given.
+    """
+    dataset = tf.data.Dataset.from_tensor_slices((inputs, np.asarray(labels, np.float32)))
     if training:
-        dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(len(inputs), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
     if training and augment is not None:
         generator = tf.random.Generator.from_seed(seed)
@@ -78,7 +74,7 @@ def labelled(
 
 
 def augment_batch(images: tf.Tensor, generator: tf.random.Generator, augment: AugmentConfig) -> tf.Tensor:
-    """Random rotation, zoom and shift as ONE affine resampling per image (bilinear, zero fill),
+    """Random rotation, zoom and translation as ONE affine resampling per image (bilinear, zero fill),
     then brightness and contrast; values stay in [0, 255]. No flips: anatomy is not symmetric.
 
     One fused transform costs a third of three separate Keras augmentation layers.
@@ -91,7 +87,8 @@ def augment_batch(images: tf.Tensor, generator: tf.random.Generator, augment: Au
 
     angle = uniform(-1.0, 1.0) * augment.rotation_degrees * (np.pi / 180.0)
     zoom = uniform(1.0 - augment.zoom, 1.0 + augment.zoom)
-    shift_x, shift_y = uniform(-1.0, 1.0) * augment.shift * width, uniform(-1.0, 1.0) * augment.shift * height
+    shift_x = uniform(-1.0, 1.0) * augment.translation * width
+    shift_y = uniform(-1.0, 1.0) * augment.translation * height
     cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
     centre_x, centre_y = (width - 1.0) / 2.0, (height - 1.0) / 2.0
     # Output pixel (x, y) samples input (cos*(x-cx-tx) + sin*(y-cy-ty) + cx, -sin*(...) + cos*(...) + cy).

@@ -1,9 +1,10 @@
 """Run a model over files and folders: `pneumoscan predict [--model MODEL] PATH...`.
 
-Images stream through tf.data in batches (memory stays flat however many there are); a bad
-file becomes a `{path, error}` record and the others are still predicted. The same
-decode/resize (pneumoscan.preprocess), calibration and threshold (metadata.json) serve
-`evaluate` and the web page.
+Images stream through tf.data in batches (memory stays flat however many there are) and the
+bundle's one forward pass (`Bundle.forward`); a file that cannot be used becomes a
+`{path, error}` record carrying the sentence of its one decode, and the others are still
+predicted. The same decode/resize (pneumoscan.preprocess), calibration and threshold
+(metadata.json) serve `evaluate` and the web page. This module owns paths, records and rendering.
 """
 
 from __future__ import annotations
@@ -12,109 +13,44 @@ import csv
 import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from pneumoscan import metadata as metadata_io
-from pneumoscan.preprocess import IMAGE_SUFFIXES, ImageError, load_grayscale
+from pneumoscan.bundle import INFERENCE_BATCH, Bundle
+from pneumoscan.data import find_images
 
 FORMATS = ("table", "json", "csv")
 
 
-class ModelNotFound(ValueError):
-    """No --model given and no bundled model, or the folder is not a model (exit 2)."""
-
-
-def bundled_model_dir() -> Path | None:
-    """The model committed as package data, when there is one."""
-    folder = Path(str(resources.files("pneumoscan") / "bundled"))
-    return folder if (folder / metadata_io.FILE_NAME).is_file() else None
-
-
-def resolve_model_dir(model: str | Path | None) -> Path:
-    """`--model` as given, or the bundled model."""
-    if model is None:
-        bundled = bundled_model_dir()
-        if bundled is None:
-            raise ModelNotFound(
-                "no --model given and this installation has no bundled model; "
-                "pass --model RUN_DIR (a folder made by pneumoscan train)."
-            )
-        return bundled
-    folder = Path(model)
-    if not (folder / "model.keras").is_file() or not (folder / metadata_io.FILE_NAME).is_file():
-        raise ModelNotFound(f"{folder}: not a model folder (needs model.keras and metadata.json).")
-    return folder
-
-
-@dataclass
-class LoadedModel:
-    folder: Path
-    model: Any  # keras.Model
-    metadata: dict
-
-    @property
-    def image_size(self) -> int:
-        return int(self.metadata["input"]["height"])
-
-    def calibrated(self, raw: np.ndarray) -> np.ndarray:
-        from pneumoscan.calibrate import apply_calibration
-
-        return apply_calibration(raw, self.metadata["calibration"])
-
-    def label(self, probability: float) -> str:
-        names = self.metadata["class_names"]
-        return names[1] if probability >= self.metadata["threshold"]["value"] else names[0]
-
-
-def load_model(model: str | Path | None) -> LoadedModel:
-    folder = resolve_model_dir(model)
-    meta = metadata_io.read(folder)
-    import keras
-
-    return LoadedModel(folder, keras.models.load_model(folder / "model.keras", compile=False), meta)
-
-
 def raw_outputs(
-    loaded: LoadedModel, paths: Sequence[str | Path], batch_size: int = 32
-) -> Iterator[tuple[str, bool, float]]:
-    """(path, decoded_ok, raw model output) for every path, in order, batch by batch."""
+    bundle: Bundle, paths: Sequence[str | Path], batch_size: int = INFERENCE_BATCH
+) -> Iterator[tuple[str, str, float]]:
+    """(path, error, raw model output) for every path, in order, batch by batch; `error` is ""
+    when the file decoded, else its one-sentence reason (and the output is meaningless)."""
     import tensorflow as tf
 
     from pneumoscan.pipeline import images
 
     if not paths:
         return
-    forward = tf.function(lambda x: loaded.model(x, training=False), reduce_retracing=True)
-    dataset = images(paths, loaded.image_size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    for batch_paths, ok, x in dataset:
-        outputs = forward(x).numpy().reshape(-1)
-        for path, good, output in zip(batch_paths.numpy(), ok.numpy(), outputs, strict=True):
-            yield path.decode(), bool(good), float(output)
+    dataset = images(paths, bundle.image_size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    for batch_paths, errors, x in dataset:
+        outputs = bundle.forward(x, batch_size)
+        for path, error, output in zip(batch_paths.numpy(), errors.numpy(), outputs, strict=True):
+            yield path.decode(), error.decode(), float(output)
 
 
 def expand_paths(inputs: Iterable[str | Path]) -> list[Path | dict]:
-    """In input order: files as given, image files found (recursively, sorted) in folders,
-    and a `{path, error}` record for an input that does not exist or holds no image."""
+    """In input order: files as given, image files found in folders (`data.find_images`), and
+    a `{path, error}` record for an input that does not exist or holds no image."""
     items: list[Path | dict] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in IMAGE_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            items.extend(
-                found
-                or [{"path": str(path), "error": f"{path}: folder holds no .jpeg, .jpg or .png images."}]
-            )
+            found = find_images(path)
+            error = f"{path}: folder holds no .jpeg, .jpg or .png images."
+            items.extend(found or [{"path": str(path), "error": error}])
         elif path.exists():
             items.append(path)
         else:
@@ -123,42 +59,32 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path | dict]:
 
 
 def predict_files(
-    model: str | Path | LoadedModel | None, inputs: Sequence[str | Path], batch_size: int = 32
+    model: str | Path | Bundle | None, inputs: Sequence[str | Path], batch_size: int = INFERENCE_BATCH
 ) -> list[dict]:
     """One record per image, in input order: `{path, label, probability, threshold}` or
     `{path, error}`."""
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    bundle = Bundle.load(model)
     items = expand_paths(inputs)
-    threshold = loaded.metadata["threshold"]["value"]
-    outputs = raw_outputs(loaded, [item for item in items if isinstance(item, Path)], batch_size)
+    outputs = raw_outputs(bundle, [item for item in items if isinstance(item, Path)], batch_size)
     records = []
     for item in items:
         if isinstance(item, dict):
             records.append(item)
             continue
-        path, ok, raw = next(outputs)
-        if not ok:
-            records.append({"path": path, "error": _why(path)})
+        path, error, raw = next(outputs)
+        if error:
+            records.append({"path": path, "error": error})
             continue
-        probability = float(loaded.calibrated(np.float32(raw)))
+        probability = float(bundle.calibrated(np.float32(raw)))
         records.append(
             {
                 "path": path,
-                "label": loaded.label(probability),
+                "label": bundle.label(probability),
                 "probability": probability,
-                "threshold": threshold,
+                "threshold": bundle.threshold,
             }
         )
     return records
-
-
-def _why(path: str) -> str:
-    """The one-sentence reason a file failed (decoded again only for failures)."""
-    try:
-        load_grayscale(path)
-    except ImageError as error:
-        return str(error)
-    return f"{path}: could not be decoded."
 
 
 def render(records: list[dict], fmt: str) -> str:

@@ -25,8 +25,10 @@ import numpy as np
 
 from pneumoscan import metadata as metadata_io
 from pneumoscan import pipeline
+from pneumoscan.bundle import Bundle
+from pneumoscan.calibrate import describe_calibration, fit_operating_point
 from pneumoscan.config import Config
-from pneumoscan.data import DataSplits, load_splits
+from pneumoscan.data import DataSplits, inputs, load_splits
 from pneumoscan.io import replace_dir_atomic, save_model_atomic, write_bytes_atomic, write_json_atomic
 from pneumoscan.model import build_model
 
@@ -196,7 +198,8 @@ def check_existing_run(run_dir: Path, config: Config, overwrite: bool) -> str:
                 "choose another --out or pass --overwrite."
             )
         return "new"
-    differences = Config.load(config_path).differences(config)
+    # Resolved: a run recorded before a recipe field existed holds the recipe value implicitly.
+    differences = Config.load(config_path).resolved().differences(config)
     if differences:
         raise RunConflict(
             f"{run_dir} holds a run with a different configuration ("
@@ -238,7 +241,13 @@ def train(
         )
         return TrainResult(run_dir, True, 0, meta["training"]["best_epoch"], meta["training"]["best_val_auc"])
 
-    splits = load_splits(Path(data_dir), config.val_fraction, config.internal_test_fraction, config.seed)
+    splits = load_splits(
+        Path(data_dir),
+        config.val_fraction,
+        config.internal_test_fraction,
+        config.random_seed,
+        config.image_size,
+    )
     for scan in splits.scans.values():
         log(scan.report())
     log(splits.table())
@@ -249,7 +258,7 @@ def train(
         config.save(run_dir / "config.json")
         write_json_atomic(run_dir / "splits.json", splits.file_lists())
 
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.random_seed)
     model, callback = _model_and_state(run_dir, config, status)
     start_epoch = callback.state["epochs_done"]
     if status == "resume":
@@ -289,12 +298,11 @@ def _fit(
     def dataset(name: str, training: bool):
         samples = splits.splits[name]
         return pipeline.labelled(
-            [s.path for s in samples],
+            inputs(samples),
             [s.label for s in samples],
-            config.image_size,
             config.batch_size,
             training=training,
-            seed=config.seed,
+            seed=config.random_seed,
             augment=config.augment if training else None,
         )
 
@@ -346,15 +354,11 @@ def _finish(
 
 def _calibrate(model, meta: dict, splits: DataSplits, config: Config, log) -> dict:
     """Platt calibration and the operating threshold, both fitted on the validation split."""
-    from pneumoscan.calibrate import describe_calibration
-    from pneumoscan.evaluate import fit_operating_point
-    from pneumoscan.predict import LoadedModel
-
-    meta = fit_operating_point(
-        LoadedModel(Path("."), model, meta), splits.splits["val"], config.threshold_rule, config.batch_size
-    )
+    samples = splits.splits["val"]
+    raw = Bundle(Path("."), model, meta).forward(inputs(samples), config.batch_size)
+    fitted = fit_operating_point([s.label for s in samples], raw, config.threshold_rule)
     log(
-        f"Calibration: {describe_calibration(meta['calibration'])}; threshold "
-        f"{meta['threshold']['value']:.4f} ({config.threshold_rule}, chosen on val)."
+        f"Calibration: {describe_calibration(fitted['calibration'])}; threshold "
+        f"{fitted['threshold']['value']:.4f} ({config.threshold_rule}, chosen on val)."
     )
-    return meta
+    return metadata_io.with_operating_point(meta, fitted)

@@ -1,4 +1,4 @@
-"""pneumoscan.shift: each family does what it says, plans are order-free, builds are frozen."""
+"""pneumoscan.shifted_benchmark: each family does what it says, plans are order-free, builds are frozen."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from conftest import REPO, SAMPLES, SHARED_DATA
 from pneumoscan.config import AugmentConfig
 from pneumoscan.data import load_splits, patient_id, scan, split_digest
 from pneumoscan.preprocess import load_grayscale
-from pneumoscan.shift import (
+from pneumoscan.shifted_benchmark import (
     FAMILIES,
     FAMILY_BY_NAME,
     HELD_OUT_FAMILIES,

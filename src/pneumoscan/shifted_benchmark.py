@@ -1,4 +1,4 @@
-"""Frozen, shifted benchmark: `python benchmarks/make_shifted.py --data ROOT --split val --out DIR`.
+"""The frozen shifted benchmark: `python benchmarks/make_shifted.py --data ROOT --split val --out DIR`.
 
 Validation flatters: Kermany et al.'s CNN scored val AUC 0.994 but 0.942 on the official test
 split, acquired in another period. This module rebuilds the val split (model selection) and the
@@ -8,10 +8,11 @@ from (seed, the file's sha256) alone, so they do not depend on file order, and t
 are hashed into a digest that `benchmarks/shifted_manifest.json` freezes before any model search.
 
 Families marked `held_out` never appear in training augmentation (`AugmentConfig`: rotation,
-zoom, shift, brightness, contrast); the others are stronger versions of what training sees.
+zoom, translation, brightness, contrast); the others are stronger versions of what training sees.
 Severities are moderate (a reader can still read the film) and are defined for a 224-pixel
-image: sizes in pixels scale with the image's shorter side. PIL and NumPy only, no TF, so the
-same inputs give the same bytes on every run.
+image: sizes in pixels scale with the image's shorter side. The image operations are
+`pneumoscan.perturb`'s (PIL and NumPy only, no TF), so the same inputs give the same bytes on
+every run.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image
 
+from pneumoscan import perturb as ops  # the module; `perturb` below is this benchmark's own step
 from pneumoscan.config import CLASS_NAMES, AugmentConfig, Config
 from pneumoscan.data import Sample, load_splits, split_digest
 from pneumoscan.io import replace_dir_atomic, write_json_atomic
@@ -42,14 +44,7 @@ SHIFT_SEED = 20180222
 SHIFT_SPLITS = ("val", "internal-test")
 REFERENCE_SIDE = 224
 PNG_COMPRESS_LEVEL = 6
-CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 MARKER_TEXTS = {"letter": ("L", "R"), "label": ("PORTABLE", "AP", "SUPINE", "ERECT")}
-RESAMPLING = {
-    "nearest": Image.Resampling.NEAREST,
-    "box": Image.Resampling.BOX,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
 
 
 class _Draws:
@@ -82,35 +77,26 @@ def _pixels(side: int, reference_pixels: float) -> float:
     return reference_pixels * side / REFERENCE_SIDE
 
 
-def _lut(gray: np.ndarray, function: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    levels = np.arange(256, dtype=np.float64)
-    return np.clip(np.rint(function(levels)), 0, 255).astype(np.uint8)[gray]
+# Each family's step: (H, W) uint8 and its drawn parameters -> the perturbed image.
 
 
 def _exposure(gray: np.ndarray, p: dict) -> np.ndarray:
-    return _lut(gray, lambda v: v * p["gain"])
+    return ops.exposure(gray, p["gain"])
 
 
 def _contrast(gray: np.ndarray, p: dict) -> np.ndarray:
-    mean = float(gray.mean())
-    return _lut(gray, lambda v: mean + (v - mean) * p["factor"])
+    return ops.contrast(gray, p["factor"])
 
 
 def _gamma(gray: np.ndarray, p: dict) -> np.ndarray:
-    return _lut(gray, lambda v: 255.0 * (v / 255.0) ** p["gamma"])
-
-
-def _resize_box(gray: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
-    height, width = gray.shape
-    image = Image.fromarray(gray).resize((width, height), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(image)
+    return ops.gamma(gray, p["gamma"])
 
 
 def _crop(gray: np.ndarray, p: dict) -> np.ndarray:
     """A window of `scale` x each side at relative position (x, y), resized back: a zoom."""
     height, width = gray.shape
     left, top = p["x"] * width * (1 - p["scale"]), p["y"] * height * (1 - p["scale"])
-    return _resize_box(gray, (left, top, left + width * p["scale"], top + height * p["scale"]))
+    return ops.window(gray, (left, top, left + width * p["scale"], top + height * p["scale"]))
 
 
 def _stretch(gray: np.ndarray, p: dict) -> np.ndarray:
@@ -118,9 +104,9 @@ def _stretch(gray: np.ndarray, p: dict) -> np.ndarray:
     height, width = gray.shape
     if p["axis"] == "width":
         left = p["offset"] * width * (1 - 1 / p["factor"])
-        return _resize_box(gray, (left, 0, left + width / p["factor"], height))
+        return ops.window(gray, (left, 0, left + width / p["factor"], height))
     top = p["offset"] * height * (1 - 1 / p["factor"])
-    return _resize_box(gray, (0, top, width, top + height / p["factor"]))
+    return ops.window(gray, (0, top, width, top + height / p["factor"]))
 
 
 def _pad(gray: np.ndarray, p: dict) -> np.ndarray:
@@ -128,75 +114,43 @@ def _pad(gray: np.ndarray, p: dict) -> np.ndarray:
     axis = 1 if p["axis"] == "width" else 0
     total = round(p["fraction"] * gray.shape[axis])
     before = round(p["before"] * total)
-    widths = [(0, 0), (0, 0)]
-    widths[axis] = (before, total - before)
-    return np.pad(gray, widths, constant_values=p["fill"])
+    return ops.pad(gray, axis, before, total - before, p["fill"])
 
 
 def _blur(gray: np.ndarray, p: dict) -> np.ndarray:
-    radius = _pixels(min(gray.shape), p["sigma"])
-    return np.asarray(Image.fromarray(gray).filter(ImageFilter.GaussianBlur(radius)))
+    return ops.blur(gray, _pixels(min(gray.shape), p["sigma"]))
 
 
 def _noise(gray: np.ndarray, p: dict) -> np.ndarray:
-    noise = np.random.default_rng(p["seed"]).normal(0.0, p["sigma"], gray.shape)
-    return np.clip(np.rint(gray + noise), 0, 255).astype(np.uint8)
-
-
-def _marker_stamp(p: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(mask, values) of the marker at scale 1: the default bitmap font, no font file."""
-    font = ImageFont.load_default_imagefont()
-    left, top, right, bottom = font.getbbox(p["text"])
-    pad = 0 if p["kind"] == "letter" else 2
-    text = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
-    ImageDraw.Draw(text).text((pad - left, pad - top), p["text"], fill=255, font=font)
-    if p["kind"] == "letter":  # a bright letter, as a lead marker shows, cropped to its ink
-        glyph = np.asarray(text.crop(text.getbbox())) > 127
-        return glyph, np.full(glyph.shape, p["value"], np.uint8)
-    glyph = np.asarray(text) > 127  # a burnt-in label: a bright box with dark text
-    return np.ones_like(glyph), np.where(glyph, 0, p["value"]).astype(np.uint8)
+    return ops.noise(gray, p["sigma"], p["seed"])
 
 
 def _marker(gray: np.ndarray, p: dict) -> np.ndarray:
-    mask, values = _marker_stamp(p)
+    """A bright letter, as a lead marker shows (cropped to its ink), or a burnt-in label: a
+    bright box with dark text; `size` scales the font, `margin` is a fraction of the side."""
+    if p["kind"] == "letter":
+        mask = ops.glyph(p["text"])
+        values = np.full(mask.shape, p["value"], np.uint8)
+    else:
+        ink = ops.glyph(p["text"], pad=2, crop=False)
+        mask, values = np.ones_like(ink), np.where(ink, 0, p["value"]).astype(np.uint8)
     scale = _pixels(min(gray.shape), p["size"])
-    size = (max(1, round(mask.shape[1] * scale)), max(1, round(mask.shape[0] * scale)))
-    nearest = Image.Resampling.NEAREST  # blocky, like a scaled-up bitmap font
-    mask = np.asarray(Image.fromarray(mask).resize(size, nearest))
-    values = np.asarray(Image.fromarray(values).resize(size, nearest))
-    top, left = _corner_origin(gray.shape, mask.shape, p["corner"], p["margin"])
-    out = gray.copy()
-    window = out[top : top + mask.shape[0], left : left + mask.shape[1]]  # a view; clipped at the edge
-    rows, cols = window.shape
-    window[mask[:rows, :cols]] = values[:rows, :cols][mask[:rows, :cols]]
-    return out
-
-
-def _corner_origin(
-    shape: tuple[int, int], box: tuple[int, int], corner: str, margin: float
-) -> tuple[int, int]:
-    gap = round(margin * min(shape))
-    top = gap if corner.startswith("top") else max(0, shape[0] - box[0] - gap)
-    left = gap if corner.endswith("left") else max(0, shape[1] - box[1] - gap)
-    return top, left
+    height, width = max(1, round(mask.shape[0] * scale)), max(1, round(mask.shape[1] * scale))
+    mask = ops.resize_nearest(mask, height, width)
+    values = ops.resize_nearest(values, height, width)
+    top, left = ops.corner_origin(gray.shape, mask.shape, p["corner"], round(p["margin"] * min(gray.shape)))
+    return ops.stamp(gray, mask, values, top, left)
 
 
 def _blackout(gray: np.ndarray, p: dict) -> np.ndarray:
     """A black patch in one corner, as when a marker or label is masked out."""
-    patch = (round(p["height"] * gray.shape[0]), round(p["width"] * gray.shape[1]))
-    top, left = _corner_origin(gray.shape, patch, p["corner"], 0.0)
-    out = gray.copy()
-    out[top : top + patch[0], left : left + patch[1]] = 0
-    return out
+    return ops.blackout(
+        gray, p["corner"], round(p["height"] * gray.shape[0]), round(p["width"] * gray.shape[1])
+    )
 
 
 def _resample(gray: np.ndarray, p: dict) -> np.ndarray:
-    """Down-sampled by `scale` then up-sampled back: an archive or viewer round trip."""
-    height, width = gray.shape
-    small = Image.fromarray(gray).resize(
-        (max(1, round(width * p["scale"])), max(1, round(height * p["scale"]))), RESAMPLING[p["down"]]
-    )
-    return np.asarray(small.resize((width, height), RESAMPLING[p["up"]]))
+    return ops.resample(gray, p["scale"], p["down"], p["up"])
 
 
 def _jpeg(gray: np.ndarray, p: dict) -> np.ndarray:
@@ -226,7 +180,7 @@ def _draw_marker(d: _Draws) -> dict:
     return {
         "kind": kind,
         "text": d.choice("marker.text", MARKER_TEXTS[kind]),
-        "corner": d.choice("marker.corner", CORNERS),
+        "corner": d.choice("marker.corner", ops.CORNERS),
         "size": size,
         "value": d.integer("marker.value", 215, 255),
         "margin": d.uniform("marker.margin", 0.02, 0.06),
@@ -316,7 +270,7 @@ FAMILIES = (
         None,
         "black patch of 10-20% x 10-20% of the sides in a corner",
         lambda d: {
-            "corner": d.choice("blackout.corner", CORNERS),
+            "corner": d.choice("blackout.corner", ops.CORNERS),
             "width": d.uniform("blackout.width", 0.1, 0.2),
             "height": d.uniform("blackout.height", 0.1, 0.2),
         },
@@ -458,7 +412,7 @@ def build_shifted(root: Path, split: str, out_dir: Path, seed: int = SHIFT_SEED)
     if out_dir.resolve().is_relative_to(root.resolve()):
         raise ValueError(f"{out_dir}: is inside the data folder {root}; write the shifted set elsewhere")
     config = Config()
-    splits = load_splits(root, config.val_fraction, config.internal_test_fraction, config.seed)
+    splits = load_splits(root, config.val_fraction, config.internal_test_fraction, config.random_seed)
     samples = splits.splits[split]
     params = plan(samples, seed)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -478,7 +432,7 @@ def build_shifted(root: Path, split: str, out_dir: Path, seed: int = SHIFT_SEED)
         }
     digest = shifted_digest(files)
     manifest = {
-        "generator": "pneumoscan.shift (benchmarks/make_shifted.py)",
+        "generator": "pneumoscan.shifted_benchmark (benchmarks/make_shifted.py)",
         "seed": seed,
         "split": split,
         "source": {"rule": splits.rule, "split_digest": split_digest(samples)},

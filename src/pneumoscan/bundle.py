@@ -1,0 +1,158 @@
+"""The model bundle, the type every stage passes around: `pneumoscan predict|evaluate|explain|export`.
+
+A model folder is a training run folder (`model.keras`, `metadata.json`, `splits.json`, ...) or
+an exported bundle (the same plus `tfjs/`, `saved_model/`, `model.h5`). `Bundle` is one loaded:
+the Keras model, its metadata (input size, class names, calibration, threshold), and
+
+- `forward`: the one batched forward pass, raw sigmoid outputs for model inputs, which predict,
+  evaluate, explain, training's calibration, the export checks and the benchmarks all call;
+- `calibrated` and `label`: the metadata's calibration and threshold applied to those outputs.
+
+`tfjs_weights` puts the weights of a TF.js export (dequantized exactly as TF.js reads them) into
+a Keras model, so Python can compute what the browser computes.
+
+Keras and TensorFlow are imported only when a model is loaded or run, so commands that only
+read metadata (`serve`) start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumoscan import metadata as metadata_io
+from pneumoscan.calibrate import apply_calibration
+
+INFERENCE_BATCH = 32  # images per forward call: predict's and evaluate's default --batch-size
+
+
+class ModelNotFound(ValueError):
+    """No --model given and no bundled model, or the folder is not a model (exit 2)."""
+
+
+def bundled_dir() -> Path | None:
+    """The model committed as package data (`src/pneumoscan/bundled`), when there is one."""
+    folder = Path(str(resources.files("pneumoscan") / "bundled"))
+    return folder if (folder / metadata_io.FILE_NAME).is_file() else None
+
+
+def find(model: str | Path | None) -> Path:
+    """The model folder for `--model`: as given, or the bundled model when None.
+
+    Raises:
+        ModelNotFound: no bundled model, or the folder lacks model.keras or metadata.json.
+    """
+    if model is None:
+        bundled = bundled_dir()
+        if bundled is None:
+            raise ModelNotFound(
+                "no --model given and this installation has no bundled model; "
+                "pass --model RUN_DIR (a folder made by pneumoscan train)."
+            )
+        return bundled
+    folder = Path(model)
+    if not (folder / "model.keras").is_file() or not (folder / metadata_io.FILE_NAME).is_file():
+        raise ModelNotFound(f"{folder}: not a model folder (needs model.keras and metadata.json).")
+    return folder
+
+
+@dataclass
+class Bundle:
+    """A loaded model folder: the Keras model and its metadata.json."""
+
+    folder: Path
+    model: Any  # keras.Model
+    metadata: dict
+    _compiled: Any = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def load(cls, model: str | Path | Bundle | None = None) -> Bundle:
+        """A folder (`find` rules; None is the bundled model), or a Bundle as it is.
+
+        Raises:
+            ModelNotFound: see `find`.
+            MetadataError: metadata.json is missing or breaks the schema.
+        """
+        if isinstance(model, Bundle):
+            return model
+        folder = find(model)
+        metadata = metadata_io.read(folder)
+        import keras
+
+        return cls(folder, keras.models.load_model(folder / "model.keras", compile=False), metadata)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["input"]["height"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["threshold"]["value"])
+
+    def forward(self, images: Any, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
+        """Raw model outputs, float32 (n,), for (n, S, S, 1) float32 inputs in [0, 255].
+
+        `images` may be a NumPy array or a tensor. It runs `batch_size` images at a time through
+        one compiled function (traced once per batch shape), in inference mode.
+        """
+        if self._compiled is None:
+            import tensorflow as tf
+
+            self._compiled = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        count = int(images.shape[0])
+        outputs = [
+            np.asarray(self._compiled(images[start : start + batch_size])).reshape(-1)
+            for start in range(0, count, batch_size)
+        ]
+        return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros(0, np.float32)
+
+    def calibrated(self, raw: Any) -> np.ndarray:
+        """The metadata's calibration applied to raw outputs: float64 probabilities."""
+        return apply_calibration(raw, self.metadata["calibration"])
+
+    def probabilities(self, images: Any, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
+        """Calibrated probabilities of PNEUMONIA, float64 (n,), for model inputs."""
+        return np.asarray(self.calibrated(self.forward(images, batch_size)), dtype=np.float64).reshape(-1)
+
+    def label(self, probability: float) -> str:
+        names = self.metadata["class_names"]
+        return names[1] if probability >= self.threshold else names[0]
+
+
+def set_named_weights(model: Any, weights: dict[str, np.ndarray]) -> None:
+    """Assign weights named as TF.js names them (`layer/weight`, `tfjs.named_weights`).
+
+    Raises:
+        KeyError: `weights` lacks one of the model's weights.
+    """
+    from pneumoscan.tfjs import named_weights
+
+    for name, variable in named_weights(model):
+        variable.assign(weights[name])
+
+
+@contextlib.contextmanager
+def tfjs_weights(model: Any, weights: Path | dict[str, np.ndarray]) -> Iterator[Any]:
+    """`model` with the weights of a TF.js export inside the block; its own are restored after.
+
+    Args:
+        model: a Keras model with the export's architecture.
+        weights: a `tfjs/` folder (read as TF.js reads it: little-endian, dequantized) or the
+            weights already read (`tfjs.read_weights`).
+    """
+    from pneumoscan.tfjs import named_weights, read_weights
+
+    if not isinstance(weights, dict):
+        weights = read_weights(Path(weights))
+    original = {name: variable.numpy() for name, variable in named_weights(model)}
+    set_named_weights(model, weights)
+    try:
+        yield model
+    finally:
+        set_named_weights(model, original)
