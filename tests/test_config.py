@@ -59,3 +59,41 @@ def test_learning_rate_schedule(schedule, epoch, expected):
 
     config = Config(epochs=10, learning_rate=1e-3, schedule=schedule, warmup_epochs=2).resolved()
     assert learning_rate_at(config, epoch) == pytest.approx(expected)
+
+
+def test_a_run_folder_from_before_the_renames_still_resumes(tmp_path):
+    """config.json of earlier versions: `seed`, `augment.shift`, no `model` block."""
+    current = Config(arch="seed", epochs=3, random_seed=7).resolved()
+    old = current.to_dict()
+    old["seed"] = old.pop("random_seed")
+    old["augment"]["shift"] = old["augment"].pop("translation")
+    del old["model"]
+    loaded = Config.from_dict(old)
+    assert (loaded.random_seed, loaded.augment.translation, loaded.model) == (7, 0.08, None)
+    assert loaded.resolved().differences(current) == []
+
+
+def test_threshold_rule_is_parsed_once_and_written_as_given(tmp_path):
+    config = Config(threshold_rule="sensitivity:0.950")
+    assert (config.threshold_rule.kind, config.threshold_rule.value) == ("sensitivity", 0.95)
+    assert config.to_dict()["threshold_rule"] == "sensitivity:0.950"
+    config.resolved().save(tmp_path / "config.json")
+    assert Config.load(tmp_path / "config.json") == config.resolved()
+    with pytest.raises(ValueError, match="threshold rule 'median' is not understood"):
+        Config(threshold_rule="median")
+
+
+def test_model_hyper_parameters_come_from_the_recipe_and_can_be_changed():
+    from pneumoscan.config import ModelConfig
+    from pneumoscan.model import build_model
+
+    assert Config().resolved().model == ModelConfig(
+        widths=(48, 96, 160), stem_filters=32, dropout_rate=0.2, batchnorm_momentum=0.9
+    )
+    narrow = Config(image_size=64, model=ModelConfig(widths=(8, 16), stem_filters=4, batchnorm_momentum=0.5))
+    model = build_model(narrow)
+    names = [layer.name for layer in model.layers]
+    assert model.get_layer("stage2_b_conv").filters == 16 and "stage3_out" not in names
+    assert model.get_layer("stem_bn").momentum == 0.5 and model.get_layer("dropout").rate == 0.0
+    with pytest.raises(ValueError, match="dropout rate must be in"):
+        ModelConfig(widths=(8,), dropout_rate=1.0)
