@@ -197,7 +197,7 @@ PROB = [0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9]
     ],
 )
 def test_choose_threshold_hand_table(rule, expected):
-    chosen = calibrate.choose_threshold(Y, PROB, rule, split="val")
+    chosen = calibrate.choose_threshold(Y, PROB, ThresholdRule.parse(rule), split="val")
     assert chosen["value"] == pytest.approx(expected, abs=1e-12)
     assert chosen["rule"] == rule
     assert chosen["split"] == (None if rule.startswith("fixed") else "val")
@@ -206,18 +206,20 @@ def test_choose_threshold_hand_table(rule, expected):
 
 def test_youden_ties_go_to_the_threshold_closest_to_one_half():
     # J = .5 at .3 and at .55; .55 is closer to 0.5.
-    chosen = calibrate.choose_threshold([0, 1, 0, 1], [0.2, 0.3, 0.5, 0.55], "youden")
+    chosen = calibrate.choose_threshold([0, 1, 0, 1], [0.2, 0.3, 0.5, 0.55], ThresholdRule.parse("youden"))
     assert chosen["value"] == 0.55
 
 
 def test_youden_equally_close_ties_go_to_the_lower_threshold():
     # J = .5 at .375 and at .625, both 0.125 from 0.5.
-    chosen = calibrate.choose_threshold([0, 1, 0, 1], [0.25, 0.375, 0.5, 0.625], "youden")
+    chosen = calibrate.choose_threshold(
+        [0, 1, 0, 1], [0.25, 0.375, 0.5, 0.625], ThresholdRule.parse("youden")
+    )
     assert chosen["value"] == 0.375
 
 
 def test_fixed_rule_needs_no_data():
-    assert calibrate.choose_threshold(None, None, "fixed:0.25")["value"] == 0.25
+    assert calibrate.choose_threshold(None, None, ThresholdRule.parse("fixed:0.25"))["value"] == 0.25
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -230,7 +232,7 @@ def test_youden_maximises_j_by_brute_force(seed):
         pred = (prob >= t).astype(int)
         return metrics.sensitivity(y, pred) + metrics.specificity(y, pred) - 1
 
-    value = calibrate.choose_threshold(y, prob, "youden")["value"]
+    value = calibrate.choose_threshold(y, prob, ThresholdRule.parse("youden"))["value"]
     assert j(value) == pytest.approx(max(j(t) for t in np.unique(prob)), abs=1e-12)
 
 
@@ -239,7 +241,7 @@ def test_sensitivity_rule_is_the_largest_threshold_reaching_target(target):
     rng = np.random.default_rng(4)
     y = rng.integers(0, 2, 200)
     prob = np.clip(rng.normal(0.4 + 0.2 * y, 0.2), 0, 1)
-    value = calibrate.choose_threshold(y, prob, f"sensitivity:{target}")["value"]
+    value = calibrate.choose_threshold(y, prob, ThresholdRule.parse(f"sensitivity:{target}"))["value"]
     assert metrics.sensitivity(y, (prob >= value).astype(int)) >= target
     next_up = np.unique(prob)[np.unique(prob) > value].min()
     assert metrics.sensitivity(y, (prob >= next_up).astype(int)) < target
@@ -247,4 +249,4 @@ def test_sensitivity_rule_is_the_largest_threshold_reaching_target(target):
 
 def test_data_rules_need_both_classes():
     with pytest.raises(ValueError, match="'youden' needs both classes in the 'val' split"):
-        calibrate.choose_threshold([1, 1], [0.2, 0.8], "youden")
+        calibrate.choose_threshold([1, 1], [0.2, 0.8], ThresholdRule.parse("youden"))

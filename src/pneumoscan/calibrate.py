@@ -179,10 +179,10 @@ def _youden(
     return float(best[distance == distance.min()].min())
 
 
-def choose_threshold(y_true: Any, prob: Any, rule: ThresholdRule | str, split: str = "val") -> dict[str, Any]:
+def choose_threshold(y_true: Any, prob: Any, rule: ThresholdRule, split: str = "val") -> dict[str, Any]:
     """The decision threshold on calibrated probabilities; positive when prob >= threshold.
 
-    Candidates are the distinct values of `prob`.
+    `rule` is parsed where it enters (`Config`, the CLI). Candidates are the distinct values of `prob`.
     - `youden`: maximises sensitivity + specificity − 1. Ties go to the candidate closest to
       0.5, and between two equally close, to the lower one (the more sensitive screen).
     - `sensitivity:X`: the largest candidate whose sensitivity is at least X.
@@ -192,9 +192,8 @@ def choose_threshold(y_true: Any, prob: Any, rule: ThresholdRule | str, split: s
         `{"value", "rule", "split", "applies_to": "calibrated probability"}`.
 
     Raises:
-        ValueError: the rule is not understood, or a data-driven rule gets one class only.
+        ValueError: a data-driven rule gets one class only.
     """
-    rule = ThresholdRule.parse(rule)
     kind, number = rule.kind, rule.value
     if kind == "fixed":
         return {"value": float(number), "rule": str(rule), "split": None, "applies_to": APPLIES_TO}
@@ -214,7 +213,7 @@ def choose_threshold(y_true: Any, prob: Any, rule: ThresholdRule | str, split: s
     return {"value": value, "rule": str(rule), "split": split, "applies_to": APPLIES_TO}
 
 
-def fit_operating_point(y_true: Any, raw: Any, rule: ThresholdRule | str, split: str = "val") -> dict:
+def fit_operating_point(y_true: Any, raw: Any, rule: ThresholdRule, split: str = "val") -> dict:
     """Platt scaling fitted on `raw` model outputs, then the threshold chosen by `rule` on the
     calibrated probabilities of the same (validation) split, and the metrics there.
 
@@ -227,9 +226,8 @@ def fit_operating_point(y_true: Any, raw: Any, rule: ThresholdRule | str, split:
         metrics of the split at that threshold (metadata's `metrics.<split>`).
 
     Raises:
-        ValueError: a bad rule (before anything is fitted), one class only, bad shapes.
+        ValueError: one class only, bad shapes or values.
     """
-    rule = ThresholdRule.parse(rule)
     calibration = fit_platt(y_true, raw, split=split)
     calibrated = apply_calibration(raw, calibration)
     threshold = choose_threshold(y_true, calibrated, rule, split=split)

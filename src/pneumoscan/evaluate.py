@@ -149,14 +149,13 @@ def split_outputs(
 
 
 def rechoose_threshold(
-    model_dir: Path, data_dir: Path, rule: ThresholdRule | str, batch_size: int = INFERENCE_BATCH
+    model_dir: Path, data_dir: Path, rule: ThresholdRule, batch_size: int = INFERENCE_BATCH
 ) -> dict:
     """Refit calibration and re-choose the threshold on the rebuilt val split; rewrite metadata.
 
     Returns:
         The new metadata.
     """
-    rule = ThresholdRule.parse(rule)  # a bad rule is refused before the data is read
     bundle = Bundle.load(model_dir)
     samples, _, _ = select_samples(bundle.metadata, data_dir, "val", bundle.image_size)
     labels, raw = split_outputs(bundle, samples, batch_size)
