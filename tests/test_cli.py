@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
+from conftest import SAMPLES
 from pneumoscan.cli import main
 
 
@@ -65,3 +70,19 @@ def test_demo_without_a_bundled_model_says_so(monkeypatch, capsys):
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("pneumoscan 0.")
+
+
+def test_tensorflow_start_up_chatter_is_silenced_unless_debug(tmp_path):
+    """TF_CPP_MIN_LOG_LEVEL=0 in the environment makes TensorFlow print absl's pre-init warning and
+    its CPU-feature notice on stderr at import; the CLI keeps them out unless --debug."""
+    image = str(SAMPLES / "NORMAL" / "IM-0115-0001.jpeg")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"}
+
+    def stderr(*flags: str) -> str:
+        command = [sys.executable, "-m", "pneumoscan", *flags, "predict", "--format", "csv", image]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=True)
+        return result.stderr
+
+    quiet, chatty = stderr(), stderr("--debug")
+    assert quiet.splitlines() == ["1 image(s) predicted (1 NORMAL); 0 failed."]
+    assert "absl::InitializeLog" in chatty  # the noise is real, and --debug keeps it

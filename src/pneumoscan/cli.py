@@ -18,8 +18,11 @@ from pneumoscan import bundle as bundle_module
 from pneumoscan.bundle import INFERENCE_BATCH
 from pneumoscan.config import DEFAULTS, RECIPES, Config, ThresholdRule
 
-# Quiet TensorFlow's C++ start-up chatter before anything imports it (the modules above do not).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ log: 0 shows its start-up chatter (absl's pre-init warning, CPU features) on
+# stderr before Python logging exists; 2 keeps errors only. Set before anything imports TensorFlow
+# (the modules above do not); `main` overrides what the environment says unless --debug.
+QUIET_TF_LOG_LEVEL = "2"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
 
 USAGE_ERROR, FAILURE = 2, 1
 
@@ -293,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pneumoscan",
         description="Pneumonia screening on chest X-rays: train, evaluate, export to the browser, predict.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show tracebacks, and TensorFlow's log as the environment sets it",
+    )
     from pneumoscan import __version__
 
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
@@ -332,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    if not args.debug and "tensorflow" not in sys.modules:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
     try:
         return args.handler(args)
     except KeyboardInterrupt:
