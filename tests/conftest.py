@@ -68,9 +68,13 @@ def synthetic_xray(seed: int, label: int, size: tuple[int, int] = (72, 64)) -> n
 
 
 def write_class_folders(
-    root: Path, patients: dict[str, int], images_per_patient: int = 2, fmt: str = "png"
+    root: Path, patients: dict[str, int], images_per_patient: int = 2, fmt: str = "png", seed: int = 0
 ) -> Path:
-    """root/{NORMAL,PNEUMONIA}/<patient>-<k>.<fmt> for `patients` {id: label}."""
+    """root/{NORMAL,PNEUMONIA}/<patient>-<k>.<fmt> for `patients` {id: label}.
+
+    Images depend on `seed` and each patient's rank: two calls with the same seed write
+    byte-identical images for patients of the same rank, so give each folder of one dataset its own.
+    """
     for i, (patient, label) in enumerate(sorted(patients.items())):
         folder = root / ("PNEUMONIA" if label else "NORMAL")
         folder.mkdir(parents=True, exist_ok=True)
@@ -80,7 +84,7 @@ def write_class_folders(
                 if patient.startswith("person")
                 else f"{patient}-000{k + 1}.{fmt}"
             )
-            Image.fromarray(synthetic_xray(1000 * i + k, label)).save(folder / name)
+            Image.fromarray(synthetic_xray(seed + 1000 * i + k, label)).save(folder / name)
     return root
 
 

@@ -15,6 +15,7 @@ from pneumoscan.data import (
     DataError,
     find_images,
     find_layout,
+    group_ids,
     inputs,
     list_images,
     load_splits,
@@ -170,6 +171,9 @@ def test_byte_identical_files_land_on_the_same_side(tmp_path):
             )
 
 
+VAL_SEED = 10**6  # other images than train's
+
+
 def test_given_large_val_split_is_used(tmp_path):
     root = tmp_path / "kaggle"
     write_class_folders(
@@ -179,9 +183,11 @@ def test_given_large_val_split_is_used(tmp_path):
         root / "val",
         {f"IM-{i:04d}": 0 for i in range(500, 530)} | {f"person{i}": 1 for i in range(500, 530)},
         2,
+        seed=VAL_SEED,
     )
     result = load_splits(root, 0.1, 0.1, seed=1)
-    assert len(result.splits["val"]) == 120
+    assert len(result.splits["val"]) == 120 and result.notes == []
+    assert result.rule["val_overlap_removed"] == 0
     assert result.rule["val_source"] == "given val/ folder"
     assert all(s.path.is_relative_to(root / "train") for s in result.splits["internal-test"])
 
@@ -191,10 +197,58 @@ def test_tiny_given_val_split_is_replaced_by_a_carved_one(tmp_path):
     write_class_folders(
         root / "train", {f"IM-{i:04d}": 0 for i in range(20)} | {f"person{i}": 1 for i in range(20)}, 2
     )
-    write_class_folders(root / "val", {"IM-0900": 0, "person900": 1}, 2)
+    write_class_folders(root / "val", {"IM-0900": 0, "person900": 1}, 2, seed=VAL_SEED)
     result = load_splits(root, 0.1, 0.1, seed=1)
     assert result.rule["val_source"] == "carved from train"
     assert all(s.path.is_relative_to(root / "train") for s in result.splits["val"])
     summary = result.summary()
     assert summary["splits"]["val"]["counts"] == {"NORMAL": 4, "PNEUMONIA": 4}
     assert len(summary["splits"]["val"]["digest"]) == 64
+
+
+def _kaggle_with_overlap(root: Path, val_patients: int) -> Path:
+    """train/ of 40 patients, and val/ of `val_patients` new ones plus 3 files of train patients
+    (a shared id) and 1 byte copy of a train image under a name with no patient id."""
+    write_class_folders(
+        root / "train", {f"IM-{i:04d}": 0 for i in range(20)} | {f"person{i}": 1 for i in range(20)}, 2
+    )
+    half = val_patients // 2
+    write_class_folders(
+        root / "val",
+        {f"IM-{i:04d}": 0 for i in range(500, 500 + half)}
+        | {f"person{i}": 1 for i in range(500, 500 + half)},
+        2,
+        seed=VAL_SEED,
+    )
+    for name in ("IM-0003-0005.png", "IM-0004-0005.png"):
+        Image.fromarray(synthetic_xray(77, 0)).save(root / "val" / "NORMAL" / name)
+    Image.fromarray(synthetic_xray(78, 1)).save(root / "val" / "PNEUMONIA" / "person7_virus_9.png")
+    shutil.copy(
+        root / "train" / "PNEUMONIA" / "person5_bacteria1.png", root / "val" / "PNEUMONIA" / "copy.png"
+    )
+    return root
+
+
+def test_given_val_files_of_train_patients_or_bytes_are_left_out_and_said(tmp_path):
+    result = load_splits(_kaggle_with_overlap(tmp_path / "kaggle", 60), 0.1, 0.1, seed=1)
+    val = {s.relpath for s in result.splits["val"]}
+    assert len(val) == 120 and result.rule["val_overlap_removed"] == 4
+    assert not val & {"NORMAL/IM-0003-0005.png", "NORMAL/IM-0004-0005.png", "PNEUMONIA/copy.png"}
+    assert "left out 4 file(s) that share a patient or identical bytes" in result.notes[0]
+    train_patients = {s.patient for s in result.splits["train"] + result.splits["internal-test"]}
+    assert not train_patients & {s.patient for s in result.splits["val"]}
+
+
+def test_given_val_too_small_once_overlap_is_left_out_is_replaced(tmp_path):
+    result = load_splits(_kaggle_with_overlap(tmp_path / "kaggle", 48), 0.1, 0.1, seed=1)  # 96 + 4
+    assert result.rule["val_source"] == "carved from train"
+    assert "under 100; a validation split is carved from train instead" in result.notes[-1]
+
+
+def test_group_ids_join_patients_and_identical_bytes(tmp_path):
+    root = write_class_folders(tmp_path / "d", {"person1": 1, "person2": 1, "person3": 1, "IM-0001": 0}, 1)
+    shutil.copy(root / "PNEUMONIA" / "person1_bacteria0.png", root / "PNEUMONIA" / "person9_virus_1.png")
+    samples = scan(root).samples
+    ids = dict(zip((s.relpath for s in samples), group_ids(samples), strict=True))
+    assert ids["PNEUMONIA/person1_bacteria0.png"] == ids["PNEUMONIA/person9_virus_1.png"]
+    assert len(set(ids.values())) == 4

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLES
+from conftest import SAMPLES, write_class_folders
 from pneumoscan.cli import main
 from pneumoscan.metadata import read
 
@@ -127,3 +130,109 @@ def test_threshold_command_rewrites_metadata(trained_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["threshold", "--model", str(copy), "--data", str(root), "--rule", "best"]) == 2
     assert "best" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def single_folder_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(a {NORMAL,PNEUMONIA} folder of 48 images, a 1-epoch run trained on it)."""
+    from pneumoscan.config import Config
+    from pneumoscan.train import train
+
+    root = tmp_path_factory.mktemp("single")
+    patients = {f"IM-{100 + i:04d}": 0 for i in range(12)} | {f"person{i + 1}": 1 for i in range(12)}
+    data = write_class_folders(root / "xray", patients)
+    run_dir = root / "run"
+    train(
+        Config(arch="seed", image_size=64, epochs=1, batch_size=8, random_seed=1),
+        data,
+        run_dir,
+        log=lambda _: None,
+    )
+    return data, run_dir
+
+
+def _evaluate_json(run_dir: Path, data: Path, *flags: str) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["evaluate", "--model", str(run_dir), "--data", str(data), "--json", *flags]) == 0
+    return json.loads(out.getvalue())
+
+
+@pytest.mark.parametrize("split", ["val", "internal-test", "train"])
+def test_splits_of_a_single_folder_run_come_from_its_splits(single_folder_run, split):
+    data, run_dir = single_folder_run
+    counts = read(run_dir)["data"]["splits"][split]["counts"]
+    assert _evaluate_json(run_dir, data, "--split", split)["n"] == sum(counts.values()) < 48
+
+
+def test_test_split_of_a_class_folder_scores_every_file(single_folder_run, capsys):
+    data, run_dir = single_folder_run
+    result = _evaluate_json(run_dir, data)  # --split test, the default: an external test set
+    assert result["n"] == 48 and list(result) == TOP_KEYS
+    assert "were in the model's training split" in capsys.readouterr().err  # it is the run's own folder
+
+
+def test_a_folder_without_the_runs_split_is_a_clear_error(single_folder_run, tmp_path, capsys):
+    _, run_dir = single_folder_run
+    other = write_class_folders(tmp_path / "other", {"IM-0001": 0, "person1": 1, "person2": 1})
+    assert main(["evaluate", "--model", str(run_dir), "--data", str(other), "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the one the model was trained with" in err and "Traceback" not in err
+
+
+def test_threshold_on_a_single_folder_run_is_fitted_on_val_only(single_folder_run, tmp_path):
+    data, run_dir = single_folder_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert main(["threshold", "--model", str(copy), "--data", str(data), "--rule", "youden"]) == 0
+    meta = read(copy)
+    assert meta["threshold"]["split"] == "val" and meta["calibration"]["fitted_on"] == "val"
+    assert meta["metrics"]["val"]["n"] == sum(meta["data"]["splits"]["val"]["counts"].values())
+
+
+def test_val_split_warns_that_it_chose_the_model(single_folder_run, capsys):
+    data, run_dir = single_folder_run
+    _evaluate_json(run_dir, data, "--split", "val")
+    err = capsys.readouterr().err
+    assert "the best epoch, calibration and threshold of this model were chosen on this val split" in err
+    _evaluate_json(run_dir, data, "--split", "internal-test")
+    assert "chosen on this val split" not in capsys.readouterr().err
+
+
+def test_external_files_with_the_bytes_of_a_split_are_flagged_and_scored(single_folder_run, tmp_path, capsys):
+    data, run_dir = single_folder_run
+    external = tmp_path / "external"
+    val = json.loads((run_dir / "splits.json").read_text())["splits"]["val"]
+    for relpath, _ in val[:2]:
+        (external / relpath).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(data / relpath, external / relpath.replace("IM-", "EXT-IM-").replace("person", "ext"))
+    write_class_folders(external, {"IM-0900": 0, "person900": 1}, 1, seed=10**6)
+    result = _evaluate_json(run_dir, external)
+    err = capsys.readouterr().err
+    n = result["n"]
+    assert n == len(list(external.rglob("*.png")))
+    assert f"warning: 2 of the {n} evaluated files have the bytes of files of the model's val split" in err
+
+
+def test_bootstrap_resamples_the_groups_the_splits_keep(single_folder_run, tmp_path, monkeypatch):
+    """Two files of different patients with identical bytes are one group, as in the splits."""
+    from pneumoscan import evaluate as evaluate_module
+
+    data, run_dir = single_folder_run
+    folder = tmp_path / "dup"
+    shutil.copytree(data, folder)
+    shutil.copy(folder / "PNEUMONIA" / "person1_bacteria0.png", folder / "PNEUMONIA" / "person99_virus_1.png")
+    seen = {}
+
+    def spy(labels, probabilities, threshold, groups, n_resamples):
+        seen["groups"] = groups
+        return {}
+
+    monkeypatch.setattr(evaluate_module, "bootstrap_ci", spy)
+    evaluation = evaluate_module.evaluate(run_dir, folder, n_resamples=10)
+    names = [Path(s.relpath).name for s in evaluation.samples]
+    groups = dict(zip(names, seen["groups"], strict=True))
+    assert (
+        groups["person1_bacteria0.png"] == groups["person99_virus_1.png"] == groups["person1_bacteria1.png"]
+    )
+    assert len(set(seen["groups"])) == 24  # one per patient: the copy joins person1's

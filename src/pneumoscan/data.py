@@ -179,8 +179,9 @@ def _own_group(sample: Sample) -> Sample:
     return dataclasses.replace(sample, patient=f"file:{sample.relpath}")
 
 
-def _groups(samples: list[Sample]) -> list[list[Sample]]:
-    """Union of samples sharing a patient id or identical bytes."""
+def group_ids(samples: list[Sample]) -> list[int]:
+    """Per sample, the index of its group: samples sharing a patient id or identical bytes, joined
+    transitively. Splits keep groups whole, and the bootstrap resamples the same groups."""
     parent = list(range(len(samples)))
 
     def find(i: int) -> int:
@@ -196,9 +197,13 @@ def _groups(samples: list[Sample]) -> list[list[Sample]]:
                 parent[find(i)] = find(first_seen[key])
             else:
                 first_seen[key] = i
+    return [find(i) for i in range(len(samples))]
+
+
+def _groups(samples: list[Sample]) -> list[list[Sample]]:
     members: dict[int, list[Sample]] = defaultdict(list)
-    for i, sample in enumerate(samples):
-        members[find(i)].append(sample)
+    for sample, group in zip(samples, group_ids(samples), strict=True):
+        members[group].append(sample)
     return list(members.values())
 
 
@@ -256,6 +261,7 @@ class DataSplits:
     splits: dict[str, list[Sample]]
     rule: dict
     scans: dict[str, Scan]
+    notes: list[str] = field(default_factory=list)  # what was changed on the way, for the log
 
     def summary(self) -> dict:
         """The `data` block of metadata.json (see docs/metadata.md)."""
@@ -302,12 +308,24 @@ def load_splits(
     layout = find_layout(Path(root))
     train_scan = scan(layout["train"], image_size)
     scans = {"train": train_scan}
-    given_val = None
+    given_val, notes, removed = None, [], 0
     if "val" in layout:
         val_scan = scan(layout["val"], image_size)
         scans["val"] = val_scan
-        if len(val_scan.samples) >= MIN_GIVEN_VAL:
-            given_val = val_scan.samples
+        kept = not_overlapping(val_scan.samples, train_scan.samples)
+        removed = len(val_scan.samples) - len(kept)
+        if removed:
+            notes.append(
+                f"{layout['val']}: left out {removed} file(s) that share a patient or identical bytes "
+                f"with {layout['train']} (patients must not be on both sides)."
+            )
+        if len(kept) >= MIN_GIVEN_VAL:
+            given_val = kept
+        elif val_scan.samples:
+            notes.append(
+                f"{layout['val']}: {len(kept)} usable image(s), under {MIN_GIVEN_VAL}; "
+                "a validation split is carved from train instead."
+            )
     splits = split_samples(train_scan.samples, val_fraction, test_fraction, seed, carve_val=given_val is None)
     if given_val is not None:
         splits["val"] = given_val
@@ -324,7 +342,25 @@ def load_splits(
             if name != "test"
         },
     }
-    return DataSplits(Path(root), splits, rule, scans)
+    if "val" in layout:
+        rule["val_overlap_removed"] = removed
+    return DataSplits(Path(root), splits, rule, scans, notes)
+
+
+def not_overlapping(samples: list[Sample], others: list[Sample]) -> list[Sample]:
+    """`samples` without those in a group (`group_ids`: patient id or identical bytes, joined
+    transitively) that also holds one of `others`. Files without a patient id in their name are
+    their own group in each folder, whatever their names."""
+
+    def own(sample: Sample) -> Sample:
+        is_file_group = sample.patient.startswith("file:")
+        return dataclasses.replace(sample, patient=f"file:{sample.path}") if is_file_group else sample
+
+    groups = group_ids([own(s) for s in [*others, *samples]])
+    taken = set(groups[: len(others)])
+    return [
+        sample for sample, group in zip(samples, groups[len(others) :], strict=True) if group not in taken
+    ]
 
 
 def rebuild_splits(

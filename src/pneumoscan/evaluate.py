@@ -2,8 +2,11 @@
 and re-choose its operating threshold: `pneumoscan threshold --model MODEL --data DIR --rule R`.
 
 Metrics come at the model's own (calibrated) threshold with 95% intervals from a bootstrap
-over patients, and again at 0.5 under `at_0_5`. `val`, `internal-test` and `train` are
-rebuilt exactly as training carved them; `test` is the dataset's own test/ folder.
+over the groups the splits keep whole (a patient's images, joined with byte-identical files),
+and again at 0.5 under `at_0_5`. `val`, `internal-test` and `train` are rebuilt exactly as
+training carved them, from either layout, and checked against the recorded digests; `test` is
+the dataset's own test/ folder, or every image of a `{NORMAL,PNEUMONIA}` folder (an external
+test set), whose files byte-identical to one of the model's splits are flagged.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pneumoscan import metadata as metadata_io
 from pneumoscan.bundle import INFERENCE_BATCH, Bundle
 from pneumoscan.calibrate import fit_operating_point
 from pneumoscan.config import CLASS_NAMES, ThresholdRule
-from pneumoscan.data import DataError, Sample, find_layout, inputs, rebuild_splits, scan
+from pneumoscan.data import DataError, Sample, find_layout, group_ids, inputs, rebuild_splits, scan
 from pneumoscan.metrics import CI_METRICS, bootstrap_ci, summarize, to_json_safe
 
 SPLITS = ("test", "val", "internal-test", "train")
@@ -52,8 +55,8 @@ def select_samples(
     data_dir = Path(data_dir)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
-    if any((data_dir / name).is_dir() for name in CLASS_NAMES):
-        found = scan(data_dir, image_size)
+    if split == "test" and any((data_dir / name).is_dir() for name in CLASS_NAMES):
+        found = scan(data_dir, image_size)  # an external test set: every image counts
         return found.samples, str(data_dir), _scan_notes(found)
     layout = find_layout(data_dir)
     if split == "test":
@@ -76,13 +79,51 @@ def _scan_notes(found) -> list[str]:
     return [f"skipped {len(found.unreadable)} unreadable file(s): {'; '.join(found.unreadable[:3])}"]
 
 
-def training_overlap(model_dir: Path, samples: list[Sample]) -> int | None:
-    """How many of `samples` were in the model's training split (None: unknown)."""
+def split_overlap(model_dir: Path, samples: list[Sample]) -> dict[str, int]:
+    """Per split of the model (`splits.json`), how many of `samples` have the bytes of one of its
+    files; empty when the model folder has no splits.json. Bytes, not patient ids: ids are not
+    comparable across datasets."""
     path = Path(model_dir) / "splits.json"
     if not path.is_file():
-        return None
-    train = {short for _, short in json.loads(path.read_text())["splits"]["train"]}
-    return sum(s.sha256[: len(next(iter(train), ""))] in train for s in samples)
+        return {}
+    overlap = {}
+    for name, files in json.loads(path.read_text())["splits"].items():
+        hashes = {short for _, short in files}
+        length = len(next(iter(hashes), ""))
+        overlap[name] = sum(s.sha256[:length] in hashes for s in samples)
+    return overlap
+
+
+def _warnings(metadata: dict, split: str, overlap: dict[str, int], n: int) -> list[str]:
+    """What makes these figures optimistic, one sentence each."""
+    notes = []
+    if overlap.get("train"):
+        notes.append(
+            f"warning: {overlap['train']} of the {n} evaluated files were in the model's "
+            "training split; these figures are optimistic."
+        )
+    for name in ("val", "internal-test"):
+        if split == "test" and overlap.get(name):
+            notes.append(
+                f"warning: {overlap[name]} of the {n} evaluated files have the bytes of files of the "
+                f"model's {name} split; they are scored all the same."
+            )
+    fitted = [
+        what
+        for what, on in (
+            ("best epoch", "val" if metadata["training"].get("selected_on", "").startswith("val") else None),
+            ("calibration", metadata["calibration"].get("fitted_on")),
+            ("threshold", metadata["threshold"].get("split")),
+        )
+        if on == "val"
+    ]
+    if split == "val" and fitted:
+        listed = " and ".join([", ".join(fitted[:-1]), fitted[-1]] if len(fitted) > 1 else fitted)
+        notes.append(
+            f"warning: the {listed} of this model were chosen on this val split; "
+            "these figures are optimistic (internal-test or an external test set is not)."
+        )
+    return notes
 
 
 def evaluate(
@@ -94,12 +135,7 @@ def evaluate(
 ) -> Evaluation:
     bundle = Bundle.load(model)
     samples, name, notes = select_samples(bundle.metadata, data_dir, split, bundle.image_size)
-    overlap = training_overlap(bundle.folder, samples)
-    if overlap:
-        notes.append(
-            f"warning: {overlap} of the {len(samples)} evaluated files were in the model's "
-            "training split; these figures are optimistic."
-        )
+    notes += _warnings(bundle.metadata, split, split_overlap(bundle.folder, samples), len(samples))
     labels, raw = split_outputs(bundle, samples, batch_size)
     probabilities = bundle.calibrated(raw)
     threshold = bundle.threshold
@@ -110,7 +146,7 @@ def evaluate(
             labels,
             probabilities,
             threshold,
-            groups=np.array([s.patient for s in samples]),
+            groups=np.array(group_ids(samples)),
             n_resamples=n_resamples,
         )
         at_half = summarize(labels, probabilities, 0.5)

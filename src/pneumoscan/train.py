@@ -250,6 +250,8 @@ def train(
     )
     for scan in splits.scans.values():
         log(scan.report())
+    for note in splits.notes:
+        log(note)
     log(splits.table())
     run_dir.mkdir(parents=True, exist_ok=True)
     if status == "resume":
