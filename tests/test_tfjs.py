@@ -299,3 +299,39 @@ def test_unknown_quantize_is_refused(tmp_path, quantize):
     model = _model_with(layers.Dense(1, name="dense"), (4,))
     with pytest.raises(ValueError, match="quantize must be one of"):
         write_tfjs(model, tmp_path, quantize=quantize)
+
+
+def test_a_failed_re_export_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """The new files are written beside the folder and swapped in whole: a crash while writing
+    leaves the earlier model.json with every shard it lists, and a finished re-export leaves no
+    shard of the earlier one."""
+    import pneumoscan.tfjs as tfjs_module
+
+    wide, small = _wide_model(), _model_with(layers.Dense(1, name="pneumonia"), (4,))
+    write_tfjs(wide, tmp_path / "model")
+    assert len(list((tmp_path / "model").glob("group1-shard*.bin"))) == 2
+    real = tfjs_module._write_shards
+
+    def crash(data, out_dir):
+        real(data, out_dir)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tfjs_module, "_write_shards", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_tfjs(small, tmp_path / "model")
+    kept = read_weights(tmp_path / "model")  # raises if model.json lists a missing or short shard
+    for name, variable in named_weights(wide):
+        np.testing.assert_array_equal(kept[name], variable.numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing half-written beside it
+
+    monkeypatch.setattr(tfjs_module, "_write_shards", real)
+    summary = write_tfjs(small, tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == sorted(summary["files"])
+    assert summary["files"] == ["model.json", "group1-shard1of1.bin"]
+
+
+def test_a_folder_with_other_files_is_not_replaced(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds other files than a TF.js export \(notes.txt\)"):
+        write_tfjs(_model_with(layers.Dense(1, name="dense"), (4,)), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from pneumoscan.preprocess import PREPROCESSING_STEPS
 
 SCHEMA_VERSION = 1
 FILE_NAME = "metadata.json"
+# A bundle's browser model: tfjs/model.json and the weight files it lists, named this way.
+TFJS_SHARD_NAME = re.compile(r"group1-shard[0-9]+of[0-9]+\.bin")
 NO_CALIBRATION = {"method": "none", "slope": 1.0, "intercept": 0.0, "fitted_on": None}
 DEFAULT_THRESHOLD = {"value": 0.5, "rule": "fixed:0.5", "split": None, "applies_to": "calibrated probability"}
 

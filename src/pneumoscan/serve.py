@@ -23,7 +23,6 @@ import hashlib
 import http.server
 import json
 import os
-import re
 import shutil
 import socket
 import sys
@@ -49,7 +48,6 @@ VENDOR_FILES = {
         "@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm-threaded-simd.wasm"
     ),
 }
-SHARD_NAME = re.compile(r"group1-shard[0-9]+of[0-9]+\.bin")
 MIME_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -151,7 +149,7 @@ def bundle_routes(bundle: Path) -> tuple[dict[str, Route], dict]:
     }
     for name in shards:
         path = bundle / "tfjs" / name
-        if not SHARD_NAME.fullmatch(name) or not path.is_file():
+        if not metadata_io.TFJS_SHARD_NAME.fullmatch(name) or not path.is_file():
             raise ServeError(
                 f"{model_json} lists weight file {name!r}, which is missing or misnamed; {hint}."
             )

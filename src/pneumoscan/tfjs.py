@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import keras
 import numpy as np
 
 from pneumoscan import __version__
+from pneumoscan.io import recover_dir, replace_dir_atomic
+from pneumoscan.metadata import TFJS_SHARD_NAME
 
 QUANTIZE_OPTIONS = ("none", "float16", "uint8")
 SHARD_BYTES = 4 * 1024 * 1024  # tfjs-converter's default shard size
@@ -90,8 +93,8 @@ def write_tfjs(model: keras.Model, out_dir: Path, quantize: str = "none") -> dic
 
     Args:
         model: A built functional (or Sequential) Keras 3 model made of `SUPPORTED_LAYERS`.
-        out_dir: Folder to write to; created if missing. Weight shards of an earlier export
-            there are removed first.
+        out_dir: Folder to write; created if missing. An earlier export there is replaced
+            whole and atomically (it may hold nothing but `model.json` and weight shards).
         quantize: `none` (float32), `float16`, or `uint8` (affine, per tensor). Quantized
             weights are dequantized by tfjs on load, as for tfjs-converter's output.
 
@@ -100,7 +103,8 @@ def write_tfjs(model: keras.Model, out_dir: Path, quantize: str = "none") -> dic
 
     Raises:
         ValueError: for an unknown `quantize`, a layer class or option tfjs cannot reproduce,
-            a dtype policy other than float32, or a weight that is not finite.
+            a dtype policy other than float32, a weight that is not finite, or an `out_dir`
+            that holds other files than a TF.js export.
     """
     if quantize not in QUANTIZE_OPTIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_OPTIONS)}, not {quantize!r}.")
@@ -113,24 +117,43 @@ def write_tfjs(model: keras.Model, out_dir: Path, quantize: str = "none") -> dic
     }
     specs, data = _encode_weights(model, quantize)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("group1-shard*of*.bin"):
-        stale.unlink()
-    shard_names = _write_shards(data, out_dir)
-    model_json = {
-        "format": "layers-model",
-        "generatedBy": f"pneumoscan {__version__} (Keras {keras.__version__})",
-        "convertedBy": f"pneumoscan.tfjs {__version__}",
-        "modelTopology": topology,
-        "weightsManifest": [{"paths": shard_names, "weights": specs}],
-    }
-    # Written last, through a rename, so a model.json on disk always has its shards.
-    temporary = out_dir / f".{MODEL_FILE}.tmp"
-    temporary.write_text(json.dumps(model_json), encoding="utf-8")
-    temporary.replace(out_dir / MODEL_FILE)
+    build = out_dir.with_name(f".{out_dir.name}.tfjs-new")
+    recover_dir(out_dir, build)  # a crash inside an earlier swap
+    _check_replaceable(out_dir)
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    try:
+        shard_names = _write_shards(data, build)
+        model_json = {
+            "format": "layers-model",
+            "generatedBy": f"pneumoscan {__version__} (Keras {keras.__version__})",
+            "convertedBy": f"pneumoscan.tfjs {__version__}",
+            "modelTopology": topology,
+            "weightsManifest": [{"paths": shard_names, "weights": specs}],
+        }
+        (build / MODEL_FILE).write_text(json.dumps(model_json), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    # The whole folder is swapped in: a reader sees the old model.json with its old shards, or
+    # the new one with its new shards, never a mix.
+    replace_dir_atomic(build, out_dir)
     files = [MODEL_FILE, *shard_names]
     total = sum((out_dir / name).stat().st_size for name in files)
     return {"files": files, "total_bytes": total, "quantize": quantize}
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    if not out_dir.is_dir():
+        return
+    others = sorted(
+        p.name for p in out_dir.iterdir() if p.name != MODEL_FILE and not TFJS_SHARD_NAME.fullmatch(p.name)
+    )
+    if others:
+        raise ValueError(
+            f"{out_dir}: holds other files than a TF.js export ({', '.join(others[:3])}); "
+            "write the export to an empty folder."
+        )
 
 
 def named_weights(model: keras.Model) -> list[tuple[str, keras.Variable]]:
