@@ -1,12 +1,14 @@
 """Benchmark `pneumoscan predict`: cold start and end-to-end images/s on this machine.
 
     .venv/bin/python benchmarks/predict_bench.py --model RUN_OR_BUNDLE [--images 600] [--data DIR]
+    .venv/bin/python benchmarks/predict_bench.py --model RUN_OR_BUNDLE --rss 1000 3000 6000
 
 Cold start: a new process with a warm disk cache (one untimed run first) that imports
 pneumoscan, loads the model, decodes and predicts one image; median of 3 runs. Throughput:
 `predict_files` over N images (decode + resize + forward + calibration) in a fresh process,
 plus the forward pass alone (`Bundle.forward`) on the same batches, and the process's peak RSS. Prints a
-Markdown table for BENCHMARKS.md.
+Markdown table for BENCHMARKS.md. With `--rss N ...`: the peak RSS of `pneumoscan predict
+--output FILE.jsonl` over folders of N images each, to show memory does not grow with N.
 """
 
 from __future__ import annotations
@@ -69,6 +71,49 @@ def cold_start(model: str, image: str, runs: int = 3) -> float:
     return statistics.median(times)
 
 
+def peak_rss_mb(command: list[str]) -> tuple[float, float]:
+    """(peak RSS in MB, wall seconds) of one child process, from the kernel's own accounting."""
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) not in (0, 1):
+        raise SystemExit(f"{' '.join(command)} failed")
+    return usage.ru_maxrss / 1024, time.perf_counter() - start
+
+
+def memory_table(model: str, data: Path, counts: list[int]) -> None:
+    """Peak RSS of `predict --output` over N images (links to the data's images, repeated): flat
+    when records stream to the file and nothing grows with N."""
+    files = find_images(data)
+    print(f"pneumoscan predict --output FILE.jsonl, peak RSS by number of images (model {model})\n")
+    print("| images | peak RSS (MB) | wall (s) | images/s |\n|---|---|---|---|")
+    for count in counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "images"
+            folder.mkdir()
+            for index in range(count):
+                source = files[index % len(files)]
+                (folder / f"{index:07d}{source.suffix}").symlink_to(source)
+            command = [
+                sys.executable,
+                "-m",
+                "pneumoscan",
+                "predict",
+                "--model",
+                model,
+                "--output",
+                str(Path(tmp) / "records.jsonl"),
+                str(folder),
+            ]
+            rss, wall = peak_rss_mb(command)
+        print(f"| {count:,} | {rss:.0f} | {wall:.1f} | {count / wall:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -77,7 +122,18 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--rss",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="N",
+        help="instead: peak RSS of `pneumoscan predict --output FILE.jsonl` over folders of N images",
+    )
     args = parser.parse_args()
+    if args.rss is not None:
+        memory_table(args.model, args.data, args.rss or [1000, 3000, 6000])
+        return
     paths = image_list(args.data, args.images)
     cold = cold_start(args.model, paths[0])
     with tempfile.TemporaryDirectory() as tmp:

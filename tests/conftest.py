@@ -111,6 +111,80 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     return root, run_dir
 
 
+# ---- an awkward-input corpus, for predict, evaluate, training data and (tests/test_web.py) the page
+
+
+def _save(path: Path, image: Image.Image, **options) -> None:
+    image.save(path, **options)
+
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG signature and IHDR claiming width x height, then IEND: a decompression bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+_GRAY = synthetic_xray(3, 1, size=(120, 100))
+_RGB = np.dstack([_GRAY, _GRAY // 2, 255 - _GRAY])
+_SAMPLE_JPEG = SAMPLES / "NORMAL" / "IM-0115-0001.jpeg"
+# Files that are images and must be predicted (name -> writer).
+AWKWARD_VALID = {
+    "gray16.png": lambda p: _save(p, Image.fromarray(_GRAY.astype(np.uint16) * 257)),
+    "rgba.png": lambda p: _save(p, Image.fromarray(np.dstack([_RGB, np.full(_GRAY.shape, 90, np.uint8)]))),
+    "palette.png": lambda p: _save(p, Image.fromarray(_RGB).quantize(32)),
+    "cmyk.jpeg": lambda p: _save(p, Image.fromarray(_RGB).convert("CMYK"), format="JPEG"),
+    "upper.JPG": lambda p: _save(p, Image.fromarray(_GRAY), format="JPEG"),
+    os.fsdecode(b"caf\xe9-latin1-name.jpeg"): lambda p: p.write_bytes(_SAMPLE_JPEG.read_bytes()),
+    **{
+        f"exif-orientation-{k}.jpeg": (
+            lambda p, k=k: _save(p, Image.fromarray(_GRAY), format="JPEG", exif=_exif(k))
+        )
+        for k in range(1, 9)
+    },
+}
+# Files that are not usable images (name -> (writer, the sentence's telling part)).
+AWKWARD_BAD = {
+    "empty.jpeg": (lambda p: p.write_bytes(b""), "the file is empty"),
+    os.fsdecode(b"d\xe9fect-latin1-name.png"): (lambda p: p.write_bytes(b""), "the file is empty"),
+    "notes.png": (lambda p: p.write_text("hello"), "is not a JPEG or PNG image"),
+    "text-named.jpeg": (lambda p: p.write_text("This is a text file.\n"), "is not a JPEG or PNG image"),
+    "random-bytes.png": (
+        lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+        "is not a JPEG or PNG",
+    ),
+    "truncated.jpeg": (lambda p: p.write_bytes(_SAMPLE_JPEG.read_bytes()[:700]), "truncated or corrupt"),
+    "bomb.png": (lambda p: _save(p, Image.new("L", (9000, 6000))), "over the 50 MP limit"),
+    "bomb-header.png": (lambda p: _png_header_only(p, 100_000, 100_000), "over the 50 MP"),
+    "icon.png": (lambda p: _save(p, Image.new("L", (20, 20))), "too small to be a chest X-ray"),
+    "one-pixel.png": (lambda p: _save(p, Image.new("L", (1, 1))), "too small to be a chest X-ray"),
+    "anim.gif": (lambda p: _save(p, Image.fromarray(_GRAY), format="GIF"), "only JPEG and PNG"),
+}
+
+
+def write_awkward(folder: Path) -> Path:
+    """Every AWKWARD_VALID and AWKWARD_BAD file in `folder`, plus a symbolic link back to the
+    folder (a loop that listing must not follow)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, make in AWKWARD_VALID.items():
+        make(folder / name)
+    for name, (make, _) in AWKWARD_BAD.items():
+        make(folder / name)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    return folder
+
+
 # ---- hand-built models for explain and robustness: inputs of S x S --------------------------
 
 S = 64  # regions at 64: corner squares 10 px, border band 6 px, centre rows 10-53, cols 13-50

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import synthetic_xray, write_class_folders
+from conftest import AWKWARD_BAD, AWKWARD_VALID, synthetic_xray, write_awkward, write_class_folders
 from pneumoscan.data import (
     DataError,
     find_images,
@@ -252,3 +252,22 @@ def test_group_ids_join_patients_and_identical_bytes(tmp_path):
     ids = dict(zip((s.relpath for s in samples), group_ids(samples), strict=True))
     assert ids["PNEUMONIA/person1_bacteria0.png"] == ids["PNEUMONIA/person9_virus_1.png"]
     assert len(set(ids.values())) == 4
+
+
+def test_the_awkward_corpus_is_scanned_file_by_file(tmp_path):
+    root = write_class_folders(tmp_path / "d", {"IM-0001": 0, "person1": 1}, 1)
+    write_awkward(root / "NORMAL" / "corpus")
+    result = scan(root, image_size=32)
+    listed = [
+        n for n in (*AWKWARD_VALID, *AWKWARD_BAD) if Path(n).suffix.lower() in (".jpeg", ".jpg", ".png")
+    ]
+    names = {Path(s.relpath).name for s in result.samples}
+    assert names == {*AWKWARD_VALID, "IM-0001-0001.png", "person1_bacteria0.png"}
+    assert len(result.unreadable) == len(listed) - len(AWKWARD_VALID)
+    for name, (_, message) in AWKWARD_BAD.items():
+        if Path(name).suffix != ".gif":
+            assert any(
+                u.startswith(str(root / "NORMAL" / "corpus" / name)) and message in u
+                for u in result.unreadable
+            )
+    assert all(s.image.shape == (32, 32, 1) for s in result.samples)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLES, write_class_folders
+from conftest import AWKWARD_BAD, AWKWARD_VALID, SAMPLES, write_awkward, write_class_folders
 from pneumoscan.cli import main
 from pneumoscan.metadata import read
 
@@ -236,3 +236,15 @@ def test_bootstrap_resamples_the_groups_the_splits_keep(single_folder_run, tmp_p
         groups["person1_bacteria0.png"] == groups["person99_virus_1.png"] == groups["person1_bacteria1.png"]
     )
     assert len(set(seen["groups"])) == 24  # one per patient: the copy joins person1's
+
+
+def test_the_awkward_corpus_in_an_external_folder(single_folder_run, tmp_path, capsys):
+    _, run_dir = single_folder_run
+    external = write_class_folders(tmp_path / "external", {"IM-0900": 0, "person900": 1}, 1, seed=10**6)
+    write_awkward(external / "PNEUMONIA" / "odd")
+    result = _evaluate_json(run_dir, external, "--out", str(tmp_path / "report"))
+    bad = sum(Path(name).suffix != ".gif" for name in AWKWARD_BAD)
+    assert "unreadable" in (tmp_path / "report" / "report.html").read_text()
+    assert result["n"] == 2 + len(AWKWARD_VALID)
+    err = capsys.readouterr().err
+    assert f"skipped {bad} unreadable file(s)" in err and "Traceback" not in err

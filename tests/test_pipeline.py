@@ -8,7 +8,7 @@ import numpy as np
 from conftest import SAMPLES
 from pneumoscan.config import AugmentConfig
 from pneumoscan.data import inputs, scan
-from pneumoscan.pipeline import images, labelled
+from pneumoscan.pipeline import batches, images, training_batches
 from pneumoscan.preprocess import decode_to_input
 
 PATHS = sorted(SAMPLES.rglob("*.jpeg"))[:6]
@@ -26,10 +26,10 @@ def _batches(dataset):
 
 
 def test_evaluation_batches_match_decode_to_input():
-    batches = _batches(labelled(_inputs(96), LABELS, batch_size=4))
-    assert [x.shape for x, _ in batches] == [(4, 96, 96, 1), (2, 96, 96, 1)]
-    x = np.concatenate([b[0] for b in batches])
-    y = np.concatenate([b[1] for b in batches])
+    made = _batches(batches(_inputs(96), LABELS, batch_size=4))
+    assert [x.shape for x, _ in made] == [(4, 96, 96, 1), (2, 96, 96, 1)]
+    x = np.concatenate([b[0] for b in made])
+    y = np.concatenate([b[1] for b in made])
     assert x.dtype == np.float32 and x.min() >= 0 and x.max() <= 255
     np.testing.assert_array_equal(y, LABELS)
     for got, path in zip(x, PATHS, strict=True):
@@ -37,10 +37,11 @@ def test_evaluation_batches_match_decode_to_input():
 
 
 def test_training_batches_are_augmented_shuffled_and_in_range():
-    plain = np.concatenate([x for x, _ in _batches(labelled(_inputs(96), LABELS, batch_size=6))])
-    dataset = labelled(_inputs(96), LABELS, batch_size=6, training=True, seed=3, augment=AugmentConfig())
-    ((x1, y1),) = _batches(dataset)
-    ((x2, _),) = _batches(dataset)
+    plain = np.concatenate([x for x, _ in _batches(batches(_inputs(96), LABELS, batch_size=6))])
+    dataset = training_batches(
+        _inputs(96), LABELS, batch_size=6, seed=3, epochs=range(2), augment=AugmentConfig()
+    )
+    ((x1, y1), (x2, _)) = _batches(dataset)  # one batch per epoch
     assert x1.shape == (6, 96, 96, 1) and x1.dtype == np.float32
     assert x1.min() >= 0 and x1.max() <= 255
     assert sorted(y1) == sorted(LABELS)
@@ -70,5 +71,23 @@ def test_augmentation_with_zero_strength_is_the_identity():
 
     x = np.stack([decode_to_input(p, 64) for p in PATHS[:3]])
     none = AugmentConfig(rotation_degrees=0, zoom=0, translation=0, brightness=0, contrast=0)
-    out = augment_batch(tf.constant(x), tf.random.Generator.from_seed(0), none).numpy()
+    out = augment_batch(tf.constant(x), tf.constant([0, 0], tf.int64), none).numpy()
     np.testing.assert_allclose(out, x, atol=1e-3)
+
+
+def test_training_batches_depend_on_seed_and_epoch_alone():
+    """A run resumed at epoch 1 sees exactly the batches an uninterrupted run sees there."""
+    x = _inputs(64)
+
+    def run(seed: int, epochs: range) -> list:
+        return _batches(
+            training_batches(x, LABELS, batch_size=4, seed=seed, epochs=epochs, augment=AugmentConfig())
+        )
+
+    whole, resumed, other = run(3, range(3)), run(3, range(1, 3)), run(4, range(3))
+    assert len(whole) == 6 and len(resumed) == 4  # 2 batches (4 + 2 images) per epoch
+    for (xa, ya), (xb, yb) in zip(whole[2:], resumed, strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert not np.array_equal(whole[0][0], whole[2][0])  # epochs differ
+    assert not np.array_equal(whole[0][0], other[0][0])  # seeds differ

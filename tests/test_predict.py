@@ -5,55 +5,24 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
-from PIL import Image
+import pytest
 
-from conftest import SAMPLES, synthetic_xray
+from conftest import AWKWARD_BAD, AWKWARD_VALID, SAMPLES, write_awkward
 from pneumoscan import bundle as bundle_module
 from pneumoscan.calibrate import apply_calibration
 from pneumoscan.cli import main
 from pneumoscan.metadata import read
 from pneumoscan.predict import predict_files
-from pneumoscan.preprocess import decode_to_input
+from pneumoscan.preprocess import IMAGE_SUFFIXES, decode_to_input
 
-GRAY = synthetic_xray(3, 1, size=(120, 100))
-RGB = np.dstack([GRAY, GRAY // 2, 255 - GRAY])
-
-
-def _save(path, image: Image.Image, **options):
-    image.save(path, **options)
-    return path
-
-
-def _exif(orientation: int) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return exif.tobytes()
-
-
-UNUSUAL = {
-    "gray16.png": lambda p: _save(p, Image.fromarray(GRAY.astype(np.uint16) * 257)),
-    "rgba.png": lambda p: _save(p, Image.fromarray(np.dstack([RGB, np.full(GRAY.shape, 90, np.uint8)]))),
-    "palette.png": lambda p: _save(p, Image.fromarray(RGB).quantize(32)),
-    "cmyk.jpeg": lambda p: _save(p, Image.fromarray(RGB).convert("CMYK"), format="JPEG"),
-    "rotated.jpeg": lambda p: _save(p, Image.fromarray(GRAY), format="JPEG", exif=_exif(6)),
-    "upper.JPG": lambda p: _save(p, Image.fromarray(GRAY), format="JPEG"),
-}
-
-BAD = {
-    "empty.jpeg": (lambda p: p.write_bytes(b""), "the file is empty"),
-    "notes.png": (lambda p: p.write_text("hello"), "is not a JPEG or PNG image"),
-    "truncated.jpeg": (
-        lambda p: p.write_bytes((SAMPLES / "NORMAL" / "IM-0115-0001.jpeg").read_bytes()[:700]),
-        "truncated or corrupt",
-    ),
-    "bomb.png": (lambda p: _save(p, Image.new("L", (9000, 6000))), "over the 50 MP limit"),
-    "icon.png": (lambda p: _save(p, Image.new("L", (20, 20))), "too small to be a chest X-ray"),
-    "anim.gif": (lambda p: _save(p, Image.fromarray(GRAY), format="GIF"), "only JPEG and PNG"),
-}
+UNUSUAL = AWKWARD_VALID
+BAD = AWKWARD_BAD
 
 
 def test_probabilities_match_the_model_and_metadata(trained_run):
@@ -85,6 +54,7 @@ def test_unusual_but_valid_images_are_predicted(trained_run, tmp_path):
         make(tmp_path / name)
     records = predict_files(run_dir, [tmp_path])
     assert sorted(r["path"].rsplit("/", 1)[1] for r in records) == sorted(UNUSUAL)
+    assert all(os.fsencode(r["path"]) == os.fsencode(tmp_path / Path(r["path"]).name) for r in records)
     assert all("error" not in r and 0 <= r["probability"] <= 1 for r in records), records
 
 
@@ -123,6 +93,8 @@ def test_bad_inputs_each_get_one_sentence_and_the_rest_go_on(trained_run, tmp_pa
     assert "no such file or folder" in by_name["missing.png"]["error"]
     assert "folder holds no .jpeg" in by_name["nothing_here"]["error"]
     for name, (_, message) in BAD.items():
+        if name not in by_name:
+            continue  # the corpus test below gives every bad file
         error = by_name[name]["error"]
         assert message in error and name in error and "\n" not in error
     assert "Traceback" not in err and "1 image(s) predicted" in err and "8 failed" in err
@@ -149,3 +121,101 @@ def test_missing_model_without_a_bundle_is_a_usage_error(monkeypatch, capsys):
 def test_not_a_model_folder(tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path), str(SAMPLES)]) == 2
     assert "not a model folder" in capsys.readouterr().err
+
+
+def test_the_awkward_corpus_every_file_a_record_and_one_sentence(trained_run, tmp_path, capsys):
+    _, run_dir = trained_run
+    folder = write_awkward(tmp_path / "corpus")
+    assert main(["predict", "--model", str(run_dir), "--format", "json", str(folder)]) == 1
+    out, err = capsys.readouterr()
+    by_name = {Path(r["path"]).name: r for r in json.loads(out)}
+    listed = {name for name in [*AWKWARD_VALID, *AWKWARD_BAD] if Path(name).suffix.lower() in IMAGE_SUFFIXES}
+    assert set(by_name) == listed  # anim.gif is not an image name; the loop/ link is not followed
+    assert main(["predict", "--model", str(run_dir), "--format", "json", str(folder / "anim.gif")]) == 1
+    by_name["anim.gif"] = json.loads(capsys.readouterr().out)[0]
+    for name in AWKWARD_VALID:
+        assert "error" not in by_name[name] and by_name[name]["label"] in ("NORMAL", "PNEUMONIA"), name
+    for name, (_, message) in AWKWARD_BAD.items():
+        error = by_name[name]["error"]
+        assert message in error and error.startswith(str(folder / name)) and "\n" not in error, name
+    assert "Traceback" not in err and f"{len(AWKWARD_BAD) - 1} failed" in err
+    exif = [by_name[f"exif-orientation-{k}.jpeg"]["probability"] for k in range(1, 9)]
+    assert len(set(exif)) > 1  # the orientation is applied: rotated copies are not the same input
+
+
+def test_json_on_stdout_is_one_array_written_as_it_grows(trained_run, capsys):
+    _, run_dir = trained_run
+    assert main(["predict", "--model", str(run_dir), "--format", "json", str(SAMPLES)]) == 0
+    out = capsys.readouterr().out
+    assert out == json.dumps(predict_files(run_dir, [SAMPLES]), indent=2) + "\n"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_output_file_is_written_as_records_come_and_resumed(trained_run, tmp_path, capsys, suffix):
+    _, run_dir = trained_run
+    output = tmp_path / f"records{suffix}"
+    base = ["predict", "--model", str(run_dir), "--output", str(output)]
+    expected = {r["path"]: r for r in predict_files(run_dir, [SAMPLES])}
+
+    def read() -> list[dict]:
+        if suffix == ".csv":
+            return [
+                {k: (float(v) if k in ("probability", "threshold") else v) for k, v in row.items() if v}
+                for row in csv.DictReader(output.open())
+            ]
+        return [json.loads(line) for line in output.read_text().splitlines()]
+
+    assert main([*base, str(SAMPLES)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "16 image(s) predicted" in err
+    assert {r["path"]: r for r in read()} == expected and len(read()) == 16
+
+    def same(record: dict) -> bool:  # other batches, other float rounding: as in test_batch_size...
+        reference = expected[record["path"]]
+        return record["label"] == reference["label"] and record["probability"] == pytest.approx(
+            reference["probability"], abs=1e-6
+        )
+
+    assert main([*base, str(SAMPLES)]) == 2  # an existing file is never overwritten
+    assert "exists; pass --resume" in capsys.readouterr().err
+
+    # As a kill leaves it: 5 whole records and half of the sixth.
+    lines = output.read_text().splitlines(keepends=True)
+    keep = 6 if suffix == ".csv" else 5  # the CSV header counts as a line
+    output.write_text("".join(lines[:keep]) + lines[keep][: len(lines[keep]) // 2])
+    assert main([*base, "--resume", str(SAMPLES)]) == 0
+    err = capsys.readouterr().err
+    assert "11 image(s) predicted" in err and "5 already in the output file, skipped" in err
+    records = read()
+    assert sorted(r["path"] for r in records) == sorted(expected)  # each path once, none half
+    assert all(same(r) for r in records)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--resume"], "--resume continues an --output FILE"),
+        (["--output", "{tmp}/r.txt"], "name a .csv or .jsonl file"),
+        (["--output", "{tmp}/r.csv", "--format", "json"], "with --output the file's suffix sets its format"),
+    ],
+)
+def test_output_usage_errors(flags, message, tmp_path, capsys):
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    assert main(["predict", *flags, str(SAMPLES)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_progress_bar_on_a_terminal_only(trained_run, monkeypatch, capsys):
+    """A terminal on stderr gets a progress bar (rich); a pipe or file gets nothing but the summary."""
+    import sys as system
+
+    _, run_dir = trained_run
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(system, "stderr", terminal)
+    assert main(["predict", "--model", str(run_dir), "--format", "csv", str(SAMPLES)]) == 0
+    assert "predicting" in terminal.getvalue() and "16/16" in terminal.getvalue()

@@ -8,6 +8,7 @@ unless `--debug` is given. TensorFlow is imported only by the subcommands that n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -180,23 +181,104 @@ def _add_predict(commands) -> None:
     parser.add_argument(
         "--model", type=Path, default=None, help="run folder or bundle (default: the bundled model)"
     )
-    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument(
+        "--format", choices=("table", "json", "csv"), default=None, help="what stdout gets (default: table)"
+    )
     parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the records to FILE.csv or FILE.jsonl as they come, instead of stdout",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="with --output: skip the paths already in FILE and append"
+    )
     parser.set_defaults(handler=_predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pneumoscan.predict import predict_files, render, summary_line
+    from pneumoscan.predict import OUTPUT_SUFFIXES, expand_paths, item_path, read_done
+
+    fmt = _check_predict_args(args)
+    bundle = bundle_module.Bundle.load(args.model)
+    items, done = expand_paths(args.paths), set()
+    if args.output is not None and args.output.exists():
+        try:
+            done = read_done(args.output)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise UsageError(str(error)) from None
+        items = [item for item in items if item_path(item) not in done]
+    if args.output is None:
+        return _predict_to(sys.stdout, fmt or "table", bundle, items, args.batch_size, header=True)
+    fresh = not args.output.exists() or args.output.stat().st_size == 0
+    # surrogateescape: a file name that is not UTF-8 goes out as its own bytes, and --resume
+    # reads it back as the same name.
+    with open(args.output, "a", encoding="utf-8", errors="surrogateescape", newline="") as stream:
+        return _predict_to(
+            stream,
+            OUTPUT_SUFFIXES[args.output.suffix.lower()],
+            bundle,
+            items,
+            args.batch_size,
+            fresh,
+            len(done),
+        )
+
+
+def _check_predict_args(args: argparse.Namespace) -> str | None:
+    from pneumoscan.predict import OUTPUT_SUFFIXES
 
     if args.batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {args.batch_size}")
-    records = predict_files(args.model, args.paths, batch_size=args.batch_size)
-    print(render(records, args.format))
-    for record in records:
-        if "error" in record:
-            print(f"pneumoscan: {record['error']}", file=sys.stderr)
-    print(summary_line(records), file=sys.stderr)
-    return FAILURE if any("error" in r for r in records) else 0
+    if args.output is None:
+        if args.resume:
+            raise UsageError("--resume continues an --output FILE; pass --output too.")
+        return args.format
+    if args.output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UsageError(f"--output {args.output}: name a .csv or .jsonl file (its suffix sets the format).")
+    if args.format is not None:
+        raise UsageError("--format sets what stdout gets; with --output the file's suffix sets its format.")
+    if args.output.exists() and not args.resume:
+        raise UsageError(f"{args.output}: exists; pass --resume to continue it, or choose another file.")
+    return None
+
+
+def _predict_to(
+    stream, fmt: str, bundle, items: list, batch_size: int, header: bool, skipped: int = 0
+) -> int:
+    """Records to `stream` as they come, each bad input's sentence to stderr, a progress bar on
+    stderr when it is a terminal, the summary last; exit 1 when an input failed."""
+    from pneumoscan.predict import RecordWriter, Tally, iter_predictions
+
+    tally = Tally()
+    with _progress(len(items)) as (advance, say), RecordWriter(stream, fmt, header) as writer:
+        for record in iter_predictions(bundle, items, batch_size):
+            writer.write(record)
+            tally.add(record)
+            advance()
+            if "error" in record:
+                say(f"pneumoscan: {record['error']}")
+    print(tally.line(skipped), file=sys.stderr)
+    return FAILURE if tally.failed else 0
+
+
+@contextlib.contextmanager
+def _progress(total: int):
+    """(advance, say): a progress bar on stderr when it is a terminal (rich), silent otherwise;
+    `say` prints a line to stderr above the bar."""
+    if not sys.stderr.isatty():
+        yield (lambda: None), (lambda text: print(text, file=sys.stderr))
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True, highlight=False)
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("predicting", total=total)
+        yield (lambda: progress.advance(task)), (lambda text: console.print(text, markup=False))
 
 
 def _add_export(commands) -> None:
@@ -341,11 +423,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     if not args.debug and "tensorflow" not in sys.modules:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints as \udcXX
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return args.handler(args)
     except KeyboardInterrupt:
         print("pneumoscan: interrupted; the same command resumes where it stopped.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return FAILURE
     except Exception as error:
         if args.debug:
             traceback.print_exc()

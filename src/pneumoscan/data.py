@@ -244,13 +244,13 @@ def split_samples(
 
 def _group_order(group: list[Sample], seed: int) -> str:
     key = min(s.patient for s in group)
-    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+    return hashlib.sha256(f"{seed}:{key}".encode(errors="surrogateescape")).hexdigest()
 
 
 def split_digest(samples: list[Sample]) -> str:
     """sha256 over the sorted `relpath sha256` lines: identifies a split's exact contents."""
     lines = sorted(f"{s.relpath} {s.sha256}" for s in samples)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return hashlib.sha256("\n".join(lines).encode(errors="surrogateescape")).hexdigest()
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """tf.data input pipelines: `pneumoscan train` over decoded model inputs, `predict` over files.
 
-Training: model inputs (decoded once by `data.scan`) -> shuffle -> batch -> augment -> prefetch.
+Training: model inputs (decoded once by `data.scan`) -> per epoch, a permutation -> batch ->
+augment -> prefetch, all drawn from (seed, epoch, batch) so a resumed run repeats them exactly.
 Prediction: path -> decode -> grayscale -> resize (pneumoscan.preprocess) with the decode's error,
 if any, carried along as text, so a bad file becomes a record and the stream goes on.
 `num_parallel_calls=AUTOTUNE` on every map.
@@ -8,6 +9,7 @@ if any, carried along as text, so a bad file becomes a record and the stream goe
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,9 +28,9 @@ def _load_luma(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
     def load(raw: bytes) -> tuple[np.ndarray, bytes]:
         try:
-            return load_grayscale(raw.decode()), b""
+            return load_grayscale(os.fsdecode(raw)), b""
         except ImageError as error:
-            return np.zeros((0, 0), np.uint8), str(error).encode()
+            return np.zeros((0, 0), np.uint8), str(error).encode(errors="surrogateescape")
 
     image, error = tf.numpy_function(load, [path], (tf.uint8, tf.string), stateful=False)
     image.set_shape([None, None])
@@ -38,8 +40,9 @@ def _load_luma(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 def images(paths: Sequence[str | Path], image_size: int) -> tf.data.Dataset:
     """(path, error, image) for every path, in order; `error` is b"" when the file decoded, else
-    the reason it did not (and `image` is then zeros). Used by `predict`."""
-    dataset = tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
+    the reason it did not (and `image` is then zeros). Used by `predict`. Paths travel as the
+    file system's bytes (`os.fsencode`), so names that are not UTF-8 work too."""
+    dataset = tf.data.Dataset.from_tensor_slices([os.fsencode(p) for p in paths])
 
     def load(path: tf.Tensor):
         luma, error = _load_luma(path)
@@ -49,41 +52,62 @@ def images(paths: Sequence[str | Path], image_size: int) -> tf.data.Dataset:
     return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
-def labelled(
+def batches(inputs: np.ndarray, labels: Sequence[int], batch_size: int) -> tf.data.Dataset:
+    """Batches of (images, labels) in order, from model inputs (n, S, S, 1) (`data.inputs`)."""
+    dataset = tf.data.Dataset.from_tensor_slices((inputs, np.asarray(labels, np.float32)))
+    return dataset.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def training_batches(
     inputs: np.ndarray,
     labels: Sequence[int],
     batch_size: int,
-    training: bool = False,
-    seed: int = 0,
+    seed: int,
+    epochs: range,
     augment: AugmentConfig | None = None,
 ) -> tf.data.Dataset:
-    """Batches of (images, labels) for `fit`, from model inputs (n, S, S, 1) (`data.inputs`).
+    """Training batches of (images, labels), epoch after epoch over `epochs` (0-based, e.g.
+    `range(3, 30)` to resume after the third), shuffled and augmented.
 
-    Training shuffles every epoch (seeded) and augments when `augment` is given.
+    Each epoch's order and each batch's augmentation are drawn by stateless random ops from
+    (seed, epoch, batch) alone, so a run resumed after epoch k sees exactly the batches an
+    uninterrupted run would, and one iterator serves every epoch (a fresh iterator per epoch
+    sometimes left the CPU idle for ~10 s before its first batch).
     """
-    dataset = tf.data.Dataset.from_tensor_slices((inputs, np.asarray(labels, np.float32)))
-    if training:
-        dataset = dataset.shuffle(len(inputs), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size)
-    if training and augment is not None:
-        generator = tf.random.Generator.from_seed(seed)
-        dataset = dataset.map(
-            lambda x, y: (augment_batch(x, generator, augment), y), num_parallel_calls=AUTOTUNE
-        )
+    images = tf.constant(inputs)  # (n, S, S, 1)
+    targets = tf.constant(np.asarray(labels, np.float32))
+    count = len(inputs)
+
+    def epoch(index: tf.Tensor) -> tf.data.Dataset:
+        key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), index)
+        order = tf.argsort(tf.random.stateless_uniform([count], seed=key))  # a permutation
+        steps = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+
+        def batch(step: tf.Tensor, members: tf.Tensor):
+            x = tf.gather(images, members)
+            if augment is not None:
+                x = augment_batch(x, tf.random.experimental.stateless_fold_in(key, step + 1), augment)
+            return x, tf.gather(targets, members)
+
+        return steps.map(batch, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+    dataset = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch)
     return dataset.prefetch(AUTOTUNE)
 
 
-def augment_batch(images: tf.Tensor, generator: tf.random.Generator, augment: AugmentConfig) -> tf.Tensor:
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, augment: AugmentConfig) -> tf.Tensor:
     """Random rotation, zoom and translation as ONE affine resampling per image (bilinear, zero fill),
     then brightness and contrast; values stay in [0, 255]. No flips: anatomy is not symmetric.
 
-    One fused transform costs a third of three separate Keras augmentation layers.
+    The draws are stateless: the same `seed` (a (2,) int tensor) gives the same batch. One fused
+    transform costs a third of three separate Keras augmentation layers.
     """
     shape = tf.shape(images)
     batch, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    keys = iter(tf.unstack(tf.random.experimental.stateless_split(seed, num=6)))
 
     def uniform(low, high):
-        return generator.uniform([batch], low, high)
+        return tf.random.stateless_uniform([batch], seed=next(keys), minval=low, maxval=high)
 
     angle = uniform(-1.0, 1.0) * augment.rotation_degrees * (np.pi / 180.0)
     zoom = uniform(1.0 - augment.zoom, 1.0 + augment.zoom)

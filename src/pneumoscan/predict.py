@@ -12,8 +12,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -21,6 +23,8 @@ from pneumoscan.bundle import INFERENCE_BATCH, Bundle
 from pneumoscan.data import find_images
 
 FORMATS = ("table", "json", "csv")
+OUTPUT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl"}  # --output FILE: its format by suffix
+CSV_FIELDS = ("path", "label", "probability", "threshold", "error")
 
 
 def raw_outputs(
@@ -38,7 +42,7 @@ def raw_outputs(
     for batch_paths, errors, x in dataset:
         outputs = bundle.forward(x, batch_size)
         for path, error, output in zip(batch_paths.numpy(), errors.numpy(), outputs, strict=True):
-            yield path.decode(), error.decode(), float(output)
+            yield os.fsdecode(path), error.decode(errors="surrogateescape"), float(output)
 
 
 def expand_paths(inputs: Iterable[str | Path]) -> list[Path | dict]:
@@ -58,52 +62,116 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path | dict]:
     return items
 
 
+def iter_predictions(
+    bundle: Bundle, items: list[Path | dict], batch_size: int = INFERENCE_BATCH
+) -> Iterator[dict]:
+    """One record per item of `expand_paths`, in order, as each batch is done: `{path, label,
+    probability, threshold}` or `{path, error}`. Nothing is kept, so memory stays flat."""
+    outputs = raw_outputs(bundle, [item for item in items if isinstance(item, Path)], batch_size)
+    for item in items:
+        if isinstance(item, dict):
+            yield item
+            continue
+        path, error, raw = next(outputs)
+        if error:
+            yield {"path": path, "error": error}
+            continue
+        probability = float(bundle.calibrated(np.float32(raw)))
+        yield {
+            "path": path,
+            "label": bundle.label(probability),
+            "probability": probability,
+            "threshold": bundle.threshold,
+        }
+
+
 def predict_files(
     model: str | Path | Bundle | None, inputs: Sequence[str | Path], batch_size: int = INFERENCE_BATCH
 ) -> list[dict]:
     """One record per image, in input order: `{path, label, probability, threshold}` or
     `{path, error}`."""
-    bundle = Bundle.load(model)
-    items = expand_paths(inputs)
-    outputs = raw_outputs(bundle, [item for item in items if isinstance(item, Path)], batch_size)
-    records = []
-    for item in items:
-        if isinstance(item, dict):
-            records.append(item)
-            continue
-        path, error, raw = next(outputs)
-        if error:
-            records.append({"path": path, "error": error})
-            continue
-        probability = float(bundle.calibrated(np.float32(raw)))
-        records.append(
-            {
-                "path": path,
-                "label": bundle.label(probability),
-                "probability": probability,
-                "threshold": bundle.threshold,
-            }
-        )
-    return records
+    return list(iter_predictions(Bundle.load(model), expand_paths(inputs), batch_size))
 
 
 def render(records: list[dict], fmt: str) -> str:
     """Records as `table` (for people), `json` (one array) or `csv` (header + rows)."""
-    if fmt == "json":
-        return json.dumps(records, indent=2)
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(
-            buffer, fieldnames=["path", "label", "probability", "threshold", "error"], lineterminator="\n"
+    buffer = io.StringIO()
+    with RecordWriter(buffer, fmt) as writer:
+        for record in records:
+            writer.write(record)
+    return buffer.getvalue().rstrip("\n")
+
+
+class RecordWriter:
+    """Writes records to a text stream as they come: `json` (one array, written as it grows),
+    `csv` (header, then rows), `jsonl` (one object a line) or `table` (kept until the end, since
+    its column widths depend on every path). Each record is flushed, so a reader (or `--resume`)
+    sees every finished one."""
+
+    def __init__(self, stream: TextIO, fmt: str, header: bool = True):
+        if fmt not in (*FORMATS, "jsonl"):
+            raise ValueError(f"unknown format {fmt!r}")
+        self.stream, self.fmt, self.count, self.kept = stream, fmt, 0, []
+        self.csv = (
+            csv.DictWriter(stream, fieldnames=CSV_FIELDS, lineterminator="\n") if fmt == "csv" else None
         )
-        writer.writeheader()
-        writer.writerows(records)
-        return buffer.getvalue().rstrip("\n")
-    return table(
-        records,
-        f"{'label':<10} {'p(pneumonia)':>12}  threshold",
-        lambda r: f"{r['label']:<10} {r['probability']:>12.4f}  {r['threshold']:.4f}",
-    )
+        if self.csv is not None and header:
+            self.csv.writeheader()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def write(self, record: dict) -> None:
+        if self.fmt == "table":
+            self.kept.append(record)
+        elif self.fmt == "csv":
+            self.csv.writerow(record)
+        elif self.fmt == "jsonl":
+            self.stream.write(json.dumps(record) + "\n")
+        else:  # json: the text json.dumps(records, indent=2) would give, a record at a time
+            lines = json.dumps(record, indent=2).splitlines()
+            self.stream.write(
+                ("[\n" if self.count == 0 else ",\n") + "\n".join("  " + line for line in lines)
+            )
+        self.count += 1
+        self.stream.flush()
+
+    def __exit__(self, error_type, *exc) -> None:
+        if error_type is not None:  # no closing bracket or table under an error's message
+            return
+        if self.fmt == "table":
+            self.stream.write(
+                table(
+                    self.kept,
+                    f"{'label':<10} {'p(pneumonia)':>12}  threshold",
+                    lambda r: f"{r['label']:<10} {r['probability']:>12.4f}  {r['threshold']:.4f}",
+                )
+                + "\n"
+            )
+        elif self.fmt == "json":
+            self.stream.write("\n]\n" if self.count else "[]\n")
+        self.stream.flush()
+
+
+def read_done(path: Path) -> set[str]:
+    """The paths of the records already in an output file (`--resume`), after cutting off a last
+    line that a killed run left unfinished.
+
+    Raises:
+        ValueError: the file is not a CSV or JSON-lines file of predict records.
+    """
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(len(complete))
+    text = complete.decode("utf-8", errors="surrogateescape")  # as written: names need not be UTF-8
+    try:
+        if path.suffix.lower() == ".csv":
+            return {row["path"] for row in csv.DictReader(io.StringIO(text))}
+        return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+    except (KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"{path}: is not a file of predict records ({error}); cannot resume it.") from None
 
 
 def table(records: list[dict], header: str, cells: Callable[[dict], str]) -> str:
@@ -116,11 +184,34 @@ def table(records: list[dict], header: str, cells: Callable[[dict], str]) -> str
     return "\n".join(lines)
 
 
+class Tally:
+    """Counts of records as they pass, for the summary line (nothing else is kept)."""
+
+    def __init__(self) -> None:
+        self.labels: dict[str, int] = {}
+        self.failed = 0
+
+    def add(self, record: dict) -> None:
+        if "error" in record:
+            self.failed += 1
+        else:
+            self.labels[record["label"]] = self.labels.get(record["label"], 0) + 1
+
+    def line(self, skipped: int = 0) -> str:
+        parts = ", ".join(f"{n} {label}" for label, n in sorted(self.labels.items()))
+        done = f"; {skipped} already in the output file, skipped" if skipped else ""
+        return (
+            f"{sum(self.labels.values())} image(s) predicted ({parts or 'none'}); {self.failed} failed{done}."
+        )
+
+
 def summary_line(records: list[dict]) -> str:
-    failed = sum("error" in r for r in records)
-    counts: dict[str, int] = {}
-    for r in records:
-        if "label" in r:
-            counts[r["label"]] = counts.get(r["label"], 0) + 1
-    parts = ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
-    return f"{len(records) - failed} image(s) predicted ({parts or 'none'}); {failed} failed."
+    tally = Tally()
+    for record in records:
+        tally.add(record)
+    return tally.line()
+
+
+def item_path(item: Path | dict) -> str:
+    """The `path` its record will carry."""
+    return item["path"] if isinstance(item, dict) else str(item)

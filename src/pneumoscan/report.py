@@ -226,7 +226,8 @@ def write_report(out_dir: Path, ev: Evaluation, data: Path) -> list[str]:
         written.append("training_curves.png")
     if _plot_errors(ev, out_dir / "errors.png"):
         written.append("errors.png")
-    write_bytes_atomic(out_dir / "report.html", _html(out_dir, ev, context, written).encode())
+    html_text = _html(out_dir, ev, context, written)  # a file name that is not UTF-8 shows as \udcXX
+    write_bytes_atomic(out_dir / "report.html", html_text.encode(errors="backslashreplace"))
     return [*written, "report.html"]
 
 

@@ -2,9 +2,11 @@
 
 RUN_DIR ends up holding `model.keras` (best epoch by validation AUC), `metadata.json`,
 `config.json`, `history.csv`, `splits.json` and TensorBoard `logs/`. While training, an
-atomic per-epoch `checkpoint/` (model with optimizer state, best weights so far, and the
-state of best-score tracking, early stopping and learning-rate reduction) lets the same
-command resume after any interruption, kill -9 included.
+atomic, fsynced per-epoch `checkpoint/` (model with optimizer state, best weights so far, the
+random state of dropout, and the state of best-score tracking, early stopping and learning-rate
+reduction) lets the same command resume after any interruption, kill -9 included. Data order
+and augmentation are functions of (seed, epoch), so the resumed epochs are the ones an
+uninterrupted run would have trained.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ from pneumoscan.bundle import Bundle
 from pneumoscan.calibrate import describe_calibration, fit_operating_point
 from pneumoscan.config import Config
 from pneumoscan.data import DataSplits, inputs, load_splits
-from pneumoscan.io import replace_dir_atomic, save_model_atomic, write_bytes_atomic, write_json_atomic
+from pneumoscan.io import (
+    recover_dir,
+    replace_dir_atomic,
+    save_model_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from pneumoscan.model import build_model
 
 CHECKPOINT = "checkpoint"
@@ -156,9 +164,8 @@ class RunState(keras.callbacks.Callback):
         self._save(improved)
 
     def _save(self, improved: bool) -> None:
-        """Write the whole checkpoint into a fresh folder, then swap it in."""
-        final = self.run_dir / CHECKPOINT
-        build = self.run_dir / f".{CHECKPOINT}.new"
+        """Write the whole checkpoint into a fresh folder, then swap it in (`io.replace_dir_atomic`)."""
+        final, build = self.run_dir / CHECKPOINT, _checkpoint_build(self.run_dir)
         shutil.rmtree(build, ignore_errors=True)
         build.mkdir()
         self.model.save(build / "model.keras")
@@ -166,9 +173,36 @@ class RunState(keras.callbacks.Callback):
             self.model.save_weights(build / "best.weights.h5")
         else:
             shutil.copy2(final / "best.weights.h5", build / "best.weights.h5")
+        self.state["random_state"] = random_state(self.model)
         (build / "state.json").write_text(json.dumps(self.state, indent=2))
         replace_dir_atomic(build, final)
         write_history(self.run_dir / "history.csv", self.state["history"])
+
+
+def _checkpoint_build(run_dir: Path) -> Path:
+    return run_dir / f".{CHECKPOINT}.new"
+
+
+def _seed_states(model: keras.Model) -> dict[str, keras.Variable]:
+    """The seed-generator states of the model's layers, keyed `layer/index`: variable paths carry
+    a process-wide counter (`seed_generator_1`) that differs between a run and its resumption."""
+    found = {}
+    for layer in model.layers:
+        states = [v for v in layer.variables if v.path.endswith("seed_generator_state")]
+        found.update({f"{layer.name}/{index}": variable for index, variable in enumerate(states)})
+    return found
+
+
+def random_state(model: keras.Model) -> dict[str, list[int]]:
+    """The state of every seed generator in the model (dropout's): Keras does not save it with
+    the model, and a resumed run must draw the masks an uninterrupted one would."""
+    return {key: np.asarray(variable.numpy()).tolist() for key, variable in _seed_states(model).items()}
+
+
+def restore_random_state(model: keras.Model, state: dict[str, list[int]]) -> None:
+    for key, variable in _seed_states(model).items():
+        if key in state:
+            variable.assign(np.asarray(state[key], dtype=variable.dtype))
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
@@ -186,10 +220,11 @@ def check_existing_run(run_dir: Path, config: Config, overwrite: bool) -> str:
         RunConflict: the folder holds a run with a different configuration.
     """
     config_path = run_dir / "config.json"
+    recover_dir(run_dir / CHECKPOINT, _checkpoint_build(run_dir))  # a crash inside the last swap
     if overwrite and run_dir.exists():
         for name in ("model.keras", "metadata.json", "config.json", "history.csv", "splits.json"):
             (run_dir / name).unlink(missing_ok=True)
-        for name in (CHECKPOINT, "logs", f".{CHECKPOINT}.new"):
+        for name in (CHECKPOINT, "logs", f".{CHECKPOINT}.new", f".{CHECKPOINT}.old"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
     if not config_path.exists():
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -282,6 +317,7 @@ def _model_and_state(run_dir: Path, config: Config, status: str) -> tuple[keras.
         model = keras.models.load_model(checkpoint / "model.keras")
         state = json.loads((checkpoint / "state.json").read_text())
         model.optimizer.learning_rate.assign(state["learning_rate"])
+        restore_random_state(model, state.get("random_state", {}))
         return model, RunState(run_dir, config, state)
     model = build_model(config)
     compile_model(model, learning_rate_at(config, 0), config.weight_decay, config.label_smoothing)
@@ -297,36 +333,33 @@ def _fit(
     start_epoch: int,
     extra_callbacks: list,
 ) -> None:
-    def dataset(name: str, training: bool):
-        samples = splits.splits[name]
-        return pipeline.labelled(
-            inputs(samples),
-            [s.label for s in samples],
-            config.batch_size,
-            training=training,
-            seed=config.random_seed,
-            augment=config.augment if training else None,
-        )
-
-    train_labels = np.array([s.label for s in splits.splits["train"]])
-    # One endless iterator over the training set, cut into epochs by steps_per_epoch: a fresh
+    train, val = splits.splits["train"], splits.splits["val"]
+    train_labels = np.array([s.label for s in train])
+    # One iterator over the remaining epochs, cut into epochs by steps_per_epoch: a fresh
     # iterator per epoch (fit's default) sometimes left the CPU idle for ~10 s before its
     # first batch, which cost a small model's 12 s epoch almost as much again.
-    steps_per_epoch = math.ceil(len(train_labels) / config.batch_size)
+    batches = pipeline.training_batches(
+        inputs(train),
+        train_labels,
+        config.batch_size,
+        seed=config.random_seed,
+        epochs=range(start_epoch, config.epochs),
+        augment=config.augment,
+    )
     callbacks = [
         callback,
         keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs"), write_graph=False),
         *extra_callbacks,
     ]
     model.fit(
-        dataset("train", True).repeat(),
-        steps_per_epoch=steps_per_epoch,
-        validation_data=dataset("val", False),
+        batches,
+        steps_per_epoch=math.ceil(len(train_labels) / config.batch_size),
+        validation_data=pipeline.batches(inputs(val), [s.label for s in val], config.batch_size),
         epochs=config.epochs,
         initial_epoch=start_epoch,
         class_weight=class_weights(train_labels) if config.class_weights else None,
         callbacks=callbacks,
-        shuffle=False,  # the dataset shuffles itself, with its own seed
+        shuffle=False,  # the batches are shuffled by (seed, epoch)
         verbose=1 if sys.stdout.isatty() else 2,
     )
 
