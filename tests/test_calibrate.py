@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from sklearn.linear_model import LogisticRegression
 
 from pneumoscan import calibrate, metrics
@@ -250,3 +252,61 @@ def test_sensitivity_rule_is_the_largest_threshold_reaching_target(target):
 def test_data_rules_need_both_classes():
     with pytest.raises(ValueError, match="'youden' needs both classes in the 'val' split"):
         calibrate.choose_threshold([1, 1], [0.2, 0.8], ThresholdRule.parse("youden"))
+
+
+# ---- properties, for any input (hypothesis) --------------------------------------------------
+
+
+@st.composite
+def _scored_labels(draw):
+    size = draw(st.integers(2, 50))
+    labels = draw(
+        st.lists(st.integers(0, 1), min_size=size, max_size=size).filter(lambda v: 0 < sum(v) < len(v))
+    )
+    probs = draw(st.lists(st.integers(0, 20).map(lambda k: k / 20), min_size=size, max_size=size))
+    return np.array(labels), np.array(probs)
+
+
+def _rates(y: np.ndarray, p: np.ndarray, t: float) -> tuple[float, float]:
+    positive = p >= t
+    return positive[y == 1].mean(), (~positive)[y == 0].mean()
+
+
+@settings(max_examples=80, deadline=None)
+@given(_scored_labels())
+def test_youden_threshold_maximises_j_for_any_scores(case):
+    y, p = case
+    chosen = calibrate.choose_threshold(y, p, ThresholdRule.parse("youden"))["value"]
+    best = max(sum(_rates(y, p, t)) for t in np.unique(p))
+    assert sum(_rates(y, p, chosen)) == pytest.approx(best)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_scored_labels(), st.sampled_from([0.5, 0.8, 0.9, 0.95, 1.0]))
+def test_sensitivity_rule_is_the_highest_threshold_that_reaches_it(case, target):
+    y, p = case
+    chosen = calibrate.choose_threshold(y, p, ThresholdRule.parse(f"sensitivity:{target}"))["value"]
+    assert _rates(y, p, chosen)[0] >= target - 1e-9
+    assert all(_rates(y, p, t)[0] < target - 1e-9 for t in np.unique(p) if t > chosen)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_scored_labels(), st.floats(0.05, 20.0), st.floats(-5.0, 5.0))
+def test_calibration_keeps_the_order_of_scores(case, slope, intercept):
+    _, p = case
+    calibrated = calibrate.apply_calibration(p, {"method": "platt", "slope": slope, "intercept": intercept})
+    order = np.argsort(p, kind="stable")
+    assert np.all(np.diff(calibrated[order]) >= 0) and np.all((calibrated >= 0) & (calibrated <= 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_scored_labels())
+def test_platt_never_fits_worse_than_leaving_the_scores_alone(case):
+    y, p = case
+    assume(np.ptp(p) > 0)  # Platt needs varied scores
+    fitted = calibrate.fit_platt(y, p)
+    n_pos, n_neg = y.sum(), len(y) - y.sum()
+    target = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))  # Platt's smoothed labels
+    z = calibrate.logit(p)
+    identity = calibrate._nll(target, z)
+    assert calibrate._nll(target, fitted["slope"] * z + fitted["intercept"]) <= identity + 1e-9

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import AWKWARD_BAD, AWKWARD_VALID, synthetic_xray, write_awkward, write_class_folders
+from pneumoscan.config import CLASS_NAMES
 from pneumoscan.data import (
     DataError,
+    Sample,
     find_images,
     find_layout,
     group_ids,
     inputs,
     list_images,
     load_splits,
+    not_overlapping,
     patient_id,
     scan,
     split_digest,
@@ -271,3 +277,61 @@ def test_the_awkward_corpus_is_scanned_file_by_file(tmp_path):
                 for u in result.unreadable
             )
     assert all(s.image.shape == (32, 32, 1) for s in result.samples)
+
+
+# ---- split invariants, for any dataset (hypothesis) ------------------------------------------
+
+
+@st.composite
+def _datasets(draw) -> list[Sample]:
+    """Patients of either class with 1-3 images, some names without a patient id, and some files
+    byte-identical to another patient's (as the real data set has)."""
+    n_patients = draw(st.integers(4, 40))
+    samples = []
+    for index in range(n_patients):
+        label = draw(st.integers(0, 1))
+        named = draw(st.booleans()) or index % 5
+        for k in range(draw(st.integers(1, 3))):
+            patient = (f"person{index}" if label else f"IM-{index:04d}") if named else ""
+            relpath = f"{CLASS_NAMES[label]}/{patient or 'scan'}-{index}-{k}.png"
+            samples.append(
+                Sample(Path(relpath), relpath, label, patient or f"file:{relpath}", f"{index}-{k}")
+            )
+    for _ in range(draw(st.integers(0, len(samples) // 3))):  # byte copies across patients
+        source, copy = draw(st.integers(0, len(samples) - 1)), draw(st.integers(0, len(samples) - 1))
+        samples[copy] = dataclasses.replace(samples[copy], sha256=samples[source].sha256)
+    return samples
+
+
+def _group_of(samples: list[Sample]) -> dict[str, int]:
+    return dict(zip((s.relpath for s in samples), group_ids(samples), strict=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_datasets(), st.floats(0.05, 0.3), st.floats(0.05, 0.3), st.integers(0, 2**16), st.booleans())
+def test_no_patient_or_byte_group_is_in_two_splits(samples, val_fraction, test_fraction, seed, carve_val):
+    splits = split_samples(samples, val_fraction, test_fraction, seed, carve_val=carve_val)
+    placed = [s.relpath for members in splits.values() for s in members]
+    assert sorted(placed) == sorted(s.relpath for s in samples)  # each file once
+    group = _group_of(samples)
+    sides = {}
+    for name, members in splits.items():
+        for sample in members:
+            assert sides.setdefault(group[sample.relpath], name) == name, "a group spans two splits"
+    assert carve_val or not splits["val"]
+    shuffled = split_samples(list(reversed(samples)), val_fraction, test_fraction, seed, carve_val=carve_val)
+    assert {k: [s.relpath for s in v] for k, v in shuffled.items()} == {
+        k: [s.relpath for s in v] for k, v in splits.items()
+    }  # independent of file order
+
+
+@settings(max_examples=60, deadline=None)
+@given(_datasets(), _datasets())
+def test_a_given_val_keeps_nothing_of_trains_groups(train, val):
+    val = [dataclasses.replace(s, path=Path("val") / s.path) for s in val]  # another folder
+    train = [dataclasses.replace(s, path=Path("train") / s.path) for s in train]
+    kept = not_overlapping(val, train)
+    train_patients = {s.patient for s in train if not s.patient.startswith("file:")}
+    train_bytes = {s.sha256 for s in train}
+    assert not any(s.patient in train_patients or s.sha256 in train_bytes for s in kept)
+    assert {s.relpath for s in kept} <= {s.relpath for s in val}

@@ -9,6 +9,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from pneumoscan import metrics
@@ -325,3 +327,67 @@ def test_summary_of_one_class_serialises_with_nulls():
     loaded = json.loads(json.dumps(metrics.to_json_safe(summary), allow_nan=False))
     assert loaded["roc_auc"] is None and loaded["specificity"] is None
     assert loaded["sensitivity"] == pytest.approx(2 / 3)
+
+
+# ---- properties, for any input (hypothesis) --------------------------------------------------
+
+
+@st.composite
+def _labels_and_scores(draw, min_size: int = 2, max_size: int = 60):
+    size = draw(st.integers(min_size, max_size))
+    labels = draw(
+        st.lists(st.integers(0, 1), min_size=size, max_size=size).filter(lambda v: 0 < sum(v) < len(v))
+    )
+    # Scores on a coarse grid as well as anywhere in [0, 1]: ties must be handled as sklearn does.
+    scores = draw(
+        st.lists(
+            st.one_of(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), st.floats(0.0, 1.0)),
+            min_size=size,
+            max_size=size,
+        )
+    )
+    return np.array(labels), np.array(scores)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_labels_and_scores())
+def test_ranking_metrics_agree_with_sklearn_and_are_symmetric(case):
+    y, prob = case
+    assert metrics.roc_auc(y, prob) == pytest.approx(skm.roc_auc_score(y, prob), abs=1e-9)
+    assert metrics.pr_auc(y, prob) == pytest.approx(skm.average_precision_score(y, prob), abs=1e-9)
+    # Reversing the scores reverses the ranking: AUC(p) + AUC(1 - p) = 1, ties counted as halves.
+    # On a grid of 1/64, where 1 - p is exact (near 0 it would round distinct scores into ties).
+    grid = np.round(prob * 64) / 64
+    assert metrics.roc_auc(y, grid) + metrics.roc_auc(y, 1.0 - grid) == pytest.approx(1.0, abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_labels_and_scores(), st.floats(0.0, 1.0))
+def test_summary_is_consistent_with_its_confusion_matrix(case, threshold):
+    y, prob = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        summary = metrics.summarize(y, prob, threshold)
+    cm = summary["confusion_matrix"]
+    assert sum(cm.values()) == summary["n"] == len(y)
+    assert cm["tp"] + cm["fn"] == y.sum() and cm["tp"] + cm["fp"] == (prob >= threshold).sum()
+    assert summary["accuracy"] == pytest.approx((cm["tp"] + cm["tn"]) / len(y))
+    assert summary["sensitivity"] == pytest.approx(cm["tp"] / y.sum())
+    assert summary["specificity"] == pytest.approx(cm["tn"] / (len(y) - y.sum()))
+    assert summary["balanced_accuracy"] == pytest.approx(
+        (summary["sensitivity"] + summary["specificity"]) / 2
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(_labels_and_scores(min_size=6, max_size=40), st.integers(0, 2**16))
+def test_bootstrap_intervals_are_ordered_and_repeatable(case, seed):
+    y, prob = case
+    groups = np.arange(len(y)) // 2  # pairs of images per patient
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        first = metrics.bootstrap_ci(y, prob, 0.5, groups, n_resamples=50, seed=seed)
+        again = metrics.bootstrap_ci(y, prob, 0.5, groups, n_resamples=50, seed=seed)
+    assert first == again
+    for low, high in first.values():
+        assert (low is None and high is None) or (math.isnan(low) and math.isnan(high)) or low <= high
