@@ -219,3 +219,33 @@ def test_progress_bar_on_a_terminal_only(trained_run, monkeypatch, capsys):
     monkeypatch.setattr(system, "stderr", terminal)
     assert main(["predict", "--model", str(run_dir), "--format", "csv", str(SAMPLES)]) == 0
     assert "predicting" in terminal.getvalue() and "16/16" in terminal.getvalue()
+
+
+def test_three_shards_cover_every_file_once(trained_run, tmp_path, capsys):
+    """`--shard K/N` by a hash of each path relative to its argument: the union of the shards is
+    one unsharded run, no file twice; a missing input is reported by the shard its name falls in."""
+    _, run_dir = trained_run
+    inputs = [str(SAMPLES), str(tmp_path / "missing.png"), str(SAMPLES / "NORMAL" / "IM-0115-0001.jpeg")]
+    base = ["predict", "--model", str(run_dir), "--format", "json"]
+    main([*base, *inputs])
+    whole = json.loads(capsys.readouterr().out)
+    shards = []
+    for k in range(3):
+        main([*base, "--shard", f"{k}/3", *inputs])
+        shards.append(json.loads(capsys.readouterr().out))
+    assert all(shards) and sorted(len(s) for s in shards) != [0, 0, len(whole)]  # spread out
+    merged = sorted((r["path"], r.get("label"), r.get("error")) for s in shards for r in s)
+    assert merged == sorted((r["path"], r.get("label"), r.get("error")) for r in whole)
+    # The key is the path below its argument: another mount point gives the same shards.
+    copy = shutil.copytree(SAMPLES, tmp_path / "elsewhere" / "chest_xray")
+    main([*base, "--shard", "1/3", str(copy)])
+    moved = {Path(r["path"]).relative_to(copy) for r in json.loads(capsys.readouterr().out)}
+    assert moved == {
+        Path(r["path"]).relative_to(SAMPLES) for r in shards[1] if r["path"].startswith(str(SAMPLES / ""))
+    }
+
+
+@pytest.mark.parametrize("shard", ["3/3", "1", "a/b", "-1/2", "1/0"])
+def test_a_bad_shard_is_a_usage_error(shard, capsys):
+    assert main(["predict", f"--shard={shard}", str(SAMPLES)]) == 2
+    assert "shard must be K/N with 0 <= K < N" in capsys.readouterr().err

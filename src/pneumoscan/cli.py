@@ -39,6 +39,13 @@ def _port(text: str) -> int:
     return port
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, slash, count = text.partition("/")
+    if not (slash and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"shard must be K/N with 0 <= K < N, got {text!r}")
+    return int(index), int(count)
+
+
 def _add_train(commands) -> None:
     parser = commands.add_parser("train", help="train a model from scratch on a chest X-ray folder")
     parser.add_argument(
@@ -195,6 +202,13 @@ def _add_predict(commands) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="with --output: skip the paths already in FILE and append"
     )
+    parser.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="K/N",
+        help="only shard K of N (0 <= K < N), by a stable hash of each path: N copies cover every file once",
+    )
     parser.set_defaults(handler=_predict)
 
 
@@ -203,7 +217,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     fmt = _check_predict_args(args)
     bundle = bundle_module.Bundle.load(args.model)
-    items, done = expand_paths(args.paths), set()
+    items, done = expand_paths(args.paths, args.shard), set()
     if args.output is not None and args.output.exists():
         try:
             done = read_done(args.output)

@@ -10,6 +10,7 @@ predicted. The same decode/resize (pneumoscan.preprocess), calibration and thres
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -45,21 +46,36 @@ def raw_outputs(
             yield os.fsdecode(path), error.decode(errors="surrogateescape"), float(output)
 
 
-def expand_paths(inputs: Iterable[str | Path]) -> list[Path | dict]:
+def expand_paths(inputs: Iterable[str | Path], shard: tuple[int, int] | None = None) -> list[Path | dict]:
     """In input order: files as given, image files found in folders (`data.find_images`), and
-    a `{path, error}` record for an input that does not exist or holds no image."""
-    items: list[Path | dict] = []
+    a `{path, error}` record for an input that does not exist or holds no image.
+
+    With `shard=(k, n)`, only the items of shard k of n (`in_shard`): each keyed by its path
+    relative to the argument it was found under, or by its own name when named directly.
+    """
+    items: list[tuple[Path | dict, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             found = find_images(path)
             error = f"{path}: folder holds no .jpeg, .jpg or .png images."
-            items.extend(found or [{"path": str(path), "error": error}])
+            items.extend(
+                [(p, p.relative_to(path).as_posix()) for p in found]
+                or [({"path": str(path), "error": error}, path.name)]
+            )
         elif path.exists():
-            items.append(path)
+            items.append((path, path.name))
         else:
-            items.append({"path": str(path), "error": f"{path}: no such file or folder."})
-    return items
+            items.append(({"path": str(path), "error": f"{path}: no such file or folder."}, path.name))
+    return [item for item, key in items if shard is None or in_shard(key, *shard)]
+
+
+def in_shard(key: str, index: int, count: int) -> bool:
+    """Whether `key` falls in shard `index` of `count`: the first 8 bytes of its SHA-256, modulo
+    `count`. The same on every machine and Python version, so N copies of a command with
+    `--shard 0/N` ... `--shard N-1/N` cover every file exactly once."""
+    digest = hashlib.sha256(key.encode("utf-8", errors="surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % count == index
 
 
 def iter_predictions(
