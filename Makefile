@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_VERSION := 26.3
 
-.PHONY: demo test lint setup venv node browser clean
+.PHONY: demo test lint stress setup venv node browser clean
 
 # Serves the page with the bundled model; the URL is printed. Ctrl-C stops it.
 demo: venv node
@@ -16,6 +16,11 @@ demo: venv node
 
 test: lint node browser
 	$(PY) -m pytest
+
+# The longer checks that `make test` runs in short: training killed at random moments and
+# inside its checkpoint swap (every restart must continue), and serve under load.
+stress: venv node
+	$(PY) benchmarks/fault_injection.py --kills 30
 
 # ruff, configured in pyproject.toml: the linter, then the formatter in check mode.
 lint: venv

@@ -67,11 +67,11 @@ def test_images_stream_flags_bad_files(tmp_path):
 def test_augmentation_with_zero_strength_is_the_identity():
     import tensorflow as tf
 
-    from pneumoscan.pipeline import augment_batch
+    from pneumoscan.pipeline import AUGMENT_DRAWS, augment_batch
 
     x = np.stack([decode_to_input(p, 64) for p in PATHS[:3]])
     none = AugmentConfig(rotation_degrees=0, zoom=0, translation=0, brightness=0, contrast=0)
-    out = augment_batch(tf.constant(x), tf.constant([0, 0], tf.int64), none).numpy()
+    out = augment_batch(tf.constant(x), tf.random.uniform([3, AUGMENT_DRAWS]), none).numpy()
     np.testing.assert_allclose(out, x, atol=1e-3)
 
 
@@ -91,3 +91,28 @@ def test_training_batches_depend_on_seed_and_epoch_alone():
         np.testing.assert_array_equal(ya, yb)
     assert not np.array_equal(whole[0][0], whole[2][0])  # epochs differ
     assert not np.array_equal(whole[0][0], other[0][0])  # seeds differ
+
+
+def test_replicas_share_each_global_batch_and_augment_it_alike():
+    """Replica r of R gets members r, r+R, ... of each global batch, augmented exactly as in one
+    piece: two replicas together train on what one replica would."""
+    x = _inputs(64)
+
+    def run(replica: tuple[int, int]) -> list:
+        dataset = training_batches(
+            x,
+            LABELS,
+            batch_size=4,
+            seed=3,
+            epochs=range(2),
+            augment=AugmentConfig(),
+            replicas=(replica[0], 1, replica[1]),
+        )
+        return _batches(dataset)
+
+    whole, first, second = run((0, 1)), run((0, 2)), run((1, 2))
+    assert [len(b[0]) for b in whole] == [4, 2, 4, 2] and [len(b[0]) for b in first] == [2, 1, 2, 1]
+    for (xw, yw), (x0, y0), (x1, y1) in zip(whole, first, second, strict=True):
+        np.testing.assert_array_equal(xw[0::2], x0)
+        np.testing.assert_array_equal(xw[1::2], x1)
+        np.testing.assert_array_equal(np.concatenate([y0, y1]), np.concatenate([yw[0::2], yw[1::2]]))

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from pneumoscan import bundle as bundle_module
 from pneumoscan.bundle import INFERENCE_BATCH
-from pneumoscan.config import DEFAULTS, RECIPES, Config, ThresholdRule
+from pneumoscan.config import DEFAULTS, PRECISIONS, RECIPES, STRATEGIES, Config, ThresholdRule
 
 # TensorFlow's C++ log: 0 shows its start-up chatter (absl's pre-init warning, CPU features) on
-# stderr before Python logging exists; 2 keeps errors only. Set before anything imports TensorFlow
-# (the modules above do not); `main` overrides what the environment says unless --debug.
-QUIET_TF_LOG_LEVEL = "2"
+# stderr before Python logging exists; 3 shows nothing (every error reaches Python as an exception,
+# which the CLI words). Set before anything imports TensorFlow (the modules above do not); `main`
+# overrides what the environment says unless --debug.
+QUIET_TF_LOG_LEVEL = "3"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
 
 USAGE_ERROR, FAILURE = 2, 1
@@ -85,6 +86,16 @@ def _add_train(commands) -> None:
         help="youden | sensitivity:0.95 | fixed:0.5, chosen on the val split "
         f"(default: {DEFAULTS.threshold_rule})",
     )
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=DEFAULTS.strategy,
+        help="default (one device), mirrored (every local GPU) or multi-worker (TF_CONFIG); "
+        "--batch-size is per replica",
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=DEFAULTS.precision, help="mixed_float16 needs a GPU"
+    )
     parser.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
     parser.set_defaults(handler=_train)
 
@@ -100,13 +111,15 @@ def _train(args: argparse.Namespace) -> int:
             random_seed=args.seed,
             val_fraction=args.val_fraction,
             threshold_rule=args.threshold_rule,
+            strategy=args.strategy,
+            precision=args.precision,
         ).resolved()
     except ValueError as error:
         raise UsageError(str(error)) from None
     from pneumoscan.train import train
 
     result = train(config, args.data, args.out, overwrite=args.overwrite)
-    if not result.already_finished:
+    if result.wrote_run and not result.already_finished:
         print(f"\nRun folder: {result.run_dir}")
         print("Next:")
         print(f"  pneumoscan evaluate --model {result.run_dir} --data {args.data} --split internal-test")
@@ -418,13 +431,16 @@ def _error_code(error: BaseException) -> int | None:
     from pneumoscan.metadata import MetadataError
     from pneumoscan.preprocess import ImageError
     from pneumoscan.serve import ServeError
+    from pneumoscan.strategy import StrategyError
 
-    usage = [UsageError, DataError, bundle_module.ModelNotFound, ServeError]
+    usage = [UsageError, DataError, bundle_module.ModelNotFound, ServeError, StrategyError]
+    failures = [MetadataError, ImageError, OSError]
     if "pneumoscan.train" in sys.modules:
         usage.append(sys.modules["pneumoscan.train"].RunConflict)
+        failures.append(sys.modules["pneumoscan.train"].WorkerLost)
     if isinstance(error, tuple(usage)):
         return USAGE_ERROR
-    if isinstance(error, (MetadataError, ImageError, OSError)):
+    if isinstance(error, tuple(failures)):
         return FAILURE
     return None
 
@@ -460,11 +476,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return FAILURE
         print(f"pneumoscan: error: {error}", file=sys.stderr)
+        if type(error).__name__ == "WorkerLost":
+            _exit_now[0] = code  # TensorFlow's broken collectives make a normal teardown spew or hang
         return code
 
 
+_exit_now: list[int | None] = [None]
+
+
 def run() -> None:
-    sys.exit(main())
+    code = main()
+    if _exit_now[0] is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

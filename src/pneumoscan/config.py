@@ -20,6 +20,8 @@ from pneumoscan.io import write_json_atomic
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 POSITIVE_CLASS = "PNEUMONIA"
 SCHEDULES = ("plateau", "cosine")
+STRATEGIES = ("default", "mirrored", "multi-worker")  # pneumoscan.strategy
+PRECISIONS = ("float32", "mixed_float16")
 # Names a configuration once used, and what they are called now: old run folders still resume.
 RENAMED_KEYS = {"seed": "random_seed"}
 RENAMED_AUGMENT_KEYS = {"shift": "translation"}
@@ -194,6 +196,10 @@ class Config:
     threshold_rule: ThresholdRule | str = "youden"
     augment: AugmentConfig | None = None
     model: ModelConfig | None = None
+    # Where it trains (pneumoscan.strategy): batch_size is per replica, the global batch and the
+    # learning rate scale with the number of replicas.
+    strategy: str = "default"
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         def unset_or(value, ok) -> bool:
@@ -229,6 +235,14 @@ class Config:
             (
                 self.image_size is None or 32 <= self.image_size <= 1024,
                 f"image size must be between 32 and 1024, got {self.image_size}",
+            ),
+            (
+                self.strategy in STRATEGIES,
+                f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}",
+            ),
+            (
+                self.precision in PRECISIONS,
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
             ),
         ]
         for ok, message in checks:

@@ -20,6 +20,7 @@ from pneumoscan.config import AugmentConfig
 from pneumoscan.preprocess import ImageError, load_grayscale, resize
 
 AUTOTUNE = tf.data.AUTOTUNE
+AUGMENT_DRAWS = 6  # uniform draws an image: rotation, zoom, 2 translations, brightness, contrast
 
 
 def _load_luma(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -52,10 +53,32 @@ def images(paths: Sequence[str | Path], image_size: int) -> tf.data.Dataset:
     return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
-def batches(inputs: np.ndarray, labels: Sequence[int], batch_size: int) -> tf.data.Dataset:
-    """Batches of (images, labels) in order, from model inputs (n, S, S, 1) (`data.inputs`)."""
-    dataset = tf.data.Dataset.from_tensor_slices((inputs, np.asarray(labels, np.float32)))
-    return dataset.batch(batch_size).prefetch(AUTOTUNE)
+def batches(
+    inputs: np.ndarray, labels: Sequence[int], batch_size: int, replicas: tuple[int, int, int] = (0, 1, 1)
+) -> tf.data.Dataset:
+    """Batches of (images, labels) in order, from model inputs (n, S, S, 1) (`data.inputs`).
+
+    `replicas=(first, local, total)`: this pipeline serves replicas first .. first+local-1 of
+    `total`, each taking its share of every global batch of `batch_size` (see `_shares`).
+    """
+    dataset = tf.data.Dataset.from_tensor_slices(np.arange(len(inputs))).batch(batch_size)
+    images, targets = tf.constant(inputs), tf.constant(np.asarray(labels, np.float32))
+    shares = _shares(dataset, replicas)
+    return shares.map(lambda members: (tf.gather(images, members), tf.gather(targets, members))).prefetch(
+        AUTOTUNE
+    )
+
+
+def _shares(batches: tf.data.Dataset, replicas: tuple[int, int, int]) -> tf.data.Dataset:
+    """Each batch of indices split among replicas: replica r of R takes members r, r+R, ...; this
+    pipeline yields, batch after batch, the shares of its replicas first .. first+local-1 (what
+    `distribute_datasets_from_function` expects: one per local replica, in turn)."""
+    first, local, total = replicas
+    if total == 1:
+        return batches
+    return batches.flat_map(
+        lambda members: tf.data.Dataset.range(first, first + local).map(lambda r: members[r::total])
+    )
 
 
 def training_batches(
@@ -65,49 +88,57 @@ def training_batches(
     seed: int,
     epochs: range,
     augment: AugmentConfig | None = None,
+    replicas: tuple[int, int, int] = (0, 1, 1),
+    drop_remainder: bool = False,
 ) -> tf.data.Dataset:
     """Training batches of (images, labels), epoch after epoch over `epochs` (0-based, e.g.
     `range(3, 30)` to resume after the third), shuffled and augmented.
 
-    Each epoch's order and each batch's augmentation are drawn by stateless random ops from
-    (seed, epoch, batch) alone, so a run resumed after epoch k sees exactly the batches an
-    uninterrupted run would, and one iterator serves every epoch (a fresh iterator per epoch
-    sometimes left the CPU idle for ~10 s before its first batch).
+    Each epoch's order and each image's augmentation are drawn by stateless random ops from
+    (seed, epoch) alone, so a run resumed after epoch k sees exactly the batches an uninterrupted
+    run would, and one iterator serves every epoch (a fresh iterator per epoch sometimes left the
+    CPU idle for ~10 s before its first batch). `batch_size` is the global batch; with
+    `replicas=(first, local, total)` this pipeline yields its replicas' shares of each (replica r
+    of R takes members r, r+R, ...), each image augmented as it would be in one piece, so any
+    number of replicas trains on the same data.
     """
     images = tf.constant(inputs)  # (n, S, S, 1)
     targets = tf.constant(np.asarray(labels, np.float32))
     count = len(inputs)
 
-    def epoch(index: tf.Tensor) -> tf.data.Dataset:
-        key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), index)
-        order = tf.argsort(tf.random.stateless_uniform([count], seed=key))  # a permutation
-        steps = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+    def epoch(number: tf.Tensor) -> tf.data.Dataset:
+        key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), number)
+        order_key, draw_key = tf.unstack(tf.random.experimental.stateless_split(key, num=2))
+        order = tf.argsort(tf.random.stateless_uniform([count], seed=order_key))  # a permutation
+        draws = tf.random.stateless_uniform([count, AUGMENT_DRAWS], seed=draw_key)  # one row an image
+        steps = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
 
-        def batch(step: tf.Tensor, members: tf.Tensor):
+        def batch(members: tf.Tensor):
             x = tf.gather(images, members)
             if augment is not None:
-                x = augment_batch(x, tf.random.experimental.stateless_fold_in(key, step + 1), augment)
+                x = augment_batch(x, tf.gather(draws, members), augment)
             return x, tf.gather(targets, members)
 
-        return steps.map(batch, num_parallel_calls=AUTOTUNE, deterministic=True)
+        return _shares(steps, replicas).map(batch, num_parallel_calls=AUTOTUNE, deterministic=True)
 
     dataset = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch)
     return dataset.prefetch(AUTOTUNE)
 
 
-def augment_batch(images: tf.Tensor, seed: tf.Tensor, augment: AugmentConfig) -> tf.Tensor:
+def augment_batch(images: tf.Tensor, draws: tf.Tensor, augment: AugmentConfig) -> tf.Tensor:
     """Random rotation, zoom and translation as ONE affine resampling per image (bilinear, zero fill),
     then brightness and contrast; values stay in [0, 255]. No flips: anatomy is not symmetric.
 
-    The draws are stateless: the same `seed` (a (2,) int tensor) gives the same batch. One fused
-    transform costs a third of three separate Keras augmentation layers.
+    `draws` (batch, AUGMENT_DRAWS) holds each image's uniform draws in [0, 1), so an image's
+    augmentation does not depend on the batch it is in. One fused transform costs a third of
+    three separate Keras augmentation layers.
     """
     shape = tf.shape(images)
     batch, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-    keys = iter(tf.unstack(tf.random.experimental.stateless_split(seed, num=6)))
+    columns = iter(tf.unstack(draws, num=AUGMENT_DRAWS, axis=1))
 
     def uniform(low, high):
-        return tf.random.stateless_uniform([batch], seed=next(keys), minval=low, maxval=high)
+        return low + next(columns) * (high - low)
 
     angle = uniform(-1.0, 1.0) * augment.rotation_degrees * (np.pi / 180.0)
     zoom = uniform(1.0 - augment.zoom, 1.0 + augment.zoom)

@@ -16,7 +16,7 @@ import io
 import json
 import math
 import shutil
-import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
+from pneumoscan import loop, pipeline
 from pneumoscan import metadata as metadata_io
-from pneumoscan import pipeline
 from pneumoscan.bundle import Bundle
 from pneumoscan.calibrate import describe_calibration, fit_operating_point
 from pneumoscan.config import Config
@@ -39,6 +40,7 @@ from pneumoscan.io import (
     write_json_atomic,
 )
 from pneumoscan.model import build_model
+from pneumoscan.strategy import Engine, make_engine
 
 CHECKPOINT = "checkpoint"
 HISTORY_FIELDS = (
@@ -58,6 +60,10 @@ class RunConflict(ValueError):
     """RUN_DIR holds a run with another configuration or other data (exit 2)."""
 
 
+class WorkerLost(RuntimeError):
+    """A worker of a multi-worker run stopped; the others cannot go on (exit 1)."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -65,6 +71,7 @@ class TrainResult:
     resumed_from_epoch: int
     best_epoch: int
     best_val_auc: float
+    wrote_run: bool = True  # False on the workers of a multi-worker run other than the chief
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -73,16 +80,17 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {c: float(len(labels) / (2 * counts[c])) for c in range(2) if counts[c]}
 
 
-def learning_rate_at(config: Config, epoch: int) -> float:
+def learning_rate_at(config: Config, epoch: int, replicas: int = 1) -> float:
     """The scheduled learning rate of 0-based `epoch` (cosine: linear warm-up, then cosine
-    decay to zero over the remaining epochs; plateau: the base rate, reduced by RunState)."""
-    base = config.learning_rate
+    decay to zero over the remaining epochs; plateau: the base rate, reduced by RunState),
+    times `replicas` (the linear scaling rule: the global batch is `replicas` times larger)."""
+    base = config.learning_rate * replicas
     if config.schedule != "cosine":
         return base
     if epoch < config.warmup_epochs:
         return base * (epoch + 1) / (config.warmup_epochs + 1)
     progress = (epoch - config.warmup_epochs) / max(1, config.epochs - config.warmup_epochs)
-    return max(0.5 * base * (1.0 + math.cos(math.pi * progress)), config.min_learning_rate)
+    return max(0.5 * base * (1.0 + math.cos(math.pi * progress)), config.min_learning_rate * replicas)
 
 
 def compile_model(
@@ -107,26 +115,29 @@ class RunState(keras.callbacks.Callback):
     it exactly (Keras' own callbacks reset theirs in `on_train_begin`).
     """
 
-    def __init__(self, run_dir: Path, config: Config, state: dict | None = None):
+    def __init__(self, run_dir: Path, config: Config, engine: Engine, state: dict | None = None):
+        """`run_dir` is where the checkpoint goes: the run folder on the chief, a worker-local
+        folder elsewhere (every worker saves, since reading variables may need all of them)."""
         super().__init__()
-        self.run_dir, self.config = run_dir, config
+        self.run_dir, self.config, self.engine = run_dir, config, engine
         self.state = state or {
             "epochs_done": 0,
             "best_val_auc": -math.inf,
             "best_epoch": 0,
             "epochs_without_improvement": 0,
             "plateau_wait": 0,
-            "learning_rate": config.learning_rate,
+            "learning_rate": learning_rate_at(config, 0, engine.replicas),
             "stopped_early": False,
             "history": [],
             "seconds": 0.0,
+            "replicas": engine.replicas,
         }
         self._epoch_start = 0.0
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self._epoch_start = time.perf_counter()
         if self.config.schedule == "cosine":
-            self.state["learning_rate"] = learning_rate_at(self.config, epoch)
+            self.state["learning_rate"] = learning_rate_at(self.config, epoch, self.engine.replicas)
             self.model.optimizer.learning_rate.assign(self.state["learning_rate"])
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
@@ -153,7 +164,8 @@ class RunState(keras.callbacks.Callback):
             state["plateau_wait"] += 1
             if self.config.schedule == "plateau" and state["plateau_wait"] >= self.config.plateau_patience:
                 state["learning_rate"] = max(
-                    state["learning_rate"] * self.config.plateau_factor, self.config.min_learning_rate
+                    state["learning_rate"] * self.config.plateau_factor,
+                    self.config.min_learning_rate * self.engine.replicas,
                 )
                 state["plateau_wait"] = 0
                 self.model.optimizer.learning_rate.assign(state["learning_rate"])
@@ -171,12 +183,13 @@ class RunState(keras.callbacks.Callback):
         self.model.save(build / "model.keras")
         if improved:
             self.model.save_weights(build / "best.weights.h5")
-        else:
+        elif (final / "best.weights.h5").exists():  # a worker resumed into a fresh folder has none
             shutil.copy2(final / "best.weights.h5", build / "best.weights.h5")
         self.state["random_state"] = random_state(self.model)
         (build / "state.json").write_text(json.dumps(self.state, indent=2))
         replace_dir_atomic(build, final)
-        write_history(self.run_dir / "history.csv", self.state["history"])
+        if self.engine.is_chief:
+            write_history(self.run_dir / "history.csv", self.state["history"])
 
 
 def _checkpoint_build(run_dir: Path) -> Path:
@@ -265,16 +278,24 @@ def train(
     extra_callbacks: list | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train `config` on the train split of `data_dir`, selecting on its val split."""
+    """Train `config` on the train split of `data_dir`, selecting on its val split.
+
+    Under `--strategy multi-worker` every worker runs this with the same arguments; the chief
+    (worker 0) decides whether the run is new or resumed, hands its checkpoint to the others,
+    and alone writes `run_dir` and finishes the run.
+
+    Raises:
+        RunConflict: `run_dir` holds another run (on every worker: the chief's verdict).
+        StrategyError: the strategy cannot run here.
+    """
     config, run_dir = config.resolved(), Path(run_dir)
-    status = check_existing_run(run_dir, config, overwrite)
-    if status == "finished":
-        meta = metadata_io.read(run_dir)
-        log(
-            f"{run_dir} already holds a finished run (best epoch {meta['training']['best_epoch']}, "
-            f"val AUC {meta['training']['best_val_auc']:.4f}); nothing to do."
-        )
-        return TrainResult(run_dir, True, 0, meta["training"]["best_epoch"], meta["training"]["best_val_auc"])
+    engine = make_engine(config.strategy, config.precision)
+    decision = engine.broadcast_json(_decide(run_dir, config, overwrite) if engine.is_chief else None)
+    if decision["status"] == "conflict":
+        raise RunConflict(decision["message"])
+    if decision["status"] == "finished":
+        log(decision["message"])
+        return TrainResult(run_dir, True, 0, decision["best_epoch"], decision["best_val_auc"])
 
     splits = load_splits(
         Path(data_dir),
@@ -288,86 +309,175 @@ def train(
     for note in splits.notes:
         log(note)
     log(splits.table())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if status == "resume":
-        _check_same_data(run_dir, splits)
-    else:
-        config.save(run_dir / "config.json")
-        write_json_atomic(run_dir / "splits.json", splits.file_lists())
+    if engine.is_chief:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if decision["status"] == "resume":
+            _check_same_data(run_dir, splits)
+        else:
+            config.save(run_dir / "config.json")
+            write_json_atomic(run_dir / "splits.json", splits.file_lists())
 
     keras.utils.set_random_seed(config.random_seed)
-    model, callback = _model_and_state(run_dir, config, status)
-    start_epoch = callback.state["epochs_done"]
-    if status == "resume":
-        log(
-            f"Resuming {run_dir} after epoch {start_epoch} (best val AUC so far "
-            f"{callback.state['best_val_auc']:.4f}, learning rate {callback.state['learning_rate']:.2e})."
+    # The other workers checkpoint to a folder of their own, removed when training ends.
+    checkpoint_dir = (
+        run_dir if engine.is_chief else Path(tempfile.mkdtemp(prefix=f"pneumoscan-worker{engine.worker}-"))
+    )
+    try:
+        model, callback = _model_and_state(run_dir, checkpoint_dir, config, engine, decision["status"])
+        start_epoch = callback.state["epochs_done"]
+        if decision["status"] == "resume":
+            log(
+                f"Resuming {run_dir} after epoch {start_epoch} (best val AUC so far "
+                f"{callback.state['best_val_auc']:.4f}, learning rate {callback.state['learning_rate']:.2e})."
+            )
+        if not (callback.state["stopped_early"] or start_epoch >= config.epochs):
+            _fit(model, splits, config, engine, run_dir, callback, start_epoch, extra_callbacks or [])
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError) as error:
+        if engine.workers == 1:
+            raise
+        raise WorkerLost(
+            "another worker of the cluster stopped or cannot be reached; start the same command on "
+            "every worker again: training continues after the last saved epoch."
+        ) from error
+    finally:
+        if not engine.is_chief:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if not engine.is_chief:
+        state = callback.state
+        return TrainResult(
+            run_dir, False, start_epoch, state["best_epoch"], state["best_val_auc"], wrote_run=False
         )
-
-    done = callback.state["stopped_early"] or start_epoch >= config.epochs
-    if not done:
-        _fit(model, splits, config, run_dir, callback, start_epoch, extra_callbacks or [])
-    best_epoch, best_auc = _finish(run_dir, config, splits, callback.state, log)
+    best_epoch, best_auc = _finish(run_dir, config, splits, callback.state, engine, log)
     return TrainResult(run_dir, False, start_epoch, best_epoch, best_auc)
 
 
-def _model_and_state(run_dir: Path, config: Config, status: str) -> tuple[keras.Model, RunState]:
-    if status == "resume":
-        checkpoint = run_dir / CHECKPOINT
-        model = keras.models.load_model(checkpoint / "model.keras")
-        state = json.loads((checkpoint / "state.json").read_text())
-        model.optimizer.learning_rate.assign(state["learning_rate"])
-        restore_random_state(model, state.get("random_state", {}))
-        return model, RunState(run_dir, config, state)
-    model = build_model(config)
-    compile_model(model, learning_rate_at(config, 0), config.weight_decay, config.label_smoothing)
-    return model, RunState(run_dir, config)
+def _decide(run_dir: Path, config: Config, overwrite: bool) -> dict:
+    """The chief's verdict on `run_dir`: new, resume (with the checkpoint's state), finished or a
+    conflict, as a JSON-able dict every worker receives."""
+    try:
+        status = check_existing_run(run_dir, config, overwrite)
+    except RunConflict as error:
+        return {"status": "conflict", "message": str(error)}
+    if status == "finished":
+        training = metadata_io.read(run_dir)["training"]
+        message = (
+            f"{run_dir} already holds a finished run (best epoch {training['best_epoch']}, "
+            f"val AUC {training['best_val_auc']:.4f}); nothing to do."
+        )
+        return {
+            "status": status,
+            "message": message,
+            **{k: training[k] for k in ("best_epoch", "best_val_auc")},
+        }
+    return {"status": status}
+
+
+def _model_and_state(
+    run_dir: Path, checkpoint_dir: Path, config: Config, engine: Engine, status: str
+) -> tuple[keras.Model, RunState]:
+    """The compiled model in the strategy's scope, and the run state: fresh, or the chief's
+    checkpoint (weights, optimizer, dropout's random state) handed to every worker."""
+    with engine.strategy.scope():
+        model = build_model(config)
+        compile_model(
+            model, learning_rate_at(config, 0, engine.replicas), config.weight_decay, config.label_smoothing
+        )
+        model.optimizer.build(model.trainable_variables)
+    if status != "resume":
+        return model, RunState(checkpoint_dir, config, engine)
+    variables = [*model.variables, *model.optimizer.variables]
+    state, values = _read_checkpoint(run_dir, engine) if engine.is_chief else (None, None)
+    state = engine.broadcast_json(state)
+    if "conflict" in state:
+        raise RunConflict(state["conflict"])
+    values = engine.broadcast(values or [np.zeros(v.shape, v.dtype) for v in variables])
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(value)
+    model.optimizer.learning_rate.assign(state["learning_rate"])
+    restore_random_state(model, state.get("random_state", {}))
+    return model, RunState(checkpoint_dir, config, engine, state)
+
+
+def _read_checkpoint(run_dir: Path, engine: Engine) -> tuple[dict, list[np.ndarray] | None]:
+    """The chief's checkpoint: its state and the values of the model's and optimizer's variables
+    (in the order a freshly built model lists them), or `{"conflict": why}`."""
+    checkpoint = run_dir / CHECKPOINT
+    state = json.loads((checkpoint / "state.json").read_text())
+    if state.get("replicas", 1) != engine.replicas:
+        why = (
+            f"{run_dir} was trained on {state.get('replicas', 1)} replica(s) and this start has "
+            f"{engine.replicas}; the global batch would change. Start it as before, or pass --overwrite."
+        )
+        return {"conflict": why}, None
+    saved = keras.models.load_model(checkpoint / "model.keras")
+    return state, [np.asarray(v.numpy()) for v in (*saved.variables, *saved.optimizer.variables)]
 
 
 def _fit(
     model,
     splits: DataSplits,
     config: Config,
+    engine: Engine,
     run_dir: Path,
     callback: RunState,
     start_epoch: int,
     extra_callbacks: list,
 ) -> None:
     train, val = splits.splits["train"], splits.splits["val"]
-    train_labels = np.array([s.label for s in train])
-    # One iterator over the remaining epochs, cut into epochs by steps_per_epoch: a fresh
-    # iterator per epoch (fit's default) sometimes left the CPU idle for ~10 s before its
-    # first batch, which cost a small model's 12 s epoch almost as much again.
-    batches = pipeline.training_batches(
-        inputs(train),
-        train_labels,
-        config.batch_size,
-        seed=config.random_seed,
-        epochs=range(start_epoch, config.epochs),
-        augment=config.augment,
+    train_images, train_labels = inputs(train), np.array([s.label for s in train])
+    val_images, val_labels = inputs(val), [s.label for s in val]
+    replicas = engine.replicas
+    global_batch = config.batch_size * replicas
+    # With several replicas the last, short batch is dropped: a replica must not get none.
+    drop_remainder = replicas > 1
+    steps = (
+        len(train_labels) // global_batch if drop_remainder else math.ceil(len(train_labels) / global_batch)
     )
-    callbacks = [
-        callback,
-        keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs"), write_graph=False),
-        *extra_callbacks,
-    ]
-    model.fit(
-        batches,
-        steps_per_epoch=math.ceil(len(train_labels) / config.batch_size),
-        validation_data=pipeline.batches(inputs(val), [s.label for s in val], config.batch_size),
-        epochs=config.epochs,
-        initial_epoch=start_epoch,
-        class_weight=class_weights(train_labels) if config.class_weights else None,
-        callbacks=callbacks,
-        shuffle=False,  # the batches are shuffled by (seed, epoch)
-        verbose=1 if sys.stdout.isatty() else 2,
+
+    def train_batches(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return pipeline.training_batches(
+            train_images,
+            train_labels,
+            global_batch,
+            seed=config.random_seed,
+            epochs=range(start_epoch, config.epochs),
+            augment=config.augment,
+            replicas=_replicas_of(context, replicas),
+            drop_remainder=drop_remainder,
+        )
+
+    def val_batches(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return pipeline.batches(
+            val_images, val_labels, global_batch, replicas=_replicas_of(context, replicas)
+        )
+
+    callbacks = [callback, *extra_callbacks]
+    if engine.is_chief:
+        callbacks.insert(1, keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs"), write_graph=False))
+    loop.fit(
+        model,
+        engine,
+        train_batches,
+        val_batches,
+        loop.Epochs(start_epoch, config.epochs, steps),
+        class_weights(train_labels) if config.class_weights else None,
+        config.label_smoothing,
+        callbacks,
     )
+
+
+def _replicas_of(context: tf.distribute.InputContext, replicas: int) -> tuple[int, int, int]:
+    """(first, local, total) replicas served by this input pipeline: one pipeline a worker, each
+    serving its worker's local replicas in turn."""
+    local = replicas // context.num_input_pipelines
+    return context.input_pipeline_id * local, local, replicas
 
 
 def _finish(
-    run_dir: Path, config: Config, splits: DataSplits, state: dict, log: Callable[[str], None]
+    run_dir: Path, config: Config, splits: DataSplits, state: dict, engine: Engine, log: Callable[[str], None]
 ) -> tuple[int, float]:
     """Best weights -> clean `model.keras` (no optimizer) -> `metadata.json`; drop the checkpoint."""
+    keras.mixed_precision.set_global_policy("float32")  # the saved model is float32 (TF.js needs it)
     model = build_model(config)
     model.load_weights(run_dir / CHECKPOINT / "best.weights.h5")
     save_model_atomic(model, run_dir / "model.keras")
@@ -378,6 +488,9 @@ def _finish(
         "stopped_early": state["stopped_early"],
         "seconds": round(state["seconds"], 1),
         "selected_on": "val AUC",
+        "strategy": engine.name,
+        "replicas": engine.replicas,
+        "global_batch_size": config.batch_size * engine.replicas,
     }
     meta = metadata_io.build(config, splits.summary(), training)
     meta = _calibrate(model, meta, splits, config, log)

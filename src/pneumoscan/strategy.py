@@ -1,0 +1,135 @@
+"""Where training runs: `pneumoscan train --strategy default|mirrored|multi-worker [--precision P]`.
+
+- `default`: one device (TensorFlow's default strategy).
+- `mirrored`: `tf.distribute.MirroredStrategy`, every local GPU (the CPU when there is none).
+- `multi-worker`: `tf.distribute.MultiWorkerMirroredStrategy` across the machines named in the
+  standard `TF_CONFIG` environment variable (cluster and task), so the same command runs under
+  Kubernetes, Slurm or a shell loop. Worker 0 is the chief: it alone decides whether the run is
+  new or resumed and alone writes the run folder; `Engine.broadcast` hands its decisions and
+  its checkpoint to the others.
+
+`--batch-size` is per replica; a step's global batch is that times `Engine.replicas`, and the
+learning rate is scaled by the same factor (the linear scaling rule, Goyal et al. 2017), after
+the recipe's warm-up as before. With one replica nothing changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pneumoscan.config import PRECISIONS, STRATEGIES
+
+
+class StrategyError(ValueError):
+    """The strategy cannot run here (no TF_CONFIG, mixed precision without a GPU): exit 2."""
+
+
+@dataclass
+class Engine:
+    """A `tf.distribute` strategy and this process's place in it."""
+
+    name: str
+    strategy: Any  # tf.distribute.Strategy
+    worker: int  # this task's index; 0 is the chief
+    workers: int
+
+    @property
+    def replicas(self) -> int:
+        return int(self.strategy.num_replicas_in_sync)
+
+    @property
+    def is_chief(self) -> bool:
+        return self.worker == 0
+
+    def broadcast(self, values: list[np.ndarray]) -> list[np.ndarray]:
+        """The chief's `values` on every worker (others pass arrays of the same shapes and dtypes).
+
+        One all-reduce of all the values packed in one float64 vector (exact for float32 and for
+        integers below 2**53), to which only the chief's first replica contributes.
+        """
+        if self.workers == 1:
+            return values
+        import tensorflow as tf
+
+        arrays = [np.asarray(value) for value in values]
+        packed = tf.constant(np.concatenate([a.astype(np.float64).ravel() for a in arrays] or [np.zeros(0)]))
+        reduced = self.strategy.run(_first_replica_of_chief_only, args=(packed, self.is_chief))
+        flat = np.asarray(self.strategy.experimental_local_results(reduced)[0])
+        ends = np.cumsum([a.size for a in arrays])
+        return [
+            part.reshape(a.shape).astype(a.dtype)
+            for part, a in zip(np.split(flat, ends[:-1]) if arrays else [], arrays, strict=True)
+        ]
+
+    def broadcast_json(self, value: Any) -> Any:
+        """A JSON-able value of the chief's, on every worker."""
+        if self.workers == 1:
+            return value
+        data = np.frombuffer(json.dumps(value).encode(), np.uint8).astype(np.int32) if self.is_chief else None
+        (length,) = self.broadcast([np.array([0 if data is None else data.size], np.int32)])
+        (payload,) = self.broadcast([data if data is not None else np.zeros(int(length[0]), np.int32)])
+        return json.loads(payload.astype(np.uint8).tobytes().decode())
+
+
+def _first_replica_of_chief_only(packed, is_chief: bool):
+    """All-reduce (sum) in which only the chief's first replica contributes `packed`."""
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    first = tf.logical_and(tf.equal(context.replica_id_in_sync_group, 0), is_chief)
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.where(first, packed, tf.zeros_like(packed)))
+
+
+def make_engine(name: str, precision: str = "float32") -> Engine:
+    """The strategy `name` (`STRATEGIES`) for this process, with the dtype policy `precision`.
+
+    Raises:
+        StrategyError: unknown name or precision, `multi-worker` without a usable TF_CONFIG,
+            or `mixed_float16` on a machine without a GPU.
+    """
+    if name not in STRATEGIES:
+        raise StrategyError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
+    if precision not in PRECISIONS:
+        raise StrategyError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    worker, workers = (0, 1) if name != "multi-worker" else _task_from_tf_config()
+    import tensorflow as tf
+
+    if precision == "mixed_float16":
+        if not tf.config.list_physical_devices("GPU"):
+            raise StrategyError(
+                "--precision mixed_float16 needs a GPU (float16 is slower than float32 on a CPU); "
+                "this machine has none."
+            )
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    if name == "default":
+        return Engine(name, tf.distribute.get_strategy(), worker, workers)
+    if name == "mirrored":
+        return Engine(name, tf.distribute.MirroredStrategy(), worker, workers)
+    return Engine(name, tf.distribute.MultiWorkerMirroredStrategy(), worker, workers)
+
+
+def _task_from_tf_config() -> tuple[int, int]:
+    """(this worker's index, number of workers) from TF_CONFIG."""
+    text = os.environ.get("TF_CONFIG")
+    example = '{"cluster": {"worker": ["host0:port", "host1:port"]}, "task": {"type": "worker", "index": 0}}'
+    if not text:
+        raise StrategyError(
+            f"--strategy multi-worker needs the TF_CONFIG environment variable, e.g. {example}"
+        )
+    try:
+        config = json.loads(text)
+        workers = config["cluster"]["worker"]
+        task = config["task"]
+        index = int(task["index"])
+    except (ValueError, KeyError, TypeError):
+        raise StrategyError(f"TF_CONFIG is not understood; expected the form {example}") from None
+    if task.get("type") != "worker" or not 0 <= index < len(workers):
+        raise StrategyError(f"TF_CONFIG's task must be a worker with 0 <= index < {len(workers)}; got {task}")
+    return index, len(workers)
