@@ -3,7 +3,9 @@ marker sensitivity, overlays for files, and stability of the trained fixture mod
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -12,7 +14,18 @@ from PIL import Image
 
 from conftest import CHECKER, SAMPLES, S, hand_built, window_reader
 from pneumoscan.bundle import Bundle
-from pneumoscan.explain import explain_files, grad_cam, occlusion_map, region_masks, region_shares, render
+from pneumoscan.cli import main
+from pneumoscan.explain import (
+    class_activation_map,
+    explain_files,
+    grad_cam,
+    heatmap_peak,
+    occlusion_map,
+    region_masks,
+    region_shares,
+    render,
+)
+from pneumoscan.model import heatmap_spec
 from pneumoscan.preprocess import decode_to_input
 
 
@@ -167,7 +180,7 @@ def test_explain_files_writes_overlays_and_error_records(trained_run, tmp_path):
         inputs / "b" / "same.jpeg",
         inputs / "notes.png",
     ]
-    records = explain_files(run_dir, paths, tmp_path / "out")
+    records = explain_files(run_dir, paths, tmp_path / "out", method="occlusion")
     assert [r["path"] for r in records] == [str(p) for p in paths]
     assert [("error" in r) for r in records] == [False, True, False, True, False, True]
     assert "the file is empty" in records[1]["error"] and str(paths[1]) in records[1]["error"]
@@ -184,3 +197,74 @@ def test_explain_files_writes_overlays_and_error_records(trained_run, tmp_path):
             assert png.format == "PNG" and max(png.size) <= 400
     table = render(records).splitlines()
     assert len(table) == 1 + len(paths) and "ERROR" in table[2] and "the file is empty" in table[2]
+
+
+# name, grid, expected [x, y]
+PEAK_CASES = [
+    ("one hot cell", np.pad([[1.0]], ((1, 3), (2, 2))), [0.5, 0.3]),  # (5, 5): row 1, col 2
+    ("two equal cells: between them", np.array([[0, 0, 0, 0], [1, 0, 0, 1]], float), [0.5, 0.75]),
+    (
+        "a near tie moves it a little, not a cell",
+        np.array([[0, 0, 0, 0], [1, 0, 0, 0.98]], float),
+        [0.497, 0.75],
+    ),
+    ("below half the maximum does not count", np.array([[0.49, 0, 0], [0, 0, 1]], float), [5 / 6, 0.75]),
+    ("negative maps are shifted by their minimum", np.array([[-3.0, -1.0], [-3.0, -3.0]]), [0.75, 0.25]),
+    ("a flat map points at the centre", np.zeros((3, 4)), [0.5, 0.5]),
+]
+
+
+@pytest.mark.parametrize("name, grid, expected", PEAK_CASES, ids=[c[0] for c in PEAK_CASES])
+def test_heatmap_peak_table(name, grid, expected):
+    assert heatmap_peak(grid) == pytest.approx(expected, abs=2e-3)
+
+
+def test_cam_is_exact_where_the_model_ends_in_pooling_and_one_unit():
+    """The mean of the CAM cells plus the output bias is the model's logit; Grad-CAM elsewhere."""
+    from pneumoscan.model import build_pneumonet, build_seed
+
+    bundle = hand_built(build_pneumonet(S))
+    spec = heatmap_spec(bundle.model)
+    assert (spec["method"], spec["feature_layer"], spec["weights_layer"]) == (
+        "cam",
+        "stage3_out",
+        "pneumonia",
+    )
+    grid, method = class_activation_map(bundle, CHECKER)
+    p = float(bundle.forward(CHECKER[np.newaxis])[0])
+    bias = bundle.model.get_layer("pneumonia").get_weights()[1][0]
+    assert method == "cam" and grid.shape == (2, 2)  # 64 px: 16, 8, 4, 2
+    assert grid.mean() + bias == pytest.approx(np.log(p / (1 - p)), abs=1e-4)
+    seed = hand_built(build_seed(S))
+    grid, method = class_activation_map(seed, CHECKER)
+    assert method == "grad-cam" and grid.shape == (2, 2) and np.all(grid >= 0)  # pool4 of 64 px
+
+
+def test_cam_of_a_model_that_reads_one_window_peaks_there():
+    """sigmoid(mean(conv1x1(x)) ...) on an image bright in its top-left quadrant: the map's peak
+    falls in that quadrant."""
+    image = np.zeros((S, S, 1), np.float32)
+    image[:24, :24] = 200.0
+    grid, method = class_activation_map(_gap_model(), image)
+    x, y = heatmap_peak(grid)
+    assert method == "cam" and x < 0.4 and y < 0.4
+
+
+def test_explain_cli_json_contract(trained_run, tmp_path, capsys):
+    _, run_dir = trained_run
+    good, bad = SAMPLES / "NORMAL" / "IM-0115-0001.jpeg", tmp_path / "empty.png"
+    bad.write_bytes(b"")
+    out = tmp_path / "maps"
+    assert (
+        main(["explain", "--model", str(run_dir), "--format", "json", "--out", str(out), str(good), str(bad)])
+        == 1
+    )
+    records = json.loads(capsys.readouterr().out)
+    assert set(records[0]) >= {"path", "probability", "label", "heatmap_peak", "heatmap_png"}
+    assert records[0]["label"] in ("NORMAL", "PNEUMONIA") and len(records[0]["heatmap_peak"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in records[0]["heatmap_peak"])
+    assert (
+        Path(records[0]["heatmap_png"]) == out / "IM-0115-0001_cam.png"
+        and Path(records[0]["heatmap_png"]).is_file()
+    )
+    assert set(records[1]) == {"path", "error"} and "the file is empty" in records[1]["error"]

@@ -369,18 +369,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_explain(commands) -> None:
-    parser = commands.add_parser(
-        "explain", help="occlusion maps and marker checks: does the model look at the lungs?"
-    )
+    parser = commands.add_parser("explain", help="heatmaps and marker checks: where does the model look?")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument(
         "--model", type=Path, default=None, help="run folder or bundle (default: the bundled model)"
     )
     parser.add_argument(
+        "--method",
+        choices=("cam", "occlusion"),
+        default="cam",
+        help="cam: class activation map (Grad-CAM for models without global average pooling); "
+        "occlusion: the drop when patches are hidden (default: cam)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path("explanations"),
-        help="folder for <stem>_occlusion.png (default: ./explanations)",
+        help="folder for the overlays, <stem>_<method>.png (default: ./explanations)",
     )
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.set_defaults(handler=_explain)
@@ -391,7 +396,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     from pneumoscan.explain import explain_files, render
 
-    records = explain_files(args.model, args.paths, args.out)
+    records = explain_files(args.model, args.paths, args.out, method=args.method)
     print(json.dumps(records, indent=2) if args.format == "json" else render(records))
     for record in records:
         if "error" in record:

@@ -1,4 +1,13 @@
-"""`pneumoscan explain --model MODEL [--out DIR] PATH...`: does the model look at the lungs?
+"""`pneumoscan explain [--method cam|occlusion] [--format table|json] [--out DIR] PATH...`: where
+does the model look?
+
+Class activation maps (`cam`, the default): where the model ends in global average pooling and
+one dense unit (pneumonet), its logit is the mean over the last feature grid of each cell's
+Σ_c w_c F_c, so that grid is the exact map of its evidence (CAM); other models (the paper's CNN)
+get Grad-CAM on their last convolution block. `heatmap_peak` summarises a map as one point: the
+centre of mass of the cells where the map (less its minimum) is at least half its maximum, in
+[0, 1] coordinates of the image (x right, y down). The web page computes the same map and peak
+from the same forward pass (`heatmap_spec` in metadata.json says how).
 
 Occlusion saliency: each patch of the model's input is replaced by the image mean and the drop
 in the model's raw output is spread back over the patch (averaged where patches overlap).
@@ -20,12 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan.bundle import Bundle
+from pneumoscan.model import heatmap_spec
 from pneumoscan.predict import expand_paths, table
-from pneumoscan.preprocess import ImageError, decode_to_input
-from pneumoscan.robustness import CORNER_FRACTION, check_input, corners, marker_sensitivity
+from pneumoscan.preprocess import ImageError, load_grayscale, resize
+from pneumoscan.robustness import CORNER_FRACTION, check_input, marker_sensitivity
 
 BATCH_SIZE = 64  # occluded copies made at a time
 FILLS = ("mean", "zero")  # what an occluded patch is filled with
+METHODS = ("cam", "occlusion")
 # Regions, as fractions of the side S of the (square) model input. They overlap: a corner
 # square (CORNER_FRACTION, where L/R markers and text labels sit) lies partly in the border
 # band, so the shares need not add up to 1.
@@ -111,6 +122,50 @@ def grad_cam(bundle: Bundle, x: np.ndarray) -> np.ndarray | None:
     return cam / peak if peak > 0 else cam
 
 
+def class_activation_map(bundle: Bundle, x: np.ndarray) -> tuple[np.ndarray, str]:
+    """The model's evidence for PNEUMONIA over its last feature grid, and the method.
+
+    Returns:
+        float64 (h, w): exact CAM cells Σ_c w_c F_c (logit units; their mean plus the output
+        bias is the logit), or Grad-CAM's ReLU(Σ_c α_c F_c) with α_c the mean gradient of the
+        output over the grid; and "cam" or "grad-cam" (see `heatmap_spec`).
+    """
+    import keras
+    import tensorflow as tf
+
+    image = check_input(bundle, x)
+    spec = bundle.metadata.get("heatmap") or heatmap_spec(bundle.model)
+    features_layer = bundle.model.get_layer(spec["feature_layer"])
+    probe = keras.Model(bundle.model.input, [features_layer.output, bundle.model.output])
+    if spec["method"] == "cam":
+        features, _ = probe(image[np.newaxis], training=False)  # (1, h, w, c)
+        kernel = bundle.model.get_layer(spec["weights_layer"]).get_weights()[0][:, 0]  # (c,)
+        return np.asarray(features)[0].astype(np.float64) @ kernel.astype(np.float64), "cam"
+    with tf.GradientTape() as tape:
+        features, output = probe(tf.constant(image[np.newaxis]), training=False)
+    gradients = tape.gradient(output, features)
+    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)  # (1, 1, 1, c)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[0]  # (h, w)
+    return np.asarray(cam, np.float64), "grad-cam"
+
+
+def heatmap_peak(grid: np.ndarray) -> list[float]:
+    """`[x, y]` in [0, 1]: the centre of mass of the cells where the map less its minimum is at
+    least half its maximum, a cell (i, j) of an (h, w) grid sitting at ((j + 0.5)/w, (i + 0.5)/h).
+    A flat map gives the centre. The page computes the same (web/heatmap.js)."""
+    values = np.asarray(grid, np.float64)
+    shifted = values - values.min()
+    top = shifted.max()
+    if top <= 0:
+        return [0.5, 0.5]
+    weights = np.where(shifted >= 0.5 * top, shifted, 0.0)
+    rows, cols = np.indices(values.shape)
+    total = weights.sum()
+    x = float(((cols + 0.5) / values.shape[1] * weights).sum() / total)
+    y = float(((rows + 0.5) / values.shape[0] * weights).sum() / total)
+    return [x, y]
+
+
 def region_masks(size: int, border: float = BORDER_FRACTION) -> dict[str, np.ndarray]:
     """Boolean (size, size) masks `corner` (four squares), `border` (outer band), `centre`."""
     if not 0.0 <= border < 0.5:
@@ -159,21 +214,31 @@ def region_shares(saliency: np.ndarray, border: float = BORDER_FRACTION) -> dict
 
 
 def explain_files(
-    model: str | Path | Bundle | None, paths: Sequence[str | Path], out_dir: str | Path
+    model: str | Path | Bundle | None,
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    method: str = "cam",
 ) -> list[dict]:
-    """Occlusion maps for files and folders (recursively), one overlay PNG per image.
+    """Heatmaps for files and folders (recursively), one overlay PNG per image.
 
     Args:
         model: a run folder or bundle, a loaded model, or None for the bundled model.
         paths: image files or folders.
-        out_dir: created if needed; receives `<stem>_occlusion.png` per image (`<stem>-2_...`
+        out_dir: created if needed; receives `<stem>_<method>.png` per image (`<stem>-2_...`
             when two inputs share a stem).
+        method: "cam" (class activation map; Grad-CAM for models without one) or "occlusion".
 
     Returns:
-        One record per image, in input order: `{path, probability, corner_share,
-        border_share, centre_share, marker_sensitivity, png}`, or `{path, error}` for a file
-        that cannot be used (the others go on).
+        One record per image, in input order: `{path, probability, label, heatmap_peak,
+        heatmap_png, corner_share, border_share, centre_share, marker_sensitivity, png}` (`png`
+        is `heatmap_png` under its earlier name), or `{path, error}` for a file that cannot be
+        used (the others go on).
+
+    Raises:
+        ValueError: an unknown method.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     bundle = Bundle.load(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,11 +249,12 @@ def explain_files(
             records.append(item)
             continue
         try:
-            x = decode_to_input(item, bundle.image_size)
+            shown = load_grayscale(item)
         except ImageError as error:
             records.append({"path": str(item), "error": str(error)})
             continue
-        records.append(_explain_one(bundle, x, item, out / _png_name(item.stem, taken)))
+        png = out / _png_name(item.stem, method, taken)
+        records.append(_explain_one(bundle, shown, item, png, method))
     return records
 
 
@@ -196,87 +262,111 @@ def render(records: list[dict]) -> str:
     """Records from `explain_files` as a table for people (shares in percent)."""
     return table(
         records,
-        "p(pneumonia)  centre  border  corners  marker",
+        "label      p(pneumonia)  peak (x, y)  centre  border  corners  marker",
         lambda r: (
-            f"{r['probability']:>12.4f}  {r['centre_share']:>6.0%}  {r['border_share']:>6.0%}  "
+            f"{r['label']:<10} {r['probability']:>12.4f}  "
+            f"({r['heatmap_peak'][0]:.2f}, {r['heatmap_peak'][1]:.2f})  "
+            f"{r['centre_share']:>6.0%}  {r['border_share']:>6.0%}  "
             f"{r['corner_share']:>7.0%}  {r['marker_sensitivity']:>6.3f}"
         ),
     )
 
 
-def save_overlay(x: np.ndarray, saliency: np.ndarray, path: str | Path, title: str = "") -> None:
-    """The input in gray with the positive saliency as a heat overlay; the centre field dashed,
-    the corner squares dotted. Matplotlib's Agg canvas, no pyplot (no global state)."""
+def save_overlay(shown: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str = "") -> None:
+    """The image as displayed, in gray, with the map (less its minimum, bilinearly stretched over
+    the whole image) as a heat overlay; the centre field dashed, the corner squares dotted.
+    Matplotlib's Agg canvas, no pyplot (no global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    size = saliency.shape[0]
+    gray = np.asarray(shown)
+    gray = gray[..., 0] if gray.ndim == 3 else gray
+    height, width = gray.shape
     figure = Figure(figsize=(3.2, 3.55), dpi=100)  # 320 x 355 px: the image and two title lines
     FigureCanvasAgg(figure)
     axes = figure.add_axes((0.0, 0.0, 1.0, 3.2 / 3.55))
-    axes.imshow(np.asarray(x)[..., 0], cmap="gray", vmin=0, vmax=255)
-    heat = np.clip(saliency, 0.0, None)
+    axes.imshow(gray, cmap="gray", vmin=0, vmax=255)
+    heat = np.asarray(heatmap, np.float64) - np.min(heatmap)
     if heat.max() > 0:
         heat = heat / heat.max()
-        axes.imshow(heat, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.6 * heat)
-    top, left = round((1 - CENTRE_HEIGHT) / 2 * size), round((1 - CENTRE_WIDTH) / 2 * size)
+        extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+        axes.imshow(
+            heat,
+            cmap="inferno",
+            vmin=0.0,
+            vmax=1.0,
+            alpha=0.6 * heat,
+            extent=extent,
+            interpolation="bilinear",
+        )
+    style = {"fill": False, "linewidth": 0.8}
+    top, left = (1 - CENTRE_HEIGHT) / 2 * height, (1 - CENTRE_WIDTH) / 2 * width
     axes.add_patch(
         Rectangle(
             (left - 0.5, top - 0.5),
-            size - 2 * left,
-            size - 2 * top,
-            fill=False,
+            width - 2 * left,
+            height - 2 * top,
             edgecolor="cyan",
             linestyle="--",
-            linewidth=0.8,
+            **style,
         )
     )
-    corner = max(1, round(CORNER_FRACTION * size))
-    for top, left in corners(size, corner, corner, 0).values():
+    corner_h, corner_w = CORNER_FRACTION * height, CORNER_FRACTION * width
+    for top, left in (
+        (0, 0),
+        (0, width - corner_w),
+        (height - corner_h, 0),
+        (height - corner_h, width - corner_w),
+    ):
         axes.add_patch(
-            Rectangle(
-                (left - 0.5, top - 0.5),
-                corner,
-                corner,
-                fill=False,
-                edgecolor="lime",
-                linestyle=":",
-                linewidth=0.8,
-            )
+            Rectangle((left - 0.5, top - 0.5), corner_w, corner_h, edgecolor="lime", linestyle=":", **style)
         )
     axes.set_axis_off()
     figure.suptitle(title, fontsize=7, y=0.995)
     figure.savefig(path)
 
 
-def _explain_one(bundle: Bundle, x: np.ndarray, path: Path, png: Path) -> dict:
-    saliency = occlusion_map(bundle, x)
+def _explain_one(bundle: Bundle, shown: np.ndarray, path: Path, png: Path, method: str) -> dict:
+    """One image's record: `shown` is the image as displayed (decoded, oriented, luma)."""
+    x = resize(shown, bundle.image_size).numpy()
     probability = float(bundle.probabilities(x[np.newaxis])[0])
-    shares = region_shares(saliency)
+    grid = occlusion_map(bundle, x) if method == "occlusion" else class_activation_map(bundle, x)[0]
+    full = _upsample(grid, bundle.image_size)  # on the model input, for the region shares
+    shares = region_shares(full)
     save_overlay(
-        x,
-        saliency,
+        shown,
+        grid,
         png,
-        title=f"{path.name}\np(pneumonia) {probability:.3f}, saliency: centre "
+        title=f"{path.name}\np(pneumonia) {probability:.3f} ({method}): centre "
         f"{shares['centre_share']:.0%}, corners {shares['corner_share']:.0%}",
     )
     return {
         "path": str(path),
         "probability": probability,
+        "label": bundle.label(probability),
+        "heatmap_peak": heatmap_peak(grid),
+        "heatmap_png": str(png),
         **shares,
         "marker_sensitivity": marker_sensitivity(bundle, x),
         "png": str(png),
     }
 
 
-def _png_name(stem: str, taken: set[str]) -> str:
+def _upsample(grid: np.ndarray, size: int) -> np.ndarray:
+    """An (h, w) map resized (bilinear) to (size, size); an S x S map as it is."""
+    if grid.shape == (size, size):
+        return grid
+    return resize(grid.astype(np.float32), size).numpy()[..., 0].astype(np.float64)
+
+
+def _png_name(stem: str, method: str, taken: set[str]) -> str:
     name, k = stem, 1
     while name in taken:
         k += 1
         name = f"{stem}-{k}"
     taken.add(name)
-    return f"{name}_occlusion.png"
+    return f"{name}_{method}.png"
 
 
 def _patch_starts(size: int, patch: int, stride: int) -> list[int]:

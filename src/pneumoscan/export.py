@@ -23,6 +23,7 @@ from pathlib import Path
 from pneumoscan import metadata as metadata_io
 from pneumoscan.bundle import Bundle, set_named_weights
 from pneumoscan.io import replace_dir_atomic
+from pneumoscan.model import heatmap_spec
 
 FORMATS = ("keras", "saved_model", "h5", "tfjs")
 
@@ -64,7 +65,7 @@ def export_bundle(
             bundle.model.save(build / "model.h5")
         if (bundle.folder / "splits.json").is_file():
             shutil.copy2(bundle.folder / "splits.json", build / "splits.json")
-        meta = dict(bundle.metadata)
+        meta = {"heatmap": heatmap_spec(bundle.model), **bundle.metadata}  # runs trained before it had one
         meta["export"] = {
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "source": str(bundle.folder),

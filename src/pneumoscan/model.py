@@ -118,3 +118,34 @@ def count_flops(model: keras.Model) -> int:
         elif isinstance(layer, layers.Dense):
             total += 2 * layer.get_weights()[0].size
     return int(total)
+
+
+def heatmap_spec(model: keras.Model) -> dict:
+    """How to compute the model's class activation map, for metadata.json and the page.
+
+    `{"method": "cam", "feature_layer", "weights_layer"}` when global average pooling (and at
+    most dropout) leads to the one-unit output layer; else `{"method": "grad-cam",
+    "feature_layer"}` with the last layer whose output is a feature map.
+    """
+    stack = model.layers
+    output = stack[-1]
+    pools = [i for i, layer in enumerate(stack) if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
+    if pools and isinstance(output, keras.layers.Dense) and output.units == 1:
+        between = stack[pools[-1] + 1 : -1]
+        if all(isinstance(layer, keras.layers.Dropout) for layer in between):
+            pool_input = stack[pools[-1]].input
+            feature = next(layer for layer in stack if layer.output is pool_input)
+            return {
+                "method": "cam",
+                "feature_layer": feature.name,
+                "weights_layer": output.name,
+                "peak": PEAK_RULE,
+            }
+    maps = [layer for layer in stack if len(layer.output.shape) == 4]
+    return {"method": "grad-cam", "feature_layer": maps[-1].name, "peak": PEAK_RULE}
+
+
+PEAK_RULE = (
+    "centre of mass, in [0, 1] image coordinates of cell centres, of the cells where the map "
+    "less its minimum is at least half its maximum"
+)

@@ -39,7 +39,7 @@ from pneumoscan.io import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from pneumoscan.model import build_model
+from pneumoscan.model import build_model, heatmap_spec
 from pneumoscan.strategy import Engine, make_engine
 
 CHECKPOINT = "checkpoint"
@@ -492,7 +492,7 @@ def _finish(
         "replicas": engine.replicas,
         "global_batch_size": config.batch_size * engine.replicas,
     }
-    meta = metadata_io.build(config, splits.summary(), training)
+    meta = {**metadata_io.build(config, splits.summary(), training), "heatmap": heatmap_spec(model)}
     meta = _calibrate(model, meta, splits, config, log)
     metadata_io.write(run_dir, meta)
     shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
