@@ -32,6 +32,7 @@ from PIL import Image
 import image_files
 from conftest import NODE, REPO, needs_node
 from pneumoscan.bundle import bundled_dir
+from pneumoscan.calibrate import apply_calibration
 from pneumoscan.preprocess import (
     MIN_SIDE,
     ORIENTATION_SOURCES,
@@ -249,3 +250,18 @@ def test_page_follows_only_the_orientation_rule_it_implements(page, sources, acc
         assert "plan" in answer, answer
     else:
         assert answer.get("error", "").startswith("metadata.json: decode.orientation_sources must be"), answer
+
+
+@pytest.mark.parametrize(
+    "slope, intercept",
+    [(1.5, 0.0), (2, 0), (1, 0.25), (1.0, -1e-05), (1e16, 0), (0.1 + 0.2, 1e-7), (-0.0, 0), (1, 0)],
+)
+def test_page_refuses_calibration_none_as_python_does(page, slope, intercept):
+    calibration = {"method": "none", "slope": slope, "intercept": intercept, "fitted_on": None}
+    answer = page.check_metadata({**_metadata(), "calibration": calibration})
+    try:
+        apply_calibration(0.5, calibration)
+    except ValueError as error:
+        assert answer.get("error") == f"metadata.json: {error}", answer
+    else:
+        assert "plan" in answer, answer

@@ -348,18 +348,52 @@ def test_unknown_backend_is_refused_clearly(browser, server):
     page.close()
 
 
-def test_bundle_with_unknown_preprocessing_is_refused(browser, workspace, tmp_path):
-    """A metadata.json step the page cannot reproduce stops it, instead of a silent mismatch."""
+def _calibration_none_refusal() -> str:
+    """Python's sentence for calibration `none` with a slope of 1.5."""
+    from pneumoscan.calibrate import apply_calibration
+
+    with pytest.raises(ValueError) as info:
+        apply_calibration(0.5, {"method": "none", "slope": 1.5, "intercept": 0.0})
+    return str(info.value)
+
+
+# (what is changed in metadata.json, the sentence the page must show)
+REFUSED_BUNDLES = [
+    (
+        lambda meta: meta["preprocessing"][3].update(antialias=True),
+        lambda: "resize must be bilinear without antialias",
+    ),
+    (
+        lambda meta: meta["preprocessing"][0].update(
+            orientation_sources=["jpeg-app1-exif", "png-exif", "xmp"]
+        ),
+        lambda: "decode.orientation_sources must be jpeg-app1-exif and png-exif; this page reads no others.",
+    ),
+    (
+        lambda meta: meta.update(
+            calibration={"method": "none", "slope": 1.5, "intercept": 0.0, "fitted_on": None}
+        ),
+        _calibration_none_refusal,  # Python's own sentence, word for word
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "change, sentence", REFUSED_BUNDLES, ids=["antialias", "xmp orientation", "calibration none"]
+)
+def test_bundle_the_page_cannot_follow_is_refused(browser, workspace, tmp_path, change, sentence):
+    """A metadata.json the page cannot follow stops it, instead of a silent mismatch."""
     bundle = tmp_path / "bundle"
     shutil.copytree(workspace["bundle"], bundle)
     meta = json.loads((bundle / "metadata.json").read_text())
-    meta["preprocessing"][3]["antialias"] = True
+    change(meta)
     (bundle / "metadata.json").write_text(json.dumps(meta))
     server = _serve(bundle)
     try:
         page = _open(browser, f"{server.url}?backend=cpu")
         assert page.evaluate("document.body.dataset.ready") == "false"
-        assert "resize must be bilinear without antialias" in page.inner_text("#load-error")
+        expected = f"This model bundle cannot run here: metadata.json: {sentence()}"
+        assert page.inner_text("#load-error").startswith(expected), page.inner_text("#load-error")
         page.close()
     finally:
         server.shutdown()

@@ -88,9 +88,27 @@ export function readPlan(metadata) {
 function readCalibration(calibration) {
   need(calibration && CALIBRATION_METHODS.includes(calibration.method),
     `calibration.method must be one of ${CALIBRATION_METHODS.join(', ')}.`);
-  need(Number.isFinite(calibration.slope) && Number.isFinite(calibration.intercept),
+  const { slope, intercept } = calibration;
+  need(Number.isFinite(slope) && Number.isFinite(intercept),
     'calibration slope and intercept must be finite numbers.');
+  // The sentence of Python's calibrate.apply_calibration, numbers written as Python writes them.
+  need(calibration.method !== 'none' || (slope === 1 && intercept === 0),
+    "calibration method 'none' needs slope 1 and intercept 0; " +
+    `got ${pythonFloat(slope)}, ${pythonFloat(intercept)}`);
   return calibration;
+}
+
+/** A finite number as Python's repr(float(x)) writes it: 2 -> "2.0", 1e-05, 1e+16. */
+export function pythonFloat(x) {
+  if (Object.is(x, -0)) return '-0.0';
+  const [digits, power] = x.toExponential().split('e'); // the shortest digits that round-trip
+  const exponent = Number(power);
+  if (exponent < -4 || exponent >= 16) {
+    const sign = exponent < 0 ? '-' : '+';
+    return `${digits}e${sign}${String(Math.abs(exponent)).padStart(2, '0')}`;
+  }
+  const text = String(x); // plain notation in this range, same digits
+  return text.includes('.') ? text : `${text}.0`;
 }
 
 // ---- decode ---------------------------------------------------------------------------
