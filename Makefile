@@ -14,8 +14,10 @@ PIP_VERSION := 26.3
 demo: venv node
 	$(PY) -m pneumoscan demo
 
+# With PNEUMOSCAN_REQUIRE_BROWSER=1 a browser or Node test that finds Chromium, Playwright or
+# the npm packages missing fails (with one sentence) instead of being skipped.
 test: lint node browser
-	$(PY) -m pytest
+	PNEUMOSCAN_REQUIRE_BROWSER=1 $(PY) -m pytest
 
 # ruff, configured in pyproject.toml: the linter, then the formatter in check mode.
 lint: venv

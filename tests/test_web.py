@@ -8,11 +8,14 @@ Python: the same label, the calibrated probability within 1e-4, the same refusal
 uint8-quantized export must match Python running its dequantized weights just as closely.
 
 Chromium is Debian's (`$CHROMIUM` or `chromium` on PATH; Playwright cannot download browsers
-here) and TF.js comes from node_modules; `make test` installs both.
+here) and TF.js comes from node_modules; `make test` installs both, and sets
+$PNEUMOSCAN_REQUIRE_BROWSER=1 so that their absence fails these tests instead of skipping them.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -22,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REQUIRE_BROWSER, require_or_skip
 from pneumoscan.serve import VENDOR_FILES, make_server, node_modules_dir, start_in_thread
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -39,17 +43,33 @@ CHROMIUM_ARGS = [
     "--disable-quic",
 ]
 HAVE_TFJS = all((node_modules_dir() / path).is_file() for path in VENDOR_FILES.values())
-if CHROMIUM is None or not Path(CHROMIUM).is_file():
-    pytest.skip(
-        "needs Chromium: install Debian's `chromium` or set $CHROMIUM (make test does)",
-        allow_module_level=True,
-    )
-if not HAVE_TFJS:
-    pytest.skip(
-        f"needs the TF.js npm packages in {node_modules_dir()}: run `npm ci` (make test does)",
-        allow_module_level=True,
-    )
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
+
+
+def _missing() -> str | None:
+    """Why the browser tests cannot run here, in one sentence; None when they can."""
+    if CHROMIUM is None or not Path(CHROMIUM).is_file():
+        where = (
+            f"$CHROMIUM is {CHROMIUM}, not a file" if os.environ.get("CHROMIUM") else "no `chromium` on PATH"
+        )
+        return f"the browser tests need Chromium ({where}): install Debian's `chromium` or set $CHROMIUM"
+    if not HAVE_TFJS:
+        return f"the browser tests need the TF.js npm packages in {node_modules_dir()}: run `npm ci`"
+    if importlib.util.find_spec("playwright") is None:
+        return "the browser tests need the playwright Python package: pip install -r requirements.lock"
+    return None
+
+
+MISSING = _missing()
+if MISSING is not None and os.environ.get(REQUIRE_BROWSER) != "1":
+    pytest.skip(f"{MISSING} (make test does).", allow_module_level=True)
+sync_api = importlib.import_module("playwright.sync_api") if MISSING is None else None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def browser_present() -> None:
+    """Under make test a missing browser fails every test here (before any model is trained)."""
+    require_or_skip(MISSING)
+
 
 IMAGE_SIZE = 64
 FLOAT32_TOLERANCE = 1e-4  # |browser - Python| calibrated probability, same weights
