@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_VERSION := 26.3
 
-.PHONY: demo test lint setup venv node browser clean
+.PHONY: demo test lint setup venv node browser clean serve-load
 
 # Serves the page with the bundled model; the URL is printed. Ctrl-C stops it.
 demo: venv node
@@ -23,6 +23,10 @@ test: lint node browser
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# A bounded loopback load test of `serve` (benchmarks/serve_load.py; figures in BENCHMARKS.md).
+serve-load: venv node
+	$(PY) benchmarks/serve_load.py --clients 50 --requests 20
 
 setup: venv node browser
 
