@@ -367,8 +367,8 @@ async function decodePng(bytes) {
   }
   if (colourType === 3 && !format.palette) throw new Error('no PLTE chunk');
   const raw = await inflate(chunks.IDAT);
-  const rgba = new Uint8Array(width * height * 4);
-  const pixels = new Uint32Array(rgba.buffer);
+  const rgba = interlace ? new Uint8Array(width * height * 4) : null; // the passes land here
+  const pixels = interlace ? new Uint32Array(rgba.buffer) : null;
   let offset = 0;
   for (const [x0, y0, dx, dy] of interlace ? ADAM7 : [[0, 0, 1, 1]]) {
     const w = Math.ceil((width - x0) / dx);
