@@ -8,24 +8,31 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP_VERSION := 26.3
 
-.PHONY: demo test lint stress setup venv node browser clean
+.PHONY: demo test lint stress serve-load setup venv node browser clean
 
 # Serves the page with the bundled model; the URL is printed. Ctrl-C stops it.
 demo: venv node
 	$(PY) -m pneumoscan demo
 
+# With PNEUMOSCAN_REQUIRE_BROWSER=1 a browser or Node test that finds Chromium, Playwright or
+# the npm packages missing fails (with one sentence) instead of being skipped.
 test: lint node browser
-	$(PY) -m pytest
+	PNEUMOSCAN_REQUIRE_BROWSER=1 $(PY) -m pytest
 
 # The longer checks that `make test` runs in short: training killed at random moments and
 # inside its checkpoint swap (every restart must continue), and serve under load.
 stress: venv node
 	$(PY) benchmarks/fault_injection.py --kills 30
+	$(PY) benchmarks/serve_load.py --clients 50 --requests 20
 
 # ruff, configured in pyproject.toml: the linter, then the formatter in check mode.
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# A bounded loopback load test of `serve` (benchmarks/serve_load.py; figures in BENCHMARKS.md).
+serve-load: venv node
+	$(PY) benchmarks/serve_load.py --clients 50 --requests 20
 
 setup: venv node browser
 

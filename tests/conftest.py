@@ -24,10 +24,33 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "chest_xray"
 PREDICT_JS = REPO / "tests" / "js" / "predict.mjs"
 NODE = shutil.which("node")
 HAVE_TFJS = (REPO / "node_modules" / "@tensorflow" / "tfjs" / "package.json").is_file()
-needs_node = pytest.mark.skipif(
-    NODE is None or not HAVE_TFJS,
-    reason="needs `node` and node_modules/@tensorflow/tfjs (run `npm ci` in the repo root)",
-)
+# `make test` installs Node's packages and Chromium, then sets this: there, a test that needs
+# them and finds them missing fails with one sentence instead of being skipped.
+REQUIRE_BROWSER = "PNEUMOSCAN_REQUIRE_BROWSER"
+
+
+def require_or_skip(missing: str | None) -> None:
+    """Nothing when `missing` is None; else skip, or fail when $PNEUMOSCAN_REQUIRE_BROWSER is 1."""
+    if missing is None:
+        return
+    if os.environ.get(REQUIRE_BROWSER) == "1":
+        pytest.fail(
+            f"{missing}; {REQUIRE_BROWSER}=1 (make test) makes this a failure, not a skip.", pytrace=False
+        )
+    pytest.skip(missing)
+
+
+@pytest.fixture(scope="session")
+def node_and_tfjs() -> None:
+    """Session-scoped, so that it runs before any module fixture that would start Node."""
+    require_or_skip(
+        None
+        if NODE is not None and HAVE_TFJS
+        else "needs `node` and node_modules/@tensorflow/tfjs (run `npm ci` in the repo root)"
+    )
+
+
+needs_node = pytest.mark.usefixtures("node_and_tfjs")
 NODE_TIMEOUT_S = 120
 # Between TF.js and Keras running the same (dequantized) weights: only float32 rounding.
 DECODE_TOLERANCE = 1e-5

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import image_files
 from conftest import SAMPLES, synthetic_xray
-from pneumoscan.preprocess import ImageError, decode_to_input, load_grayscale, resize
+from image_files import exif_chunk, exif_tiff, raw_profile_chunk, upright, xmp_chunk
+from pneumoscan.preprocess import (
+    ImageError,
+    decode_to_input,
+    exif_block,
+    exif_orientation,
+    load_grayscale,
+    resize,
+)
 
 GRAY = synthetic_xray(1, 1, size=(80, 60))  # (60, 80)
 RGB = np.stack([GRAY, np.roll(GRAY, 3, axis=1), 255 - GRAY], axis=-1)
@@ -59,6 +68,63 @@ def test_lossless_formats_decode_exactly(name, data, expected):
     np.testing.assert_array_equal(out, expected)
 
 
+# The orientation rule (preprocess.py's docstring): EXIF tag 0x0112 in the first APP1 Exif segment
+# of a JPEG or the first eXIf chunk of a PNG, nothing else. Pillow's `exif_transpose` also reads
+# XMP and PNG text chunks, which the page does not: these files must come out as stored.
+ORIENTATION_CASES = [
+    ("png eXIf 6", image_files.png(GRAY, 0, before_idat=(exif_chunk(6),)), 6),
+    ("png eXIf 8 after IDAT", image_files.png(GRAY, 0, after_idat=(exif_chunk(8),)), 8),
+    ("png eXIf big-endian 5", image_files.png(GRAY, 0, before_idat=(exif_chunk(5, byte_order="MM"),)), 5),
+    ("png raw-profile text 6", image_files.png(GRAY, 0, before_idat=(raw_profile_chunk(6),)), 1),
+    ("png XMP iTXt 3", image_files.png(GRAY, 0, before_idat=(xmp_chunk(3),)), 1),
+    (
+        "png eXIf 2 beside raw-profile 6",
+        image_files.png(GRAY, 0, before_idat=(raw_profile_chunk(6), exif_chunk(2))),
+        2,
+    ),
+    ("png eXIf twice, 7 then 3", image_files.png(GRAY, 0, before_idat=(exif_chunk(7), exif_chunk(3))), 7),
+    ("png orientation as LONG", image_files.png(GRAY, 0, before_idat=(exif_chunk(6, value_type=4),)), 1),
+    ("png orientation 9", image_files.png(GRAY, 0, before_idat=(exif_chunk(9),)), 1),
+    ("png interlaced eXIf 7", image_files.png(GRAY, 0, interlace=True, before_idat=(exif_chunk(7),)), 7),
+    ("jpeg XMP only 6", image_files.jpeg(Image.fromarray(GRAY), xmp_orientation=6), 1),
+    ("jpeg EXIF 3 and XMP 6", image_files.jpeg(Image.fromarray(GRAY), orientation=3, xmp_orientation=6), 3),
+    ("jpeg EXIF 8", image_files.jpeg(Image.fromarray(GRAY), orientation=8), 8),
+]
+
+
+@pytest.mark.parametrize("name, data, orientation", ORIENTATION_CASES, ids=[c[0] for c in ORIENTATION_CASES])
+def test_orientation_comes_from_exif_only(name, data, orientation):
+    assert exif_orientation(exif_block(data)) == orientation
+    # The pixels as stored: metadata does not change how a JPEG's scan decodes.
+    stored = load_grayscale("plain.jpeg", image_files.jpeg(Image.fromarray(GRAY))) if "jpeg" in name else GRAY
+    np.testing.assert_array_equal(load_grayscale(name, data), upright(stored, orientation))
+
+
+@pytest.mark.parametrize(
+    "tiff",
+    [b"", b"II*\x00", b"XX*\x00\x08\x00\x00\x00", exif_tiff(6)[:20], exif_tiff(6)[:-4] + b"\xff" * 40],
+    ids=["empty", "header only", "bad magic", "cut in the IFD", "trailing bytes"],
+)
+def test_malformed_exif_means_orientation_1_or_is_read_where_whole(tiff):
+    expected = 6 if tiff.startswith(exif_tiff(6)[:-4]) else 1
+    assert exif_orientation(tiff) == expected
+
+
+@pytest.mark.parametrize(
+    "colour_type, depth",
+    [(0, 1), (0, 4), (0, 8), (0, 16), (2, 8), (2, 16), (3, 2), (3, 8), (4, 8), (4, 16), (6, 8), (6, 16)],
+)
+def test_interlaced_png_decodes_as_the_plain_one(colour_type, depth):
+    rng = np.random.default_rng(depth * 10 + colour_type)
+    samples = rng.integers(0, 1 << depth, (45, 37, image_files.CHANNELS[colour_type]))
+    palette = rng.integers(0, 256, (1 << depth, 3)) if colour_type == 3 else None
+    plain, interlaced = (
+        image_files.png(samples, colour_type, depth, palette=palette, interlace=interlace)
+        for interlace in (False, True)
+    )
+    np.testing.assert_array_equal(load_grayscale("i.png", interlaced), load_grayscale("p.png", plain))
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB", "CMYK"])
 def test_jpeg_modes_decode_close_to_the_source(mode):
     image = Image.fromarray(RGB).convert(mode) if mode != "L" else Image.fromarray(GRAY)
@@ -78,6 +144,17 @@ def _bomb() -> bytes:
     return _encode(Image.new("L", (8000, 7000)), "PNG")
 
 
+def _huge_header(fmt: str, width: int, height: int) -> bytes:
+    """A small image whose header claims `width` x `height` (past Pillow's own bomb limit)."""
+    data = bytearray(_encode(Image.fromarray(GRAY), fmt))
+    if fmt == "PNG":
+        data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        return bytes(data[:8]) + image_files.chunk(b"IHDR", bytes(data[16:29])) + bytes(data[33:])  # new CRC
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5 : frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     "name, data, message",
     [
@@ -87,6 +164,9 @@ def _bomb() -> bytes:
         ("truncated.jpeg", _encode(Image.fromarray(GRAY), "JPEG")[:400], "truncated or corrupt"),
         ("icon.png", _encode(Image.new("L", (16, 16)), "PNG"), "too small to be a chest X-ray"),
         ("bomb.png", _bomb(), "over the 50 MP limit"),
+        # The size is read from the header first: the same sentence as the page's, not Pillow's.
+        ("huge.png", _huge_header("PNG", 100_000, 100_000), "100000x100000 pixels is over the 50 MP limit"),
+        ("huge.jpeg", _huge_header("JPEG", 65_000, 60_000), "65000x60000 pixels is over the 50 MP limit"),
         ("pic.gif", _encode(Image.fromarray(GRAY), "GIF"), "only JPEG and PNG are supported"),
     ],
 )

@@ -7,8 +7,13 @@ is needed; tests/test_web.py runs the real thing in Chromium.
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno
 import http.client
 import json
+import select
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -292,3 +297,111 @@ def test_port_in_use_is_a_clear_error(server, tmp_path):
     port = server.server_address[1]
     with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port}"):
         make_server(write_bundle(tmp_path), port=port, node_modules=write_node_modules(tmp_path))
+
+
+# ---- connections: keep-alive, idle timeout, many clients at once ---------------------------
+
+CLIENTS = 50
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(server):
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        for path in ["/", "/static/app.js", "/healthz", "/model/metadata.json", "/model/tfjs/model.json"]:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200 and response.getheader("Connection") != "close"
+            if path == "/":
+                first_socket = connection.sock
+            assert connection.sock is first_socket  # the same TCP connection every time
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def quick_server(tmp_path):
+    """A server whose idle connections are closed after 0.5 s."""
+    server = make_server(
+        write_bundle(tmp_path),
+        port=0,
+        quiet=True,
+        node_modules=write_node_modules(tmp_path),
+        idle_timeout=0.5,
+    )
+    start_in_thread(server)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("requests", [0, 2], ids=["silent from the start", "after two requests"])
+def test_idle_connection_is_closed_after_the_idle_timeout(quick_server, requests):
+    host, port = quick_server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        connection.connect()
+        for _ in range(requests):  # kept alive between them
+            connection.request("GET", "/healthz")
+            assert connection.getresponse().read().startswith(b"{")
+        started = time.monotonic()
+        assert connection.sock.recv(1) == b""  # closed by the server, not by our 10 s timeout
+        assert time.monotonic() - started < 5
+    finally:
+        connection.close()
+
+
+def test_backlog_holds_many_connections_while_the_server_is_busy(tmp_path):
+    """Fifty clients connect at once while no thread is accepting (a busy server): every
+    connection is queued by the kernel (listen backlog), none waits for a SYN retry, and each
+    is then served."""
+    server = make_server(
+        write_bundle(tmp_path), port=0, quiet=True, node_modules=write_node_modules(tmp_path)
+    )
+    clients = [socket.socket(server.address_family, socket.SOCK_STREAM) for _ in range(CLIENTS)]
+    serving = False
+    try:
+        for client in clients:
+            client.setblocking(False)
+            assert client.connect_ex(server.server_address[:2]) in (0, errno.EINPROGRESS)
+        # A dropped SYN is retried after 1 s: within 0.9 s only the queued ones are connected.
+        deadline, pending = time.monotonic() + 0.9, set(clients)
+        while pending and time.monotonic() < deadline:
+            _, connected, _ = select.select([], list(pending), [], 0.05)
+            pending -= set(connected)
+        assert len(pending) == 0, f"{len(pending)} of {CLIENTS} connections were not queued"
+        start_in_thread(server)
+        serving = True
+        for client in clients:
+            client.setblocking(True)
+            client.settimeout(10)
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for client in clients:
+            assert _read_all(client).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for client in clients:
+            client.close()
+        if serving:  # shutdown() waits for serve_forever(), forever if it never ran
+            server.shutdown()
+        server.server_close()
+
+
+def test_fifty_concurrent_clients_are_all_served(server):
+    """No connection refused or reset with CLIENTS at once (not timed: benchmarks/serve_load.py
+    measures the latencies)."""
+
+    def fetch(index: int) -> int:
+        response, body = request(server, "/static/app.js" if index % 2 else "/healthz")
+        assert len(body) == int(response.getheader("Content-Length"))
+        return response.status
+
+    with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+        assert list(pool.map(fetch, range(CLIENTS))) == [200] * CLIENTS
+
+
+def _read_all(client: socket.socket) -> bytes:
+    chunks = []
+    while chunk := client.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -5,16 +5,24 @@ A tiny model is trained on the 16 sample X-rays and exported; the page, served b
 EXIF-rotated JPEG; colour, translucent, 16-bit and EXIF-rotated palette PNGs; one too small,
 one that is not an image) with the wasm and the cpu backends. Every card must agree with
 Python: the same label, the calibrated probability within 1e-4, the same refusals. A
-uint8-quantized export must match Python running its dequantized weights just as closely.
+uint8-quantized export must match Python running its dequantized weights just as closely. An
+awkward-input corpus (empty, truncated, not images, huge headers, every bit depth and colour
+type, interlaced PNGs, every EXIF orientation and the orientation sources the rule ignores,
+odd names) goes through the page in one session, each card against `pneumoscan predict`.
 
 Chromium is Debian's (`$CHROMIUM` or `chromium` on PATH; Playwright cannot download browsers
-here) and TF.js comes from node_modules; `make test` installs both.
+here) and TF.js comes from node_modules; `make test` installs both, and sets
+$PNEUMOSCAN_REQUIRE_BROWSER=1 so that their absence fails these tests instead of skipping them.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +30,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import image_files
+from conftest import REQUIRE_BROWSER, require_or_skip
+from pneumoscan.preprocess import load_grayscale
 from pneumoscan.serve import VENDOR_FILES, make_server, node_modules_dir, start_in_thread
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -39,17 +50,33 @@ CHROMIUM_ARGS = [
     "--disable-quic",
 ]
 HAVE_TFJS = all((node_modules_dir() / path).is_file() for path in VENDOR_FILES.values())
-if CHROMIUM is None or not Path(CHROMIUM).is_file():
-    pytest.skip(
-        "needs Chromium: install Debian's `chromium` or set $CHROMIUM (make test does)",
-        allow_module_level=True,
-    )
-if not HAVE_TFJS:
-    pytest.skip(
-        f"needs the TF.js npm packages in {node_modules_dir()}: run `npm ci` (make test does)",
-        allow_module_level=True,
-    )
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
+
+
+def _missing() -> str | None:
+    """Why the browser tests cannot run here, in one sentence; None when they can."""
+    if CHROMIUM is None or not Path(CHROMIUM).is_file():
+        where = (
+            f"$CHROMIUM is {CHROMIUM}, not a file" if os.environ.get("CHROMIUM") else "no `chromium` on PATH"
+        )
+        return f"the browser tests need Chromium ({where}): install Debian's `chromium` or set $CHROMIUM"
+    if not HAVE_TFJS:
+        return f"the browser tests need the TF.js npm packages in {node_modules_dir()}: run `npm ci`"
+    if importlib.util.find_spec("playwright") is None:
+        return "the browser tests need the playwright Python package: pip install -r requirements.lock"
+    return None
+
+
+MISSING = _missing()
+if MISSING is not None and os.environ.get(REQUIRE_BROWSER) != "1":
+    pytest.skip(f"{MISSING} (make test does).", allow_module_level=True)
+sync_api = importlib.import_module("playwright.sync_api") if MISSING is None else None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def browser_present() -> None:
+    """Under make test a missing browser fails every test here (before any model is trained)."""
+    require_or_skip(MISSING)
+
 
 IMAGE_SIZE = 64
 FLOAT32_TOLERANCE = 1e-4  # |browser - Python| calibrated probability, same weights
@@ -271,6 +298,163 @@ def test_page_matches_python(browser, server, workspace, backend):
     page.close()
 
 
+# ---- the awkward-input corpus: every card against `pneumoscan predict` ---------------------
+
+
+def _xray() -> Image.Image:
+    """A 224 x 170 grey X-ray: wider than high, so that a wrong orientation shows in its size."""
+    with Image.open(SAMPLES / "PNEUMONIA" / "person409_virus_816.jpeg") as image:
+        return image.convert("L").crop((0, 20, 224, 190))
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _awkward_corpus() -> list[tuple[str, bytes]]:
+    """(file name, bytes): each awkward kind of input once, and every orientation source."""
+    xray = _xray()
+    gray = np.asarray(xray)
+    rgb = np.stack([gray, gray[::-1], 255 - gray], axis=-1)
+    png, jpeg = _encode(xray), image_files.jpeg(xray)
+    rng = np.random.default_rng(12)
+    huge_png = bytearray(png)
+    huge_png[16:24] = (100_000).to_bytes(4, "big") * 2
+    huge_png = bytes(huge_png[:8]) + image_files.chunk(b"IHDR", bytes(huge_png[16:29])) + bytes(huge_png[33:])
+    frame = jpeg.index(b"\xff\xc0")
+    huge_jpeg = (
+        jpeg[: frame + 5] + (60_000).to_bytes(2, "big") + (65_000).to_bytes(2, "big") + jpeg[frame + 9 :]
+    )
+    corpus = [
+        ("empty.png", b""),
+        ("truncated.jpeg", jpeg[: len(jpeg) // 2]),
+        ("truncated.png", png[: len(png) // 2]),
+        ("no-iend.png", png[:-12]),  # cut after the image data: Pillow reads it, so must the page
+        ("text.jpeg", b"This is a text file with a .jpeg name.\n"),
+        ("random-bytes.png", b"\x00" + rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()),
+        ("a-gif.png", _encode(xray, "GIF")),
+        ("bomb-header.png", huge_png),  # 100000 x 100000 claimed, a few kB stored
+        ("bomb-header.jpeg", huge_jpeg),  # 65000 x 60000 claimed
+        ("over-50mp.png", _encode(Image.new("L", (8000, 7000)))),
+        ("one-pixel.png", _encode(Image.new("L", (1, 1), 90))),
+        ("one-pixel.jpeg", image_files.jpeg(Image.new("RGB", (1, 1), (90, 20, 200)))),
+        (
+            "grey-16bit.png",
+            image_files.png(gray.astype(np.uint16) * 257 + rng.integers(0, 257, gray.shape), 0, 16),
+        ),
+        ("rgb-16bit.png", image_files.png(rgb.astype(np.uint16) * 257, 2, 16)),
+        ("rgba.png", _encode(Image.fromarray(np.dstack([rgb, np.full(gray.shape, 90, np.uint8)])))),
+        ("palette.png", _encode(Image.fromarray(rgb).quantize(64))),
+        ("palette-2bit.png", _encode(xray.quantize(4), bits=2)),
+        ("cmyk.jpeg", image_files.jpeg(Image.fromarray(rgb).convert("CMYK"))),
+        ("xmp-only.jpeg", image_files.jpeg(xray, xmp_orientation=6)),
+        ("exif-3-xmp-6.jpeg", image_files.jpeg(xray, orientation=3, xmp_orientation=6)),
+        ("raw-profile-text.png", image_files.png(gray, 0, before_idat=(image_files.raw_profile_chunk(6),))),
+        ("xmp-itxt.png", image_files.png(gray, 0, before_idat=(image_files.xmp_chunk(8),))),
+        ("SHOUTING.JPG", jpeg),
+        ("LOUD.PNG", png),
+        ("QUIET.JPEG", jpeg),
+        ("no-extension", png),
+        ("ünïcødé röntgen.png", png),
+        ("胸部X線.jpeg", jpeg),
+        ("lungs 🫁 & 'quotes' \"<img src=x onerror=alert(1)>\".png", png),
+        ("e\u0301-decomposed #1 %20.png", png),
+    ]
+    for orientation in range(1, 9):
+        corpus.append((f"exif-{orientation}.jpeg", image_files.jpeg(xray, orientation=orientation)))
+        exif = (image_files.exif_chunk(orientation),)
+        corpus.append((f"exif-{orientation}.png", image_files.png(rgb, 2, before_idat=exif)))
+    # Adam7-interlaced PNGs, decoded by the page itself: (colour type, depth, samples).
+    for colour_type, depth, samples in [
+        (0, 8, gray),
+        (0, 16, gray.astype(np.uint16) * 257 + 128),
+        (0, 4, gray >> 4),
+        (2, 8, rgb),
+        (2, 16, rgb.astype(np.uint16) * 255),
+        (4, 16, np.dstack([gray, gray // 2]).astype(np.uint16) * 257),
+        (6, 8, np.dstack([rgb, gray])),
+        (3, 4, rng.integers(0, 16, gray.shape)),
+    ]:
+        palette = rng.integers(0, 256, (16, 3)) if colour_type == 3 else None
+        data = image_files.png(
+            samples, colour_type, depth, palette=palette, interlace=True, first_filter=colour_type
+        )
+        corpus.append((f"interlaced-c{colour_type}-{depth}bit.png", data))
+    return corpus
+
+
+# The files of the corpus that Python and the page must both refuse.
+AWKWARD_REFUSED = [
+    "empty.png",
+    "truncated.jpeg",
+    "truncated.png",
+    "text.jpeg",
+    "random-bytes.png",
+    "a-gif.png",
+    "bomb-header.png",
+    "bomb-header.jpeg",
+    "over-50mp.png",
+    "one-pixel.png",
+    "one-pixel.jpeg",
+]
+
+
+def _sentence(message: str) -> str:
+    """A refusal without the decoder's own words: "NAME: is truncated or corrupt (...)." is the
+    same sentence from Pillow and from the browser, whatever each says in the brackets."""
+    return re.sub(r"(: is truncated or corrupt) \(.*\)\.$", r"\1.", message)
+
+
+def _disagreement(path: Path, card: dict, reference: dict) -> str | None:
+    """How the page's card for `path` differs from `pneumoscan predict`'s record; None if not."""
+    name, expected = path.name, reference[path.name]
+    if "error" in expected:
+        python_sentence = _sentence(expected["error"].replace(str(path), name, 1))
+        if _sentence(card.get("error", "")) != python_sentence:
+            page_says = card.get("error") or card.get("label")
+            return f"{name}: the page says {page_says!r}, Python {python_sentence!r}"
+        return None
+    if "error" in card:
+        return (
+            f"{name}: the page refuses it ({card['error']!r}), Python predicts {expected['probability']:.6f}"
+        )
+    if abs(float(card["probability"]) - expected["probability"]) > FLOAT32_TOLERANCE:
+        return f"{name}: probability {card['probability']} in the page, {expected['probability']} in Python"
+    if (
+        abs(expected["probability"] - expected["threshold"]) > FLOAT32_TOLERANCE
+        and card["label"] != expected["label"]
+    ):
+        return f"{name}: label {card['label']} in the page, {expected['label']} in Python"
+    height, width = load_grayscale(path).shape  # after orientation
+    if (card["width"], card["height"]) != (str(width), str(height)):
+        return f"{name}: {card['width']}x{card['height']} in the page, {width}x{height} in Python"
+    return None
+
+
+def test_awkward_inputs_match_predict(browser, server, workspace):
+    """Each card says what `pneumoscan predict` says of the same file: the same label and
+    probability, with the same orientation and size, or the same refusal."""
+    folder = workspace["root"] / "awkward"
+    folder.mkdir()
+    files = []
+    for name, data in _awkward_corpus():
+        (folder / name).write_bytes(data)
+        files.append(folder / name)
+    reference = {Path(record["path"]).name: record for record in _predict(workspace["bundle"], files)}
+    page = _open(browser, f"{server.url}?backend=wasm")
+    cards = _classify(page, files)
+    page.close()
+    assert set(cards) == {path.name for path in files}
+    disagreements = [
+        problem for path in files if (problem := _disagreement(path, cards[path.name], reference))
+    ]
+    assert not disagreements, "\n".join(disagreements)
+    refused = {name for name, record in reference.items() if "error" in record}
+    assert refused == set(AWKWARD_REFUSED)  # the corpus's bad files, and no good one
+
+
 def _dequantized_copy(bundle: Path, out: Path) -> Path:
     """A copy of `bundle` whose model.keras holds the weights its tfjs/ shards decode to."""
     from pneumoscan.bundle import Bundle, set_named_weights
@@ -348,18 +532,52 @@ def test_unknown_backend_is_refused_clearly(browser, server):
     page.close()
 
 
-def test_bundle_with_unknown_preprocessing_is_refused(browser, workspace, tmp_path):
-    """A metadata.json step the page cannot reproduce stops it, instead of a silent mismatch."""
+def _calibration_none_refusal() -> str:
+    """Python's sentence for calibration `none` with a slope of 1.5."""
+    from pneumoscan.calibrate import apply_calibration
+
+    with pytest.raises(ValueError) as info:
+        apply_calibration(0.5, {"method": "none", "slope": 1.5, "intercept": 0.0})
+    return str(info.value)
+
+
+# (what is changed in metadata.json, the sentence the page must show)
+REFUSED_BUNDLES = [
+    (
+        lambda meta: meta["preprocessing"][3].update(antialias=True),
+        lambda: "resize must be bilinear without antialias",
+    ),
+    (
+        lambda meta: meta["preprocessing"][0].update(
+            orientation_sources=["jpeg-app1-exif", "png-exif", "xmp"]
+        ),
+        lambda: "decode.orientation_sources must be jpeg-app1-exif and png-exif; this page reads no others.",
+    ),
+    (
+        lambda meta: meta.update(
+            calibration={"method": "none", "slope": 1.5, "intercept": 0.0, "fitted_on": None}
+        ),
+        _calibration_none_refusal,  # Python's own sentence, word for word
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "change, sentence", REFUSED_BUNDLES, ids=["antialias", "xmp orientation", "calibration none"]
+)
+def test_bundle_the_page_cannot_follow_is_refused(browser, workspace, tmp_path, change, sentence):
+    """A metadata.json the page cannot follow stops it, instead of a silent mismatch."""
     bundle = tmp_path / "bundle"
     shutil.copytree(workspace["bundle"], bundle)
     meta = json.loads((bundle / "metadata.json").read_text())
-    meta["preprocessing"][3]["antialias"] = True
+    change(meta)
     (bundle / "metadata.json").write_text(json.dumps(meta))
     server = _serve(bundle)
     try:
         page = _open(browser, f"{server.url}?backend=cpu")
         assert page.evaluate("document.body.dataset.ready") == "false"
-        assert "resize must be bilinear without antialias" in page.inner_text("#load-error")
+        expected = f"This model bundle cannot run here: metadata.json: {sentence()}"
+        assert page.inner_text("#load-error").startswith(expected), page.inner_text("#load-error")
         page.close()
     finally:
         server.shutdown()

@@ -61,7 +61,10 @@ def apply_calibration(p: Any, calibration: dict[str, Any]) -> np.ndarray:
             f"calibration slope and intercept must be finite numbers; got {slope!r}, {intercept!r}"
         )
     if method == "none" and (slope != 1 or intercept != 0):
-        raise ValueError(f"calibration method 'none' needs slope 1 and intercept 0; got {slope}, {intercept}")
+        # Numbers as floats, so that the page (web/preprocess.js) can write the same sentence.
+        raise ValueError(
+            f"calibration method 'none' needs slope 1 and intercept 0; got {float(slope)}, {float(intercept)}"
+        )
     return _sigmoid(float(slope) * logit(p) + float(intercept))
 
 

@@ -5,31 +5,57 @@ the browser (`web/preprocess.js`) to repeat.
 Steps: decode (JPEG/PNG, EXIF orientation applied) -> 8-bit -> grayscale luma (ITU-R 601,
 integer rounding below) -> resize (bilinear, half-pixel centres, no antialias) -> float32 in
 [0, 255]. Scaling to [0, 1] and any channel copy happen inside the model.
+
+Orientation follows one rule, read from the file's bytes here and in the page rather than left
+to Pillow or the browser (each honours other places, differently): the Orientation tag
+(0x0112, one SHORT, 1..8) of IFD 0 of the file's EXIF block, which is the first APP1 `Exif`
+segment of a JPEG or the first eXIf chunk of a PNG. XMP `tiff:Orientation` and PNG text chunks
+("Raw profile type exif") are ignored; a missing, malformed or out-of-range tag means 1.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # Decompression-bomb guard: a clinical radiograph is at most ~4k x 4k (16 MP).
 MAX_PIXELS = 50_000_000
 # Smaller than this is a thumbnail or an icon, not a radiograph.
 MIN_SIDE = 32
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # ITU-R BT.601 luma in 16-bit fixed point: Y = (19595 R + 38470 G + 7471 B + 32768) >> 16,
 # i.e. 0.299 R + 0.587 G + 0.114 B rounded half up. Exact in NumPy and in JavaScript.
 LUMA_WEIGHTS_Q16 = (19595, 38470, 7471)
+# Where the orientation may come from (the module docstring has the rule); metadata.json's
+# decode step names them, and a bundle without the key means these two.
+ORIENTATION_SOURCES = ["jpeg-app1-exif", "png-exif"]
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transposition that shows the image upright (as `ImageOps.exif_transpose`).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 PREPROCESSING_STEPS = [
     {
         "op": "decode",
         "formats": ["jpeg", "png"],
         "exif_orientation": True,
+        "orientation_sources": ORIENTATION_SOURCES,
+        "orientation_rule": "tag 0x0112 (one SHORT, 1..8) of IFD 0 in the first APP1 Exif segment "
+        "of a JPEG or the first eXIf chunk of a PNG; XMP and PNG text chunks are ignored; "
+        "a missing, malformed or out-of-range tag means 1",
         "colour_conversion": "none (embedded ICC profiles are ignored)",
         "max_pixels": MAX_PIXELS,
         "min_side": MIN_SIDE,
@@ -92,22 +118,18 @@ def load_grayscale(path: str | Path, data: bytes | None = None) -> np.ndarray:
             raise ImageError(f"{path}: cannot be read ({error.strerror}).") from None
     if not data:
         raise ImageError(f"{path}: the file is empty.")
+    size = header_size(data)
+    if size is not None:  # before Pillow, whose own bomb check would say less
+        _check_size(path, *size)
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in ("JPEG", "PNG", "MPO"):
                 raise ImageError(f"{path}: is a {image.format} image; only JPEG and PNG are supported.")
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(
-                    f"{path}: {width}x{height} pixels is over the {MAX_PIXELS // 1_000_000} MP limit."
-                )
-            if min(width, height) < MIN_SIDE:
-                raise ImageError(
-                    f"{path}: {width}x{height} pixels is too small to be a chest X-ray "
-                    f"(at least {MIN_SIDE} px a side)."
-                )
+            _check_size(path, *image.size)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            orientation = exif_orientation(exif_block(data))
+            if orientation in _UPRIGHT:
+                image = image.transpose(_UPRIGHT[orientation])
             return _to_luma(image)
     except ImageError:
         raise
@@ -117,6 +139,87 @@ def load_grayscale(path: str | Path, data: bytes | None = None) -> np.ndarray:
         raise ImageError(f"{path}: is over the {MAX_PIXELS // 1_000_000} MP pixel limit.") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{path}: is truncated or corrupt ({error}).") from None
+
+
+def _check_size(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{path}: {width}x{height} pixels is over the {MAX_PIXELS // 1_000_000} MP limit.")
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(
+            f"{path}: {width}x{height} pixels is too small to be a chest X-ray "
+            f"(at least {MIN_SIDE} px a side)."
+        )
+
+
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, start, end) of each marker segment before a JPEG's scan data (end exclusive)."""
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan
+            return
+        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        yield marker, position, end
+        position = end
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as stored, from a PNG's IHDR or a JPEG's first frame header, read before
+    decoding (as the page's `sniffImage` does); None when the header does not say."""
+    if data.startswith(PNG_SIGNATURE) and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data.startswith(b"\xff\xd8\xff"):
+        for marker, start, _ in _jpeg_segments(data):
+            # Start of frame: SOF0..SOF15, except DHT (C4), JPG (C8) and DAC (CC).
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and start + 9 <= len(data):
+                height, width = data[start + 5 : start + 7], data[start + 7 : start + 9]
+                return int.from_bytes(width, "big"), int.from_bytes(height, "big")
+    return None
+
+
+def exif_block(data: bytes) -> bytes | None:
+    """The TIFF structure that holds a JPEG's or PNG's EXIF, by the orientation rule: the first
+    APP1 `Exif` segment before a JPEG's scan data, the first eXIf chunk of a PNG; else None."""
+    if data.startswith(b"\xff\xd8"):
+        for marker, start, end in _jpeg_segments(data):
+            if marker == 0xE1 and data[start + 4 : start + 10] == b"Exif\0\0":
+                return data[start + 10 : end]
+        return None
+    if data.startswith(PNG_SIGNATURE):
+        position = 8
+        while position + 8 <= len(data):
+            length = int.from_bytes(data[position : position + 4], "big")
+            kind = data[position + 4 : position + 8]
+            if kind == b"eXIf":
+                return data[position + 8 : position + 8 + length]
+            if kind == b"IEND":
+                return None
+            position += 12 + length
+    return None
+
+
+def exif_orientation(tiff: bytes | None) -> int:
+    """The Orientation tag (1..8) of IFD 0 of an EXIF TIFF structure; 1 when it is absent, not
+    one SHORT, out of range, or the structure is malformed. `web/preprocess.js` mirrors it."""
+    if tiff is None or len(tiff) < 8 or tiff[:4] not in (b"II*\0", b"MM\0*"):
+        return 1
+    order = "little" if tiff[:2] == b"II" else "big"
+
+    def number(at: int, size: int) -> int:
+        return int.from_bytes(tiff[at : at + size], order)
+
+    ifd = number(4, 4)
+    if ifd + 2 > len(tiff):
+        return 1
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * number(ifd, 2), len(tiff) - 11), 12):
+        if number(entry, 2) == ORIENTATION_TAG:
+            value = number(entry + 8, 2)
+            single_short = number(entry + 2, 2) == 3 and number(entry + 4, 4) == 1
+            return value if single_short and 1 <= value <= 8 else 1
+    return 1
 
 
 def _to_luma(image: Image.Image) -> np.ndarray:

@@ -85,6 +85,12 @@ SECURITY_HEADERS = {
 NO_CACHE = "no-cache"
 VENDOR_CACHE = "public, max-age=604800"
 CHUNK_BYTES = 256 * 1024
+# Connections the kernel may hold for accept() (listen backlog; Linux caps it at
+# net.core.somaxconn). http.server's default of 5 made the 6th of 50 simultaneous clients wait
+# for a SYN retransmission, 1 s or more (BENCHMARKS.md, "serve under load").
+REQUEST_QUEUE_SIZE = 1024
+# Seconds a keep-alive connection may stay silent before the server closes it.
+IDLE_TIMEOUT_S = 30.0
 
 
 class ServeError(ValueError):
@@ -186,8 +192,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """Answers GET and HEAD from the route table of its server; nothing else."""
 
     server_version = f"pneumoscan/{__version__}"
-    protocol_version = "HTTP/1.1"
-    timeout = 30  # seconds a client may stay silent before its connection is closed
+    protocol_version = "HTTP/1.1"  # keep-alive: a page's dozen requests share connections
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # socket timeout while waiting for a request
+        super().setup()
 
     def version_string(self) -> str:
         return self.server_version  # no Python version in the Server header
@@ -294,12 +303,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """A threaded HTTP server with the route table, health answer and log switch."""
+    """A threaded HTTP server with the route table, health answer, idle timeout and log switch."""
 
     daemon_threads = True
+    request_queue_size = REQUEST_QUEUE_SIZE
 
-    def __init__(self, address: tuple[str, int], routes: dict[str, Route], health: dict, quiet: bool):
-        self.routes, self.health, self.quiet = routes, health, quiet
+    def __init__(
+        self,
+        address: tuple[str, int],
+        routes: dict[str, Route],
+        health: dict,
+        quiet: bool,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+    ):
+        self.routes, self.health, self.quiet, self.idle_timeout = routes, health, quiet, idle_timeout
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -322,8 +339,10 @@ def make_server(
     port: int = 8000,
     quiet: bool = False,
     node_modules: Path | None = None,
+    idle_timeout: float = IDLE_TIMEOUT_S,
 ) -> Server:
-    """A server for `bundle`, bound but not yet serving (`port=0` picks a free port).
+    """A server for `bundle`, bound but not yet serving (`port=0` picks a free port); a
+    keep-alive connection silent for `idle_timeout` seconds is closed.
 
     Raises:
         ServeError: for a bundle without tfjs/model.json, missing TF.js npm files, or an
@@ -341,7 +360,7 @@ def make_server(
         "threshold": metadata["threshold"]["value"],
     }
     try:
-        return Server((host, port), routes, health, quiet)
+        return Server((host, port), routes, health, quiet, idle_timeout)
     except OSError as error:  # port taken, address not on this machine, no permission
         raise ServeError(
             f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port or --host."

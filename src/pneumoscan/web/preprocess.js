@@ -1,11 +1,16 @@
 // File -> model input, following the `preprocessing` steps of the model's metadata.json
 // (docs/metadata.md) exactly as pneumoscan/preprocess.py does in Python:
-//   decode (JPEG/PNG, EXIF orientation, no colour conversion, size limits)
+//   decode (JPEG/PNG, EXIF orientation by the rule below, no colour conversion, size limits)
 //   -> to_uint8 -> grayscale (integer BT.601 luma) -> resize (bilinear, half-pixel centres)
 //   -> model_input (NHWC float32 in [0, 255]).
 // Then calibration and the decision threshold, in float64, by the formulas of the same page.
-// JPEGs are decoded by the browser; PNGs by the code below, because the canvas would round
-// translucent pixels and 16-bit samples differently from Pillow.
+// JPEGs are decoded by the browser; PNGs (interlaced or not) by the code below, because the
+// canvas would round translucent pixels and 16-bit samples differently from Pillow.
+//
+// Orientation is read from the file's bytes here, as Python reads it (preprocess.py): the
+// Orientation tag of IFD 0 of the first APP1 Exif segment of a JPEG or the first eXIf chunk
+// of a PNG; XMP and PNG text chunks are ignored. The browser is given the JPEG without its
+// APP1 segments, so that it cannot apply an orientation of its own.
 //
 // `readPlan` checks every step against what this file knows how to do, so a model whose
 // metadata asks for anything else is refused instead of being fed a different input.
@@ -16,6 +21,12 @@ const STEP_ORDER = ['decode', 'to_uint8', 'grayscale', 'resize', 'model_input'];
 const CALIBRATION_METHODS = ['none', 'temperature', 'platt'];
 const EPSILON = 1e-7;
 const HEADER_BYTES = 64 * 1024; // enough to find a JPEG's frame header after EXIF/ICC blocks
+// Where the orientation comes from (decode.orientation_sources); a bundle written before the
+// key existed means the same.
+const ORIENTATION_SOURCES = ['jpeg-app1-exif', 'png-exif'];
+const ORIENTATION_TAG = 0x0112;
+const EXIF_HEADER = [0x45, 0x78, 0x69, 0x66, 0, 0]; // "Exif\0\0"
+const PNG_SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
 
 /** A problem with one file; `message` is one sentence naming it, shown on its card. */
 export class ImageError extends Error {}
@@ -41,6 +52,10 @@ export function readPlan(metadata) {
   const [decode, , grayscale, resize, modelInput] = steps;
   const input = metadata.input;
   need(decode.exif_orientation === true, 'decode.exif_orientation must be true.');
+  const sources = decode.orientation_sources === undefined ? ORIENTATION_SOURCES : decode.orientation_sources;
+  need(Array.isArray(sources) && sources.length === ORIENTATION_SOURCES.length &&
+    ORIENTATION_SOURCES.every((source) => sources.includes(source)),
+  `decode.orientation_sources must be ${ORIENTATION_SOURCES.join(' and ')}; this page reads no others.`);
   need(Number.isInteger(decode.max_pixels) && Number.isInteger(decode.min_side),
     'decode needs integer max_pixels and min_side.');
   need(grayscale.formula === LUMA_FORMULA, `grayscale.formula must be "${LUMA_FORMULA}".`);
@@ -73,41 +88,68 @@ export function readPlan(metadata) {
 function readCalibration(calibration) {
   need(calibration && CALIBRATION_METHODS.includes(calibration.method),
     `calibration.method must be one of ${CALIBRATION_METHODS.join(', ')}.`);
-  need(Number.isFinite(calibration.slope) && Number.isFinite(calibration.intercept),
+  const { slope, intercept } = calibration;
+  need(Number.isFinite(slope) && Number.isFinite(intercept),
     'calibration slope and intercept must be finite numbers.');
+  // The sentence of Python's calibrate.apply_calibration, numbers written as Python writes them.
+  need(calibration.method !== 'none' || (slope === 1 && intercept === 0),
+    "calibration method 'none' needs slope 1 and intercept 0; " +
+    `got ${pythonFloat(slope)}, ${pythonFloat(intercept)}`);
   return calibration;
+}
+
+/** A finite number as Python's repr(float(x)) writes it: 2 -> "2.0", 1e-05, 1e+16. */
+export function pythonFloat(x) {
+  if (Object.is(x, -0)) return '-0.0';
+  const [digits, power] = x.toExponential().split('e'); // the shortest digits that round-trip
+  const exponent = Number(power);
+  if (exponent < -4 || exponent >= 16) {
+    const sign = exponent < 0 ? '-' : '+';
+    return `${digits}e${sign}${String(Math.abs(exponent)).padStart(2, '0')}`;
+  }
+  const text = String(x); // plain notation in this range, same digits
+  return text.includes('.') ? text : `${text}.0`;
 }
 
 // ---- decode ---------------------------------------------------------------------------
 
-/** Format and size from the file's first bytes, so that a huge image is refused undecoded. */
+// Other formats Pillow names in its refusal ("is a GIF image; ..."): their first bytes.
+const ANY = -1;
+const BMP_HEADER_SIZES = [12, 40, 52, 56, 64, 108, 124]; // the DIB headers Pillow reads
+const OTHER_FORMATS = [
+  ['GIF', [0x47, 0x49, 0x46, 0x38, 0x37, 0x61]], ['GIF', [0x47, 0x49, 0x46, 0x38, 0x39, 0x61]],
+  ['TIFF', [0x49, 0x49, 0x2a, 0x00]], ['TIFF', [0x4d, 0x4d, 0x00, 0x2a]],
+  ['WEBP', [0x52, 0x49, 0x46, 0x46, ANY, ANY, ANY, ANY, 0x57, 0x45, 0x42, 0x50]],
+  ...BMP_HEADER_SIZES.map((size) => ['BMP', [0x42, 0x4d, ...Array(12).fill(ANY), size, 0, 0, 0]]),
+];
+const startsWith = (bytes, signature) => signature.every((b, i) => b === ANY || bytes[i] === b);
+
+/**
+ * Format and size from the file's first bytes, so that a huge image is refused undecoded (as
+ * preprocess.header_size does); `format` is 'png', 'jpeg' or the name of another format.
+ */
 export function sniffImage(bytes) {
-  const png = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
-  if (bytes.length >= 24 && png.every((b, i) => bytes[i] === b)) {
+  if (bytes.length >= 24 && startsWith(bytes, PNG_SIGNATURE)) {
     const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     return { format: 'png', width: view.getUint32(16), height: view.getUint32(20) };
   }
   if (bytes.length >= 3 && bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff) {
     return { format: 'jpeg', ...jpegSize(bytes) };
   }
-  return null;
+  const other = OTHER_FORMATS.find(([, signature]) => startsWith(bytes, signature));
+  return other ? { format: other[0] } : null;
 }
 
 function jpegSize(bytes) {
-  // Walk the marker segments to the first start-of-frame (SOF0..SOF15 except DHT/JPG/DAC).
-  let i = 2;
-  while (i + 9 < bytes.length) {
-    if (bytes[i] !== 0xff) return {};
-    const marker = bytes[i + 1];
-    if (marker === 0xff) { i += 1; continue; } // fill byte
-    const length = (bytes[i + 2] << 8) | bytes[i + 3];
+  // The first start-of-frame segment (SOF0..SOF15 except DHT/JPG/DAC) holds the size.
+  for (const { marker, start } of jpegSegments(bytes)) {
     const isFrame = marker >= 0xc0 && marker <= 0xcf && ![0xc4, 0xc8, 0xcc].includes(marker);
-    if (isFrame) {
-      return { height: (bytes[i + 5] << 8) | bytes[i + 6], width: (bytes[i + 7] << 8) | bytes[i + 8] };
+    if (isFrame && start + 9 <= bytes.length) {
+      const height = (bytes[start + 5] << 8) | bytes[start + 6];
+      return { height, width: (bytes[start + 7] << 8) | bytes[start + 8] };
     }
-    i += 2 + length;
   }
-  return {}; // not found in the header bytes: the decoder will tell
+  return {}; // not found in these bytes: the decoder will tell
 }
 
 function checkSize(name, width, height, plan) {
@@ -122,42 +164,52 @@ function checkSize(name, width, height, plan) {
 }
 
 /**
- * decode + to_uint8: the file's pixels as RGBA bytes at natural size, EXIF orientation applied
- * and embedded colour profiles ignored (as Pillow does).
+ * decode + to_uint8: the file's pixels as RGBA bytes, EXIF orientation applied by the rule
+ * above and embedded colour profiles ignored (as Pillow does).
+ * @param decodeJpeg (blob, name, plan) -> raw RGBA at natural size: the browser's decoder;
+ *   the Node tests (tests/js/preprocess.mjs), which have none, pass Pillow's pixels instead.
  * @returns {Promise<{rgba: Uint8Array|Uint8ClampedArray, width: number, height: number}>}
  */
-export async function decode(file, plan) {
+export async function decode(file, plan, decodeJpeg = decodeWithBrowser) {
   const name = file.name;
   if (file.size === 0) throw new ImageError(`${name}: the file is empty.`);
   const head = new Uint8Array(await file.slice(0, HEADER_BYTES).arrayBuffer());
   const sniffed = sniffImage(head);
   if (sniffed === null) throw new ImageError(`${name}: is not a JPEG or PNG image.`);
+  if (sniffed.format !== 'png' && sniffed.format !== 'jpeg') {
+    throw new ImageError(`${name}: is a ${sniffed.format} image; only JPEG and PNG are supported.`);
+  }
   if (sniffed.width !== undefined) checkSize(name, sniffed.width, sniffed.height, plan);
-  if (sniffed.format === 'png' && head[28] === 0) { // not interlaced: decoded here, bit-exact
-    let image;
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  let image;
+  if (sniffed.format === 'png') {
     try {
-      image = await decodePng(new Uint8Array(await file.arrayBuffer()));
+      image = await decodePng(bytes);
     } catch (error) {
       throw new ImageError(`${name}: is truncated or corrupt (${error.message}).`);
     }
-    checkSize(name, image.width, image.height, plan);
-    return image;
+  } else {
+    const size = jpegSize(bytes); // the frame header may lie past HEADER_BYTES
+    if (size.width !== undefined) checkSize(name, size.width, size.height, plan);
+    image = await decodeJpeg(new Blob([withoutApp1(bytes)], { type: 'image/jpeg' }), name, plan);
   }
-  return decodeWithBrowser(file, plan);
+  checkSize(name, image.width, image.height, plan);
+  return orient(image, exifOrientation(exifBlock(bytes)));
 }
 
-async function decodeWithBrowser(file, plan) {
+async function decodeWithBrowser(blob, name, plan) {
   let bitmap;
   try {
-    bitmap = await createImageBitmap(file, {
+    // No APP1 segment is left, so 'from-image' finds no orientation to apply.
+    bitmap = await createImageBitmap(blob, {
       imageOrientation: 'from-image', colorSpaceConversion: 'none', premultiplyAlpha: 'none',
     });
   } catch (error) {
-    throw new ImageError(`${file.name}: is truncated or corrupt (the browser could not decode it).`);
+    throw new ImageError(`${name}: is truncated or corrupt (the browser could not decode it).`);
   }
   try {
-    const { width, height } = bitmap; // after EXIF orientation
-    checkSize(file.name, width, height, plan);
+    const { width, height } = bitmap;
+    checkSize(name, width, height, plan);
     // Drawn 1:1 at natural size: the canvas never scales (resizing is the next step's job).
     const canvas = new OffscreenCanvas(width, height);
     const context = canvas.getContext('2d', { willReadFrequently: true, colorSpace: 'srgb' });
@@ -168,11 +220,69 @@ async function decodeWithBrowser(file, plan) {
   }
 }
 
+// ---- JPEG segments -------------------------------------------------------------------------
+
+/** The marker segments before a JPEG's scan data: [{marker, start, end}] (end exclusive). */
+function jpegSegments(bytes) {
+  const segments = [];
+  let i = 2;
+  while (i + 4 <= bytes.length && bytes[i] === 0xff) {
+    const marker = bytes[i + 1];
+    if (marker === 0xff) { i += 1; continue; } // fill byte
+    if (marker === 0xd9 || marker === 0xda) break; // end of image, start of scan
+    const end = i + 2 + ((bytes[i + 2] << 8) | bytes[i + 3]);
+    segments.push({ marker, start: i, end });
+    i = end;
+  }
+  return segments;
+}
+
+/** The JPEG without its APP1 segments (EXIF, XMP): the same pixels, nothing to orient by. */
+export function withoutApp1(bytes) {
+  const app1 = jpegSegments(bytes).filter((segment) => segment.marker === 0xe1);
+  if (app1.length === 0) return bytes;
+  const parts = [];
+  let from = 0;
+  for (const segment of app1) {
+    parts.push(bytes.subarray(from, segment.start));
+    from = Math.min(segment.end, bytes.length);
+  }
+  parts.push(bytes.subarray(from));
+  const out = new Uint8Array(parts.reduce((total, part) => total + part.length, 0));
+  parts.reduce((at, part) => { out.set(part, at); return at + part.length; }, 0);
+  return out;
+}
+
+/**
+ * The TIFF structure holding a file's EXIF, by the orientation rule: the first APP1 Exif
+ * segment of a JPEG, the first eXIf chunk of a PNG; null when there is none.
+ */
+export function exifBlock(bytes) {
+  if (bytes[0] === 0xff && bytes[1] === 0xd8) {
+    for (const { marker, start, end } of jpegSegments(bytes)) {
+      if (marker === 0xe1 && startsWith(bytes.subarray(start + 4), EXIF_HEADER)) {
+        return bytes.subarray(start + 10, end);
+      }
+    }
+    return null;
+  }
+  if (!startsWith(bytes, PNG_SIGNATURE)) return null;
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  for (let pos = 8; pos + 8 <= bytes.length;) {
+    const length = view.getUint32(pos);
+    const type = String.fromCharCode(...bytes.subarray(pos + 4, pos + 8));
+    if (type === 'eXIf') return bytes.subarray(pos + 8, pos + 8 + length);
+    if (type === 'IEND') return null;
+    pos += 12 + length;
+  }
+  return null;
+}
+
 // ---- PNG, decoded as Pillow does ------------------------------------------------------------
 // The browser's canvas premultiplies alpha (rounding the colour of translucent pixels) and
 // reduces 16-bit samples its own way; Pillow ignores alpha, maps 16-bit grey by the to_uint8
-// rule and keeps the high byte of 16-bit colour. So PNGs are decoded here (interlaced ones,
-// rare, are left to the browser): chunks -> inflate -> unfilter -> samples -> RGBA.
+// rule and keeps the high byte of 16-bit colour. So PNGs are decoded here, interlaced (Adam7)
+// ones too: chunks -> inflate -> per pass: unfilter -> samples -> RGBA -> its place.
 
 const PNG_CHANNELS = { 0: 1, 2: 3, 3: 1, 4: 2, 6: 4 };
 const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
@@ -190,9 +300,12 @@ function crc32(bytes) {
 function pngChunks(bytes) {
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const chunks = { IDAT: [] };
-  for (let pos = 8; pos + 12 <= bytes.length;) {
+  for (let pos = 8; pos + 8 <= bytes.length || chunks.IDAT.length === 0;) {
+    if (pos + 8 > bytes.length) throw new Error('no image data');
     const length = view.getUint32(pos);
     const type = String.fromCharCode(...bytes.subarray(pos + 4, pos + 8));
+    // After the image data, an IEND header ends the file even if its checksum is cut (as Pillow).
+    if (type === 'IEND' && chunks.IDAT.length > 0) return chunks;
     if (pos + 12 + length > bytes.length) throw new Error(`the ${type} chunk is cut short`);
     if (crc32(bytes.subarray(pos + 4, pos + 8 + length)) !== view.getUint32(pos + 8 + length)) {
       throw new Error(`bad checksum in the ${type} chunk`);
@@ -203,7 +316,7 @@ function pngChunks(bytes) {
     if (type === 'IEND') return chunks;
     pos += 12 + length;
   }
-  throw new Error('no IEND chunk');
+  return chunks; // the file ends after the image data without IEND: Pillow reads it too
 }
 
 async function inflate(parts) {
@@ -237,19 +350,45 @@ function unfilter(data, height, stride, bpp) {
   return out;
 }
 
+// Adam7: [first column, first row, column step, row step] of each of the seven passes.
+const ADAM7 = [[0, 0, 8, 8], [4, 0, 8, 8], [0, 4, 4, 8], [2, 0, 4, 4], [0, 2, 2, 4], [1, 0, 2, 2],
+  [0, 1, 1, 2]];
+
 async function decodePng(bytes) {
   const chunks = pngChunks(bytes);
+  if (!chunks.IHDR || chunks.IHDR.length !== 13) throw new Error('no valid IHDR chunk');
   const header = new DataView(chunks.IHDR.buffer, chunks.IHDR.byteOffset, 13);
   const width = header.getUint32(0);
   const height = header.getUint32(4);
-  const depth = chunks.IHDR[8];
-  const colourType = chunks.IHDR[9];
-  const channels = PNG_CHANNELS[colourType];
-  if (!channels || ![1, 2, 4, 8, 16].includes(depth)) throw new Error('unsupported PNG type');
-  const stride = Math.ceil((width * channels * depth) / 8);
+  const [depth, colourType, , , interlace] = chunks.IHDR.subarray(8);
+  const format = { depth, colourType, channels: PNG_CHANNELS[colourType], palette: chunks.PLTE };
+  if (!format.channels || ![1, 2, 4, 8, 16].includes(depth) || interlace > 1) {
+    throw new Error('unsupported PNG type');
+  }
+  if (colourType === 3 && !format.palette) throw new Error('no PLTE chunk');
   const raw = await inflate(chunks.IDAT);
-  if (raw.length < height * (stride + 1)) throw new Error('the image data is cut short');
-  const rows = unfilter(raw, height, stride, Math.max(1, (channels * depth) >> 3));
+  const rgba = interlace ? new Uint8Array(width * height * 4) : null; // the passes land here
+  const pixels = interlace ? new Uint32Array(rgba.buffer) : null;
+  let offset = 0;
+  for (const [x0, y0, dx, dy] of interlace ? ADAM7 : [[0, 0, 1, 1]]) {
+    const w = Math.ceil((width - x0) / dx);
+    const h = Math.ceil((height - y0) / dy);
+    if (w <= 0 || h <= 0) continue; // a pass with no pixels has no bytes either
+    const stride = Math.ceil((w * format.channels * depth) / 8);
+    if (raw.length < offset + h * (stride + 1)) throw new Error('the image data is cut short');
+    const rows = unfilter(raw.subarray(offset), h, stride, Math.max(1, (format.channels * depth) >> 3));
+    offset += h * (stride + 1);
+    const pass = new Uint32Array(passToRgba(rows, w, h, stride, format).buffer);
+    if (!interlace) return { rgba: new Uint8Array(pass.buffer), width, height };
+    for (let y = 0; y < h; y += 1) {
+      for (let x = 0; x < w; x += 1) pixels[(y0 + y * dy) * width + x0 + x * dx] = pass[y * w + x];
+    }
+  }
+  return { rgba, width, height };
+}
+
+/** The unfiltered rows of one pass (w x h pixels) as RGBA bytes, samples read as Pillow does. */
+function passToRgba(rows, width, height, stride, { depth, colourType, channels, palette }) {
   const sample = (y, i) => { // the i-th sample of row y, as 8 bits the way Pillow reads it
     if (depth === 16) {
       const v = (rows[y * stride + 2 * i] << 8) | rows[y * stride + 2 * i + 1];
@@ -260,7 +399,6 @@ async function decodePng(bytes) {
     const v = (rows[y * stride + (bit >> 3)] >> (8 - depth - (bit & 7))) & ((1 << depth) - 1);
     return colourType === 3 ? v : Math.round((v * 255) / ((1 << depth) - 1)); // grey 1/2/4-bit
   };
-  const palette = chunks.PLTE;
   const rgba = new Uint8Array(width * height * 4);
   for (let y = 0, o = 0; y < height; y += 1) {
     for (let x = 0; x < width; x += 1, o += 4) {
@@ -276,22 +414,28 @@ async function decodePng(bytes) {
       rgba[o + 3] = 255; // alpha ignored
     }
   }
-  return orient({ rgba, width, height }, exifOrientation(chunks.eXIf));
+  return rgba;
 }
 
-/** The EXIF orientation tag (1..8) of an eXIf chunk (a TIFF structure); 1 when absent. */
+/**
+ * The Orientation tag (1..8) of IFD 0 of an EXIF TIFF structure; 1 when it is absent, not one
+ * SHORT, out of range, or the structure is malformed. Mirrors preprocess.exif_orientation.
+ */
 export function exifOrientation(exif) {
   if (!exif || exif.length < 8) return 1;
+  const little = exif[0] === 0x49 && exif[1] === 0x49 && exif[2] === 0x2a && exif[3] === 0;
+  const big = exif[0] === 0x4d && exif[1] === 0x4d && exif[2] === 0 && exif[3] === 0x2a;
+  if (!little && !big) return 1;
   const view = new DataView(exif.buffer, exif.byteOffset, exif.byteLength);
-  const little = exif[0] === 0x49; // "II" Intel, else "MM" Motorola
   const ifd = view.getUint32(4, little);
   if (ifd + 2 > exif.length) return 1;
   const count = view.getUint16(ifd, little);
   for (let k = 0; k < count && ifd + 14 + 12 * k <= exif.length; k += 1) {
     const entry = ifd + 2 + 12 * k;
-    if (view.getUint16(entry, little) === 0x0112) {
+    if (view.getUint16(entry, little) === ORIENTATION_TAG) {
       const value = view.getUint16(entry + 8, little);
-      return value >= 1 && value <= 8 ? value : 1;
+      const singleShort = view.getUint16(entry + 2, little) === 3 && view.getUint32(entry + 4, little) === 1;
+      return singleShort && value >= 1 && value <= 8 ? value : 1;
     }
   }
   return 1;

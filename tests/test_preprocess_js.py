@@ -1,0 +1,267 @@
+"""The page's preprocessing (web/preprocess.js, run in Node) against pneumoscan.preprocess, on
+images that hypothesis generates: every PNG colour type at 1 to 16 bits, interlaced or not,
+every EXIF orientation (with XMP and text-chunk decoys that both sides must ignore), odd and
+even sizes from the 32 px minimum to a few hundred; and JPEGs (grey, RGB, CMYK).
+
+PNGs are compared exactly: the same orientation and size, the same luma byte for byte, and the
+model input (after each side's bilinear resize) within INPUT_TOLERANCE. Node has no JPEG
+decoder, so for JPEGs the page's decoder is given the pixels Pillow decodes; what is compared
+is everything the page does around it (the orientation rule, the APP1 segments it strips
+before decoding, luma, resize), and Pillow must decode the stripped bytes to the same pixels.
+Chromium's own JPEG decoding is compared in tests/test_web.py.
+
+One Node process (tests/js/preprocess.mjs) answers every example of the module.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+import select
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import image_files
+from conftest import NODE, REPO, needs_node
+from pneumoscan.bundle import bundled_dir
+from pneumoscan.calibrate import apply_calibration
+from pneumoscan.preprocess import (
+    MIN_SIDE,
+    ORIENTATION_SOURCES,
+    PREPROCESSING_STEPS,
+    ImageError,
+    load_grayscale,
+    resize,
+)
+
+pytestmark = [needs_node, pytest.mark.slow]
+
+PREPROCESS_JS = REPO / "tests" / "js" / "preprocess.mjs"
+SIZE = 160  # the bundled model's input
+# On the model's [0, 1] scale (its first layer divides by 255). TensorFlow computes the bilinear
+# source coordinates in float32, TF.js in float64: between two pixels 100 levels apart that moves
+# the output by up to ~2e-3 levels (1.8e-3 measured over 150 random sizes, i.e. 7e-6 here). A
+# resize that differs in kind (corners, centres, antialias) is off by whole levels.
+INPUT_TOLERANCE = 1e-4
+ANSWER_TIMEOUT_S = 60
+EXAMPLES = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+
+# (colour type, bit depth): grey (L, 1/2/4-bit, I;16), grey + alpha (LA), RGB, RGBA, palette (P).
+PNG_TYPES = [(0, 8), (0, 16), (0, 1), (0, 2), (0, 4), (4, 8), (4, 16), (2, 8), (2, 16), (6, 8), (6, 16)]
+PNG_TYPES += [(3, 1), (3, 2), (3, 4), (3, 8)]
+sides = st.integers(MIN_SIDE, 300)
+orientations = st.sampled_from([None, *range(1, 9)])  # None: no EXIF at all
+
+
+class Page:
+    """The Node process running web/preprocess.js; `ask` sends one file, returns its answer."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.count = 0
+        (folder / "metadata.json").write_text(json.dumps(_metadata()))
+        self.process = subprocess.Popen(
+            [NODE, str(PREPROCESS_JS), str(folder / "metadata.json")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            text=True,
+        )
+
+    def write(self, name: str, data: bytes) -> Path:
+        self.count += 1
+        path = self.folder / str(self.count) / name
+        path.parent.mkdir()
+        path.write_bytes(data)
+        return path
+
+    def check_metadata(self, metadata: dict) -> dict:
+        """The page's `readPlan` on `metadata`: {"plan"} or {"error"}."""
+        return self._send({"metadata": metadata}, "metadata")
+
+    def ask(self, path: Path, pixels: np.ndarray | None = None) -> dict:
+        request = {"path": str(path)}
+        if pixels is not None:  # (height, width, 4) uint8, the stand-in JPEG decoder's answer
+            raw = path.with_suffix(".rgba")
+            raw.write_bytes(np.ascontiguousarray(pixels, np.uint8).tobytes())
+            request.update(pixels=str(raw), width=pixels.shape[1], height=pixels.shape[0])
+        return self._send(request, path)
+
+    def _send(self, request: dict, what) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], ANSWER_TIMEOUT_S)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            self.process.kill()
+            pytest.fail(f"preprocess.mjs gave no answer for {what}: {self.process.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=ANSWER_TIMEOUT_S)
+
+
+def _metadata(**decode) -> dict:
+    """The bundled model's metadata.json with the contract as this checkout writes it (SIZE x
+    SIZE input), its decode step updated with `decode`."""
+    metadata = json.loads((bundled_dir() / "metadata.json").read_text())
+    metadata["preprocessing"] = copy.deepcopy(PREPROCESSING_STEPS)
+    metadata["preprocessing"][0].update(decode)
+    metadata["preprocessing"][3]["size"] = [SIZE, SIZE]
+    metadata["input"].update(height=SIZE, width=SIZE)
+    return metadata
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    page = Page(tmp_path_factory.mktemp("preprocess-js"))
+    yield page
+    page.close()
+
+
+def _picture(seed: int, height: int, width: int, channels: int, levels: int) -> np.ndarray:
+    """(height, width, channels) integer samples in [0, levels): smooth shapes and noise, so that
+    resizing has edges and gradients to get wrong."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    planes = []
+    for _ in range(channels):
+        fx, fy, phase = rng.uniform(1, 12, 3)
+        plane = 0.5 + 0.35 * np.sin(fx * xx + phase) * np.cos(fy * yy) + rng.normal(0, 0.08, (height, width))
+        planes.append(plane)
+    return np.clip(np.rint(np.stack(planes, -1) * (levels - 1)), 0, levels - 1).astype(np.int64)
+
+
+@st.composite
+def png_files(draw) -> tuple[str, bytes]:
+    colour_type, depth = draw(st.sampled_from(PNG_TYPES))
+    height, width, seed = draw(sides), draw(sides), draw(st.integers(0, 2**32 - 1))
+    orientation, decoy = draw(orientations), draw(st.sampled_from([None, "raw-profile", "xmp"]))
+    channels = image_files.CHANNELS[colour_type]
+    samples = _picture(seed, height, width, channels, 1 << depth)
+    palette = None
+    if colour_type == 3:
+        palette = np.random.default_rng(seed).integers(0, 256, (1 << depth, 3))
+    before = []
+    if decoy:  # an orientation the rule ignores, different from the EXIF one
+        decoy_chunk = image_files.raw_profile_chunk if decoy == "raw-profile" else image_files.xmp_chunk
+        before.append(decoy_chunk(((orientation or 1) % 8) + 1))
+    if orientation is not None:
+        before.append(image_files.exif_chunk(orientation))
+    data = image_files.png(
+        samples,
+        colour_type,
+        depth,
+        palette=palette,
+        interlace=draw(st.booleans()),
+        before_idat=tuple(before),
+        first_filter=draw(st.integers(0, 4)),
+    )
+    return f"c{colour_type}-{depth}bit-{width}x{height}-o{orientation}-{decoy}.png", data
+
+
+@st.composite
+def jpeg_files(draw) -> tuple[str, bytes]:
+    mode = draw(st.sampled_from(["L", "RGB", "CMYK"]))
+    height, width, seed = draw(sides), draw(sides), draw(st.integers(0, 2**32 - 1))
+    orientation, xmp = draw(orientations), draw(st.sampled_from([None, *range(1, 9)]))
+    samples = _picture(seed, height, width, 1 if mode == "L" else 3, 256).astype(np.uint8)
+    image = Image.fromarray(samples[..., 0] if mode == "L" else samples)
+    data = image_files.jpeg(image.convert(mode), orientation, xmp, quality=draw(st.integers(60, 98)))
+    return f"{mode}-{width}x{height}-o{orientation}-xmp{xmp}.jpeg", data
+
+
+def _python(name: str, data: bytes) -> dict:
+    """What pneumoscan.preprocess makes of the file: luma and model input, or the refusal."""
+    try:
+        gray = load_grayscale(name, data)
+    except ImageError as error:
+        return {"error": str(error)}
+    return {"luma": gray, "input": resize(gray, SIZE).numpy()[..., 0]}
+
+
+def _check(answer: dict, expected: dict) -> None:
+    if "error" in expected:
+        assert answer.get("error") == expected["error"], answer
+        return
+    assert "error" not in answer, answer["error"]
+    luma = np.frombuffer(base64.b64decode(answer["luma"]), np.uint8)
+    assert (answer["height"], answer["width"]) == expected["luma"].shape  # orientation and size
+    np.testing.assert_array_equal(luma.reshape(expected["luma"].shape), expected["luma"])
+    model_input = np.frombuffer(base64.b64decode(answer["input"]), "<f4").reshape(SIZE, SIZE)
+    np.testing.assert_allclose(model_input / 255, expected["input"] / 255, rtol=0, atol=INPUT_TOLERANCE)
+
+
+@EXAMPLES
+@given(png_files())
+def test_png_python_and_page_agree(page, png_file):
+    name, data = png_file
+    _check(page.ask(page.write(name, data)), _python(name, data))
+
+
+@EXAMPLES
+@given(jpeg_files())
+def test_jpeg_python_and_page_agree_around_the_decoder(page, jpeg_file):
+    name, data = jpeg_file
+    with Image.open(io.BytesIO(data)) as image:  # as stored, before any orientation
+        stored = np.asarray(image.convert("RGB" if image.mode != "L" else "L").convert("RGBA"))
+    answer = page.ask(page.write(name, data), stored)
+    _check(answer, _python(name, data))
+    handed = base64.b64decode(answer["jpeg"])
+    assert b"Exif\x00\x00" not in handed and image_files.XMP_NAMESPACE not in handed
+    with Image.open(io.BytesIO(handed)) as image:
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data))))
+
+
+# ---- the contract: what the page accepts in metadata.json -------------------------------------
+
+ORIENTATION_CONTRACTS = [
+    ("the bundled model's, written before the key", None, True),
+    ("as Python writes it", ORIENTATION_SOURCES, True),
+    ("in another order", ORIENTATION_SOURCES[::-1], True),
+    ("XMP too", [*ORIENTATION_SOURCES, "xmp"], False),
+    ("PNG text chunks too", [*ORIENTATION_SOURCES, "png-raw-profile-text"], False),
+    ("eXIf only", ["png-exif"], False),
+    ("not a list", "png-exif", False),
+]
+
+
+@pytest.mark.parametrize(
+    "sources, accepted", [c[1:] for c in ORIENTATION_CONTRACTS], ids=[c[0] for c in ORIENTATION_CONTRACTS]
+)
+def test_page_follows_only_the_orientation_rule_it_implements(page, sources, accepted):
+    metadata = _metadata() if sources is None else _metadata(orientation_sources=sources)
+    if sources is None:
+        del metadata["preprocessing"][0]["orientation_sources"]
+    answer = page.check_metadata(metadata)
+    if accepted:
+        assert "plan" in answer, answer
+    else:
+        assert answer.get("error", "").startswith("metadata.json: decode.orientation_sources must be"), answer
+
+
+@pytest.mark.parametrize(
+    "slope, intercept",
+    [(1.5, 0.0), (2, 0), (1, 0.25), (1.0, -1e-05), (1e16, 0), (0.1 + 0.2, 1e-7), (-0.0, 0), (1, 0)],
+)
+def test_page_refuses_calibration_none_as_python_does(page, slope, intercept):
+    calibration = {"method": "none", "slope": slope, "intercept": intercept, "fitted_on": None}
+    answer = page.check_metadata({**_metadata(), "calibration": calibration})
+    try:
+        apply_calibration(0.5, calibration)
+    except ValueError as error:
+        assert answer.get("error") == f"metadata.json: {error}", answer
+    else:
+        assert "plan" in answer, answer
