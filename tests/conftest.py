@@ -3,6 +3,7 @@ samples, and running a TF.js export in Node (tests/js/predict.mjs) beside Keras.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -238,3 +239,76 @@ def window_reader(rows: slice, cols: slice, scale: float = 8.0, bias: float = -4
 def hand_built(model) -> Bundle:
     """A Bundle around a Keras model of S x S inputs, uncalibrated."""
     return Bundle(Path("hand-built"), model, {"input": {"height": S}, "calibration": NO_CALIBRATION})
+
+
+# ---- DICOM files made from the sample X-rays (pydicom) ----------------------------------
+
+
+def write_dicom(
+    path: Path,
+    gray: np.ndarray,
+    bits: int = 8,
+    photometric: str = "MONOCHROME2",
+    window: bool = False,
+    syntax: str = "explicit-little",
+    **header,
+) -> Path:
+    """`gray` (H, W) uint8 as a DICOM file that windows back to `gray`: stored with `bits`
+    (scaled to that depth; with `window`, to a part of it that a VOI window maps back to 0..255),
+    inverted for MONOCHROME1, in `syntax` (explicit-little, explicit-big, rle, jpeg-baseline),
+    plus any header attributes."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import (
+        ExplicitVRBigEndian,
+        ExplicitVRLittleEndian,
+        JPEGBaseline8Bit,
+        RLELossless,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
+
+    values = gray.astype(np.float64) / 255.0
+    if photometric == "MONOCHROME1":
+        values = 1.0 - values
+    top = 2**bits - 1
+    low, high = (top * 0.25, top * 0.75) if window else (0, top)  # the window: the middle half
+    stored = np.rint(low + values * (high - low)).astype(np.uint8 if bits <= 8 else np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName, ds.PatientID = "DX", "Doe^Jane", "SECRET-ID-123"
+    ds.Rows, ds.Columns = gray.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+        (8 if bits <= 8 else 16),
+        bits,
+        bits - 1,
+        0,
+    )
+    if window:  # LINEAR: [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2] -> 0..255
+        ds.WindowWidth = high - low + 1
+        ds.WindowCenter = low + 0.5 + (high - low) / 2
+    for key, value in header.items():
+        setattr(ds, key, value)
+    ds.PixelData = stored.tobytes()
+    if syntax == "rle":
+        ds.compress(RLELossless)
+    elif syntax == "jpeg-baseline":
+        buffer = io.BytesIO()
+        Image.fromarray(stored).save(buffer, format="JPEG", quality=95)
+        meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = encapsulate([buffer.getvalue()])
+        ds["PixelData"].is_undefined_length = True
+    if syntax == "explicit-big":
+        meta.TransferSyntaxUID = ExplicitVRBigEndian
+        ds.PixelData = stored.astype(stored.dtype.newbyteorder(">")).tobytes()
+        pydicom.dcmwrite(path, ds, little_endian=False, implicit_vr=False)
+    else:
+        ds.save_as(path, enforce_file_format=True)
+    return path

@@ -106,7 +106,7 @@ def test_formats(trained_run, capsys):
     assert main(["predict", "--model", str(run_dir), "--format", "csv", *files]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["path"] for r in rows] == files
-    assert set(rows[0]) == {"path", "label", "probability", "threshold", "error"}
+    assert set(rows[0]) == {"path", "label", "probability", "threshold", "error", "warning"}
     assert main(["predict", "--model", str(run_dir), *files]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["path", "label", "p(pneumonia)", "threshold"] and len(table) == 4

@@ -287,6 +287,8 @@ def _predict_to(
             advance()
             if "error" in record:
                 say(f"pneumoscan: {record['error']}")
+            if "warning" in record:
+                say(f"pneumoscan: warning: {record['warning']}")
     print(tally.line(skipped), file=sys.stderr)
     return FAILURE if tally.failed else 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan.config import CLASS_NAMES
+from pneumoscan.dicom import DICOM_SUFFIXES, has_dicom_preamble
 from pneumoscan.preprocess import IMAGE_SUFFIXES, ImageError, load_grayscale, resize
 
 PATIENT_ID = re.compile(r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)")
@@ -96,15 +97,21 @@ def find_layout(root: Path) -> dict[str, Path]:
 
 
 def find_images(folder: Path) -> list[Path]:
-    """The image files under `folder`, recursively, sorted: regular files with a .jpeg, .jpg or
-    .png suffix (any case), skipping hidden files and anything inside a hidden folder."""
+    """The image files under `folder`, recursively, sorted: regular files with a .jpeg, .jpg,
+    .png, .dcm or .dicom suffix (any case), or without a suffix but starting like a DICOM file;
+    hidden files and anything inside a hidden folder are skipped."""
     folder = Path(folder)
+
+    def is_image(path: Path) -> bool:
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
+            return path.is_file()
+        return suffix == "" and path.is_file() and has_dicom_preamble(path)
+
     return sorted(
         path
         for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES
-        and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        if not any(part.startswith(".") for part in path.relative_to(folder).parts) and is_image(path)
     )
 
 
@@ -121,7 +128,7 @@ def list_images(split_dir: Path) -> list[tuple[Path, int]]:
     for label, name in enumerate(CLASS_NAMES):
         files = find_images(split_dir / name)
         if not files:
-            raise DataError(f"{split_dir / name}: holds no .jpeg, .jpg or .png images.")
+            raise DataError(f"{split_dir / name}: holds no .jpeg, .jpg or .png images (nor DICOM files).")
         found.extend((path, label) for path in files)
     return found
 

@@ -17,38 +17,42 @@ import numpy as np
 import tensorflow as tf
 
 from pneumoscan.config import AugmentConfig
-from pneumoscan.preprocess import ImageError, load_grayscale, resize
+from pneumoscan.preprocess import ImageError, load_luma, resize
 
 AUTOTUNE = tf.data.AUTOTUNE
 AUGMENT_DRAWS = 6  # uniform draws an image: rotation, zoom, 2 translations, brightness, contrast
 
 
-def _load_luma(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """tf.data wrapper around `load_grayscale`: (luma, error). A file that cannot be used gives a
-    0x0 image and the decoder's one-sentence reason; a good one an empty reason."""
+def _load_luma(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """tf.data wrapper around `load_luma`: (luma, error, warning). A file that cannot be used
+    gives a 0x0 image and the decoder's one-sentence reason; a good one an empty reason, and
+    the phrases of its DICOM header's warnings, if any, joined by "; "."""
 
-    def load(raw: bytes) -> tuple[np.ndarray, bytes]:
+    def load(raw: bytes) -> tuple[np.ndarray, bytes, bytes]:
         try:
-            return load_grayscale(os.fsdecode(raw)), b""
+            luma, warnings = load_luma(os.fsdecode(raw))
+            return luma, b"", "; ".join(warnings).encode()
         except ImageError as error:
-            return np.zeros((0, 0), np.uint8), str(error).encode(errors="surrogateescape")
+            return np.zeros((0, 0), np.uint8), str(error).encode(errors="surrogateescape"), b""
 
-    image, error = tf.numpy_function(load, [path], (tf.uint8, tf.string), stateful=False)
+    image, error, warning = tf.numpy_function(load, [path], (tf.uint8, tf.string, tf.string), stateful=False)
     image.set_shape([None, None])
     error.set_shape([])
-    return image, error
+    warning.set_shape([])
+    return image, error, warning
 
 
 def images(paths: Sequence[str | Path], image_size: int) -> tf.data.Dataset:
-    """(path, error, image) for every path, in order; `error` is b"" when the file decoded, else
-    the reason it did not (and `image` is then zeros). Used by `predict`. Paths travel as the
-    file system's bytes (`os.fsencode`), so names that are not UTF-8 work too."""
+    """(path, error, warning, image) for every path, in order; `error` is b"" when the file
+    decoded, else the reason it did not (and `image` is then zeros); `warning` what its DICOM
+    header says against it, or b"". Used by `predict`. Paths travel as the file system's bytes
+    (`os.fsencode`), so names that are not UTF-8 work too."""
     dataset = tf.data.Dataset.from_tensor_slices([os.fsencode(p) for p in paths])
 
     def load(path: tf.Tensor):
-        luma, error = _load_luma(path)
+        luma, error, warning = _load_luma(path)
         safe = tf.cond(tf.size(luma) > 0, lambda: luma, lambda: tf.zeros((image_size, image_size), tf.uint8))
-        return path, error, resize(safe, image_size)
+        return path, error, warning, resize(safe, image_size)
 
     return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
 

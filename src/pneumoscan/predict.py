@@ -25,14 +25,15 @@ from pneumoscan.data import find_images
 
 FORMATS = ("table", "json", "csv")
 OUTPUT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl"}  # --output FILE: its format by suffix
-CSV_FIELDS = ("path", "label", "probability", "threshold", "error")
+CSV_FIELDS = ("path", "label", "probability", "threshold", "error", "warning")
 
 
 def raw_outputs(
     bundle: Bundle, paths: Sequence[str | Path], batch_size: int = INFERENCE_BATCH
-) -> Iterator[tuple[str, str, float]]:
-    """(path, error, raw model output) for every path, in order, batch by batch; `error` is ""
-    when the file decoded, else its one-sentence reason (and the output is meaningless)."""
+) -> Iterator[tuple[str, str, str, float]]:
+    """(path, error, warning, raw model output) for every path, in order, batch by batch;
+    `error` is "" when the file decoded, else its one-sentence reason (and the output is
+    meaningless); `warning` what a DICOM header says against the image, or ""."""
     import tensorflow as tf
 
     from pneumoscan.pipeline import images
@@ -40,10 +41,12 @@ def raw_outputs(
     if not paths:
         return
     dataset = images(paths, bundle.image_size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    for batch_paths, errors, x in dataset:
+    for batch_paths, errors, warnings, x in dataset:
         outputs = bundle.forward(x, batch_size)
-        for path, error, output in zip(batch_paths.numpy(), errors.numpy(), outputs, strict=True):
-            yield os.fsdecode(path), error.decode(errors="surrogateescape"), float(output)
+        for path, error, warning, output in zip(
+            batch_paths.numpy(), errors.numpy(), warnings.numpy(), outputs, strict=True
+        ):
+            yield os.fsdecode(path), error.decode(errors="surrogateescape"), warning.decode(), float(output)
 
 
 def expand_paths(inputs: Iterable[str | Path], shard: tuple[int, int] | None = None) -> list[Path | dict]:
@@ -58,7 +61,7 @@ def expand_paths(inputs: Iterable[str | Path], shard: tuple[int, int] | None = N
         path = Path(item)
         if path.is_dir():
             found = find_images(path)
-            error = f"{path}: folder holds no .jpeg, .jpg or .png images."
+            error = f"{path}: folder holds no .jpeg, .jpg or .png images (nor DICOM files)."
             items.extend(
                 [(p, p.relative_to(path).as_posix()) for p in found]
                 or [({"path": str(path), "error": error}, path.name)]
@@ -82,23 +85,25 @@ def iter_predictions(
     bundle: Bundle, items: list[Path | dict], batch_size: int = INFERENCE_BATCH
 ) -> Iterator[dict]:
     """One record per item of `expand_paths`, in order, as each batch is done: `{path, label,
-    probability, threshold}` or `{path, error}`. Nothing is kept, so memory stays flat."""
+    probability, threshold}` (and `warning`, a sentence, when a DICOM header speaks against the
+    image) or `{path, error}`. Nothing is kept, so memory stays flat."""
     outputs = raw_outputs(bundle, [item for item in items if isinstance(item, Path)], batch_size)
     for item in items:
         if isinstance(item, dict):
             yield item
             continue
-        path, error, raw = next(outputs)
+        path, error, warning, raw = next(outputs)
         if error:
             yield {"path": path, "error": error}
             continue
         probability = float(bundle.calibrated(np.float32(raw)))
-        yield {
+        record = {
             "path": path,
             "label": bundle.label(probability),
             "probability": probability,
             "threshold": bundle.threshold,
         }
+        yield {**record, "warning": f"{path}: {warning}."} if warning else record
 
 
 def predict_files(

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pneumoscan import dicom
+
 # Decompression-bomb guard: a clinical radiograph is at most ~4k x 4k (16 MP).
 MAX_PIXELS = 50_000_000
 # Smaller than this is a thumbnail or an icon, not a radiograph.
@@ -50,7 +52,14 @@ _UPRIGHT = {
 PREPROCESSING_STEPS = [
     {
         "op": "decode",
-        "formats": ["jpeg", "png"],
+        "formats": ["jpeg", "png", "dicom"],
+        "dicom": {
+            "files": "*.dcm, *.dicom, or any file whose bytes 128-131 are 'DICM'",
+            "window": dicom.WINDOW_RULE,
+            "transfer_syntaxes": dicom.TRANSFER_SYNTAXES,
+            "refused": "multi-frame images, objects without pixel data, other transfer syntaxes",
+            "warnings": "ViewPosition lateral, or BodyPartExamined not the chest",
+        },
         "exif_orientation": True,
         "orientation_sources": ORIENTATION_SOURCES,
         "orientation_rule": "tag 0x0112 (one SHORT, 1..8) of IFD 0 in the first APP1 Exif segment "
@@ -106,6 +115,16 @@ def load_grayscale(path: str | Path, data: bytes | None = None) -> np.ndarray:
     Raises:
         ImageError: missing, empty, not an image, corrupt, too large or too small.
     """
+    return load_luma(path, data)[0]
+
+
+def load_luma(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray, list[str]]:
+    """`load_grayscale`, and the warnings a DICOM header raises (a lateral view, another body
+    part), each a phrase to follow the file's name.
+
+    Raises:
+        ImageError: as `load_grayscale`.
+    """
     path = Path(path)
     if data is None:
         try:
@@ -118,6 +137,8 @@ def load_grayscale(path: str | Path, data: bytes | None = None) -> np.ndarray:
             raise ImageError(f"{path}: cannot be read ({error.strerror}).") from None
     if not data:
         raise ImageError(f"{path}: the file is empty.")
+    if dicom.is_dicom(data, path):
+        return _load_dicom(path, data)
     size = header_size(data)
     if size is not None:  # before Pillow, whose own bomb check would say less
         _check_size(path, *size)
@@ -130,7 +151,7 @@ def load_grayscale(path: str | Path, data: bytes | None = None) -> np.ndarray:
             orientation = exif_orientation(exif_block(data))
             if orientation in _UPRIGHT:
                 image = image.transpose(_UPRIGHT[orientation])
-            return _to_luma(image)
+            return _to_luma(image), []
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -139,6 +160,18 @@ def load_grayscale(path: str | Path, data: bytes | None = None) -> np.ndarray:
         raise ImageError(f"{path}: is over the {MAX_PIXELS // 1_000_000} MP pixel limit.") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{path}: is truncated or corrupt ({error}).") from None
+
+
+def _load_dicom(path: Path, data: bytes) -> tuple[np.ndarray, list[str]]:
+    try:
+        decoded = dicom.decode(path, data)
+    except dicom.DicomError as error:
+        raise ImageError(str(error)) from None
+    pixels = decoded.luma if decoded.luma is not None else decoded.rgb
+    _check_size(path, pixels.shape[1], pixels.shape[0])
+    if decoded.luma is not None:
+        return decoded.luma, decoded.warnings
+    return rgb_to_luma(decoded.rgb), decoded.warnings
 
 
 def _check_size(path: Path, width: int, height: int) -> None:
@@ -237,9 +270,13 @@ def _to_luma(image: Image.Image) -> np.ndarray:
         return np.asarray(image.convert("L"), dtype=np.uint8).copy()
     if mode not in ("RGB", "RGBA"):
         image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
-    rgb = np.asarray(image, dtype=np.uint32)[..., :3]
+    return rgb_to_luma(np.asarray(image)[..., :3])
+
+
+def rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) 8-bit RGB -> (H, W) uint8 luma by `LUMA_WEIGHTS_Q16` (BT.601, rounded half up)."""
     weights = np.asarray(LUMA_WEIGHTS_Q16, dtype=np.uint32)
-    return ((rgb @ weights + 32768) >> 16).astype(np.uint8)
+    return ((rgb.astype(np.uint32) @ weights + 32768) >> 16).astype(np.uint8)
 
 
 def resize(gray, size: int):
