@@ -68,7 +68,7 @@ def test_images_stream_flags_bad_files(tmp_path):
 def test_augmentation_with_zero_strength_is_the_identity():
     import tensorflow as tf
 
-    from pneumoscan.pipeline import AUGMENT_DRAWS, augment_batch
+    from pneumoscan.augment import AUGMENT_DRAWS, augment_batch
 
     x = np.stack([decode_to_input(p, 64) for p in PATHS[:3]])
     none = AugmentConfig(rotation_degrees=0, zoom=0, translation=0, brightness=0, contrast=0)

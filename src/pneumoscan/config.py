@@ -72,9 +72,17 @@ class ThresholdRule:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training-only augmentation; factors follow Keras' preprocessing layers.
+    """Training-only augmentation (`pneumoscan.augment`); factors follow Keras' preprocessing
+    layers. The acquisition fields are off at 0.
 
-    `translation` is the largest move in each direction, as a fraction of the side.
+    Attributes:
+        translation: the largest move in each direction, a fraction of the side.
+        gamma: tone curves 255 (x/255)^g with log g uniform in ±log(1 + gamma).
+        detail: blur toward a Gaussian of the image (up to `detail` of the way) or sharpen by
+            unsharp masking (as much away from it).
+        noise: additive Gaussian noise of up to `noise` grey levels.
+        text_stamps: the share of films, of either class, that get bright burned-in text.
+        erase: the share of films that get a random rectangle filled with their mean.
     """
 
     rotation_degrees: float = 7.0
@@ -82,6 +90,11 @@ class AugmentConfig:
     translation: float = 0.08
     brightness: float = 0.1
     contrast: float = 0.1
+    gamma: float = 0.0
+    detail: float = 0.0
+    noise: float = 0.0
+    text_stamps: float = 0.0
+    erase: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from pneumoscan.augment import AUGMENT_DRAWS, augment_batch
 from pneumoscan.config import AugmentConfig
 from pneumoscan.preprocess import ImageError, load_luma, resize
 
 AUTOTUNE = tf.data.AUTOTUNE
-AUGMENT_DRAWS = 6  # uniform draws an image: rotation, zoom, 2 translations, brightness, contrast
 
 
 def _load_luma(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -127,53 +127,3 @@ def training_batches(
 
     dataset = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch)
     return dataset.prefetch(AUTOTUNE)
-
-
-def augment_batch(images: tf.Tensor, draws: tf.Tensor, augment: AugmentConfig) -> tf.Tensor:
-    """Random rotation, zoom and translation as ONE affine resampling per image (bilinear, zero fill),
-    then brightness and contrast; values stay in [0, 255]. No flips: anatomy is not symmetric.
-
-    `draws` (batch, AUGMENT_DRAWS) holds each image's uniform draws in [0, 1), so an image's
-    augmentation does not depend on the batch it is in. One fused transform costs a third of
-    three separate Keras augmentation layers.
-    """
-    shape = tf.shape(images)
-    batch, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-    columns = iter(tf.unstack(draws, num=AUGMENT_DRAWS, axis=1))
-
-    def uniform(low, high):
-        return low + next(columns) * (high - low)
-
-    angle = uniform(-1.0, 1.0) * augment.rotation_degrees * (np.pi / 180.0)
-    zoom = uniform(1.0 - augment.zoom, 1.0 + augment.zoom)
-    shift_x = uniform(-1.0, 1.0) * augment.translation * width
-    shift_y = uniform(-1.0, 1.0) * augment.translation * height
-    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
-    centre_x, centre_y = (width - 1.0) / 2.0, (height - 1.0) / 2.0
-    # Output pixel (x, y) samples input (cos*(x-cx-tx) + sin*(y-cy-ty) + cx, -sin*(...) + cos*(...) + cy).
-    from_x, from_y = centre_x + shift_x, centre_y + shift_y
-    transforms = tf.stack(
-        [
-            cos,
-            sin,
-            centre_x - cos * from_x - sin * from_y,
-            -sin,
-            cos,
-            centre_y + sin * from_x - cos * from_y,
-            tf.zeros([batch]),
-            tf.zeros([batch]),
-        ],
-        axis=1,
-    )
-    images = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images,
-        transforms=transforms,
-        output_shape=shape[1:3],
-        fill_value=0.0,
-        interpolation="BILINEAR",
-        fill_mode="CONSTANT",
-    )
-    brightness = uniform(-augment.brightness, augment.brightness)[:, None, None, None] * 255.0
-    contrast = uniform(1.0 - augment.contrast, 1.0 + augment.contrast)[:, None, None, None]
-    mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
-    return tf.clip_by_value((images - mean) * contrast + mean + brightness, 0.0, 255.0)
