@@ -78,13 +78,23 @@ def test_training_files_are_flagged(trained_run, capsys):
     assert re.search(r"warning: (\d+) of the \1 evaluated files were in the model's training split", err)
 
 
-def test_other_data_cannot_rebuild_the_val_split(trained_run, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("keep_splits_json", "sentence"),
+    [
+        (True, r"its train split differs from the one .+ \(1 file\(s\) missing or changed, e\.g\. NORMAL/"),
+        (False, r"its \w+ split differs from the one the model was trained with"),
+    ],
+)
+def test_other_data_cannot_rebuild_the_val_split(trained_run, tmp_path, capsys, keep_splits_json, sentence):
     root, run_dir = trained_run
-    other = tmp_path / "other"
+    other, model = tmp_path / "other", tmp_path / "model"
     shutil.copytree(root, other)
+    shutil.copytree(run_dir, model)
+    if not keep_splits_json:  # rebuilt by the rule in metadata.json
+        (model / "splits.json").unlink()
     next((other / "train" / "NORMAL").iterdir()).unlink()
-    assert main(["evaluate", "--model", str(run_dir), "--data", str(other), "--split", "val"]) == 2
-    assert "differs from the one the model was trained with" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(model), "--data", str(other), "--split", "val"]) == 2
+    assert re.search(sentence, capsys.readouterr().err)
 
 
 def test_report_folder(trained_run, tmp_path, capsys):

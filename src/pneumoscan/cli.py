@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pneumoscan import bundle as bundle_module
 from pneumoscan.bundle import INFERENCE_BATCH
-from pneumoscan.config import DEFAULTS, PRECISIONS, RECIPES, STRATEGIES, Config, ThresholdRule
+from pneumoscan.config import DEFAULTS, PRECISIONS, RECIPES, STRATEGIES, VAL_DESIGNS, Config, ThresholdRule
 
 # TensorFlow's C++ log: 0 shows its start-up chatter (absl's pre-init warning, CPU features) on
 # stderr before Python logging exists; 3 shows nothing (every error reaches Python as an exception,
@@ -81,6 +81,14 @@ def _add_train(commands) -> None:
     )
     parser.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction)
     parser.add_argument(
+        "--val-design",
+        choices=VAL_DESIGNS,
+        default=DEFAULTS.val_design,
+        help="acquisition: val and internal-test hold the normals whose acquisition looks most like "
+        "the pneumonia films' (selection under shift); random: patients drawn at random "
+        f"(default: {DEFAULTS.val_design})",
+    )
+    parser.add_argument(
         "--threshold-rule",
         default=str(DEFAULTS.threshold_rule),
         help="youden | sensitivity:0.95 | fixed:0.5, chosen on the val split "
@@ -110,6 +118,7 @@ def _train(args: argparse.Namespace) -> int:
             learning_rate=args.learning_rate,
             random_seed=args.seed,
             val_fraction=args.val_fraction,
+            val_design=args.val_design,
             threshold_rule=args.threshold_rule,
             strategy=args.strategy,
             precision=args.precision,

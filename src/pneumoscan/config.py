@@ -22,6 +22,7 @@ POSITIVE_CLASS = "PNEUMONIA"
 SCHEDULES = ("plateau", "cosine")
 STRATEGIES = ("default", "mirrored", "multi-worker")  # pneumoscan.strategy
 PRECISIONS = ("float32", "mixed_float16")
+VAL_DESIGNS = ("acquisition", "random")  # pneumoscan.data
 # Names a configuration once used, and what they are called now: old run folders still resume.
 RENAMED_KEYS = {"seed": "random_seed"}
 RENAMED_AUGMENT_KEYS = {"shift": "translation"}
@@ -207,6 +208,9 @@ class Config:
     plateau_factor: float = 0.5
     min_learning_rate: float = 1e-6
     threshold_rule: ThresholdRule | str = "youden"
+    # How val and internal-test are carved from train (pneumoscan.data): "acquisition" holds out
+    # the normals whose acquisition looks like the pneumonia films', "random" draws patients.
+    val_design: str = "acquisition"
     augment: AugmentConfig | None = None
     model: ModelConfig | None = None
     # Where it trains (pneumoscan.strategy): batch_size is per replica, the global batch and the
@@ -250,6 +254,10 @@ class Config:
                 f"image size must be between 32 and 1024, got {self.image_size}",
             ),
             (
+                self.val_design in VAL_DESIGNS,
+                f"validation design must be one of {', '.join(VAL_DESIGNS)}, got {self.val_design!r}",
+            ),
+            (
                 self.strategy in STRATEGIES,
                 f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}",
             ),
@@ -274,6 +282,7 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
         values = {RENAMED_KEYS.get(key, key): value for key, value in values.items()}
+        values.setdefault("val_design", "random")  # saved before the design existed: it split at random
         if values.get("augment") is not None:
             augment = {RENAMED_AUGMENT_KEYS.get(k, k): v for k, v in values["augment"].items()}
             values["augment"] = AugmentConfig(**augment)

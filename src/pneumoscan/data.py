@@ -7,6 +7,12 @@ pipeline exists, so they never reshuffle and never leak patients or duplicate fi
 `find_images` is the one rule for which files of a folder are images (also for `predict`), and
 `scan` decodes each image once: given the model's input size it keeps each image's model input
 (`Sample.image`), which training and evaluation use without decoding the file again.
+
+Two validation designs (`--val-design`): `random` fills val and internal-test with patients drawn
+in a seeded order; `acquisition` (the default) fills them, for the normals, with the films whose
+acquisition looks most like the pneumonia films' (`pneumoscan.acquisition`), the kind of normal
+a screening model calls sick when the hospital's set-up changes, so that selection, calibration
+and threshold are judged under that shift.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ import hashlib
 import os
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pneumoscan.config import CLASS_NAMES
+from pneumoscan import acquisition
+from pneumoscan.config import CLASS_NAMES, VAL_DESIGNS
 from pneumoscan.dicom import DICOM_SUFFIXES, has_dicom_preamble
 from pneumoscan.preprocess import IMAGE_SUFFIXES, ImageError, load_grayscale, resize
 
@@ -47,6 +56,8 @@ class Sample:
     sha256: str
     # The model input (S, S, 1) float32 in [0, 255], when the scan was given the input size.
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # acquisition.FEATURES of the film, when the scan was asked for them.
+    statistics: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -133,13 +144,15 @@ def list_images(split_dir: Path) -> list[tuple[Path, int]]:
     return found
 
 
-def scan(split_dir: Path, image_size: int | None = None) -> Scan:
+def scan(split_dir: Path, image_size: int | None = None, statistics: bool = False) -> Scan:
     """Read, hash and decode every image of a split folder; unreadable ones are skipped.
 
     Args:
         split_dir: a folder holding NORMAL/ and PNEUMONIA/.
         image_size: when given, each sample keeps its model input (`Sample.image`), made from
             this one decode, so nothing downstream decodes the file again.
+        statistics: each sample keeps its acquisition statistics (`Sample.statistics`), from
+            the same decode.
     """
     split_dir = Path(split_dir)
     listed = list_images(split_dir)
@@ -158,6 +171,7 @@ def scan(split_dir: Path, image_size: int | None = None) -> Scan:
             patient=patient_id(path.name) or "",
             sha256=hashlib.sha256(data).hexdigest(),
             image=None if image_size is None else resize(gray, image_size).numpy(),
+            statistics=acquisition.statistics(gray) if statistics else None,
         )
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -220,12 +234,14 @@ def split_samples(
     test_fraction: float,
     seed: int,
     carve_val: bool = True,
+    order: dict[int, Callable[[list[Sample]], Any]] | None = None,
 ) -> dict[str, list[Sample]]:
     """Stratified, patient-grouped, duplicate-safe split into train / val / internal-test.
 
     Groups (a patient's images, joined with any byte-identical file) are ordered by a seeded
-    hash of their key; within each class, whole groups fill internal-test, then val, up to
-    their share of that class's images. The result depends only on file names, bytes and seed.
+    hash of their key, or for a class in `order` by its key function; within each class, whole
+    groups fill internal-test, then val, up to their share of that class's images. With the
+    hash order the result depends only on file names, bytes and seed.
     """
     strata: dict[int, list[list[Sample]]] = defaultdict(list)
     for group in _groups(samples):
@@ -235,7 +251,8 @@ def split_samples(
     splits: dict[str, list[Sample]] = {name: [] for name in SPLIT_NAMES}
     taken: Counter = Counter()
     for label in sorted(strata):
-        groups = sorted(strata[label], key=lambda g: _group_order(g, seed))
+        key = (order or {}).get(label, lambda g: _group_order(g, seed))
+        groups = sorted(strata[label], key=key)
         total = sum(len(g) for g in groups)
         targets = [(name, round(total * share)) for name, share in shares]
         for group in groups:
@@ -247,6 +264,31 @@ def split_samples(
             else:
                 splits["train"].extend(group)
     return {name: sorted(members, key=lambda s: s.relpath) for name, members in splits.items()}
+
+
+def acquisition_split(
+    samples: list[Sample], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[Sample]]:
+    """The acquisition design: the normal patients whose films score highest on
+    `acquisition.out_of_fold_scores` (how pneumonia-like their acquisition looks, from a model
+    that did not see them) fill internal-test, the next ones val; pneumonias as `split_samples`.
+
+    Raises:
+        ValueError: a sample was scanned without its statistics.
+    """
+    if any(sample.statistics is None for sample in samples):
+        raise ValueError("the acquisition design needs samples scanned with statistics=True")
+    labels = np.array([s.label for s in samples])
+    scores = acquisition.out_of_fold_scores(
+        np.stack([s.statistics for s in samples]), labels, group_ids(samples), seed
+    )
+    by_sample = dict(zip(samples, scores, strict=True))
+
+    def most_pneumonia_like_first(group: list[Sample]) -> tuple[float, str]:
+        return -float(np.mean([by_sample[s] for s in group])), _group_order(group, seed)
+
+    order = {CLASS_NAMES.index("NORMAL"): most_pneumonia_like_first}
+    return split_samples(samples, val_fraction, test_fraction, seed, order=order)
 
 
 def _group_order(group: list[Sample], seed: int) -> str:
@@ -306,17 +348,30 @@ class DataSplits:
 
 
 def load_splits(
-    root: Path, val_fraction: float, test_fraction: float, seed: int, image_size: int | None = None
+    root: Path,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    image_size: int | None = None,
+    design: str = "random",
 ) -> DataSplits:
-    """Scan a dataset folder and build its train / val / internal-test file lists.
+    """Scan a dataset folder and build its train / val / internal-test file lists by `design`
+    (one of VAL_DESIGNS; see the module's docstring).
 
-    With `image_size`, every sample keeps its model input (see `scan`).
+    With `image_size`, every sample keeps its model input (see `scan`). The acquisition design
+    carves val from train even when the folder has a val/ of its own: a given val is not shifted.
     """
+    if design not in VAL_DESIGNS:
+        raise ValueError(f"validation design must be one of {', '.join(VAL_DESIGNS)}, got {design!r}")
     layout = find_layout(Path(root))
-    train_scan = scan(layout["train"], image_size)
+    train_scan = scan(layout["train"], image_size, statistics=design == "acquisition")
     scans = {"train": train_scan}
     given_val, notes, removed = None, [], 0
-    if "val" in layout:
+    if "val" in layout and design == "acquisition":
+        notes.append(
+            f"{layout['val']}: not used; the acquisition design carves its val split from {layout['train']}."
+        )
+    elif "val" in layout:
         val_scan = scan(layout["val"], image_size)
         scans["val"] = val_scan
         kept = not_overlapping(val_scan.samples, train_scan.samples)
@@ -333,10 +388,16 @@ def load_splits(
                 f"{layout['val']}: {len(kept)} usable image(s), under {MIN_GIVEN_VAL}; "
                 "a validation split is carved from train instead."
             )
-    splits = split_samples(train_scan.samples, val_fraction, test_fraction, seed, carve_val=given_val is None)
+    if design == "acquisition":
+        splits = acquisition_split(train_scan.samples, val_fraction, test_fraction, seed)
+    else:
+        splits = split_samples(
+            train_scan.samples, val_fraction, test_fraction, seed, carve_val=given_val is None
+        )
     if given_val is not None:
         splits["val"] = given_val
     rule = {
+        "design": design,
         "method": "stratified, patient-grouped, byte-identical files kept together",
         "patient_id_regex": PATIENT_ID.pattern,
         "seed": seed,
@@ -349,8 +410,16 @@ def load_splits(
             if name != "test"
         },
     }
-    if "val" in layout:
+    if "val" in layout and design == "random":
         rule["val_overlap_removed"] = removed
+    if design == "acquisition":
+        rule["acquisition"] = {
+            "normals": "highest out-of-fold acquisition score first: internal-test, then val",
+            "features": list(acquisition.FEATURES),
+            "side": acquisition.SIDE,
+            "folds": acquisition.FOLDS,
+            "model": "class-balanced L2 logistic regression on standardised features, C=1",
+        }
     return DataSplits(Path(root), splits, rule, scans, notes)
 
 
@@ -371,16 +440,30 @@ def not_overlapping(samples: list[Sample], others: list[Sample]) -> list[Sample]
 
 
 def rebuild_splits(
-    root: Path, rule: dict, digests: dict[str, str] | None = None, image_size: int | None = None
+    root: Path,
+    rule: dict,
+    digests: dict[str, str] | None = None,
+    image_size: int | None = None,
+    file_lists: dict | None = None,
 ) -> DataSplits:
-    """The splits a model was trained with, rebuilt from `root` by its recorded rule.
+    """The splits a model was trained with, rebuilt from `root`: from its file lists
+    (`splits.json`) when given, else by its recorded rule.
 
     Raises:
-        DataError: a rebuilt split's digest differs from the recorded one (other data).
+        DataError: a rebuilt split's digest differs from the recorded one (other data), or a
+            listed file is missing.
     """
-    splits = load_splits(
-        Path(root), rule["val_fraction"], rule["internal_test_fraction"], rule["seed"], image_size
-    )
+    if file_lists is not None:
+        splits = _from_file_lists(Path(root), rule, file_lists, image_size)
+    else:
+        splits = load_splits(
+            Path(root),
+            rule["val_fraction"],
+            rule["internal_test_fraction"],
+            rule["seed"],
+            image_size,
+            rule.get("design", "random"),  # runs before the key existed split at random
+        )
     for name, expected in (digests or {}).items():
         if name in splits.splits and split_digest(splits.splits[name]) != expected:
             raise DataError(
@@ -388,3 +471,26 @@ def rebuild_splits(
                 "with (other files, or other bytes); cannot rebuild it exactly."
             )
     return splits
+
+
+def _from_file_lists(root: Path, rule: dict, file_lists: dict, image_size: int | None) -> DataSplits:
+    layout = find_layout(root)
+    from_val = rule.get("val_source") == "given val/ folder"
+    scans = {"train": scan(layout["train"], image_size)}
+    if from_val and "val" in layout:
+        scans["val"] = scan(layout["val"], image_size)
+    splits = {}
+    for name, files in file_lists["splits"].items():
+        folder = "val" if name == "val" and from_val else "train"
+        if folder not in scans:
+            raise DataError(f"{root}: has no {folder}/ folder, which the {name} split was drawn from.")
+        length = len(files[0][1]) if files else SHORT_HASH
+        found = {(s.relpath, s.sha256[:length]): s for s in scans[folder].samples}
+        missing = [relpath for relpath, short in files if (relpath, short) not in found]
+        if missing:
+            raise DataError(
+                f"{root}: its {name} split differs from the one the model was trained with "
+                f"({len(missing)} file(s) missing or changed, e.g. {missing[0]}); cannot rebuild it exactly."
+            )
+        splits[name] = [found[relpath, short] for relpath, short in files]
+    return DataSplits(root, splits, rule, scans)

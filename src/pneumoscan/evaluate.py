@@ -43,11 +43,13 @@ class Evaluation:
 
 
 def select_samples(
-    meta: dict, data_dir: Path, split: str, image_size: int | None = None
+    meta: dict, data_dir: Path, split: str, image_size: int | None = None, file_lists: dict | None = None
 ) -> tuple[list[Sample], str, list[str]]:
     """The images to evaluate, a name for them, and notes (unreadable files skipped, ...).
 
-    With `image_size`, each sample carries its model input from the scan's one decode.
+    With `image_size`, each sample carries its model input from the scan's one decode. A split
+    of the model's own (val, internal-test, train) is rebuilt from its `file_lists` (the model
+    folder's splits.json) when given, else by the rule in its metadata.
 
     Raises:
         DataError: the folder or the requested split does not exist (exit 2).
@@ -68,7 +70,7 @@ def select_samples(
         found = scan(layout["test"], image_size)
         return found.samples, "test", _scan_notes(found)
     digests = {name: info["digest"] for name, info in meta["data"]["splits"].items()}
-    rebuilt = rebuild_splits(data_dir, meta["data"]["rule"], digests, image_size)
+    rebuilt = rebuild_splits(data_dir, meta["data"]["rule"], digests, image_size, file_lists)
     notes = [n for s in rebuilt.scans.values() for n in _scan_notes(s)]
     return rebuilt.splits[split], split, notes
 
@@ -79,15 +81,21 @@ def _scan_notes(found) -> list[str]:
     return [f"skipped {len(found.unreadable)} unreadable file(s): {'; '.join(found.unreadable[:3])}"]
 
 
+def read_file_lists(model_dir: Path) -> dict | None:
+    """The model folder's splits.json, or None when it has none."""
+    path = Path(model_dir) / "splits.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def split_overlap(model_dir: Path, samples: list[Sample]) -> dict[str, int]:
     """Per split of the model (`splits.json`), how many of `samples` have the bytes of one of its
     files; empty when the model folder has no splits.json. Bytes, not patient ids: ids are not
     comparable across datasets."""
-    path = Path(model_dir) / "splits.json"
-    if not path.is_file():
+    file_lists = read_file_lists(model_dir)
+    if file_lists is None:
         return {}
     overlap = {}
-    for name, files in json.loads(path.read_text())["splits"].items():
+    for name, files in file_lists["splits"].items():
         hashes = {short for _, short in files}
         length = len(next(iter(hashes), ""))
         overlap[name] = sum(s.sha256[:length] in hashes for s in samples)
@@ -134,7 +142,9 @@ def evaluate(
     n_resamples: int = 1000,
 ) -> Evaluation:
     bundle = Bundle.load(model)
-    samples, name, notes = select_samples(bundle.metadata, data_dir, split, bundle.image_size)
+    samples, name, notes = select_samples(
+        bundle.metadata, data_dir, split, bundle.image_size, read_file_lists(bundle.folder)
+    )
     notes += _warnings(bundle.metadata, split, split_overlap(bundle.folder, samples), len(samples))
     labels, raw = split_outputs(bundle, samples, batch_size)
     probabilities = bundle.calibrated(raw)
@@ -193,7 +203,9 @@ def rechoose_threshold(
         The new metadata.
     """
     bundle = Bundle.load(model_dir)
-    samples, _, _ = select_samples(bundle.metadata, data_dir, "val", bundle.image_size)
+    samples, _, _ = select_samples(
+        bundle.metadata, data_dir, "val", bundle.image_size, read_file_lists(bundle.folder)
+    )
     labels, raw = split_outputs(bundle, samples, batch_size)
     meta = metadata_io.with_operating_point(bundle.metadata, fit_operating_point(labels, raw, rule))
     metadata_io.write(bundle.folder, meta)

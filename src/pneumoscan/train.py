@@ -303,6 +303,7 @@ def train(
         config.internal_test_fraction,
         config.random_seed,
         config.image_size,
+        config.val_design,
     )
     for scan in splits.scans.values():
         log(scan.report())
