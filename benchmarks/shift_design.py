@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict] = {
     "acquisition-aug": {
         "augment": {"gamma": 0.3, "detail": 0.7, "noise": 4.0, "text_stamps": 0.3, "erase": 0.25}
     },
+    "reweight": {"acquisition_reweight": 1.0},
     "acquisition-aug-strong": {
         "augment": {"gamma": 0.5, "detail": 1.0, "noise": 8.0, "text_stamps": 0.5, "erase": 0.5}
     },

@@ -89,6 +89,29 @@ def test_out_of_fold_scores_never_score_a_group_with_its_own_model():
     assert scores[y == 1].mean() > scores[y == 0].mean() + 0.3
 
 
+def test_balancing_weights_stop_acquisition_from_predicting_the_label():
+    rng = np.random.default_rng(2)
+    y = (rng.random(400) < 0.7).astype(int)
+    x = rng.normal(size=(400, 3))
+    x[:, 0] += 1.5 * y  # an acquisition statistic that follows the label
+    groups = list(range(400))
+    assert np.all(acquisition.balancing_weights(x, y, groups, 0, 0.0) == 1)
+    weights = acquisition.balancing_weights(x, y, groups, 0, 1.0)
+    for label in (0, 1):
+        assert weights[y == label].mean() == pytest.approx(1.0)
+    assert weights.max() <= acquisition.MAX_WEIGHT * 4  # clipped, then scaled within its class
+
+    def gap(w):
+        means = [np.average(x[y == label, 0], weights=w[y == label]) for label in (0, 1)]
+        return means[1] - means[0]
+
+    assert gap(weights) < 0.5 * gap(np.ones(400))
+    # the normals that look most like pneumonias weigh most
+    normals = np.flatnonzero(y == 0)
+    top = normals[np.argsort(x[normals, 0])[-20:]]
+    assert weights[top].mean() > 2 * np.median(weights[normals])
+
+
 def _disguised_dataset(root, disguised=("IM-0003", "IM-0011", "IM-0017", "IM-0020")):
     """20 NORMAL and 20 PNEUMONIA patients, 2 films each; the normals in `disguised` get films
     with a pneumonia's brightness pattern (as an acquisition that looks like the sick ones')."""

@@ -50,6 +50,19 @@ def test_training_batches_are_augmented_shuffled_and_in_range():
     assert max(matched) > 0.5, "training images should differ from the plain ones"
 
 
+def test_training_batches_carry_each_images_weight_with_it():
+    x = np.arange(6, dtype=np.float32)[:, None, None, None] * np.ones((6, 8, 8, 1), np.float32)
+    weights = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    dataset = training_batches(x, [0, 1, 0, 1, 0, 1], batch_size=4, seed=3, epochs=range(2), weights=weights)
+    seen = 0
+    for batch, labels, batch_weights in dataset.as_numpy_iterator():
+        index = batch[:, 0, 0, 0].astype(int)  # each image is its index, unaugmented
+        np.testing.assert_array_equal(batch_weights, np.array(weights, np.float32)[index])
+        np.testing.assert_array_equal(labels, index % 2)
+        seen += len(index)
+    assert seen == 12
+
+
 def test_images_stream_flags_bad_files(tmp_path):
     bad = tmp_path / "bad.jpeg"
     bad.write_bytes(b"not an image")

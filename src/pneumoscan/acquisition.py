@@ -109,3 +109,26 @@ def out_of_fold_scores(x: np.ndarray, y: np.ndarray, groups: list[int], seed: in
         held = fold == k
         scores[held] = score(x[held], fit_logistic(x[~held], y[~held]))
     return scores
+
+
+MAX_WEIGHT = 10.0  # the largest balancing weight, before scaling: a few films must not dominate
+
+
+def balancing_weights(
+    x: np.ndarray, y: np.ndarray, groups: list[int], seed: int, strength: float
+) -> np.ndarray:
+    """Per film, (1 / P(its label | its acquisition)) ** `strength`, P from `out_of_fold_scores`,
+    clipped at MAX_WEIGHT and scaled to mean 1 within each class. At strength 1 (inverse
+    propensity) the acquisition statistics no longer predict the label in the weighted data: a
+    normal film that looks acquired like the pneumonias counts more, and so does a pneumonia that
+    looks like the normals. Strength 0 gives ones."""
+    if strength == 0:
+        return np.ones(len(y))
+    p = out_of_fold_scores(x, y, groups, seed)
+    own_label = np.where(y == 1, p, 1.0 - p)
+    weights = np.minimum(np.maximum(own_label, 1e-12) ** -strength, MAX_WEIGHT)
+    for label in (0, 1):
+        members = y == label
+        if members.any():
+            weights[members] /= weights[members].mean()
+    return weights

@@ -89,6 +89,13 @@ def _add_train(commands) -> None:
         f"(default: {DEFAULTS.val_design})",
     )
     parser.add_argument(
+        "--acquisition-reweight",
+        type=float,
+        default=DEFAULTS.acquisition_reweight,
+        help="weight training films by (1 / P(label | acquisition statistics)) ** F, so that how a "
+        f"film was acquired stops predicting its label; 0 is off (default: {DEFAULTS.acquisition_reweight})",
+    )
+    parser.add_argument(
         "--threshold-rule",
         default=str(DEFAULTS.threshold_rule),
         help="youden | sensitivity:0.95 | fixed:0.5, chosen on the val split "
@@ -119,6 +126,7 @@ def _train(args: argparse.Namespace) -> int:
             random_seed=args.seed,
             val_fraction=args.val_fraction,
             val_design=args.val_design,
+            acquisition_reweight=args.acquisition_reweight,
             threshold_rule=args.threshold_rule,
             strategy=args.strategy,
             precision=args.precision,

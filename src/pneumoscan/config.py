@@ -211,6 +211,9 @@ class Config:
     # How val and internal-test are carved from train (pneumoscan.data): "acquisition" holds out
     # the normals whose acquisition looks like the pneumonia films', "random" draws patients.
     val_design: str = "acquisition"
+    # Weights training films by (1 / P(label | acquisition)) ** this, so that acquisition stops
+    # predicting the label (acquisition.balancing_weights); 0 leaves every film at weight 1.
+    acquisition_reweight: float = 0.0
     augment: AugmentConfig | None = None
     model: ModelConfig | None = None
     # Where it trains (pneumoscan.strategy): batch_size is per replica, the global batch and the
@@ -252,6 +255,10 @@ class Config:
             (
                 self.image_size is None or 32 <= self.image_size <= 1024,
                 f"image size must be between 32 and 1024, got {self.image_size}",
+            ),
+            (
+                0.0 <= self.acquisition_reweight <= 2.0,
+                f"acquisition reweight must be in [0, 2], got {self.acquisition_reweight}",
             ),
             (
                 self.val_design in VAL_DESIGNS,

@@ -354,17 +354,20 @@ def load_splits(
     seed: int,
     image_size: int | None = None,
     design: str = "random",
+    statistics: bool = False,
 ) -> DataSplits:
     """Scan a dataset folder and build its train / val / internal-test file lists by `design`
     (one of VAL_DESIGNS; see the module's docstring).
 
-    With `image_size`, every sample keeps its model input (see `scan`). The acquisition design
-    carves val from train even when the folder has a val/ of its own: a given val is not shifted.
+    With `image_size`, every sample keeps its model input (see `scan`); with `statistics` (and
+    always under the acquisition design), every sample of train/ keeps its acquisition
+    statistics. The acquisition design carves val from train even when the folder has a val/ of
+    its own: a given val is not shifted.
     """
     if design not in VAL_DESIGNS:
         raise ValueError(f"validation design must be one of {', '.join(VAL_DESIGNS)}, got {design!r}")
     layout = find_layout(Path(root))
-    train_scan = scan(layout["train"], image_size, statistics=design == "acquisition")
+    train_scan = scan(layout["train"], image_size, statistics=statistics or design == "acquisition")
     scans = {"train": train_scan}
     given_val, notes, removed = None, [], 0
     if "val" in layout and design == "acquisition":

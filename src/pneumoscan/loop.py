@@ -117,13 +117,15 @@ class _Step:
     def _train(self, batch) -> None:
         model, metrics = self.model, self.metrics
 
-        def replica(images, labels):
+        def replica(images, labels, image_weights=None):
             count = tf.cast(tf.shape(labels)[0], tf.float32)
             total = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, count)
             with tf.GradientTape() as tape:
                 predictions = model(images, training=True)  # (batch, 1)
                 per_image = self.loss(labels[:, None], predictions)  # (batch,)
                 weights = tf.gather(self.class_weight, tf.cast(labels, tf.int32))
+                if image_weights is not None:
+                    weights = weights * image_weights
                 loss = tf.reduce_sum(per_image * weights) / total  # this replica's part of the mean
                 scaled = model.optimizer.scale_loss(loss)  # mixed precision's loss scale, else x1
             gradients = tape.gradient(scaled, model.trainable_variables)
@@ -141,7 +143,7 @@ class _Step:
     def _evaluate(self, batch) -> None:
         model, metrics = self.model, self.metrics
 
-        def replica(images, labels):
+        def replica(images, labels, image_weights=None):
             predictions = model(images, training=False)
             metrics["val_accuracy"].update_state(labels[:, None], predictions)
             metrics["val_auc"].update_state(labels[:, None], predictions)

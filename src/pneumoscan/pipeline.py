@@ -94,8 +94,10 @@ def training_batches(
     augment: AugmentConfig | None = None,
     replicas: tuple[int, int, int] = (0, 1, 1),
     drop_remainder: bool = False,
+    weights: Sequence[float] | None = None,
 ) -> tf.data.Dataset:
-    """Training batches of (images, labels), epoch after epoch over `epochs` (0-based, e.g.
+    """Training batches of (images, labels), or (images, labels, weights) with per-image loss
+    `weights`, epoch after epoch over `epochs` (0-based, e.g.
     `range(3, 30)` to resume after the third), shuffled and augmented.
 
     Each epoch's order and each image's augmentation are drawn by stateless random ops from
@@ -108,6 +110,7 @@ def training_batches(
     """
     images = tf.constant(inputs)  # (n, S, S, 1)
     targets = tf.constant(np.asarray(labels, np.float32))
+    per_image = None if weights is None else tf.constant(np.asarray(weights, np.float32))
     count = len(inputs)
 
     def epoch(number: tf.Tensor) -> tf.data.Dataset:
@@ -121,7 +124,9 @@ def training_batches(
             x = tf.gather(images, members)
             if augment is not None:
                 x = augment_batch(x, tf.gather(draws, members), augment)
-            return x, tf.gather(targets, members)
+            if per_image is None:
+                return x, tf.gather(targets, members)
+            return x, tf.gather(targets, members), tf.gather(per_image, members)
 
         return _shares(steps, replicas).map(batch, num_parallel_calls=AUTOTUNE, deterministic=True)
 

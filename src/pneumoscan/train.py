@@ -26,12 +26,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pneumoscan import loop, pipeline
+from pneumoscan import acquisition, loop, pipeline
 from pneumoscan import metadata as metadata_io
 from pneumoscan.bundle import Bundle
 from pneumoscan.calibrate import describe_calibration, fit_operating_point
 from pneumoscan.config import Config
-from pneumoscan.data import DataSplits, inputs, load_splits
+from pneumoscan.data import DataSplits, group_ids, inputs, load_splits
 from pneumoscan.io import (
     recover_dir,
     replace_dir_atomic,
@@ -304,6 +304,7 @@ def train(
         config.random_seed,
         config.image_size,
         config.val_design,
+        statistics=config.acquisition_reweight > 0,
     )
     for scan in splits.scans.values():
         log(scan.report())
@@ -427,6 +428,15 @@ def _fit(
     train, val = splits.splits["train"], splits.splits["val"]
     train_images, train_labels = inputs(train), np.array([s.label for s in train])
     val_images, val_labels = inputs(val), [s.label for s in val]
+    weights = None
+    if config.acquisition_reweight > 0:
+        weights = acquisition.balancing_weights(
+            np.stack([s.statistics for s in train]),
+            train_labels,
+            group_ids(train),
+            config.random_seed,
+            config.acquisition_reweight,
+        )
     replicas = engine.replicas
     global_batch = config.batch_size * replicas
     # With several replicas the last, short batch is dropped: a replica must not get none.
@@ -445,6 +455,7 @@ def _fit(
             augment=config.augment,
             replicas=_replicas_of(context, replicas),
             drop_remainder=drop_remainder,
+            weights=weights,
         )
 
     def val_batches(context: tf.distribute.InputContext) -> tf.data.Dataset:
