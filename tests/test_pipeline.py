@@ -63,6 +63,13 @@ def test_training_batches_carry_each_images_weight_with_it():
     assert seen == 12
 
 
+def test_every_acquisition_augmentation_runs_inside_the_pipeline():
+    every = AugmentConfig(gamma=0.3, detail=0.7, noise=4.0, text_stamps=0.5, erase=0.5)
+    dataset = training_batches(_inputs(64), LABELS, batch_size=6, seed=1, epochs=range(1), augment=every)
+    ((x, _),) = _batches(dataset)  # traced as a graph by tf.data, as in training
+    assert x.shape == (6, 64, 64, 1) and x.min() >= 0 and x.max() <= 255
+
+
 def test_images_stream_flags_bad_files(tmp_path):
     bad = tmp_path / "bad.jpeg"
     bad.write_bytes(b"not an image")

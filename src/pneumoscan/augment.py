@@ -40,7 +40,9 @@ ERASE_SIDES = (0.1, 0.3)  # an erased rectangle's sides, fractions of the image'
 def augment_batch(images: tf.Tensor, draws: tf.Tensor, augment: AugmentConfig) -> tf.Tensor:
     """(batch, S, S, 1) float32 in [0, 255] and (batch, AUGMENT_DRAWS) draws -> augmented."""
     draw = dict(zip(DRAWS, tf.unstack(draws, num=AUGMENT_DRAWS, axis=1), strict=True))
+    static = images.shape  # the resampling op forgets it; the steps below need the side
     images = _geometry(images, draw, augment)
+    images.set_shape(static)
     images = _intensity(images, draw, augment)
     if augment.gamma > 0:
         log_range = np.log1p(augment.gamma)
