@@ -79,6 +79,47 @@ def tfjs_predict(model_dir: Path, images: np.ndarray, workdir: Path) -> np.ndarr
     return np.asarray(reply["outputs"], dtype=np.float64)
 
 
+UNITS_JS = REPO / "tests" / "js" / "units.mjs"
+
+
+class PageUnits:
+    """One Node process running single functions of the page's modules (tests/js/units.mjs):
+    `call(name, **arguments)` sends one JSON line and returns the answer's."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [NODE, str(UNITS_JS)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            text=True,
+        )
+
+    def call(self, name: str, **arguments) -> dict:
+        import select
+
+        self.process.stdin.write(json.dumps({"call": name, **arguments}) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], NODE_TIMEOUT_S)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            self.process.kill()
+            pytest.fail(f"units.mjs gave no answer to {name}: {self.process.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=NODE_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def page_units(node_and_tfjs):
+    units = PageUnits()
+    yield units
+    units.close()
+
+
 def synthetic_xray(seed: int, label: int, size: tuple[int, int] = (72, 64)) -> np.ndarray:
     """A uint8 grayscale image whose brightness pattern depends on the label (learnable)."""
     rng = np.random.default_rng(seed)
