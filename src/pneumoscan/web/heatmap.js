@@ -34,7 +34,7 @@ const INFERNO_HEX =
   'fcac11fcae12fcb014fcb216fcb418fbb61afbb81dfbba1ffbbc21fbbe23fac026fac228fac42afac62df9c72ff9c932' +
   'f9cb35f8cd37f8cf3af7d13df7d340f6d543f6d746f5d949f5db4cf4dd4ff4df53f4e156f3e35af3e55df2e661f2e865' +
   'f2ea69f1ec6df1ed71f1ef75f1f179f2f27df2f482f3f586f3f68af4f88ef5f992f6fa96f8fb9af9fc9dfafda1fcffa4';
-const INFERNO = Array.from({ length: 256 }, (_, i) => [0, 2, 4].map((k) => parseInt(INFERNO_HEX.substr(6 * i + k, 2), 16)));
+const INFERNO = Uint8Array.from({ length: 3 * 256 }, (_, k) => parseInt(INFERNO_HEX.substr(2 * k, 2), 16)); // RGB RGB ...
 
 /**
  * `[x, y]` in [0, 1]: the centre of mass of the cells where the map less its minimum is at
@@ -215,27 +215,45 @@ export function heatmapRgba(grid, gridHeight, gridWidth, width, height) {
   }
   const rgba = new Uint8ClampedArray(width * height * 4);
   if (!(high > low)) return rgba;
-  const spread = high - low;
-  const along = (size, cells) => Array.from({ length: size }, (_, o) => {
-    const u = Math.min(Math.max(((o + 0.5) / size) * cells - 0.5, 0), cells - 1);
-    const i = Math.min(Math.floor(u), cells - 2 < 0 ? 0 : cells - 2);
-    return [i, Math.min(i + 1, cells - 1), u - i];
-  });
-  const columns = along(width, gridWidth);
-  const rows = along(height, gridHeight);
+  // Each grid row stretched across the width first (gridHeight x width values in [0, 1]),
+  // then each output row between the two stretched rows around it.
+  const columns = stretch(width, gridWidth);
+  const rows = stretch(height, gridHeight);
+  const across = new Float64Array(gridHeight * width);
+  for (let i = 0; i < gridHeight; i += 1) {
+    for (let x = 0; x < width; x += 1) {
+      const a = grid[i * gridWidth + columns.from[x]];
+      const b = grid[i * gridWidth + columns.to[x]];
+      across[i * width + x] = (a + columns.t[x] * (b - a) - low) / (high - low);
+    }
+  }
   for (let y = 0, o = 0; y < height; y += 1) {
-    const [i0, i1, ty] = rows[y];
+    const top = rows.from[y] * width;
+    const bottom = rows.to[y] * width;
+    const t = rows.t[y];
     for (let x = 0; x < width; x += 1, o += 4) {
-      const [j0, j1, tx] = columns[x];
-      const top = grid[i0 * gridWidth + j0] + tx * (grid[i0 * gridWidth + j1] - grid[i0 * gridWidth + j0]);
-      const bottom = grid[i1 * gridWidth + j0] + tx * (grid[i1 * gridWidth + j1] - grid[i1 * gridWidth + j0]);
-      const v = (top + ty * (bottom - top) - low) / spread;
-      const colour = INFERNO[Math.round(v * 255)];
-      rgba[o] = colour[0]; rgba[o + 1] = colour[1]; rgba[o + 2] = colour[2];
+      const v = across[top + x] + t * (across[bottom + x] - across[top + x]);
+      const colour = 3 * Math.round(v * 255);
+      rgba[o] = INFERNO[colour]; rgba[o + 1] = INFERNO[colour + 1]; rgba[o + 2] = INFERNO[colour + 2];
       rgba[o + 3] = Math.round(255 * ALPHA * v);
     }
   }
   return rgba;
+}
+
+/** Bilinear sampling of `cells` cells over `size` pixels, half-pixel centres, edges held: for
+ * each pixel, the two cells around it and the weight of the second. */
+function stretch(size, cells) {
+  const from = new Int32Array(size);
+  const to = new Int32Array(size);
+  const t = new Float64Array(size);
+  for (let o = 0; o < size; o += 1) {
+    const u = Math.min(Math.max(((o + 0.5) / size) * cells - 0.5, 0), cells - 1);
+    from[o] = Math.min(Math.floor(u), Math.max(cells - 2, 0));
+    to[o] = Math.min(from[o] + 1, cells - 1);
+    t[o] = u - from[o];
+  }
+  return { from, to, t };
 }
 
 /** Draw the map over what `context` holds (its canvas's full size), alpha-blended. */
