@@ -688,7 +688,9 @@ def test_bundled_heatmaps_match_explain_and_show_on_request(browser, bundled_ser
     assert page.evaluate("document.body.dataset.backend") == "wasm"
     assert page.inner_text("#heatmap-method") == "class activation map of stage3_out"
     page.evaluate(WATCH_PROBABILITY)
+    tensors = page.evaluate("tf.memory().numTensors")
     cards = _classify(page, samples)
+    assert page.evaluate("tf.memory().numTensors") == tensors  # the map's tensors are freed
     assert _peak_disagreements(cards, explained) == []
     for name, record in explained.items():  # the map comes from the same pass as the probability
         assert abs(float(cards[name]["probability"]) - record["probability"]) <= FLOAT32_TOLERANCE, name
@@ -732,6 +734,29 @@ def test_bundled_heatmaps_match_explain_and_show_on_request(browser, bundled_ser
     page.keyboard.press("Escape")
     assert page.errors == []
     page.close()
+
+
+@pytest.mark.parametrize("model", ["bundled", "test model"])
+def test_a_bundle_without_a_heatmap_block_derives_it(browser, workspace, tmp_path, model):
+    """A bundle written before the `heatmap` block: the page finds the same map in the model
+    (exact CAM for pneumonet, Grad-CAM on the last feature map for the paper's CNN)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundled_dir() if model == "bundled" else workspace["bundle"], bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    del meta["heatmap"]
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    sample = SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg"
+    explained = _explain(bundle, [sample], tmp_path / "explain")
+    server = _serve(bundle)
+    try:
+        page = _open(browser, f"{server.url}?backend=cpu")
+        expected = "class activation map of stage3_out" if model == "bundled" else "Grad-CAM of pool4"
+        assert page.inner_text("#heatmap-method") == expected
+        assert _peak_disagreements(_classify(page, [sample]), explained) == []
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_map_the_page_cannot_differentiate_is_said_not_drawn(browser, workspace, tmp_path):
