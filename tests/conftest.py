@@ -24,7 +24,10 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "chest_xray"
 
 PREDICT_JS = REPO / "tests" / "js" / "predict.mjs"
 NODE = shutil.which("node")
-HAVE_TFJS = (REPO / "node_modules" / "@tensorflow" / "tfjs" / "package.json").is_file()
+HAVE_TFJS = all(
+    (REPO / "node_modules" / package / "package.json").is_file()
+    for package in ("@tensorflow/tfjs", "dicom-parser")
+)
 # `make test` installs Node's packages and Chromium, then sets this: there, a test that needs
 # them and finds them missing fails with one sentence instead of being skipped.
 REQUIRE_BROWSER = "PNEUMOSCAN_REQUIRE_BROWSER"
@@ -47,7 +50,7 @@ def node_and_tfjs() -> None:
     require_or_skip(
         None
         if NODE is not None and HAVE_TFJS
-        else "needs `node` and node_modules/@tensorflow/tfjs (run `npm ci` in the repo root)"
+        else "needs `node` and node_modules/@tensorflow/tfjs and dicom-parser (run `npm ci` in the repo root)"
     )
 
 

@@ -67,7 +67,10 @@ def _missing() -> str | None:
         )
         return f"the browser tests need Chromium ({where}): install Debian's `chromium` or set $CHROMIUM"
     if not HAVE_TFJS:
-        return f"the browser tests need the TF.js npm packages in {node_modules_dir()}: run `npm ci`"
+        return (
+            f"the browser tests need the page's npm packages (TF.js, dicom-parser) in {node_modules_dir()}: "
+            "run `npm ci`"
+        )
     if importlib.util.find_spec("playwright") is None:
         return "the browser tests need the playwright Python package: pip install -r requirements.lock"
     return None
