@@ -299,12 +299,13 @@ def write_dicom(
 ) -> Path:
     """`gray` (H, W) uint8 as a DICOM file that windows back to `gray`: stored with `bits`
     (scaled to that depth; with `window`, to a part of it that a VOI window maps back to 0..255),
-    inverted for MONOCHROME1, in `syntax` (explicit-little, explicit-big, rle, jpeg-baseline),
-    plus any header attributes."""
+    inverted for MONOCHROME1, in `syntax` (explicit-little, explicit-big, rle, jpeg-baseline,
+    deflated), plus any header attributes."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import (
+        DeflatedExplicitVRLittleEndian,
         ExplicitVRBigEndian,
         ExplicitVRLittleEndian,
         JPEGBaseline8Bit,
@@ -349,6 +350,8 @@ def write_dicom(
         meta.TransferSyntaxUID = JPEGBaseline8Bit
         ds.PixelData = encapsulate([buffer.getvalue()])
         ds["PixelData"].is_undefined_length = True
+    elif syntax == "deflated":
+        meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     if syntax == "explicit-big":
         meta.TransferSyntaxUID = ExplicitVRBigEndian
         ds.PixelData = stored.astype(stored.dtype.newbyteorder(">")).tobytes()

@@ -406,6 +406,15 @@ def _refusals() -> list[tuple[str, object, str | None]]:
     )
     cases.append(
         (
+            "deflated",  # Python reads it: the page points there
+            lambda p: write_dicom(p, DICOM_SOURCE, syntax="deflated"),
+            "its pixel data is Deflated Explicit VR Little Endian (1.2.840.10008.1.2.1.99), which this "
+            "page cannot decode; try `pneumoscan predict`, which also reads JPEG extended, JPEG 2000 "
+            "and deflated files.",
+        )
+    )
+    cases.append(
+        (
             "a bare data set: no preamble, no file meta group",
             lambda p: _recode(write_dicom(p, DICOM_SOURCE), raw=True),
             "is not a readable DICOM file (it has no file meta information to give its transfer syntax).",

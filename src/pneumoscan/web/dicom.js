@@ -109,7 +109,7 @@ export async function decodeDicom(bytes, name, plan, { checkSize, decodeJpeg }) 
   if (plan.dicom === null) {
     throw new ImageError(`${name}: is a DICOM file, and this model's metadata.json does not list DICOM among its formats.`);
   }
-  const { ds, bare } = parse(bytes, name);
+  const { ds, bare } = parse(bytes, name, plan.dicom.syntaxes);
   if (!hasPreamble(bytes) && !ds.elements[TAG.sopClass] && !ds.elements[TAG.pixelData]) {
     throw new ImageError(`${name}: is not a readable DICOM file (no DICOM preamble, no known attributes).`);
   }
@@ -132,9 +132,7 @@ export async function decodeDicom(bytes, name, plan, { checkSize, decodeJpeg }) 
   checkSize(name, layout.columns, layout.rows, plan);
   const warnings = headerWarnings(ds);
   if (syntax === JPEG_BASELINE) {
-    const frame = globalThis.dicomParser.readEncapsulatedPixelDataFromFragments(
-      ds, pixelData, 0, pixelData.fragments.length);
-    const image = await decodeJpeg(frame, name, plan);
+    const image = await decodeJpeg(encapsulatedFrame(ds, pixelData, name), name, plan);
     if (image.width !== layout.columns || image.height !== layout.rows) {
       throw new ImageError(`${name}: its JPEG frame is ${image.width}x${image.height} pixels, the header says ` +
         `${layout.columns}x${layout.rows}.`);
@@ -147,8 +145,12 @@ export async function decodeDicom(bytes, name, plan, { checkSize, decodeJpeg }) 
   return { rgba, width: layout.columns, height: layout.rows, warnings };
 }
 
-/** The data set, and whether it came without a file meta group (so without a transfer syntax). */
-function parse(bytes, name) {
+/**
+ * The data set, and whether it came without a file meta group (so without a transfer syntax).
+ * A data set the parser cannot read in a syntax this page does not decode (deflated: the
+ * browser build has no inflater) is refused by its syntax, named from the file meta group.
+ */
+function parse(bytes, name, syntaxes) {
   // A file named .dcm without the preamble is read as pydicom's `force` reads it: from its file
   // meta group if it starts with one, else as a bare data set (implicit VR little endian).
   let data = bytes;
@@ -171,7 +173,29 @@ function parse(bytes, name) {
   } catch (error) {
     // dicom-parser throws strings, Errors and {exception, dataSet}; none of it is shown (it
     // could hold header values), only that the file could not be parsed.
+    const syntax = bare ? null : metaSyntax(data);
+    if (syntax && !(syntax in syntaxes)) throw new ImageError(unreadableSyntax(name, syntax));
     throw new ImageError(`${name}: is not a readable DICOM file (its header could not be parsed).`);
+  }
+}
+
+function metaSyntax(data) {
+  try {
+    return globalThis.dicomParser.readPart10Header(data).string(TAG.transferSyntax) || null;
+  } catch (error) {
+    return null;
+  }
+}
+
+/** The one frame of encapsulated pixel data (JPEG, RLE): its fragments joined. */
+function encapsulatedFrame(ds, element, name) {
+  if (!element.encapsulatedPixelData) {
+    throw new ImageError(`${name}: its pixel data is not encapsulated, as its transfer syntax says it is.`);
+  }
+  try {
+    return globalThis.dicomParser.readEncapsulatedPixelDataFromFragments(ds, element, 0, element.fragments.length);
+  } catch (error) {
+    throw new ImageError(`${name}: its pixel data is corrupt (its fragments cannot be read).`);
   }
 }
 
@@ -207,8 +231,7 @@ function nativeBytes(ds, element, syntax, layout, name) {
   const bytesPerSample = layout.bitsAllocated / 8;
   const length = layout.rows * layout.columns * layout.samples * bytesPerSample;
   if (syntax === RLE) {
-    const frame = globalThis.dicomParser.readEncapsulatedPixelDataFromFragments(
-      ds, element, 0, element.fragments.length);
+    const frame = encapsulatedFrame(ds, element, name);
     try {
       return decodeRle(frame, layout.rows * layout.columns, layout.samples, bytesPerSample);
     } catch (error) {
