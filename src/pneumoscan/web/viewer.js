@@ -62,6 +62,7 @@ export function showImage(card, view) {
     toggle.disabled = true;
     toggle.title = view.unavailable;
   }
+  toggle.setAttribute('aria-label', `Heatmap of ${view.name}`); // the visible word, then which card
   toggle.addEventListener('click', () => {
     heat.hidden = !heat.hidden;
     toggle.setAttribute('aria-pressed', String(!heat.hidden));
