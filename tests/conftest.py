@@ -24,7 +24,10 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "chest_xray"
 
 PREDICT_JS = REPO / "tests" / "js" / "predict.mjs"
 NODE = shutil.which("node")
-HAVE_TFJS = (REPO / "node_modules" / "@tensorflow" / "tfjs" / "package.json").is_file()
+HAVE_TFJS = all(
+    (REPO / "node_modules" / package / "package.json").is_file()
+    for package in ("@tensorflow/tfjs", "dicom-parser")
+)
 # `make test` installs Node's packages and Chromium, then sets this: there, a test that needs
 # them and finds them missing fails with one sentence instead of being skipped.
 REQUIRE_BROWSER = "PNEUMOSCAN_REQUIRE_BROWSER"
@@ -47,7 +50,7 @@ def node_and_tfjs() -> None:
     require_or_skip(
         None
         if NODE is not None and HAVE_TFJS
-        else "needs `node` and node_modules/@tensorflow/tfjs (run `npm ci` in the repo root)"
+        else "needs `node` and node_modules/@tensorflow/tfjs and dicom-parser (run `npm ci` in the repo root)"
     )
 
 
@@ -77,6 +80,47 @@ def tfjs_predict(model_dir: Path, images: np.ndarray, workdir: Path) -> np.ndarr
     reply = json.loads(result.stdout)
     assert reply["backend"] == "cpu"
     return np.asarray(reply["outputs"], dtype=np.float64)
+
+
+UNITS_JS = REPO / "tests" / "js" / "units.mjs"
+
+
+class PageUnits:
+    """One Node process running single functions of the page's modules (tests/js/units.mjs):
+    `call(name, **arguments)` sends one JSON line and returns the answer's."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [NODE, str(UNITS_JS)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            text=True,
+        )
+
+    def call(self, name: str, **arguments) -> dict:
+        import select
+
+        self.process.stdin.write(json.dumps({"call": name, **arguments}) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], NODE_TIMEOUT_S)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            self.process.kill()
+            pytest.fail(f"units.mjs gave no answer to {name}: {self.process.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=NODE_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def page_units(node_and_tfjs):
+    units = PageUnits()
+    yield units
+    units.close()
 
 
 def synthetic_xray(seed: int, label: int, size: tuple[int, int] = (72, 64)) -> np.ndarray:
@@ -255,12 +299,13 @@ def write_dicom(
 ) -> Path:
     """`gray` (H, W) uint8 as a DICOM file that windows back to `gray`: stored with `bits`
     (scaled to that depth; with `window`, to a part of it that a VOI window maps back to 0..255),
-    inverted for MONOCHROME1, in `syntax` (explicit-little, explicit-big, rle, jpeg-baseline),
-    plus any header attributes."""
+    inverted for MONOCHROME1, in `syntax` (explicit-little, explicit-big, rle, jpeg-baseline,
+    deflated), plus any header attributes."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import (
+        DeflatedExplicitVRLittleEndian,
         ExplicitVRBigEndian,
         ExplicitVRLittleEndian,
         JPEGBaseline8Bit,
@@ -305,6 +350,8 @@ def write_dicom(
         meta.TransferSyntaxUID = JPEGBaseline8Bit
         ds.PixelData = encapsulate([buffer.getvalue()])
         ds["PixelData"].is_undefined_length = True
+    elif syntax == "deflated":
+        meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     if syntax == "explicit-big":
         meta.TransferSyntaxUID = ExplicitVRBigEndian
         ds.PixelData = stored.astype(stored.dtype.newbyteorder(">")).tobytes()

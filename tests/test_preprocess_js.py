@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import image_files
-from conftest import NODE, REPO, needs_node
+from conftest import NODE, REPO, needs_node, write_dicom
 from pneumoscan.bundle import bundled_dir
 from pneumoscan.calibrate import apply_calibration
 from pneumoscan.preprocess import (
@@ -265,3 +265,222 @@ def test_page_refuses_calibration_none_as_python_does(page, slope, intercept):
         assert answer.get("error") == f"metadata.json: {error}", answer
     else:
         assert "plan" in answer, answer
+
+
+# ---- DICOM: the decode step's `dicom` contract ------------------------------------------------
+
+DICOM_SOURCE = load_grayscale(REPO / "samples" / "chest_xray" / "PNEUMONIA" / "person19_bacteria_61.jpeg")
+
+
+def _voi_lut(bits: int, entries: int, first: int):
+    """A VOI LUT sequence of one item: `entries` values from `first` on, a gamma-like curve."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    curve = np.rint((np.linspace(0, 1, entries) ** 0.7) * (2**bits - 1))
+    item.LUTDescriptor = [entries, first, bits]
+    item.LUTData = curve.astype("<u2" if bits > 8 else np.uint8).tobytes()
+    return Sequence([item])
+
+
+def _recode(path: Path, syntax: str | None = None, raw: bool = False, **changes) -> Path:
+    """Rewrite a DICOM file: header `changes`, another little-endian `syntax`, or (`raw`) the bare
+    data set, without preamble and file meta group."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    if raw:
+        del ds.file_meta
+        ds.preamble = None
+        pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True)
+        return path
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _colour(path: Path, planar: int, bits: int = 8) -> Path:
+    rgb = np.stack([DICOM_SOURCE, DICOM_SOURCE[::-1], 255 - DICOM_SOURCE], -1).astype(np.uint16)
+    if bits > 8:
+        rgb = rgb * 16 + 7  # 12 bits stored: the page keeps the high byte, as Python does
+    pixels = rgb.transpose(2, 0, 1) if planar else rgb
+    return _recode(
+        write_dicom(path, DICOM_SOURCE, bits=bits),
+        SamplesPerPixel=3,
+        PhotometricInterpretation="RGB",
+        PlanarConfiguration=planar,
+        PixelData=pixels.astype(np.uint8 if bits == 8 else "<u2").tobytes(),
+    )
+
+
+# name -> writer of a DICOM file that Python reads: the page must give the same luma, byte for byte
+DICOM_CASES = {
+    "monochrome2 8 bit.dcm": lambda p: write_dicom(p, DICOM_SOURCE),
+    "monochrome1 12 bit.dcm": lambda p: write_dicom(p, DICOM_SOURCE, bits=12, photometric="MONOCHROME1"),
+    "16 bit VOI window.dcm": lambda p: write_dicom(p, DICOM_SOURCE, bits=16, window=True),
+    "RLE 16 bit MONOCHROME1.dcm": lambda p: write_dicom(
+        p, DICOM_SOURCE, bits=16, syntax="rle", photometric="MONOCHROME1"
+    ),
+    "big endian 12 bit.dcm": lambda p: write_dicom(p, DICOM_SOURCE, bits=12, syntax="explicit-big"),
+    "no extension": lambda p: write_dicom(p, DICOM_SOURCE),
+    "implicit VR.dcm": lambda p: _recode(write_dicom(p, DICOM_SOURCE, bits=12), "1.2.840.10008.1.2"),
+    "signed, rescaled, LINEAR_EXACT.dcm": lambda p: write_dicom(
+        p,
+        DICOM_SOURCE,
+        bits=12,
+        PixelRepresentation=1,  # the same stored bits read as two's complement: negative values too
+        RescaleSlope=2,
+        RescaleIntercept=-1024,
+        WindowCenter=-300,
+        WindowWidth=3001,
+        VOILUTFunction="LINEAR_EXACT",
+    ),
+    "SIGMOID window.dcm": lambda p: write_dicom(
+        p, DICOM_SOURCE, bits=16, WindowCenter=30000.5, WindowWidth=40000, VOILUTFunction="SIGMOID"
+    ),
+    "window of width 1.dcm": lambda p: write_dicom(p, DICOM_SOURCE, WindowCenter=100, WindowWidth=1),
+    "signed, no window: the stored range.dcm": lambda p: write_dicom(
+        p, DICOM_SOURCE, bits=16, PixelRepresentation=1, RescaleSlope=0.5, RescaleIntercept=10
+    ),
+    "8-bit VOI LUT.dcm": lambda p: write_dicom(
+        p, DICOM_SOURCE, bits=12, VOILUTSequence=_voi_lut(8, 256, 1000)
+    ),
+    "16-bit VOI LUT over a window.dcm": lambda p: write_dicom(
+        p, DICOM_SOURCE, bits=16, window=True, VOILUTSequence=_voi_lut(16, 4096, 20000)
+    ),
+    "RGB.dcm": lambda p: _colour(p, planar=0),
+    "RGB planar.dcm": lambda p: _colour(p, planar=1),
+    "RGB 12 bit.dcm": lambda p: _colour(p, planar=0, bits=12),
+    "lateral knee.dcm": lambda p: write_dicom(p, DICOM_SOURCE, ViewPosition="LAT", BodyPartExamined="KNEE"),
+}
+
+
+def _jpeg_frame_pixels(path: Path) -> np.ndarray:
+    """The frame of a JPEG baseline DICOM file as Pillow decodes it, RGBA: the stand-in for the
+    browser's decoder."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    frame = next(generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
+    with Image.open(io.BytesIO(frame)) as image:
+        return np.asarray(image.convert("RGBA"))
+
+
+@pytest.mark.parametrize("name", [*DICOM_CASES, "JPEG baseline MONOCHROME1.dcm"])
+def test_dicom_python_and_page_agree(page, name):
+    """Each way of storing and windowing the pixels, and the header's warnings."""
+    path = page.write(name, b"")
+    if name in DICOM_CASES:
+        DICOM_CASES[name](path)
+        answer = page.ask(path)
+    else:
+        write_dicom(path, DICOM_SOURCE, photometric="MONOCHROME1", syntax="jpeg-baseline")
+        answer = page.ask(path, _jpeg_frame_pixels(path))
+    expected = _python(name, path.read_bytes())
+    _check(answer, expected)
+    from pneumoscan.preprocess import load_luma
+
+    assert answer["warnings"] == load_luma(path)[1]
+    if name.startswith("lateral"):
+        assert len(answer["warnings"]) == 2
+
+
+def _refusals() -> list[tuple[str, object, str | None]]:
+    """(name, writer, the page's sentence when not Python's): what is not one image."""
+    from test_dicom import REFUSALS
+
+    cases = [(name, make, None) for name, make, _ in REFUSALS if name != "JPEG-LS"]
+    jpeg_ls = next(make for name, make, _ in REFUSALS if name == "JPEG-LS")
+    cases.append(
+        (
+            "JPEG-LS",
+            jpeg_ls,
+            "its pixel data is JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80), which this "
+            "page cannot decode; try `pneumoscan predict`, which also reads JPEG extended, JPEG 2000 "
+            "and deflated files.",
+        )
+    )
+    cases.append(
+        (
+            "deflated",  # Python reads it: the page points there
+            lambda p: write_dicom(p, DICOM_SOURCE, syntax="deflated"),
+            "its pixel data is Deflated Explicit VR Little Endian (1.2.840.10008.1.2.1.99), which this "
+            "page cannot decode; try `pneumoscan predict`, which also reads JPEG extended, JPEG 2000 "
+            "and deflated files.",
+        )
+    )
+    cases.append(
+        (
+            "a bare data set: no preamble, no file meta group",
+            lambda p: _recode(write_dicom(p, DICOM_SOURCE), raw=True),
+            "is not a readable DICOM file (it has no file meta information to give its transfer syntax).",
+        )
+    )
+    cases.append(
+        (
+            "a palette",
+            lambda p: _recode(write_dicom(p, DICOM_SOURCE), PhotometricInterpretation="PALETTE COLOR"),
+            "has a pixel layout this page does not read (PALETTE COLOR, 1 samples, 8 bits); "
+            "`pneumoscan predict` may.",
+        )
+    )
+    return cases
+
+
+@pytest.mark.parametrize("name, make, sentence", _refusals(), ids=[r[0] for r in _refusals()])
+def test_dicom_refusals_are_pythons_sentences(page, name, make, sentence):
+    """A report, several frames, a syntax the page does not decode: one sentence, Python's where
+    both refuse alike, and never the patient's name."""
+    path = page.write("odd.dcm", b"")
+    make(path)
+    answer = page.ask(path)
+    expected = _python("odd.dcm", path.read_bytes())
+    if sentence is None:
+        assert answer.get("error") == expected["error"], answer
+    else:
+        assert answer.get("error") == f"odd.dcm: {sentence}", answer
+    assert "Doe" not in json.dumps(answer)
+
+
+# (what the decode step says, accepted, the refusal's start)
+DICOM_CONTRACTS = [
+    ("as Python writes it", {}, True, None),
+    ("a bundle from before DICOM: no formats, no dicom", {"formats": None, "dicom": None}, True, None),
+    ("formats without a dicom object", {"dicom": None}, True, None),
+    ("DICOM not among the formats", {"formats": ["jpeg", "png"], "dicom": None}, True, None),
+    ("another format", {"formats": ["jpeg", "png", "dicom", "webp"]}, False, "decode.formats"),
+    ("another window", {"dicom": {"window": "VOI LUT only"}}, False, "decode.dicom.window must be"),
+    (
+        "a syntax the page cannot decode",
+        {"dicom": {"transfer_syntaxes": {"1.2.840.10008.1.2.4.80": "JPEG-LS Lossless Image Compression"}}},
+        False,
+        "decode.dicom.transfer_syntaxes lists 1.2.840.10008.1.2.4.80 (JPEG-LS Lossless Image "
+        "Compression), which this page cannot decode.",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "change, accepted, refusal", [c[1:] for c in DICOM_CONTRACTS], ids=[c[0] for c in DICOM_CONTRACTS]
+)
+def test_page_follows_only_the_dicom_contract_it_implements(page, change, accepted, refusal):
+    metadata = _metadata()
+    decode = metadata["preprocessing"][0]
+    for key, value in change.items():
+        if value is None:
+            del decode[key]
+        elif isinstance(value, dict):
+            decode[key] = {**decode[key], **value}
+        else:
+            decode[key] = value
+    answer = page.check_metadata(metadata)
+    if accepted:
+        assert "plan" in answer, answer
+        dicom = answer["plan"]["dicom"]
+        assert (dicom is None) == ("dicom" not in decode.get("formats", ["dicom"]))
+    else:
+        assert answer.get("error", "").startswith(f"metadata.json: {refusal}"), answer

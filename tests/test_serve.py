@@ -283,7 +283,8 @@ def test_invalid_metadata_is_refused(tmp_path):
 def test_missing_tfjs_files_say_run_npm_ci(tmp_path, monkeypatch):
     bundle = write_bundle(tmp_path)
     monkeypatch.setenv("PNEUMOSCAN_NODE_MODULES", str(tmp_path / "empty"))
-    with pytest.raises(ServeError, match=r"the TF.js files are missing: run `npm ci` \(or `make demo`\)"):
+    missing = r"the page's npm files \(TF.js, dicom-parser\) are missing: run `npm ci` \(or `make demo`\)"
+    with pytest.raises(ServeError, match=missing):
         make_server(bundle, port=0)
 
 

@@ -10,6 +10,12 @@ awkward-input corpus (empty, truncated, not images, huge headers, every bit dept
 type, interlaced PNGs, every EXIF orientation and the orientation sources the rule ignores,
 odd names) goes through the page in one session, each card against `pneumoscan predict`.
 
+Issue 11 in the page: every card's heatmap peak against `pneumoscan explain` (Grad-CAM for the
+test model, exact CAM for the bundled pneumonet), the heatmap toggle and the larger view; DICOM
+files written from sample X-rays (every bit depth, photometric, window and transfer syntax the
+page decodes) against the JPEG they came from and against `predict`, the files it refuses, the
+header's warning, and the patient data that must never reach the page.
+
 Chromium is Debian's (`$CHROMIUM` or `chromium` on PATH; Playwright cannot download browsers
 here) and TF.js comes from node_modules; `make test` installs both, and sets
 $PNEUMOSCAN_REQUIRE_BROWSER=1 so that their absence fails these tests instead of skipping them.
@@ -31,7 +37,8 @@ import pytest
 from PIL import Image
 
 import image_files
-from conftest import REQUIRE_BROWSER, require_or_skip
+from conftest import REQUIRE_BROWSER, require_or_skip, write_dicom
+from pneumoscan.bundle import bundled_dir
 from pneumoscan.preprocess import load_grayscale
 from pneumoscan.serve import VENDOR_FILES, make_server, node_modules_dir, start_in_thread
 
@@ -60,7 +67,10 @@ def _missing() -> str | None:
         )
         return f"the browser tests need Chromium ({where}): install Debian's `chromium` or set $CHROMIUM"
     if not HAVE_TFJS:
-        return f"the browser tests need the TF.js npm packages in {node_modules_dir()}: run `npm ci`"
+        return (
+            f"the browser tests need the page's npm packages (TF.js, dicom-parser) in {node_modules_dir()}: "
+            "run `npm ci`"
+        )
     if importlib.util.find_spec("playwright") is None:
         return "the browser tests need the playwright Python package: pip install -r requirements.lock"
     return None
@@ -86,6 +96,11 @@ FLOAT32_TOLERANCE = 1e-4  # |browser - Python| calibrated probability, same weig
 UINT8_TOLERANCE = 1e-1
 LOGIT_SPREAD = 2.0  # std of the test model's logits over the samples (see _make_decisive)
 TIMEOUT_MS = 60_000
+# |page - explain| heatmap peak, per coordinate (issue 11). Both compute the same map from the
+# same input; float32 rounding moves it by ~1e-7 (measured), a whole cell of pneumonet's
+# 10 x 10 grid is 0.1.
+PEAK_TOLERANCE = 0.08
+DICOM_TOLERANCE = 0.02  # |DICOM - the JPEG it was written from|, calibrated probability
 
 
 # ---- the model bundle and the Python reference -----------------------------------------
@@ -205,7 +220,15 @@ def workspace(tmp_path_factory) -> dict:
         "bundle": bundle,
         "files": files,
         "reference": {Path(r["path"]).name: r for r in _predict(bundle, files)},
+        "explained": _explain(bundle, files, root / "explain"),
     }
+
+
+def _explain(bundle: Path | None, paths: list[Path], out: Path) -> dict[str, dict]:
+    """What `pneumoscan explain` says of each image, by file name: the peaks' reference."""
+    from pneumoscan.explain import explain_files
+
+    return {Path(r["path"]).name: r for r in explain_files(bundle, paths, out) if "error" not in r}
 
 
 @pytest.fixture(scope="module")
@@ -233,12 +256,24 @@ def server(workspace):
     server.server_close()
 
 
+@pytest.fixture(scope="module")
+def bundled_server():
+    """The page with the bundled model (pneumonet: exact CAM)."""
+    server = _serve(bundled_dir())
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
 def _open(browser, url: str):
-    """A fresh page at `url`, with console errors collected in `page.errors`."""
+    """A fresh page at `url`, with console errors collected in `page.errors` and every console
+    message in `page.console`."""
     page = browser.new_page()
     page.errors = []
+    page.console = []
     page.on("pageerror", lambda error: page.errors.append(str(error)))
     page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
+    page.on("console", lambda message: page.console.append(message.text))
     page.goto(url)
     sync_api.expect(page.locator("body[data-ready]")).to_have_count(1, timeout=TIMEOUT_MS)
     return page
@@ -282,6 +317,14 @@ def test_page_matches_python(browser, server, workspace, backend):
         assert float(card["ms"]) > 0
     # The model must not say the same for every file, or a wrong input could go unnoticed.
     assert labels == {"NORMAL", "PNEUMONIA"}
+    # Grad-CAM (the test model is the paper's CNN) on this backend: the peak of `explain`.
+    assert _peak_disagreements(cards, workspace["explained"]) == []
+    # The thumbnail is the image the model analysed: oriented as the page read it.
+    for rotated in ("exif-rotated.jpeg", "palette-exif.png", "clinical-2000x1700.jpeg"):
+        thumbnail = page.locator(f"[data-filename='{rotated}'] canvas.image")
+        width, height = thumbnail.evaluate("canvas => [canvas.width, canvas.height]")
+        card = cards[rotated]
+        assert abs(width / height - int(card["width"]) / int(card["height"])) < 0.01, (rotated, width, height)
     assert "not a JPEG or PNG" in cards["not-an-image.jpeg"]["error"]
     assert "too small" in cards["too-small.png"]["error"]
     # EXIF orientation applied: the upright image is wider than high, as in Python.
@@ -511,7 +554,10 @@ def test_page_text_and_controls(browser, server):
     assert "nothing is uploaded" in text
     picker = page.get_by_label("Choose chest X-rays")
     assert picker.get_attribute("type") == "file" and picker.get_attribute("multiple") is not None
-    assert picker.get_attribute("accept") == "image/jpeg,image/png"
+    # No `accept`: a file chooser would hide DICOM files without an extension (none matches a
+    # type), and the page tells every file it cannot read in a sentence anyway.
+    assert picker.get_attribute("accept") is None
+    assert "DICOM" in page.inner_text("#drop-zone")
     assert page.locator("[aria-live]").count() >= 1
     assert page.get_by_label("Run on").evaluate("select => select.tagName") == "SELECT"
     # The keyboard reaches the file picker, and its button shows the focus.
@@ -559,11 +605,26 @@ REFUSED_BUNDLES = [
         ),
         _calibration_none_refusal,  # Python's own sentence, word for word
     ),
+    (
+        lambda meta: meta["preprocessing"][0]["dicom"]["transfer_syntaxes"].update(
+            {"1.2.840.10008.1.2.4.80": "JPEG-LS Lossless Image Compression"}
+        ),
+        lambda: (
+            "decode.dicom.transfer_syntaxes lists 1.2.840.10008.1.2.4.80 (JPEG-LS Lossless Image "
+            "Compression), which this page cannot decode."
+        ),
+    ),
+    (
+        lambda meta: meta["heatmap"].update(method="score-cam"),
+        lambda: 'heatmap.method must be cam or grad-cam; this page computes no "score-cam" maps.',
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    "change, sentence", REFUSED_BUNDLES, ids=["antialias", "xmp orientation", "calibration none"]
+    "change, sentence",
+    REFUSED_BUNDLES,
+    ids=["antialias", "xmp orientation", "calibration none", "dicom syntax", "heatmap method"],
 )
 def test_bundle_the_page_cannot_follow_is_refused(browser, workspace, tmp_path, change, sentence):
     """A metadata.json the page cannot follow stops it, instead of a silent mismatch."""
@@ -582,3 +643,245 @@ def test_bundle_the_page_cannot_follow_is_refused(browser, workspace, tmp_path, 
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---- issue 11: heatmaps -----------------------------------------------------------------------
+
+
+def _peak_disagreements(cards: dict[str, dict], explained: dict[str, dict]) -> list[str]:
+    """Cards whose heatmap peak is missing or further than PEAK_TOLERANCE from `explain`'s."""
+    problems = []
+    for name, record in explained.items():
+        card = cards[name]
+        if "heatmapPeak" not in card:
+            problems.append(f"{name}: no data-heatmap-peak on a card with a probability")
+            continue
+        page_peak = [float(v) for v in card["heatmapPeak"].split(",")]
+        if max(abs(a - b) for a, b in zip(page_peak, record["heatmap_peak"], strict=True)) > PEAK_TOLERANCE:
+            problems.append(f"{name}: peak {page_peak} in the page, {record['heatmap_peak']} in explain")
+    return problems
+
+
+# Records, for every card, whether it carried data-heatmap-peak (and data-label) when
+# data-probability appeared: set in the same step, they arrive in one batch of mutations.
+WATCH_PROBABILITY = """() => {
+  window.arrivals = [];
+  new MutationObserver((mutations) => {
+    for (const m of mutations) {
+      if (m.attributeName === 'data-probability') {
+        window.arrivals.push([m.target.dataset.filename || m.target.querySelector('.filename').textContent,
+          'heatmapPeak' in m.target.dataset]);
+      }
+    }
+  }).observe(document.getElementById('results'), { attributes: true, subtree: true });
+}"""
+
+
+def _is_open(page) -> bool:
+    return page.locator("dialog#viewer").evaluate("dialog => dialog.open")
+
+
+def test_bundled_heatmaps_match_explain_and_show_on_request(browser, bundled_server, tmp_path):
+    """Exact CAM of the bundled pneumonet on every sample X-ray: the page's peak is `explain`'s;
+    the toggle shows and hides the card's one heatmap canvas without opening the larger view,
+    which the thumbnail opens (by mouse and by keyboard) and Escape or Close shut."""
+    samples = sorted(SAMPLES.glob("*/*.jpeg"))
+    explained = _explain(None, samples, tmp_path / "explain")
+    page = _open(browser, f"{bundled_server.url}?backend=wasm")
+    assert page.evaluate("document.body.dataset.backend") == "wasm"
+    assert page.inner_text("#heatmap-method") == "class activation map of stage3_out"
+    page.evaluate(WATCH_PROBABILITY)
+    tensors = page.evaluate("tf.memory().numTensors")
+    cards = _classify(page, samples)
+    assert page.evaluate("tf.memory().numTensors") == tensors  # the map's tensors are freed
+    assert _peak_disagreements(cards, explained) == []
+    for name, record in explained.items():  # the map comes from the same pass as the probability
+        assert abs(float(cards[name]["probability"]) - record["probability"]) <= FLOAT32_TOLERANCE, name
+    arrivals = page.evaluate("window.arrivals")
+    assert len(arrivals) == len(samples) and all(with_peak for _, with_peak in arrivals), arrivals
+
+    card = page.locator("[data-testid=result]").first
+    heatmaps = page.locator("[data-testid=result] canvas[data-testid=heatmap]")
+    assert heatmaps.count() == len(samples) and card.locator("canvas[data-testid=heatmap]").count() == 1
+    heatmap, toggle = (
+        card.locator("canvas[data-testid=heatmap]"),
+        card.locator("[data-testid=heatmap-toggle]"),
+    )
+    assert not heatmap.is_visible() and toggle.get_attribute("aria-pressed") == "false"
+    toggle.click()
+    assert heatmap.is_visible() and toggle.get_attribute("aria-pressed") == "true"
+    assert not _is_open(page)  # the toggle opens no dialog
+    box, under = heatmap.bounding_box(), card.locator("canvas.image").bounding_box()
+    assert all(abs(box[k] - under[k]) < 0.5 for k in ("x", "y", "width", "height")), (box, under)
+    toggle.click()
+    assert not heatmap.is_visible() and toggle.get_attribute("aria-pressed") == "false"
+    assert page.locator("[data-testid=result] canvas[data-testid=heatmap]:visible").count() == 0
+
+    thumbnail = card.locator("button.thumb")
+    thumbnail.click()
+    assert _is_open(page)
+    viewer = page.locator("#viewer-canvas")
+    assert viewer.is_visible() and viewer.evaluate("canvas => Math.max(canvas.width, canvas.height)") == 768
+    assert "ring marks its peak" in page.inner_text("#viewer-caption")
+    page.keyboard.press("Escape")
+    assert not _is_open(page)
+    assert page.evaluate("document.activeElement.classList.contains('thumb')")  # focus comes back
+    page.keyboard.press("Enter")  # the focused thumbnail opens it from the keyboard too
+    assert _is_open(page)
+    page.get_by_role("button", name="Close").click()
+    assert not _is_open(page)
+    page.set_viewport_size({"width": 320, "height": 640})
+    thumbnail.click()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 320
+    assert page.locator("dialog#viewer").bounding_box()["width"] <= 320
+    page.keyboard.press("Escape")
+    assert page.errors == []
+    page.close()
+
+
+@pytest.mark.parametrize("model", ["bundled", "test model"])
+def test_a_bundle_without_a_heatmap_block_derives_it(browser, workspace, tmp_path, model):
+    """A bundle written before the `heatmap` block: the page finds the same map in the model
+    (exact CAM for pneumonet, Grad-CAM on the last feature map for the paper's CNN)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundled_dir() if model == "bundled" else workspace["bundle"], bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    del meta["heatmap"]
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    sample = SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg"
+    explained = _explain(bundle, [sample], tmp_path / "explain")
+    server = _serve(bundle)
+    try:
+        page = _open(browser, f"{server.url}?backend=cpu")
+        expected = "class activation map of stage3_out" if model == "bundled" else "Grad-CAM of pool4"
+        assert page.inner_text("#heatmap-method") == expected
+        assert _peak_disagreements(_classify(page, [sample]), explained) == []
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_map_the_page_cannot_differentiate_is_said_not_drawn(browser, workspace, tmp_path):
+    """Grad-CAM on a layer followed by a branch (the seed model's grey-to-RGB copy): no
+    heatmap, said on the page, and the card still gets its probability."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(workspace["bundle"], bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    meta["heatmap"] = {"method": "grad-cam", "feature_layer": "rescale"}
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    server = _serve(bundle)
+    try:
+        page = _open(browser, f"{server.url}?backend=cpu")
+        assert "the layers after rescale are not a simple chain" in page.inner_text("#heatmap-method")
+        card = _classify(page, workspace["files"][:1])[workspace["files"][0].name]
+        assert "probability" in card and "heatmapPeak" not in card
+        assert page.locator("[data-testid=heatmap-toggle]").is_disabled()
+        assert page.errors == []
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ---- issue 11: DICOM --------------------------------------------------------------------------
+
+# Two sample X-rays whose probabilities are not at the ends of the scale (0.31 and 0.95 for the
+# bundled model), so a decoding slip would move them.
+DICOM_SOURCES = [
+    SAMPLES / "NORMAL" / "IM-0393-0001.jpeg",
+    SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg",
+]
+PATIENT_DATA = ("Doe", "SECRET-ID")  # what tests/conftest.py's write_dicom puts in the header
+
+
+def _dicom_files(folder: Path) -> tuple[dict[str, tuple[Path, str]], list[Path]]:
+    """{DICOM file name: (the JPEG it was written from, the variant)}, and files to refuse."""
+    from test_dicom import REFUSALS, VARIANTS
+
+    folder.mkdir()
+    written = {}
+    for source in DICOM_SOURCES:
+        gray = load_grayscale(source)
+        for index, (variant, options, _) in enumerate(VARIANTS):
+            name = f"{source.stem}-{index:02d}.dcm"
+            write_dicom(folder / name, gray, **options)
+            written[name] = (source, variant)
+        write_dicom(folder / source.stem, gray, photometric="MONOCHROME1")  # no extension: the preamble
+        written[source.stem] = (source, "no extension")
+    lateral = f"{DICOM_SOURCES[0].stem}-lateral.dcm"
+    write_dicom(folder / lateral, load_grayscale(DICOM_SOURCES[0]), ViewPosition="LL")
+    written[lateral] = (DICOM_SOURCES[0], "lateral")
+    refused = []
+    for name, make, _ in REFUSALS:
+        path = folder / f"refused {name}.dcm"
+        make(path)
+        refused.append(path)
+    # Deflated: Python reads it; the page's dicom-parser build has no inflater, so it says so.
+    refused.append(
+        write_dicom(folder / "refused deflated.dcm", load_grayscale(DICOM_SOURCES[0]), syntax="deflated")
+    )
+    return written, refused
+
+
+def test_dicom_files_read_as_their_jpeg_and_as_predict(browser, bundled_server, tmp_path):
+    written, refused = _dicom_files(tmp_path / "dicom")
+    paths = [tmp_path / "dicom" / name for name in written]
+    predicted = {Path(r["path"]).name: r for r in _predict(bundled_dir(), paths + refused)}
+    jpegs = {Path(r["path"]).name: r for r in _predict(bundled_dir(), DICOM_SOURCES)}
+    page = _open(browser, f"{bundled_server.url}?backend=wasm")
+    assert page.evaluate("document.body.dataset.backend") == "wasm"
+    cards = _classify(page, DICOM_SOURCES + paths + refused)
+    for name, (source, variant) in written.items():
+        card, expected, jpeg = cards[name], predicted[name], jpegs[source.name]
+        assert "error" not in card, (variant, card["error"])
+        probability = float(card["probability"])
+        assert card["label"] == jpeg["label"], (variant, card)
+        assert abs(probability - jpeg["probability"]) <= DICOM_TOLERANCE, (variant, probability, jpeg)
+        # The same pixels as Python's: exact decoding, and Chromium's JPEG decoder gives Pillow's
+        # pixels (as for JPEG files, test_page_matches_python).
+        assert abs(probability - expected["probability"]) <= FLOAT32_TOLERANCE, (variant, probability)
+        if variant != "JPEG baseline":  # lossless: the JPEG's own pixels, so its very map
+            assert card["heatmapPeak"] == cards[source.name]["heatmapPeak"], variant
+        assert (card["width"], card["height"]) == (cards[source.name]["width"], cards[source.name]["height"])
+    # The thumbnail shows what the model analysed: MONOCHROME1 inverted back, as the JPEG.
+    difference = page.evaluate(
+        """([a, b]) => {
+          const pixels = (name) => {
+            const canvas = document.querySelector(`[data-filename="${name}"] canvas.image`);
+            return canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+          };
+          const [p, q] = [pixels(a), pixels(b)];
+          let most = p.length === q.length ? 0 : 256, sum = 0;
+          for (let i = 0; i < p.length; i += 1) { most = Math.max(most, Math.abs(p[i] - q[i])); sum += p[i]; }
+          return [most, sum / p.length];
+        }""",
+        [DICOM_SOURCES[0].name, DICOM_SOURCES[0].stem],
+    )
+    assert difference[0] == 0 and 40 < difference[1] < 255, difference  # identical, and not blank
+    # The header's warning, as predict words it, visible on the card.
+    lateral = f"{DICOM_SOURCES[0].stem}-lateral.dcm"
+    warning = predicted[lateral]["warning"].replace(str(tmp_path / "dicom" / lateral), lateral, 1)
+    assert cards[lateral]["warning"] == warning
+    assert page.locator(f"[data-filename='{lateral}'] .warning").is_visible()
+    assert "the view is lateral (LL)" in page.locator(f"[data-filename='{lateral}']").inner_text()
+    # What is not one image: Python's sentence, or for a syntax the page does not decode its own
+    # (which names it and points to predict).
+    syntaxes = {
+        "refused JPEG-LS.dcm": "JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)",
+        "refused deflated.dcm": "Deflated Explicit VR Little Endian (1.2.840.10008.1.2.1.99)",
+    }
+    for path in refused:
+        error, python = cards[path.name].get("error", ""), predicted[path.name]
+        if path.name in syntaxes:
+            assert f"its pixel data is {syntaxes[path.name]}" in error and "`pneumoscan predict`" in error, (
+                error
+            )
+        else:
+            assert error == python["error"].replace(str(path), path.name, 1), (error, python)
+    assert "probability" in predicted["refused deflated.dcm"]  # where the page sends the reader
+    # The patient's name and id reach neither the page nor its console.
+    seen = page.content() + page.inner_text("body") + "\n".join(page.console)
+    assert not [secret for secret in PATIENT_DATA if secret in seen]
+    assert page.errors == []
+    page.close()

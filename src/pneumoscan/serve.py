@@ -5,7 +5,7 @@ files, so no image ever reaches it. Every URL is an explicit route to one file:
 
     /                                 web/index.html
     /static/<name>                    the files of web/ (no sub-folders)
-    /vendor/<name>                    an allow-list of TF.js files from node_modules
+    /vendor/<name>                    an allow-list of TF.js and dicom-parser files from node_modules
     /model/metadata.json              BUNDLE/metadata.json
     /model/tfjs/model.json            BUNDLE/tfjs/model.json
     /model/tfjs/group1-shardXofN.bin  the weight shards listed by model.json
@@ -36,7 +36,7 @@ from pneumoscan import metadata as metadata_io
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 NODE_MODULES_ENV = "PNEUMOSCAN_NODE_MODULES"
-# The TF.js files the page loads: name under /vendor/ -> path under node_modules. The ES2017
+# The npm files the page loads: name under /vendor/ -> path under node_modules. TF.js's ES2017
 # builds, because the ES5 ones fall back to `Function(...)` for regenerator-runtime, which the
 # Content-Security-Policy (rightly) forbids.
 VENDOR_FILES = {
@@ -47,6 +47,8 @@ VENDOR_FILES = {
     "tfjs-backend-wasm-threaded-simd.wasm": (
         "@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm-threaded-simd.wasm"
     ),
+    # dicom-parser's UMD build (a global `dicomParser`); it needs no eval.
+    "dicomParser.min.js": "dicom-parser/dist/dicomParser.min.js",
 }
 MIME_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -110,7 +112,7 @@ def node_modules_dir() -> Path:
 
 
 def vendor_files(node_modules: Path | None = None) -> dict[str, Path]:
-    """The allow-listed TF.js files, checked to exist.
+    """The allow-listed npm files (TF.js, dicom-parser), checked to exist.
 
     Raises:
         ServeError: if any is missing.
@@ -120,7 +122,8 @@ def vendor_files(node_modules: Path | None = None) -> dict[str, Path]:
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise ServeError(
-            f"the TF.js files are missing: run `npm ci` (or `make demo`); not found: {missing[0]}"
+            "the page's npm files (TF.js, dicom-parser) are missing: run `npm ci` (or `make demo`); "
+            f"not found: {missing[0]}"
         )
     return files
 

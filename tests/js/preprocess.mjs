@@ -7,16 +7,22 @@
 //   of W*H*4 RGBA bytes) stands in for the browser's JPEG decoder, which Node lacks: Python
 //   gives the pixels Pillow decodes, before any orientation, and gets back the bytes the page
 //   handed to the decoder, to check that they decode to the same pixels.
+//   DICOM files go through the page's dicom.js with dicom-parser from node_modules; for a JPEG
+//   baseline DICOM file, `pixels` are those of its frame, and `warnings` come back too.
 // Each answer is one line: {"width", "height", "luma" (base64 uint8), "input" (base64
-// little-endian float32, the model input), "jpeg" (base64, JPEGs only)} or {"error", "kind"}.
+// little-endian float32, the model input), "jpeg" (base64, JPEGs only), "warnings"} or
+// {"error", "kind"}.
 // A request {"metadata": {...}} instead runs `readPlan` on it: {"plan": {...}} or {"error", "kind"}.
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import readline from 'node:readline';
 import * as tf from '@tensorflow/tfjs';
+import dicomParser from 'dicom-parser';
 import {
   ImageError, MetadataError, decode, luma, readPlan, toModelInput,
 } from '../../src/pneumoscan/web/preprocess.js';
+
+globalThis.dicomParser = dicomParser; // as the page's <script> defines it
 
 const base64 = (bytes) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('base64');
 
@@ -41,14 +47,14 @@ async function answer(request, plan) {
     return { rgba, width: request.width, height: request.height };
   };
   try {
-    const { rgba, width, height } = await decode(file, plan, standIn);
+    const { rgba, width, height, warnings } = await decode(file, plan, standIn);
     const gray = luma(rgba, width, height);
     const input = toModelInput(tf, gray, width, height, plan);
     const values = input.dataSync();
     input.dispose();
     return {
       width, height, luma: base64(Uint8Array.from(gray)), input: base64(new Float32Array(values)),
-      ...(handed ? { jpeg: base64(handed) } : {}),
+      ...(handed ? { jpeg: base64(handed) } : {}), warnings,
     };
   } catch (error) {
     if (!(error instanceof ImageError)) throw error;

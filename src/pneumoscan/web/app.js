@@ -1,14 +1,22 @@
 // The pneumoscan page (served by `pneumoscan serve`): load the model bundle, pick a TF.js
 // backend, and classify the chest X-rays a person drops or picks, one card per file.
 //
+// Each card shows the image as the model analysed it, its heatmap a click away and a larger
+// view in a dialog (viewer.js); the map comes from the same forward pass (heatmap.js).
+//
 // Test hooks (a contract with tests/test_web.py and benchmarks/browser_bench.py):
 //   <body data-backend="webgl|wasm|cpu" data-ready="true">  once the model is loaded;
-//   every processed file: [data-testid=result][data-filename] with data-label and
-//   data-probability (full precision) or data-error; data-ms is the time it took (decode to
-//   probability) and data-infer-ms the model's share; <body data-ready-ms> the load time.
+//   every processed file: [data-testid=result][data-filename] with data-label,
+//   data-probability (full precision) and data-heatmap-peak ("x,y", set with the probability;
+//   absent where the model's map cannot be computed), data-warning when a DICOM header speaks
+//   against the image, or data-error; data-ms is the time it took (decode to probability and
+//   map) and data-infer-ms the model's share; <body data-ready-ms> the load time. In a card,
+//   canvas[data-testid=heatmap] (hidden until) [data-testid=heatmap-toggle] is pressed.
+import { heatmapPeak, heatmapSpec, makeExplainer } from './heatmap.js';
 import {
   ImageError, MetadataError, calibrate, decide, preprocess, readPlan,
 } from './preprocess.js';
+import { closeBitmaps, previewBitmap, showImage, wireViewer } from './viewer.js';
 
 const tf = globalThis.tf; // the UMD builds served from /vendor/ (see index.html)
 const BACKENDS = ['webgl', 'wasm', 'cpu'];
@@ -16,7 +24,7 @@ const BACKENDS = ['webgl', 'wasm', 'cpu'];
 const SOFTWARE_RENDERER = /swiftshader|llvmpipe|softpipe|software|basic render/i;
 
 const $ = (selector) => document.querySelector(selector);
-const state = { model: null, metadata: null, plan: null, queue: Promise.resolve() };
+const state = { model: null, explainer: null, metadata: null, plan: null, queue: Promise.resolve() };
 
 function say(message) {
   // One polite announcement at a time for screen readers; the cards hold the details.
@@ -84,14 +92,19 @@ async function loadMetadata() {
   return response.json();
 }
 
-async function loadModel(plan) {
+/** The layers model and what runs it per image: its output and its heatmap, in one pass. */
+async function loadModel(metadata, plan) {
   const url = new URL('model/tfjs/model.json', document.baseURI).href;
   const model = await tf.loadLayersModel(url);
-  // One prediction on a blank image compiles kernels, so the first file's time is honest.
-  const warm = tf.tidy(() => model.predict(tf.zeros([1, plan.height, plan.width, 1])));
-  await warm.data();
-  warm.dispose();
-  return model;
+  const explainer = makeExplainer(tf, model, heatmapSpec(metadata, model));
+  // One pass on a blank image compiles kernels, so the first file's time is honest.
+  const blank = tf.zeros([1, plan.height, plan.width, 1]);
+  try {
+    await explainer.run(blank);
+  } finally {
+    blank.dispose();
+  }
+  return { model, explainer };
 }
 
 function describeModel(metadata) {
@@ -113,20 +126,20 @@ function newCard(file) {
 
 async function classify(file) {
   const started = performance.now();
-  const { input, width, height } = await preprocess(tf, file, state.plan);
-  let p;
+  const { input, width, height, gray, warnings } = await preprocess(tf, file, state.plan);
   const inferStart = performance.now();
+  let output;
   try {
-    const output = tf.tidy(() => state.model.predict(input)); // (1, 1)
-    p = (await output.data())[0];
-    output.dispose();
+    output = await state.explainer.run(input); // the probability and the map, one pass
   } finally {
     input.dispose();
   }
+  const map = output.grid && { grid: output.grid, gridHeight: output.gridHeight, gridWidth: output.gridWidth };
+  const peak = map && heatmapPeak(map.grid, map.gridHeight, map.gridWidth);
   const done = performance.now();
-  const probability = calibrate(p, state.metadata.calibration);
+  const probability = calibrate(output.p, state.metadata.calibration);
   return {
-    probability, label: decide(probability, state.metadata), width, height,
+    probability, label: decide(probability, state.metadata), width, height, gray, warnings, map, peak,
     ms: done - started, inferMs: done - inferStart,
   };
 }
@@ -144,19 +157,26 @@ function showResult(card, file, result) {
   card.querySelector('.threshold').textContent = metadata.threshold.value.toFixed(3);
   card.querySelector('.size').textContent = `${result.width}×${result.height} px`;
   card.querySelector('.time').textContent = `${Math.round(result.ms)} ms`;
+  const warning = result.warnings.length ? `${file.name}: ${result.warnings.join('; ')}.` : null;
+  if (warning) {
+    const text = card.querySelector('.warning');
+    text.querySelector('.warning-text').textContent = `${result.warnings.join('; ')}.`;
+    text.hidden = false;
+  }
+  showImage(card, {
+    ...result, name: file.name, positive: metadata.positive_class.toLowerCase(),
+    describe: state.explainer.describe, unavailable: state.explainer.unavailable,
+  });
+  // One step: whoever sees data-probability sees the peak (and any warning) too.
   Object.assign(card.dataset, {
     label: result.label, probability: String(result.probability),
+    ...(result.peak ? { heatmapPeak: result.peak.map(String).join(',') } : {}),
+    ...(warning ? { warning } : {}),
     ms: result.ms.toFixed(2), inferMs: result.inferMs.toFixed(2),
     width: String(result.width), height: String(result.height),
   });
-  const preview = card.querySelector('img');
-  const url = URL.createObjectURL(file);
-  for (const type of ['load', 'error']) {
-    preview.addEventListener(type, () => URL.revokeObjectURL(url), { once: true });
-  }
-  preview.alt = `Preview of ${file.name}`;
-  preview.src = url;
-  say(`${file.name}: ${result.label}, probability of ${metadata.positive_class.toLowerCase()} ${percent}%.`);
+  say(`${file.name}: ${result.label}, probability of ${metadata.positive_class.toLowerCase()} ${percent}%.` +
+    (warning ? ` Warning: ${result.warnings.join('; ')}.` : ''));
 }
 
 function showError(card, file, error) {
@@ -173,7 +193,10 @@ function showError(card, file, error) {
 
 async function processFile(file, card) {
   try {
-    showResult(card, file, await classify(file));
+    const result = await classify(file);
+    result.bitmap = await previewBitmap(result.gray, result.width, result.height);
+    delete result.gray; // the bitmap is what the card keeps
+    showResult(card, file, result);
   } catch (error) {
     if (!(error instanceof ImageError)) console.error(error);
     showError(card, file, error);
@@ -223,6 +246,7 @@ function wirePicker() {
     document.addEventListener(type, (event) => event.preventDefault());
   }
   $('#clear').addEventListener('click', () => {
+    closeBitmaps($('#results').children);
     $('#results').replaceChildren();
     say('Results cleared.');
   });
@@ -242,8 +266,9 @@ async function main() {
     $('#backend-why').textContent = backend.why;
     if (backend.renderer) $('#backend-why').title = `WebGL renderer: ${backend.renderer}`;
     document.body.dataset.backend = tf.getBackend();
-    state.model = await loadModel(state.plan);
+    Object.assign(state, await loadModel(metadata, state.plan));
     $('#model').textContent = describeModel(metadata);
+    $('#heatmap-method').textContent = state.explainer.describe || state.explainer.unavailable;
     $('#files').disabled = false;
     // Milliseconds from navigation start to a usable model (benchmarks/browser_bench.py).
     document.body.dataset.readyMs = performance.now().toFixed(1);
@@ -255,9 +280,11 @@ async function main() {
     $('#load-error').textContent = `${what}: ${error.message}`;
     $('#load-error').hidden = false;
     $('#model').textContent = 'not loaded';
+    $('#heatmap-method').textContent = 'not loaded';
     document.body.dataset.ready = 'false';
   }
 }
 
 wirePicker();
+wireViewer();
 main();

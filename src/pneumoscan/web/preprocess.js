@@ -12,8 +12,13 @@
 // of a PNG; XMP and PNG text chunks are ignored. The browser is given the JPEG without its
 // APP1 segments, so that it cannot apply an orientation of its own.
 //
+// DICOM files (`*.dcm`, `*.dicom`, or the DICOM preamble) go to dicom.js, which follows the decode
+// step's `dicom` contract and hands back 8-bit pixels like a decoded image's, without orientation.
+//
 // `readPlan` checks every step against what this file knows how to do, so a model whose
 // metadata asks for anything else is refused instead of being fed a different input.
+import { decodeDicom, dicomContract, isDicom } from './dicom.js';
+import { ImageError, MetadataError, need } from './errors.js';
 
 const SCHEMA_VERSION = 1;
 const LUMA_FORMULA = '(19595*R + 38470*G + 7471*B + 32768) >> 16';
@@ -28,20 +33,12 @@ const ORIENTATION_TAG = 0x0112;
 const EXIF_HEADER = [0x45, 0x78, 0x69, 0x66, 0, 0]; // "Exif\0\0"
 const PNG_SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
 
-/** A problem with one file; `message` is one sentence naming it, shown on its card. */
-export class ImageError extends Error {}
-
-/** A model bundle this page cannot run faithfully. */
-export class MetadataError extends Error {}
-
-function need(condition, message) {
-  if (!condition) throw new MetadataError(`metadata.json: ${message}`);
-}
+export { ImageError, MetadataError };
 
 /**
  * Check metadata.json and turn its steps into the parameters `preprocess` uses.
  * @returns {{maxPixels: number, minSide: number, height: number, width: number,
- *            alignCorners: boolean, halfPixelCenters: boolean}}
+ *            alignCorners: boolean, halfPixelCenters: boolean, dicom: object|null}}
  */
 export function readPlan(metadata) {
   need(metadata && metadata.schema_version === SCHEMA_VERSION,
@@ -82,6 +79,7 @@ export function readPlan(metadata) {
     width: input.width,
     alignCorners: resize.align_corners,
     halfPixelCenters: resize.half_pixel_centers,
+    dicom: dicomContract(decode), // the DICOM contract, or null when DICOM is not a format
   };
 }
 
@@ -165,15 +163,20 @@ function checkSize(name, width, height, plan) {
 
 /**
  * decode + to_uint8: the file's pixels as RGBA bytes, EXIF orientation applied by the rule
- * above and embedded colour profiles ignored (as Pillow does).
+ * above and embedded colour profiles ignored (as Pillow does); a DICOM file's windowed pixels.
  * @param decodeJpeg (blob, name, plan) -> raw RGBA at natural size: the browser's decoder;
  *   the Node tests (tests/js/preprocess.mjs), which have none, pass Pillow's pixels instead.
- * @returns {Promise<{rgba: Uint8Array|Uint8ClampedArray, width: number, height: number}>}
+ * @returns {Promise<{rgba: Uint8Array|Uint8ClampedArray, width: number, height: number,
+ *   warnings: string[]}>} `warnings`: what a DICOM header says against the image (phrases).
  */
 export async function decode(file, plan, decodeJpeg = decodeWithBrowser) {
   const name = file.name;
   if (file.size === 0) throw new ImageError(`${name}: the file is empty.`);
   const head = new Uint8Array(await file.slice(0, HEADER_BYTES).arrayBuffer());
+  if (isDicom(name, head)) {
+    const jpegFrame = (frame) => decodeJpeg(new Blob([withoutApp1(frame)], { type: 'image/jpeg' }), name, plan);
+    return decodeDicom(new Uint8Array(await file.arrayBuffer()), name, plan, { checkSize, decodeJpeg: jpegFrame });
+  }
   const sniffed = sniffImage(head);
   if (sniffed === null) throw new ImageError(`${name}: is not a JPEG or PNG image.`);
   if (sniffed.format !== 'png' && sniffed.format !== 'jpeg') {
@@ -194,7 +197,7 @@ export async function decode(file, plan, decodeJpeg = decodeWithBrowser) {
     image = await decodeJpeg(new Blob([withoutApp1(bytes)], { type: 'image/jpeg' }), name, plan);
   }
   checkSize(name, image.width, image.height, plan);
-  return orient(image, exifOrientation(exifBlock(bytes)));
+  return { ...orient(image, exifOrientation(exifBlock(bytes))), warnings: [] };
 }
 
 async function decodeWithBrowser(blob, name, plan) {
@@ -485,11 +488,14 @@ export function toModelInput(tf, gray, width, height, plan) {
   });
 }
 
-/** Every step from file to model input: `{input, width, height}` (dispose `input`). */
+/**
+ * Every step from file to model input: `{input, width, height, gray, warnings}` (dispose
+ * `input`); `gray` is the oriented luma the input was resized from, what the page shows.
+ */
 export async function preprocess(tf, file, plan) {
-  const { rgba, width, height } = await decode(file, plan);
+  const { rgba, width, height, warnings } = await decode(file, plan);
   const gray = luma(rgba, width, height);
-  return { input: toModelInput(tf, gray, width, height, plan), width, height };
+  return { input: toModelInput(tf, gray, width, height, plan), width, height, gray, warnings };
 }
 
 // ---- calibration and decision -----------------------------------------------------------
