@@ -2,9 +2,9 @@
 files without an extension that start with the DICOM preamble), the same steps as the page.
 
 pydicom reads the file, imported only when a DICOM file is met (so a start that meets none stays
-fast), and decodes the pixel data: uncompressed, RLE Lossless (pydicom's own decoder), JPEG
-baseline, extended and lossless and JPEG 2000 (Pillow's decoders). JPEG-LS and the other
-compressed syntaxes would need decoders under licences (GPL) this project does not take on:
+fast), and decodes the pixel data: uncompressed, deflated, RLE Lossless (pydicom's own
+decoder), JPEG baseline and extended and JPEG 2000 (Pillow's decoders). JPEG lossless, JPEG-LS
+and the other compressed syntaxes would need decoders under licences (GPL) this project does not take on:
 such a file gets one sentence naming its transfer syntax.
 
 Grayscale (MONOCHROME1/2, 8-16 bits stored, signed or not): the modality LUT (rescale slope and
@@ -33,8 +33,9 @@ WINDOW_RULE = (
     "to 0..255 rounded half up; MONOCHROME1 inverted; colour to RGB, then luma"
 )
 # What the page and Python both decode: explicit and implicit VR little endian, explicit big
-# endian, deflated, RLE Lossless, JPEG baseline (8 bit). Python also reads the rest that Pillow
-# decodes (JPEG extended and lossless, JPEG 2000); the page sends those to `pneumoscan predict`.
+# endian, RLE Lossless, JPEG baseline (8 bit). Python also reads deflated files and what Pillow
+# decodes (JPEG extended, JPEG 2000); the page sends those to `pneumoscan predict`. JPEG
+# lossless and JPEG-LS have no decoder here and are refused.
 TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2": "Implicit VR Little Endian",
     "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
