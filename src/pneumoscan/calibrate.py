@@ -162,6 +162,8 @@ def _newton_logistic(design: np.ndarray, target: np.ndarray) -> tuple[float, flo
         scale = 1.0
         while scale > 1e-10 and _nll(target, design @ (params - scale * step)) > loss:
             scale /= 2  # backtrack: a full Newton step can overshoot far from the optimum
+        if _nll(target, design @ (params - scale * step)) > loss:
+            break  # no step lowers the loss (a near-singular Hessian gives a huge one): stop here
         params = params - scale * step
         new_loss = _nll(target, design @ params)
         converged = loss - new_loss < 1e-15 and np.max(np.abs(scale * step)) < 1e-10
