@@ -6,7 +6,8 @@ pipeline exists, so they never reshuffle and never leak patients or duplicate fi
 
 `find_images` is the one rule for which files of a folder are images (also for `predict`), and
 `scan` decodes each image once: given the model's input size it keeps each image's model input
-(`Sample.image`), which training and evaluation use without decoding the file again.
+(`Sample.image`), which training and evaluation use without decoding the file again, and the
+image checks of the out-of-distribution flag (`Sample.colourfulness`, `Sample.aspect`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from pneumoscan.config import CLASS_NAMES
 from pneumoscan.dicom import DICOM_SUFFIXES, has_dicom_preamble
-from pneumoscan.preprocess import IMAGE_SUFFIXES, ImageError, load_grayscale, resize
+from pneumoscan.preprocess import IMAGE_SUFFIXES, ImageError, decode, resize
 
 PATIENT_ID = re.compile(r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)")
 SPLIT_NAMES = ("train", "val", "internal-test")
@@ -47,6 +48,9 @@ class Sample:
     sha256: str
     # The model input (S, S, 1) float32 in [0, 255], when the scan was given the input size.
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # The decode's image checks for the out-of-distribution flag (`preprocess.Decoded`).
+    colourfulness: float = field(default=0.0, compare=False, repr=False)
+    aspect: float = field(default=1.0, compare=False, repr=False)
 
 
 @dataclass
@@ -148,7 +152,7 @@ def scan(split_dir: Path, image_size: int | None = None) -> Scan:
         path, label = item
         try:
             data = path.read_bytes()
-            gray = load_grayscale(path, data)
+            decoded = decode(path, data)
         except (ImageError, OSError) as error:
             return str(error) if isinstance(error, ImageError) else f"{path}: {error.strerror}."
         return Sample(
@@ -157,7 +161,9 @@ def scan(split_dir: Path, image_size: int | None = None) -> Scan:
             label=label,
             patient=patient_id(path.name) or "",
             sha256=hashlib.sha256(data).hexdigest(),
-            image=None if image_size is None else resize(gray, image_size).numpy(),
+            image=None if image_size is None else resize(decoded.luma, image_size).numpy(),
+            colourfulness=decoded.colourfulness,
+            aspect=decoded.aspect,
         )
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
