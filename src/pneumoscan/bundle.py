@@ -111,8 +111,8 @@ class Bundle:
         self, images: Any, batch_size: int = INFERENCE_BATCH, layer: str | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """`forward`, and in the same pass the output of the named inner layer: (raw outputs
-        float32 (n,), features float32 (n, ...) or None when `layer` is None). The page builds
-        the same two-output model from its TF.js layers model (`ood.feature_layer`)."""
+        float32 (n,), that layer's output float32 (n, ...) or None when `layer` is None). The
+        page builds the same two-output model from its TF.js layers model (`ood.feature_source`)."""
         if layer not in self._compiled:
             import keras
             import tensorflow as tf

@@ -52,6 +52,7 @@ _REQUIRED: dict[str, Any] = {
 _OPTIONAL: dict[str, Any] = {
     "ood": {
         "feature_layer": str,
+        "feature_pooling": str,
         "mahalanobis": {
             "mean": dict,
             "components": dict,

@@ -5,11 +5,17 @@ the end of `pneumoscan train` and refitted into a model folder by `pneumoscan oo
 Three parts, each 0 for a typical radiograph and 1 at its threshold; the largest is
 `ood_score`, and `ood` is `ood_score > 1`:
 
-- `mahalanobis`: the distance of the model's penultimate features (`feature_layer`, e.g.
-  pneumonet's global average pooling) from the training X-rays' features, as probabilistic PCA
-  sees it: exact Mahalanobis distance in the `COMPONENTS` directions of largest variance, the
-  rest of the vector measured against the mean variance of the other directions (a low-rank
-  whitening: 48 x 160 numbers rather than a 160 x 160 precision matrix). Mean, directions and
+- `mahalanobis`: the distance of the model's features from the training X-rays' features, as
+  probabilistic PCA sees it: exact Mahalanobis distance in the `COMPONENTS` directions of
+  largest variance, the rest of the vector measured against the mean variance of the other
+  directions (a low-rank whitening: 64 x 320 numbers rather than a 320 x 320 precision matrix).
+  The features (`feature_source`): where the model ends in global average pooling, each
+  channel's mean (what the pooling gives) and standard deviation over the cells of the feature
+  map it pools (pneumonet's `stage3_out`, 5 x 5 x 160, the map the page's heatmap already
+  reads); otherwise the output of the layer feeding the output layer (the seed CNN's `dense`).
+  The standard deviations see how the map is spread, which the mean cannot: with them the
+  shifted X-rays of BENCHMARKS.md are flagged half as often and grey photographs more often.
+  Mean, directions and
   variances come from the training split; the threshold is the (1 − `FALSE_ALARM_RATE`)
   quantile of the val split's distances, taken as the inverse empirical CDF, so that at most 1
   val X-ray in 1,000 is flagged: with fewer than 1,000 val images, none is (the largest
@@ -32,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-COMPONENTS = 48  # directions kept exactly; the others share one mean variance
+COMPONENTS = 64  # directions kept exactly; the others share one mean variance
 FALSE_ALARM_RATE = 0.001  # of val X-rays flagged by the Mahalanobis part: its quantile
 COLOURFULNESS_THRESHOLD = 15.0  # Hasler and Süsstrunk's "slightly colourful"
 ASPECT_THRESHOLD = 3.0  # film and detector formats run from 1 (43 x 43 cm) to 1.33 (18 x 24 cm)
@@ -41,10 +47,15 @@ RULE = (
     "(aspect - 1) / (aspect.threshold - 1)); ood = ood_score > 1"
 )
 MAHALANOBIS_FORMULA = (
-    "f = the feature_layer output (float32, flattened) of the same forward pass, in float64; "
-    "z = f - mean; p = components z (one value per row); d2 = sum(p_i^2 / variances_i) + "
-    "max(0, sum(z^2) - sum(p^2)) / residual_variance"
+    "f = the features (feature_pooling); z = f - mean; p = components z (one value per row); "
+    "d2 = sum(p_i^2 / variances_i) + max(0, sum(z^2) - sum(p^2)) / residual_variance; float64"
 )
+POOLING = {
+    "mean_std": "feature_layer's output of the same forward pass, (height, width, channels) "
+    "float32, per channel over the height x width cells, in float64: f = [the channels' means, "
+    "then their population standard deviations]",
+    "none": "feature_layer's output of the same forward pass, float32, flattened, in float64",
+}
 COLOURFULNESS_FORMULA = (
     "Hasler and Süsstrunk (2003) on the 8-bit RGB after orientation and to_uint8, before "
     "luma: pixels of every s-th row and column from the first, s = ceil(max(height, width) / "
@@ -64,18 +75,38 @@ ASPECT_BASIS = (
 )
 
 
-def feature_layer(model: Any) -> str:
-    """The name of the layer that feeds the output layer, past any dropout: pneumonet's global
-    average pooling (`pool`), the seed CNN's last dense layer (`dense`)."""
+def feature_source(model: Any) -> tuple[str, str]:
+    """(layer name, pooling) of the features: the feature map that global average pooling
+    reduces and "mean_std" (pneumonet: `stage3_out`), when the output layer is fed by such a
+    pooling, past any dropout; else the layer feeding the output layer and "none" (the seed
+    CNN: `dense`)."""
     import keras
 
     layer = model.layers[-1]
     while True:
         inbound = layer.input
         source = next(candidate for candidate in model.layers if candidate.output is inbound)
+        if isinstance(source, keras.layers.GlobalAveragePooling2D):
+            pooled = next(candidate for candidate in model.layers if candidate.output is source.input)
+            return pooled.name, "mean_std"
         if not isinstance(source, keras.layers.Dropout):
-            return source.name
+            return source.name, "none"
         layer = source
+
+
+def features(layer_output: np.ndarray, pooling: str) -> np.ndarray:
+    """The features of `POOLING[pooling]`, float64 (n, d), from the feature layer's output.
+
+    Raises:
+        ValueError: an unknown pooling.
+    """
+    values = np.asarray(layer_output, dtype=np.float32).astype(np.float64)
+    if pooling == "none":
+        return values.reshape(len(values), -1)
+    if pooling != "mean_std":
+        raise ValueError(f"unknown feature pooling {pooling!r}; expected one of {sorted(POOLING)}")
+    cells = values.reshape(len(values), -1, values.shape[-1])  # (n, height * width, channels)
+    return np.concatenate([cells.mean(axis=1), cells.std(axis=1)], axis=1)
 
 
 def pack(array: np.ndarray) -> dict[str, Any]:
@@ -115,7 +146,7 @@ def fit(
     train_features: np.ndarray,
     val_features: np.ndarray,
     val_checks: np.ndarray,
-    layer: str,
+    source: tuple[str, str],
     components: int = COMPONENTS,
     false_alarm_rate: float = FALSE_ALARM_RATE,
 ) -> dict[str, Any]:
@@ -123,9 +154,9 @@ def fit(
     Mahalanobis threshold from the val split's, and the rates the val split shows.
 
     Args:
-        train_features, val_features: (n, d) feature_layer outputs of X-rays.
+        train_features, val_features: (n, d) `features` of X-rays.
         val_checks: (n, 2) [colourfulness, aspect] of the val images (`preprocess.Decoded`).
-        layer: the feature layer's name.
+        source: (feature layer name, pooling), as `feature_source` gives them.
         components: directions kept exactly.
         false_alarm_rate: share of val X-rays the Mahalanobis part flags.
 
@@ -146,7 +177,14 @@ def fit(
         "fitted_on": "train",
         "n": len(train_features),
     }
-    block = {"feature_layer": layer, "rule": RULE, "mahalanobis": mahalanobis}
+    layer, pooling = source
+    block = {
+        "feature_layer": layer,
+        "feature_pooling": pooling,
+        "features": POOLING[pooling],
+        "rule": RULE,
+        "mahalanobis": mahalanobis,
+    }
     distances = squared_distance(block, val_features)
     # The inverse empirical CDF: the smallest val distance with at least 1 - rate of them at or
     # below it, so at most `rate` of val is flagged (all of it the largest, while n < 1 / rate).
@@ -181,10 +219,9 @@ def _fixed(threshold: float, formula: str, basis: str, val_values: np.ndarray) -
 
 
 def squared_distance(block: dict[str, Any], features: np.ndarray) -> np.ndarray:
-    """The Mahalanobis part's d2, float64 (n,), for features (n, ...) by the block's formula."""
+    """The Mahalanobis part's d2, float64 (n,), for `features` (n, d) by the block's formula."""
     part = block["mahalanobis"]
-    z = np.asarray(features, dtype=np.float32).reshape(len(features), -1).astype(np.float64)
-    z = z - unpack(part["mean"])
+    z = np.asarray(features, dtype=np.float64).reshape(len(features), -1) - unpack(part["mean"])
     projected = z @ unpack(part["components"]).T  # (n, k)
     exact = (projected**2 / np.asarray(part["variances"], dtype=np.float64)).sum(axis=1)
     rest = np.maximum(0.0, (z**2).sum(axis=1) - (projected**2).sum(axis=1))
@@ -196,7 +233,7 @@ def scores(block: dict[str, Any], features: np.ndarray, checks: np.ndarray) -> n
 
     Args:
         block: metadata.json's `ood` block.
-        features: (n, ...) feature_layer outputs.
+        features: (n, d) `features` of the block's feature layer and pooling.
         checks: (n, 2) [colourfulness, aspect] of the decoded images.
     """
     checks = np.asarray(checks, dtype=np.float64).reshape(-1, 2)
@@ -220,10 +257,10 @@ def refit(bundle: Any, train: Sequence[Any], val: Sequence[Any], batch_size: int
     from pneumoscan.calibrate import fit_borderline
     from pneumoscan.data import inputs
 
-    layer = feature_layer(bundle.model)
-    _, train_features = bundle.forward_features(inputs(list(train)), batch_size, layer)
-    val_raw, val_features = bundle.forward_features(inputs(list(val)), batch_size, layer)
-    block = fit(train_features, val_features, sample_checks(val), layer)
+    layer, pooling = source = feature_source(bundle.model)
+    _, train_output = bundle.forward_features(inputs(list(train)), batch_size, layer)
+    val_raw, val_output = bundle.forward_features(inputs(list(val)), batch_size, layer)
+    block = fit(features(train_output, pooling), features(val_output, pooling), sample_checks(val), source)
     labels = [s.label for s in val]
     band = fit_borderline(labels, bundle.calibrated(val_raw), bundle.threshold)
     return {**bundle.metadata, "ood": block, "borderline": band}

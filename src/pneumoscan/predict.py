@@ -51,7 +51,10 @@ def raw_outputs(
     dataset = images(paths, bundle.image_size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
     for batch_paths, errors, warnings, x, checks in dataset:
         outputs, features = bundle.forward_features(x, batch_size, layer)
-        scores = ood.scores(block, features, checks.numpy()) if block else [None] * len(outputs)
+        if block:
+            scores = ood.scores(block, ood.features(features, block["feature_pooling"]), checks.numpy())
+        else:
+            scores = [None] * len(outputs)
         for path, error, warning, output, score in zip(
             batch_paths.numpy(), errors.numpy(), warnings.numpy(), outputs, scores, strict=True
         ):
