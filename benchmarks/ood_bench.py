@@ -83,17 +83,39 @@ def non_xray_sets(bundle: Bundle, folder: Path, per_kind: int, seed: int, real: 
 
 
 def xray_features(bundle: Bundle, data: Path) -> dict:
-    """split -> (features, [colourfulness, aspect], file names), from the rebuilt splits."""
+    """split -> (features, [colourfulness, aspect], file names, labels, calibrated
+    probabilities), from the rebuilt splits."""
     meta = bundle.metadata
     digests = {name: info["digest"] for name, info in meta["data"]["splits"].items()}
     splits = rebuild_splits(data, meta["data"]["rule"], digests, bundle.image_size)
     layer, pooling = meta["ood"]["feature_layer"], meta["ood"]["feature_pooling"]
     out = {}
     for name, samples in splits.splits.items():
-        _, output = bundle.forward_features(inputs(samples), 64, layer)
-        names = np.array([s.path.name for s in samples])
-        out[name] = (ood.features(output, pooling), ood.sample_checks(samples), names)
+        raw, output = bundle.forward_features(inputs(samples), 64, layer)
+        names, labels = np.array([s.path.name for s in samples]), np.array([s.label for s in samples])
+        out[name] = (
+            ood.features(output, pooling),
+            ood.sample_checks(samples),
+            names,
+            labels,
+            bundle.calibrated(raw),
+        )
     return out
+
+
+def borderline_rows(bundle: Bundle, splits: dict) -> list[str]:
+    """What the borderline band holds on val (where it was fitted) and internal-test."""
+    rows = []
+    for name in ("val", "internal-test"):
+        _, _, _, labels, probabilities = splits[name]
+        wrong = (probabilities >= bundle.threshold) != (labels == 1)
+        inside = np.array([bool(bundle.borderline(p)) for p in probabilities])
+        rows.append(
+            f"| {name} | {len(labels)} | {inside.sum()} ({inside.mean():.1%}) | {wrong.sum()} | "
+            f"{(wrong & inside).sum()} | {(wrong & ~inside).sum()} / {(~inside).sum()} = "
+            f"{(wrong & ~inside).sum() / (~inside).sum():.2%} |"
+        )
+    return rows
 
 
 def flag_rate(block: dict, features: np.ndarray, checks: np.ndarray) -> tuple[int, int]:
@@ -106,8 +128,8 @@ def held_out_rows(bundle: Bundle, splits: dict) -> list[str]:
     rows = []
     source = bundle.metadata["ood"]["feature_layer"], bundle.metadata["ood"]["feature_pooling"]
     for family in FAMILIES:
-        member = {name: np.char.startswith(names, family) for name, (_, _, names) in splits.items()}
-        (train_f, train_c, _), (val_f, val_c, _) = splits["train"], splits["val"]
+        member = {name: np.char.startswith(split[2], family) for name, split in splits.items()}
+        (train_f, train_c, *_), (val_f, val_c, *_) = splits["train"], splits["val"]
         block = ood.fit(train_f[~member["train"]], val_f[~member["val"]], val_c[~member["val"]], source)
         unseen = [(s[0][member[n]], s[1][member[n]]) for n, s in splits.items() if n != "train"]
         measured = {
@@ -172,6 +194,11 @@ def main() -> None:
             print(f"| {name} | {n} | {flagged} | {flagged / n:.1%} |")
         for line in held_out_rows(bundle, splits) + shifted_rows(bundle, args.data, Path(tmp)):
             print(line, flush=True)
+    band = bundle.metadata["borderline"]
+    print(f"\nBorderline band ({band['low']:.3f}, {band['high']:.3f}), fitted on val:\n")
+    print("| split | images | inside | errors | errors inside | error rate outside |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(borderline_rows(bundle, splits)))
 
 
 if __name__ == "__main__":
