@@ -5,8 +5,10 @@
 
 Cold start: a new process with a warm disk cache (one untimed run first) that imports
 pneumoscan, loads the model, decodes and predicts one image; median of 3 runs. Throughput:
-`predict_files` over N images (decode + resize + forward + calibration) in a fresh process,
-plus the forward pass alone (`Bundle.forward`) on the same batches, and the process's peak RSS. Prints a
+`predict_files` over N images (decode + resize + forward + calibration, and the
+out-of-distribution flag and borderline band when the model has them) in a fresh process,
+median of 5, alternated with the same model without those two blocks; plus the forward pass
+alone (`Bundle.forward`) on the same batches, and the process's peak RSS. Prints a
 Markdown table for BENCHMARKS.md. With `--rss N ...`: the peak RSS of `pneumoscan predict
 --output FILE.jsonl` over folders of N images each, to show memory does not grow with N.
 """
@@ -37,17 +39,36 @@ from pneumoscan.predict import predict_files
 from pneumoscan.preprocess import decode_to_input
 model_dir, batch, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 bundle = Bundle.load(model_dir)
-predict_files(bundle, paths[:batch], batch_size=batch)  # warm-up: traces the graph once
-start = time.perf_counter()
-records = predict_files(bundle, paths, batch_size=batch)
-end_to_end = time.perf_counter() - start
+# The same model without the out-of-distribution flag and borderline band (issue 11), run in
+# turn with it, so that the flag's cost is measured under the same load.
+plain = Bundle(bundle.folder, bundle.model,
+               {k: v for k, v in bundle.metadata.items() if k not in ("ood", "borderline")})
+for b in (bundle, plain):  # warm-up: traces the graphs, the last short batch's too
+    predict_files(b, paths[:batch], batch_size=batch)
+    predict_files(b, paths[:batch + batch // 2], batch_size=batch)
+def cpu_seconds():  # the process's CPU time, every thread: what the load cannot stretch
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+times, cpu = {"with": [], "without": []}, {"with": [], "without": []}
+pair = [("with", bundle), ("without", plain)]
+for turn in range(5):  # in turn, each first every other time
+    for name, b in pair if turn % 2 else pair[::-1]:
+        start, start_cpu = time.perf_counter(), cpu_seconds()
+        records = predict_files(b, paths, batch_size=batch)
+        times[name].append(time.perf_counter() - start)
+        cpu[name].append(cpu_seconds() - start_cpu)
+end_to_end, without = sorted(times["with"])[2], sorted(times["without"])[2]
+cpu_with, cpu_without = sorted(cpu["with"])[2], sorted(cpu["without"])[2]
 x = np.stack([decode_to_input(p, bundle.image_size) for p in paths[:256]])
 bundle.forward(x[:batch], batch)
 start = time.perf_counter()
 bundle.forward(x, batch)
 forward = time.perf_counter() - start
 print(json.dumps({"n": len(records), "errors": sum("error" in r for r in records),
-                  "end_to_end_s": end_to_end, "forward_images_per_s": len(x) / forward,
+                  "end_to_end_s": end_to_end, "without_flag_s": without,
+                  "cpu_s": cpu_with, "cpu_without_flag_s": cpu_without,
+                  "flag_blocks": "ood" in bundle.metadata,
+                  "forward_images_per_s": len(x) / forward,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -156,9 +177,18 @@ def main() -> None:
     print("| measure | value |\n|---|---|")
     print(f"| cold start, one image (median of 3) | {cold:.2f} s |")
     print(
-        f"| end to end over {result['n']} images | {result['end_to_end_s']:.2f} s = "
+        f"| end to end over {result['n']} images (median of 5) | {result['end_to_end_s']:.2f} s = "
         f"{result['n'] / result['end_to_end_s']:.0f} images/s |"
     )
+    if result["flag_blocks"]:
+        print(
+            f"| the same without the ood and borderline blocks, in turn (median of 5) | "
+            f"{result['without_flag_s']:.2f} s = {result['n'] / result['without_flag_s']:.0f} images/s |"
+        )
+        print(
+            f"| CPU time over them, all threads (median of 5): with / without the blocks | "
+            f"{result['cpu_s']:.2f} s / {result['cpu_without_flag_s']:.2f} s |"
+        )
     print(f"| forward pass alone | {result['forward_images_per_s']:.0f} images/s |")
     print(f"| peak RSS (throughput process) | {result['peak_rss_mb']:.0f} MB |")
     print(f"| errors | {result['errors']} |")

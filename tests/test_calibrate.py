@@ -310,3 +310,58 @@ def test_platt_never_fits_worse_than_leaving_the_scores_alone(case):
     z = calibrate.logit(p)
     identity = calibrate._nll(target, z)
     assert calibrate._nll(target, fitted["slope"] * z + fitted["intercept"]) <= identity + 1e-9
+
+
+# ---- the borderline band -------------------------------------------------------------------
+
+# Ten answers around a threshold of 0.5, by their logit: two are wrong, at logits 0.25 (a
+# NORMAL called PNEUMONIA) and -0.5 (the reverse); one right answer ties with the second at 0.5.
+BAND_LOGITS = np.array([-3.0, -2.0, -1.0, -0.5, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0])
+BAND_LABELS = np.array([0, 0, 0, 1, 0, 1, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize(
+    "max_error_rate, half_width, inside, errors_outside",
+    [
+        (0.2, 0.0, 0, 2),  # 2 wrong of 10 already: no band
+        (0.15, 0.375, 1, 1),  # 0.25 inside: 1 wrong of the 9 outside (0.11)
+        (0.1, 0.75, 3, 0),  # the tie at 0.5 cannot be split: 0.25, 0.5 and 0.5 inside
+        (0.0, 0.75, 3, 0),
+    ],
+)
+def test_borderline_band_hand_table(max_error_rate, half_width, inside, errors_outside):
+    prob = 1.0 / (1.0 + np.exp(-BAND_LOGITS))
+    band = calibrate.fit_borderline(BAND_LABELS, prob, 0.5, max_error_rate)
+    assert band["logit_half_width"] == pytest.approx(half_width)
+    assert band["low"] == pytest.approx(1 / (1 + math.exp(half_width)))
+    assert band["high"] == pytest.approx(1 / (1 + math.exp(-half_width)))
+    assert (band["val"]["inside"], band["val"]["errors_outside"]) == (inside, errors_outside)
+    assert band["val"]["errors_inside"] == 2 - errors_outside
+    assert sum(band["low"] < p < band["high"] for p in prob) == inside
+
+
+def test_borderline_band_holds_everything_when_a_confident_answer_is_wrong():
+    labels = BAND_LABELS.copy()
+    labels[-1] = 0  # logit 4, called PNEUMONIA, is NORMAL: no band short of everything will do
+    prob = 1.0 / (1.0 + np.exp(-BAND_LOGITS))
+    band = calibrate.fit_borderline(labels, prob, 0.5, 0.0)
+    assert band["logit_half_width"] == pytest.approx(5.0) and band["val"]["inside"] == 10
+    assert band["val"]["error_rate_outside"] is None
+
+
+def test_borderline_band_is_centred_on_the_threshold_in_logit():
+    prob = 1.0 / (1.0 + np.exp(-(BAND_LOGITS + math.log(3))))  # every answer moved by logit(0.75)
+    band = calibrate.fit_borderline(BAND_LABELS, prob, 0.75, 0.15)
+    assert math.log(band["low"] / (1 - band["low"])) == pytest.approx(math.log(3) - 0.375)
+    assert math.log(band["high"] / (1 - band["high"])) == pytest.approx(math.log(3) + 0.375)
+
+
+def test_operating_point_carries_the_band_of_its_threshold():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 400)
+    raw = 1.0 / (1.0 + np.exp(-(3.0 * (labels - 0.5) + rng.normal(0, 1.5, 400))))
+    fitted = calibrate.fit_operating_point(labels, raw, ThresholdRule.parse("youden"))
+    band = fitted["borderline"]
+    assert band["threshold"] == fitted["threshold"]["value"] and band["split"] == "val"
+    assert band["low"] < band["threshold"] < band["high"]
+    assert band["val"]["error_rate_outside"] <= calibrate.BORDERLINE_MAX_ERROR

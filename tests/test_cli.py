@@ -43,7 +43,7 @@ def test_usage_errors_exit_2_with_one_clear_line(argv, code, message, tmp_path, 
     assert "Traceback" not in err
 
 
-COMMANDS = ["train", "evaluate", "predict", "threshold", "export", "explain", "serve", "demo"]
+COMMANDS = ["train", "evaluate", "predict", "threshold", "ood", "export", "explain", "serve", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -9,7 +9,7 @@ from conftest import SAMPLES
 from pneumoscan.config import AugmentConfig
 from pneumoscan.data import inputs, scan
 from pneumoscan.pipeline import batches, images, training_batches
-from pneumoscan.preprocess import decode_to_input
+from pneumoscan.preprocess import decode, decode_to_input
 
 PATHS = sorted(SAMPLES.rglob("*.jpeg"))[:6]
 LABELS = [int(p.parent.name == "PNEUMONIA") for p in PATHS]
@@ -74,8 +74,8 @@ def test_images_stream_flags_bad_files(tmp_path):
     bad = tmp_path / "bad.jpeg"
     bad.write_bytes(b"not an image")
     rows = [
-        (p.numpy().decode(), e.numpy().decode(), x.numpy())
-        for p, e, w, x in images([PATHS[0], bad, PATHS[1]], 64)
+        (p.numpy().decode(), e.numpy().decode(), x.numpy(), c.numpy())
+        for p, e, w, x, c in images([PATHS[0], bad, PATHS[1]], 64)
         if w.numpy() == b""  # no DICOM header here to warn about
     ]
     assert [r[1] == "" for r in rows] == [True, False, True]
@@ -83,6 +83,10 @@ def test_images_stream_flags_bad_files(tmp_path):
     assert rows[1][1] == f"{bad}: is not a JPEG or PNG image."  # the decode's own sentence
     assert all(r[2].shape == (64, 64, 1) for r in rows)
     np.testing.assert_allclose(rows[2][2], decode_to_input(PATHS[1], 64), atol=1e-4)
+    # The out-of-distribution image checks ride along: [colourfulness, aspect].
+    expected = decode(PATHS[1])
+    np.testing.assert_array_equal(rows[2][3], [expected.colourfulness, expected.aspect])
+    np.testing.assert_array_equal(rows[1][3], [0.0, 1.0])
 
 
 def test_augmentation_with_zero_strength_is_the_identity():

@@ -22,6 +22,7 @@ from pneumoscan.predict import predict_files
 from pneumoscan.preprocess import IMAGE_SUFFIXES, decode_to_input
 
 UNUSUAL = AWKWARD_VALID
+SAMPLE_FILES = sorted(SAMPLES.rglob("*.jpeg"))
 BAD = AWKWARD_BAD
 
 
@@ -106,10 +107,17 @@ def test_formats(trained_run, capsys):
     assert main(["predict", "--model", str(run_dir), "--format", "csv", *files]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["path"] for r in rows] == files
-    assert set(rows[0]) == {"path", "label", "probability", "threshold", "error", "warning"}
+    assert set(rows[0]) == {"path", "label", "probability", "threshold", "error", "warning"} | {
+        "borderline",
+        "ood",
+        "ood_score",
+    }
+    assert {rows[0]["ood"], rows[0]["borderline"]} <= {"True", "False"} and float(rows[0]["ood_score"]) > 0
     assert main(["predict", "--model", str(run_dir), *files]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["path", "label", "p(pneumonia)", "threshold"] and len(table) == 4
+    header = ["path", "label", "p(pneumonia)", "threshold", "borderline", "ood"]
+    assert table[0].split() == header and len(table) == 4
+    assert all(line.split()[4] in ("yes", "no") and line.split()[5] in ("yes", "no") for line in table[1:])
 
 
 def test_missing_model_without_a_bundle_is_a_usage_error(monkeypatch, capsys):
@@ -150,6 +158,13 @@ def test_json_on_stdout_is_one_array_written_as_it_grows(trained_run, capsys):
     assert out == json.dumps(predict_files(run_dir, [SAMPLES]), indent=2) + "\n"
 
 
+def _from_csv(key: str, value: str):
+    """A CSV cell as the JSON record holds it."""
+    if key in ("probability", "threshold", "ood_score"):
+        return float(value)
+    return {"True": True, "False": False}[value] if key in ("borderline", "ood") else value
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_output_file_is_written_as_records_come_and_resumed(trained_run, tmp_path, capsys, suffix):
     _, run_dir = trained_run
@@ -159,10 +174,8 @@ def test_output_file_is_written_as_records_come_and_resumed(trained_run, tmp_pat
 
     def read() -> list[dict]:
         if suffix == ".csv":
-            return [
-                {k: (float(v) if k in ("probability", "threshold") else v) for k, v in row.items() if v}
-                for row in csv.DictReader(output.open())
-            ]
+            rows = csv.DictReader(output.open())
+            return [{k: _from_csv(k, v) for k, v in row.items() if v} for row in rows]
         return [json.loads(line) for line in output.read_text().splitlines()]
 
     assert main([*base, str(SAMPLES)]) == 0
@@ -189,6 +202,34 @@ def test_output_file_is_written_as_records_come_and_resumed(trained_run, tmp_pat
     records = read()
     assert sorted(r["path"] for r in records) == sorted(expected)  # each path once, none half
     assert all(same(r) for r in records)
+
+
+def test_resuming_a_csv_begun_before_the_new_columns_keeps_its_header(trained_run, tmp_path, capsys):
+    _, run_dir = trained_run
+    output = tmp_path / "old.csv"
+    old_fields = ["path", "label", "probability", "threshold", "error", "warning"]
+    first = predict_files(run_dir, SAMPLE_FILES[:2])
+    with output.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=old_fields, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(first)
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(run_dir),
+                "--output",
+                str(output),
+                "--resume",
+                *map(str, SAMPLE_FILES[:4]),
+            ]
+        )
+        == 0
+    )
+    assert "2 already in the output file, skipped" in capsys.readouterr().err
+    rows = list(csv.reader(output.open()))
+    assert rows[0] == old_fields and len(rows) == 5 and all(len(row) == len(old_fields) for row in rows)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ from conftest import SAMPLES, synthetic_xray
 from image_files import exif_chunk, exif_tiff, raw_profile_chunk, upright, xmp_chunk
 from pneumoscan.preprocess import (
     ImageError,
+    colourfulness,
+    decode,
     decode_to_input,
     exif_block,
     exif_orientation,
@@ -195,3 +197,53 @@ def test_decode_to_input_shape_and_range():
     x = decode_to_input(next((SAMPLES / "PNEUMONIA").iterdir()), 150)
     assert x.shape == (150, 150, 1) and x.dtype == np.float32
     assert x.min() >= 0.0 and x.max() <= 255.0 and x.std() > 1
+
+
+# ---- what the decode measures for the out-of-distribution flag -------------------------------
+
+
+def _two_halves(left, right, size=(4, 8)) -> np.ndarray:
+    rgb = np.zeros((*size, 3), np.uint8)
+    rgb[:, : size[1] // 2], rgb[:, size[1] // 2 :] = left, right
+    return rgb
+
+
+@pytest.mark.parametrize(
+    "rgb, expected",
+    [
+        (np.stack([GRAY] * 3, axis=-1), 0.0),  # grey stored as RGB
+        (np.full((5, 7, 3), (200, 100, 50), np.uint8), 0.3 * np.hypot(100, 100)),  # one colour
+        # rg is 0 and 100, yb 0 and 50: sd 50 and 25, means 50 and 25.
+        (_two_halves((0, 0, 0), (200, 100, 100)), np.hypot(50, 25) + 0.3 * np.hypot(50, 25)),
+    ],
+)
+def test_colourfulness_hand_values(rgb, expected):
+    assert colourfulness(rgb) == pytest.approx(expected, rel=1e-12)
+
+
+def test_colourfulness_samples_every_s_th_pixel_of_large_images():
+    rgb = np.zeros((300, 520, 3), np.uint8)  # s = ceil(520 / 256) = 3
+    rgb[::3, ::3] = (255, 0, 0)  # only the sampled pixels are red
+    assert colourfulness(rgb) == pytest.approx(0.3 * np.hypot(255, 127.5))
+    rgb[1::3, 1::3] = (0, 0, 255)  # never sampled
+    assert colourfulness(rgb) == pytest.approx(0.3 * np.hypot(255, 127.5))
+
+
+@pytest.mark.parametrize(
+    "name, image, colourful, aspect",
+    [
+        ("grey.png", Image.fromarray(GRAY), False, 80 / 60),
+        ("colour.png", Image.fromarray(RGB), True, 80 / 60),
+        ("grey-rgb.jpeg", Image.fromarray(np.stack([GRAY] * 3, axis=-1)), False, 80 / 60),
+        ("tall.png", Image.fromarray(GRAY.T.copy()), False, 80 / 60),
+        ("palette.png", Image.fromarray(RGB).quantize(16), True, 80 / 60),
+    ],
+)
+def test_decode_measures_colour_before_luma_and_the_aspect(name, image, colourful, aspect):
+    data = _encode(image, "JPEG" if name.endswith(".jpeg") else "PNG")
+    decoded = decode(name, data)
+    np.testing.assert_array_equal(decoded.luma, load_grayscale(name, data))
+    assert (decoded.colourfulness > 15) == colourful
+    assert decoded.aspect == pytest.approx(aspect)
+    if name == "colour.png":
+        assert decoded.colourfulness == colourfulness(RGB)

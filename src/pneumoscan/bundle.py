@@ -6,7 +6,10 @@ the Keras model, its metadata (input size, class names, calibration, threshold),
 
 - `forward`: the one batched forward pass, raw sigmoid outputs for model inputs, which predict,
   evaluate, explain, training's calibration, the export checks and the benchmarks all call;
-- `calibrated` and `label`: the metadata's calibration and threshold applied to those outputs.
+  `forward_features` is the same pass that also returns an inner layer's output (the
+  penultimate features of the out-of-distribution score, `pneumoscan.ood`);
+- `calibrated`, `label` and `borderline`: the metadata's calibration, threshold and borderline
+  band applied to those outputs.
 
 `tfjs_weights` puts the weights of a TF.js export (dequantized exactly as TF.js reads them) into
 a Keras model, so Python can compute what the browser computes.
@@ -69,7 +72,8 @@ class Bundle:
     folder: Path
     model: Any  # keras.Model
     metadata: dict
-    _compiled: Any = field(default=None, init=False, repr=False)
+    # One compiled forward pass per feature layer (None: the output alone).
+    _compiled: dict = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def load(cls, model: str | Path | Bundle | None = None) -> Bundle:
@@ -101,16 +105,32 @@ class Bundle:
         `images` may be a NumPy array or a tensor. It runs `batch_size` images at a time through
         one compiled function (traced once per batch shape), in inference mode.
         """
-        if self._compiled is None:
+        return self.forward_features(images, batch_size)[0]
+
+    def forward_features(
+        self, images: Any, batch_size: int = INFERENCE_BATCH, layer: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`forward`, and in the same pass the output of the named inner layer: (raw outputs
+        float32 (n,), that layer's output float32 (n, ...) or None when `layer` is None). The
+        page builds the same two-output model from its TF.js layers model (`ood.feature_source`)."""
+        if layer not in self._compiled:
+            import keras
             import tensorflow as tf
 
-            self._compiled = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
-        count = int(images.shape[0])
-        outputs = [
-            np.asarray(self._compiled(images[start : start + batch_size])).reshape(-1)
-            for start in range(0, count, batch_size)
-        ]
-        return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros(0, np.float32)
+            outputs = [self.model.output] + ([self.model.get_layer(layer).output] if layer else [])
+            twin = keras.Model(self.model.inputs, outputs) if layer else self.model
+            self._compiled[layer] = tf.function(lambda x: twin(x, training=False), reduce_retracing=True)
+        compiled, count = self._compiled[layer], int(images.shape[0])
+        raw, features = [], []
+        for start in range(0, count, batch_size):
+            result = compiled(images[start : start + batch_size])
+            raw.append(np.asarray(result[0] if layer else result).reshape(-1))
+            if layer:
+                features.append(np.asarray(result[1], dtype=np.float32))
+        outputs = np.concatenate(raw).astype(np.float32) if raw else np.zeros(0, np.float32)
+        if not layer:
+            return outputs, None
+        return outputs, np.concatenate(features) if features else np.zeros((0,), np.float32)
 
     def calibrated(self, raw: Any) -> np.ndarray:
         """The metadata's calibration applied to raw outputs: float64 probabilities."""
@@ -123,6 +143,12 @@ class Bundle:
     def label(self, probability: float) -> str:
         names = self.metadata["class_names"]
         return names[1] if probability >= self.threshold else names[0]
+
+    def borderline(self, probability: float) -> bool | None:
+        """Whether a calibrated probability falls in metadata.json's borderline band (low <
+        probability < high); None for a model without one."""
+        band = self.metadata.get("borderline")
+        return None if band is None else bool(band["low"] < probability < band["high"])
 
 
 def set_named_weights(model: Any, weights: dict[str, np.ndarray]) -> None:

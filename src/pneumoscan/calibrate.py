@@ -1,6 +1,6 @@
-"""Calibration and decision threshold: `pneumoscan train` fits both on the validation split,
-`pneumoscan threshold` re-chooses the threshold of a trained model. `fit_operating_point` does
-both from arrays of labels and raw model outputs.
+"""Calibration, decision threshold and the band of borderline answers around it: `pneumoscan
+train` fits all three on the validation split, `pneumoscan threshold` re-chooses them for a
+trained model. `fit_operating_point` does so from arrays of labels and raw model outputs.
 
 The formulas follow `docs/metadata.md` (section "Calibration and decision"); the web page
 applies the same ones, so everything here is float64 and written out, not delegated to a
@@ -26,6 +26,8 @@ APPLIES_TO = "calibrated probability"
 # scores separate the classes (the optimum is T -> 0); the upper one, that they carry no
 # signal or the wrong sign (T -> infinity). Either way a warning says so.
 TEMPERATURE_BOUNDS = (1e-3, 1e3)
+# Outside the borderline band the val split may err on at most this share of images.
+BORDERLINE_MAX_ERROR = 0.01
 
 
 def logit(p: Any) -> np.ndarray:
@@ -162,6 +164,8 @@ def _newton_logistic(design: np.ndarray, target: np.ndarray) -> tuple[float, flo
         scale = 1.0
         while scale > 1e-10 and _nll(target, design @ (params - scale * step)) > loss:
             scale /= 2  # backtrack: a full Newton step can overshoot far from the optimum
+        if _nll(target, design @ (params - scale * step)) > loss:
+            break  # no step lowers the loss (a near-singular Hessian gives a huge one): stop here
         params = params - scale * step
         new_loss = _nll(target, design @ params)
         converged = loss - new_loss < 1e-15 and np.max(np.abs(scale * step)) < 1e-10
@@ -218,15 +222,16 @@ def choose_threshold(y_true: Any, prob: Any, rule: ThresholdRule, split: str = "
 
 def fit_operating_point(y_true: Any, raw: Any, rule: ThresholdRule, split: str = "val") -> dict:
     """Platt scaling fitted on `raw` model outputs, then the threshold chosen by `rule` on the
-    calibrated probabilities of the same (validation) split, and the metrics there.
+    calibrated probabilities of the same (validation) split, the metrics there, and the band of
+    borderline answers around that threshold (`fit_borderline`).
 
     Platt rather than temperature: class weights train the model as if both classes were
     equally common, which shifts its logits by a constant; temperature scaling (slope only)
     cannot undo that shift, Platt's intercept does.
 
     Returns:
-        `{"calibration", "threshold", "metrics"}`: the two metadata.json blocks and the
-        metrics of the split at that threshold (metadata's `metrics.<split>`).
+        `{"calibration", "threshold", "metrics", "borderline"}`: the metadata.json blocks and
+        the metrics of the split at that threshold (metadata's `metrics.<split>`).
 
     Raises:
         ValueError: one class only, bad shapes or values.
@@ -235,7 +240,75 @@ def fit_operating_point(y_true: Any, raw: Any, rule: ThresholdRule, split: str =
     calibrated = apply_calibration(raw, calibration)
     threshold = choose_threshold(y_true, calibrated, rule, split=split)
     metrics = to_json_safe(summarize(y_true, calibrated, threshold["value"]))
-    return {"calibration": calibration, "threshold": threshold, "metrics": metrics}
+    borderline = fit_borderline(y_true, calibrated, threshold["value"], split=split)
+    return {"calibration": calibration, "threshold": threshold, "metrics": metrics, "borderline": borderline}
+
+
+def fit_borderline(
+    y_true: Any, prob: Any, threshold: float, max_error_rate: float = BORDERLINE_MAX_ERROR, split: str = "val"
+) -> dict[str, Any]:
+    """The band of borderline answers: the narrowest band around the threshold, symmetric in
+    logit, outside which the split's error rate is at most `max_error_rate`.
+
+    Each image's distance is |logit(prob) − logit(threshold)| (`logit` clips to 1e-7). Bands
+    are cut halfway between consecutive distinct distances (or at 0); the first cut whose
+    outside images err at most `max_error_rate` of the time gives the half-width w. An answer
+    is borderline when low < probability < high, low and high being the threshold's logit
+    ∓ w mapped back to probabilities. w = 0 (no band) when the split errs rarely enough as it
+    is; a band holding every image when no narrower one will do.
+
+    Returns:
+        metadata.json's `borderline` block: `low`, `high`, `logit_half_width`, the rule, and
+        what the split shows inside and outside the band.
+
+    Raises:
+        ValueError: bad shapes or values, or a rate outside [0, 1).
+    """
+    if not 0.0 <= max_error_rate < 1.0:
+        raise ValueError(f"max_error_rate must be in [0, 1), got {max_error_rate}")
+    labels, probs = paired_inputs(y_true, prob, prob_name="prob")
+    centre = float(logit(threshold))
+    distance = np.abs(logit(probs) - centre)
+    order = np.argsort(distance, kind="stable")
+    ranked, wrong = distance[order], ((probs >= threshold) != (labels == 1))[order]
+    inside, half, outside_errors = _band_cut(ranked, wrong, max_error_rate)
+    n, outside = ranked.size, ranked.size - inside
+    return {
+        "low": float(_sigmoid(np.float64(centre - half))),
+        "high": float(_sigmoid(np.float64(centre + half))),
+        "applies_to": APPLIES_TO,
+        "flag": "borderline = low < probability < high",
+        "rule": "the narrowest band, symmetric in logit around the threshold, outside which the "
+        f"{split} error rate is at most max_error_rate",
+        "max_error_rate": max_error_rate,
+        "logit_half_width": half,
+        "threshold": float(threshold),
+        "split": split,
+        split: {
+            "n": int(n),
+            "inside": inside,
+            "errors_inside": int(wrong.sum()) - outside_errors,
+            "errors_outside": outside_errors,
+            "error_rate_outside": outside_errors / outside if outside else None,
+        },
+    }
+
+
+def _band_cut(ranked: np.ndarray, wrong: np.ndarray, max_error_rate: float) -> tuple[int, float, int]:
+    """(images inside, half-width, errors outside) of the first cut of `ranked` distances
+    (ascending) whose outside images err at most `max_error_rate` of the time."""
+    n = ranked.size
+    outside_errors = np.concatenate([np.cumsum(wrong[::-1])[::-1], [0]])  # errors among ranked[i:]
+    rate = outside_errors / np.maximum(n - np.arange(n + 1), 1)
+    cuts = np.r_[True, ranked[1:] > ranked[:-1], True]  # cut i: ranked[:i] inside, ranked[i:] outside
+    i = int(np.flatnonzero(cuts & (rate <= max_error_rate))[0])
+    if i == 0:
+        half = 0.0
+    elif i == n:
+        half = float(ranked[-1]) + 1.0  # every image inside
+    else:
+        half = float(ranked[i - 1] + ranked[i]) / 2.0
+    return i, half, int(outside_errors[i])
 
 
 def describe_calibration(calibration: dict) -> str:

@@ -1,4 +1,4 @@
-"""The `pneumoscan` command: `pneumoscan {train,evaluate,predict,threshold,export,explain,serve,demo}`.
+"""The `pneumoscan` command: `pneumoscan {train,evaluate,predict,threshold,ood,export,explain,serve,demo}`.
 
 `main(argv) -> int` runs in-process (the tests call it); `run()` is the console script.
 Usage errors exit 2, failures exit 1, each with one sentence on stderr and no traceback
@@ -212,6 +212,26 @@ def _threshold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ood(commands) -> None:
+    parser = commands.add_parser(
+        "ood", help="refit the out-of-distribution flag and the borderline band of a model"
+    )
+    parser.add_argument("--model", type=Path, required=True, help="run folder or bundle to update")
+    parser.add_argument("--data", required=True, type=Path, help="the dataset the model was trained on")
+    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH)
+    parser.set_defaults(handler=_ood)
+
+
+def _ood(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {args.batch_size}")
+    from pneumoscan import ood
+
+    meta = ood.refit_model(args.model, args.data, args.batch_size)
+    print(f"{args.model}: {ood.describe(meta)}")
+    return 0
+
+
 def _add_predict(commands) -> None:
     parser = commands.add_parser("predict", help="predict files and folders (recursively)")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
@@ -243,7 +263,7 @@ def _add_predict(commands) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pneumoscan.predict import OUTPUT_SUFFIXES, expand_paths, item_path, read_done
+    from pneumoscan.predict import CSV_FIELDS, OUTPUT_SUFFIXES, csv_fields, expand_paths, item_path, read_done
 
     fmt = _check_predict_args(args)
     bundle = bundle_module.Bundle.load(args.model)
@@ -257,18 +277,12 @@ def _predict(args: argparse.Namespace) -> int:
     if args.output is None:
         return _predict_to(sys.stdout, fmt or "table", bundle, items, args.batch_size, header=True)
     fresh = not args.output.exists() or args.output.stat().st_size == 0
+    fmt = OUTPUT_SUFFIXES[args.output.suffix.lower()]
+    fields = csv_fields(args.output) if fmt == "csv" and not fresh else CSV_FIELDS
     # surrogateescape: a file name that is not UTF-8 goes out as its own bytes, and --resume
     # reads it back as the same name.
     with open(args.output, "a", encoding="utf-8", errors="surrogateescape", newline="") as stream:
-        return _predict_to(
-            stream,
-            OUTPUT_SUFFIXES[args.output.suffix.lower()],
-            bundle,
-            items,
-            args.batch_size,
-            fresh,
-            len(done),
-        )
+        return _predict_to(stream, fmt, bundle, items, args.batch_size, fresh, len(done), fields)
 
 
 def _check_predict_args(args: argparse.Namespace) -> str | None:
@@ -290,14 +304,14 @@ def _check_predict_args(args: argparse.Namespace) -> str | None:
 
 
 def _predict_to(
-    stream, fmt: str, bundle, items: list, batch_size: int, header: bool, skipped: int = 0
+    stream, fmt: str, bundle, items: list, batch_size: int, header: bool, skipped: int = 0, fields=None
 ) -> int:
     """Records to `stream` as they come, each bad input's sentence to stderr, a progress bar on
     stderr when it is a terminal, the summary last; exit 1 when an input failed."""
-    from pneumoscan.predict import RecordWriter, Tally, iter_predictions
+    from pneumoscan.predict import CSV_FIELDS, RecordWriter, Tally, iter_predictions
 
-    tally = Tally()
-    with _progress(len(items)) as (advance, say), RecordWriter(stream, fmt, header) as writer:
+    tally, fields = Tally(), fields or CSV_FIELDS
+    with _progress(len(items)) as (advance, say), RecordWriter(stream, fmt, header, fields) as writer:
         for record in iter_predictions(bundle, items, batch_size):
             writer.write(record)
             tally.add(record)
@@ -442,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_predict(commands)
     _add_threshold(commands)
+    _add_ood(commands)
     _add_export(commands)
     _add_explain(commands)
     _add_serve(commands)

@@ -6,7 +6,8 @@ pipeline exists, so they never reshuffle and never leak patients or duplicate fi
 
 `find_images` is the one rule for which files of a folder are images (also for `predict`), and
 `scan` decodes each image once: given the model's input size it keeps each image's model input
-(`Sample.image`), which training and evaluation use without decoding the file again.
+(`Sample.image`), which training and evaluation use without decoding the file again, and the
+image checks of the out-of-distribution flag (`Sample.colourfulness`, `Sample.aspect`).
 
 Two validation designs (`--val-design`): `random` fills val and internal-test with patients drawn
 in a seeded order; `acquisition` (the default) fills them, for the normals, with the films whose
@@ -33,7 +34,7 @@ import numpy as np
 from pneumoscan import acquisition
 from pneumoscan.config import CLASS_NAMES, VAL_DESIGNS
 from pneumoscan.dicom import DICOM_SUFFIXES, has_dicom_preamble
-from pneumoscan.preprocess import IMAGE_SUFFIXES, ImageError, load_grayscale, resize
+from pneumoscan.preprocess import IMAGE_SUFFIXES, ImageError, decode, resize
 
 PATIENT_ID = re.compile(r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)")
 SPLIT_NAMES = ("train", "val", "internal-test")
@@ -58,6 +59,9 @@ class Sample:
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
     # acquisition.FEATURES of the film, when the scan was asked for them.
     statistics: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # The decode's image checks for the out-of-distribution flag (`preprocess.Decoded`).
+    colourfulness: float = field(default=0.0, compare=False, repr=False)
+    aspect: float = field(default=1.0, compare=False, repr=False)
 
 
 @dataclass
@@ -161,7 +165,7 @@ def scan(split_dir: Path, image_size: int | None = None, statistics: bool = Fals
         path, label = item
         try:
             data = path.read_bytes()
-            gray = load_grayscale(path, data)
+            decoded = decode(path, data)
         except (ImageError, OSError) as error:
             return str(error) if isinstance(error, ImageError) else f"{path}: {error.strerror}."
         return Sample(
@@ -170,8 +174,10 @@ def scan(split_dir: Path, image_size: int | None = None, statistics: bool = Fals
             label=label,
             patient=patient_id(path.name) or "",
             sha256=hashlib.sha256(data).hexdigest(),
-            image=None if image_size is None else resize(gray, image_size).numpy(),
-            statistics=acquisition.statistics(gray) if statistics else None,
+            image=None if image_size is None else resize(decoded.luma, image_size).numpy(),
+            statistics=acquisition.statistics(decoded.luma) if statistics else None,
+            colourfulness=decoded.colourfulness,
+            aspect=decoded.aspect,
         )
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:

@@ -48,6 +48,23 @@ _REQUIRED: dict[str, Any] = {
     "training": dict,
     "versions": dict,
 }
+# Optional blocks, checked when present (models made before them have neither).
+_OPTIONAL: dict[str, Any] = {
+    "ood": {
+        "feature_layer": str,
+        "feature_pooling": str,
+        "mahalanobis": {
+            "mean": dict,
+            "components": dict,
+            "variances": list,
+            "residual_variance": (int, float),
+            "threshold": (int, float),
+        },
+        "colourfulness": {"threshold": (int, float)},
+        "aspect": {"threshold": (int, float)},
+    },
+    "borderline": {"low": (int, float), "high": (int, float)},
+}
 
 
 class MetadataError(ValueError):
@@ -104,14 +121,16 @@ def build(config: Config, data_summary: dict, training: dict) -> dict[str, Any]:
 
 
 def with_operating_point(metadata: dict[str, Any], fitted: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `metadata` with the calibration, threshold and split metrics of
-    `calibrate.fit_operating_point` (its metrics under `metrics.<split>`)."""
+    """A copy of `metadata` with the calibration, threshold, borderline band and split metrics
+    of `calibrate.fit_operating_point` (its metrics under `metrics.<split>`)."""
     split = fitted["threshold"]["split"] or fitted["calibration"]["fitted_on"]
     metrics = {**metadata.get("metrics", {}), split: fitted["metrics"]}
+    extra = {"borderline": fitted["borderline"]} if "borderline" in fitted else {}
     return {
         **metadata,
         "calibration": fitted["calibration"],
         "threshold": fitted["threshold"],
+        **extra,
         "metrics": metrics,
     }
 
@@ -121,6 +140,7 @@ def validate(metadata: Any, source: str = FILE_NAME) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise MetadataError(f"{source}: expected a JSON object.")
     _check(metadata, _REQUIRED, source, "")
+    _check(metadata, {key: spec for key, spec in _OPTIONAL.items() if key in metadata}, source, "")
     if metadata["schema_version"] != SCHEMA_VERSION:
         raise MetadataError(
             f"{source}: schema_version {metadata['schema_version']} is not supported "

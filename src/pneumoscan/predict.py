@@ -20,33 +20,51 @@ from typing import TextIO
 
 import numpy as np
 
+from pneumoscan import ood
 from pneumoscan.bundle import INFERENCE_BATCH, Bundle
 from pneumoscan.data import find_images
 
 FORMATS = ("table", "json", "csv")
 OUTPUT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl"}  # --output FILE: its format by suffix
-CSV_FIELDS = ("path", "label", "probability", "threshold", "error", "warning")
+# New columns go last, so that an older file still reads the same way (`--resume`).
+CSV_FIELDS = (
+    *("path", "label", "probability", "threshold", "error", "warning"),
+    *("borderline", "ood", "ood_score"),
+)
 
 
 def raw_outputs(
     bundle: Bundle, paths: Sequence[str | Path], batch_size: int = INFERENCE_BATCH
-) -> Iterator[tuple[str, str, str, float]]:
-    """(path, error, warning, raw model output) for every path, in order, batch by batch;
-    `error` is "" when the file decoded, else its one-sentence reason (and the output is
-    meaningless); `warning` what a DICOM header says against the image, or ""."""
+) -> Iterator[tuple[str, str, str, float, float | None]]:
+    """(path, error, warning, raw model output, ood_score) for every path, in order, batch by
+    batch; `error` is "" when the file decoded, else its one-sentence reason (and the output is
+    meaningless); `warning` what a DICOM header says against the image, or ""; `ood_score` from
+    the same forward pass (`pneumoscan.ood`), None for a model without an `ood` block."""
     import tensorflow as tf
 
     from pneumoscan.pipeline import images
 
     if not paths:
         return
+    block = bundle.metadata.get("ood")
+    layer = block["feature_layer"] if block else None
     dataset = images(paths, bundle.image_size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    for batch_paths, errors, warnings, x in dataset:
-        outputs = bundle.forward(x, batch_size)
-        for path, error, warning, output in zip(
-            batch_paths.numpy(), errors.numpy(), warnings.numpy(), outputs, strict=True
+    for batch_paths, errors, warnings, x, checks in dataset:
+        outputs, features = bundle.forward_features(x, batch_size, layer)
+        if block:
+            scores = ood.scores(block, ood.features(features, block["feature_pooling"]), checks.numpy())
+        else:
+            scores = [None] * len(outputs)
+        for path, error, warning, output, score in zip(
+            batch_paths.numpy(), errors.numpy(), warnings.numpy(), outputs, scores, strict=True
         ):
-            yield os.fsdecode(path), error.decode(errors="surrogateescape"), warning.decode(), float(output)
+            yield (
+                os.fsdecode(path),
+                error.decode(errors="surrogateescape"),
+                warning.decode(),
+                float(output),
+                None if score is None else float(score),
+            )
 
 
 def expand_paths(inputs: Iterable[str | Path], shard: tuple[int, int] | None = None) -> list[Path | dict]:
@@ -85,14 +103,15 @@ def iter_predictions(
     bundle: Bundle, items: list[Path | dict], batch_size: int = INFERENCE_BATCH
 ) -> Iterator[dict]:
     """One record per item of `expand_paths`, in order, as each batch is done: `{path, label,
-    probability, threshold}` (and `warning`, a sentence, when a DICOM header speaks against the
-    image) or `{path, error}`. Nothing is kept, so memory stays flat."""
+    probability, threshold}`, then `borderline` and `ood`, `ood_score` when the model's metadata
+    has those blocks (and `warning`, a sentence, when a DICOM header speaks against the image),
+    or `{path, error}`. Nothing is kept, so memory stays flat."""
     outputs = raw_outputs(bundle, [item for item in items if isinstance(item, Path)], batch_size)
     for item in items:
         if isinstance(item, dict):
             yield item
             continue
-        path, error, warning, raw = next(outputs)
+        path, error, warning, raw, ood_score = next(outputs)
         if error:
             yield {"path": path, "error": error}
             continue
@@ -103,6 +122,11 @@ def iter_predictions(
             "probability": probability,
             "threshold": bundle.threshold,
         }
+        borderline = bundle.borderline(probability)
+        if borderline is not None:
+            record["borderline"] = borderline
+        if ood_score is not None:
+            record.update(ood=ood_score > 1.0, ood_score=ood_score)
         yield {**record, "warning": f"{path}: {warning}."} if warning else record
 
 
@@ -129,12 +153,16 @@ class RecordWriter:
     its column widths depend on every path). Each record is flushed, so a reader (or `--resume`)
     sees every finished one."""
 
-    def __init__(self, stream: TextIO, fmt: str, header: bool = True):
+    def __init__(self, stream: TextIO, fmt: str, header: bool = True, fields: Sequence[str] = CSV_FIELDS):
+        """`fields`: the CSV columns; a resumed file keeps its own (`csv_fields`), so a file begun
+        by an older pneumoscan gets no cells beyond its header."""
         if fmt not in (*FORMATS, "jsonl"):
             raise ValueError(f"unknown format {fmt!r}")
         self.stream, self.fmt, self.count, self.kept = stream, fmt, 0, []
         self.csv = (
-            csv.DictWriter(stream, fieldnames=CSV_FIELDS, lineterminator="\n") if fmt == "csv" else None
+            csv.DictWriter(stream, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+            if fmt == "csv"
+            else None
         )
         if self.csv is not None and header:
             self.csv.writeheader()
@@ -161,17 +189,32 @@ class RecordWriter:
         if error_type is not None:  # no closing bracket or table under an error's message
             return
         if self.fmt == "table":
-            self.stream.write(
-                table(
-                    self.kept,
-                    f"{'label':<10} {'p(pneumonia)':>12}  threshold",
-                    lambda r: f"{r['label']:<10} {r['probability']:>12.4f}  {r['threshold']:.4f}",
-                )
-                + "\n"
-            )
+            header = f"{'label':<10} {'p(pneumonia)':>12}  threshold  borderline  ood"
+            self.stream.write(table(self.kept, header, _cells) + "\n")
         elif self.fmt == "json":
             self.stream.write("\n]\n" if self.count else "[]\n")
         self.stream.flush()
+
+
+def _cells(record: dict) -> str:
+    """A record's table cells: label, probability, threshold, borderline (yes, no, or - for a
+    model without a band) and ood (yes or no with the score, or -)."""
+    borderline = {True: "yes", False: "no"}.get(record.get("borderline"), "-")
+    ood_cell = "-"
+    if "ood" in record:
+        ood_cell = f"{'yes' if record['ood'] else 'no'} ({record['ood_score']:.2f})"
+    return (
+        f"{record['label']:<10} {record['probability']:>12.4f}  {record['threshold']:.4f}     "
+        f"{borderline:<10}  {ood_cell}"
+    )
+
+
+def csv_fields(path: Path) -> tuple[str, ...]:
+    """The columns of an existing CSV file of records (its header), or `CSV_FIELDS` when it has
+    none yet."""
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        header = next(csv.reader(handle), None)
+    return tuple(header) if header else CSV_FIELDS
 
 
 def read_done(path: Path) -> set[str]:

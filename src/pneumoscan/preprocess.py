@@ -4,7 +4,9 @@ the browser (`web/preprocess.js`) to repeat.
 
 Steps: decode (JPEG/PNG, EXIF orientation applied) -> 8-bit -> grayscale luma (ITU-R 601,
 integer rounding below) -> resize (bilinear, half-pixel centres, no antialias) -> float32 in
-[0, 255]. Scaling to [0, 1] and any channel copy happen inside the model.
+[0, 255]. Scaling to [0, 1] and any channel copy happen inside the model. `decode` also keeps
+what the out-of-distribution flag (`pneumoscan.ood`) needs from before the luma step: the
+colourfulness of the RGB, and the image's aspect.
 
 Orientation follows one rule, read from the file's bytes here and in the page rather than left
 to Pillow or the browser (each honours other places, differently): the Orientation tag
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,8 @@ MIN_SIDE = 32
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+# `colourfulness` looks at every s-th pixel of every s-th row, s = ceil(longer side / this).
+COLOUR_SAMPLE_SIDE = 256
 # ITU-R BT.601 luma in 16-bit fixed point: Y = (19595 R + 38470 G + 7471 B + 32768) >> 16,
 # i.e. 0.299 R + 0.587 G + 0.114 B rounded half up. Exact in NumPy and in JavaScript.
 LUMA_WEIGHTS_Q16 = (19595, 38470, 7471)
@@ -105,6 +110,40 @@ class ImageError(ValueError):
     """An input file that cannot be used; the message is one sentence naming the file."""
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded image: its luma, and what the decode saw before the luma step, for the
+    out-of-distribution checks (`pneumoscan.ood`)."""
+
+    luma: np.ndarray  # (height, width) uint8, upright
+    warnings: list[str] = field(default_factory=list)  # what a DICOM header says against it
+    colourfulness: float = 0.0  # `colourfulness` of the RGB before luma; 0 for one channel
+
+    @property
+    def aspect(self) -> float:
+        """The longer side over the shorter, >= 1 (the same either way up)."""
+        height, width = self.luma.shape
+        return max(height, width) / min(height, width)
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Hasler and Süsstrunk's colourfulness M (2003) of (H, W, 3) 8-bit RGB, in float64.
+
+    On the pixels of every s-th row and column from the first, s = ceil(max(H, W) / 256):
+    rg = R − G, yb = (R + G) / 2 − B, M = sqrt(sd(rg)² + sd(yb)²) + 0.3 · sqrt(mean(rg)² +
+    mean(yb)²), with population standard deviations. 0 for grey pixels (R = G = B); their scale
+    puts "slightly colourful" at 15 and "moderately" at 33.
+    """
+    step = -(-max(rgb.shape[0], rgb.shape[1]) // COLOUR_SAMPLE_SIDE)
+    sample = rgb[::step, ::step, :3]
+    if np.array_equal(sample[..., 0], sample[..., 1]) and np.array_equal(sample[..., 1], sample[..., 2]):
+        return 0.0  # grey, as most radiographs stored in RGB are: the formula gives exactly 0
+    red, green, blue = (sample[..., channel].astype(np.float64) for channel in range(3))
+    rg, yb = red - green, (red + green) / 2.0 - blue
+    spread = np.sqrt(rg.std() ** 2 + yb.std() ** 2)
+    return float(spread + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2))
+
+
 def load_grayscale(path: str | Path, data: bytes | None = None) -> np.ndarray:
     """Decode an image file to a (height, width) uint8 luma array.
 
@@ -115,12 +154,22 @@ def load_grayscale(path: str | Path, data: bytes | None = None) -> np.ndarray:
     Raises:
         ImageError: missing, empty, not an image, corrupt, too large or too small.
     """
-    return load_luma(path, data)[0]
+    return decode(path, data).luma
 
 
 def load_luma(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray, list[str]]:
     """`load_grayscale`, and the warnings a DICOM header raises (a lateral view, another body
     part), each a phrase to follow the file's name.
+
+    Raises:
+        ImageError: as `load_grayscale`.
+    """
+    decoded = decode(path, data)
+    return decoded.luma, decoded.warnings
+
+
+def decode(path: str | Path, data: bytes | None = None) -> Decoded:
+    """`load_luma`, with the colourfulness of the pixels before the luma step.
 
     Raises:
         ImageError: as `load_grayscale`.
@@ -151,7 +200,7 @@ def load_luma(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray, 
             orientation = exif_orientation(exif_block(data))
             if orientation in _UPRIGHT:
                 image = image.transpose(_UPRIGHT[orientation])
-            return _to_luma(image), []
+            return _to_decoded(image)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -162,7 +211,7 @@ def load_luma(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray, 
         raise ImageError(f"{path}: is truncated or corrupt ({error}).") from None
 
 
-def _load_dicom(path: Path, data: bytes) -> tuple[np.ndarray, list[str]]:
+def _load_dicom(path: Path, data: bytes) -> Decoded:
     try:
         decoded = dicom.decode(path, data)
     except dicom.DicomError as error:
@@ -170,8 +219,8 @@ def _load_dicom(path: Path, data: bytes) -> tuple[np.ndarray, list[str]]:
     pixels = decoded.luma if decoded.luma is not None else decoded.rgb
     _check_size(path, pixels.shape[1], pixels.shape[0])
     if decoded.luma is not None:
-        return decoded.luma, decoded.warnings
-    return rgb_to_luma(decoded.rgb), decoded.warnings
+        return Decoded(decoded.luma, decoded.warnings)
+    return Decoded(rgb_to_luma(decoded.rgb), decoded.warnings, colourfulness(decoded.rgb))
 
 
 def _check_size(path: Path, width: int, height: int) -> None:
@@ -255,22 +304,24 @@ def exif_orientation(tiff: bytes | None) -> int:
     return 1
 
 
-def _to_luma(image: Image.Image) -> np.ndarray:
+def _to_decoded(image: Image.Image) -> Decoded:
+    """Luma of a decoded JPEG or PNG, and the colourfulness of its RGB (0 for one channel)."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         wide = np.asarray(image, dtype=np.int64)
-        return ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        return Decoded(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
     if mode == "L":
-        return np.asarray(image, dtype=np.uint8).copy()
+        return Decoded(np.asarray(image, dtype=np.uint8).copy())
     if mode in ("LA", "La"):
-        return np.asarray(image.getchannel(0), dtype=np.uint8).copy()
+        return Decoded(np.asarray(image.getchannel(0), dtype=np.uint8).copy())
     if mode == "F":
-        return np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Decoded(np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8))
     if mode in ("1",):
-        return np.asarray(image.convert("L"), dtype=np.uint8).copy()
+        return Decoded(np.asarray(image.convert("L"), dtype=np.uint8).copy())
     if mode not in ("RGB", "RGBA"):
         image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
-    return rgb_to_luma(np.asarray(image)[..., :3])
+    rgb = np.asarray(image)[..., :3]
+    return Decoded(rgb_to_luma(rgb), [], colourfulness(rgb))
 
 
 def rgb_to_luma(rgb: np.ndarray) -> np.ndarray:

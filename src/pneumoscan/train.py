@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pneumoscan import acquisition, loop, pipeline
+from pneumoscan import acquisition, loop, ood, pipeline
 from pneumoscan import metadata as metadata_io
 from pneumoscan.bundle import Bundle
 from pneumoscan.calibrate import describe_calibration, fit_operating_point
@@ -506,6 +506,7 @@ def _finish(
     }
     meta = {**metadata_io.build(config, splits.summary(), training), "heatmap": heatmap_spec(model)}
     meta = _calibrate(model, meta, splits, config, log)
+    meta = _fit_trust(model, meta, splits, config, log)
     metadata_io.write(run_dir, meta)
     shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
     log(f"Best epoch {state['best_epoch']} of {state['epochs_done']}: val AUC {state['best_val_auc']:.4f}.")
@@ -522,3 +523,12 @@ def _calibrate(model, meta: dict, splits: DataSplits, config: Config, log) -> di
         f"{fitted['threshold']['value']:.4f} ({config.threshold_rule}, chosen on val)."
     )
     return metadata_io.with_operating_point(meta, fitted)
+
+
+def _fit_trust(model, meta: dict, splits: DataSplits, config: Config, log) -> dict:
+    """The out-of-distribution flag (statistics on the training split, threshold on val) and
+    the borderline band (val), around the calibration and threshold just fitted."""
+    bundle = Bundle(Path("."), model, meta)
+    meta = ood.refit(bundle, splits.splits["train"], splits.splits["val"], config.batch_size)
+    log(ood.describe(meta))
+    return meta
