@@ -83,6 +83,12 @@ def test_threshold_rule_is_parsed_once_and_written_as_given(tmp_path):
         Config(threshold_rule="median")
 
 
+def test_the_default_operating_point_is_a_screening_sensitivity_and_old_runs_keep_theirs():
+    assert (Config().threshold_rule.kind, Config().threshold_rule.value) == ("sensitivity", 0.95)
+    old = Config(threshold_rule="youden").resolved().to_dict()
+    assert Config.from_dict(old).threshold_rule.kind == "youden"
+
+
 def test_model_hyper_parameters_come_from_the_recipe_and_can_be_changed():
     from pneumoscan.config import ModelConfig
     from pneumoscan.model import build_model

@@ -207,7 +207,10 @@ class Config:
     plateau_patience: int = 2
     plateau_factor: float = 0.5
     min_learning_rate: float = 1e-6
-    threshold_rule: ThresholdRule | str = "youden"
+    # A screening test's operating point: keep 95% of the val pneumonias. The pneumonias are not
+    # what shifts between acquisition set-ups (the normals are), so this holds where Youden's J,
+    # flat on a val split the model nearly separates, wanders from seed to seed.
+    threshold_rule: ThresholdRule | str = "sensitivity:0.95"
     # How val and internal-test are carved from train (pneumoscan.data): "acquisition" holds out
     # the normals whose acquisition looks like the pneumonia films', "random" draws patients.
     val_design: str = "acquisition"
