@@ -101,6 +101,10 @@ TIMEOUT_MS = 60_000
 # 10 x 10 grid is 0.1.
 PEAK_TOLERANCE = 0.08
 DICOM_TOLERANCE = 0.02  # |DICOM - the JPEG it was written from|, calibrated probability
+# |page - predict| ood_score, relative to predict's. Both compute the same float64 formulas from
+# the same stored numbers; the features differ by float32 rounding between TF.js and Keras,
+# which the Mahalanobis part (small residual variance) magnifies: 4e-6 measured on pneumonet.
+OOD_TOLERANCE = 1e-3  # and absolute 1e-6 below a score of 1e-3 (the test model's are ~1e-8)
 
 
 # ---- the model bundle and the Python reference -----------------------------------------
@@ -315,6 +319,10 @@ def test_page_matches_python(browser, server, workspace, backend):
             assert card["label"] == expected["label"], (name, card, expected)
         labels.add(card["label"])
         assert float(card["ms"]) > 0
+        # The seed CNN's out-of-distribution flag: features of `dense`, pooling "none".
+        score = float(card["oodScore"])
+        assert _ood_close(score, expected["ood_score"]), (name, score, expected)
+        assert card["ood"] == str(expected["ood"]).lower(), (name, card, expected)
     # The model must not say the same for every file, or a wrong input could go unnoticed.
     assert labels == {"NORMAL", "PNEUMONIA"}
     # Grad-CAM (the test model is the paper's CNN) on this backend: the peak of `explain`.
@@ -339,6 +347,11 @@ def test_page_matches_python(browser, server, workspace, backend):
     assert page.evaluate("document.documentElement.scrollWidth") <= 320
     assert page.errors == []
     page.close()
+
+
+def _ood_close(page: float, python: float) -> bool:
+    """ood_scores within OOD_TOLERANCE of Python's, relative (absolute below 1e-3)."""
+    return abs(page - python) <= OOD_TOLERANCE * max(abs(python), 1e-3)
 
 
 # ---- the awkward-input corpus: every card against `pneumoscan predict` ---------------------
@@ -885,3 +898,165 @@ def test_dicom_files_read_as_their_jpeg_and_as_predict(browser, bundled_server, 
     assert not [secret for secret in PATIENT_DATA if secret in seen]
     assert page.errors == []
     page.close()
+
+
+# ---- the out-of-distribution flag and borderline answers -------------------------------------
+
+
+def _non_xrays(folder: Path) -> dict[str, str]:
+    """Images that are not chest X-rays, written to `folder`: {file name: the part expected to
+    decide its ood_score, or "" for any}. Two of each `pneumoscan.nonxray` kind, an X-ray
+    tinted sepia (colourfulness) and one stretched to 720 x 200 (aspect)."""
+    from pneumoscan import nonxray
+
+    folder.mkdir()
+    written = {}
+    for kind in nonxray.KINDS:
+        for index in range(2):
+            name = f"{kind}-{index}.png"
+            Image.fromarray(nonxray.generate(kind, index)).save(folder / name)
+            written[name] = ""
+    with Image.open(SAMPLES / "PNEUMONIA" / "person409_virus_816.jpeg") as image:
+        xray = image.convert("L")
+    gray = np.asarray(xray, dtype=np.float64)
+    sepia = np.stack([gray, 0.85 * gray, 0.6 * gray], axis=-1).round().astype(np.uint8)
+    Image.fromarray(sepia).save(folder / "sepia-xray.png")
+    xray.resize((720, 200), Image.Resampling.BILINEAR).save(folder / "stretched-xray.png")
+    written.update({"sepia-xray.png": "colourfulness", "stretched-xray.png": "aspect"})
+    return written
+
+
+def _ood_parts(path: Path, block: dict) -> dict[str, float]:
+    """The colourfulness and aspect parts of `path`'s ood_score, as Python decodes it."""
+    from pneumoscan.preprocess import decode
+
+    decoded = decode(path)
+    return {
+        "colourfulness": decoded.colourfulness / block["colourfulness"]["threshold"],
+        "aspect": (decoded.aspect - 1.0) / (block["aspect"]["threshold"] - 1.0),
+    }
+
+
+def test_ood_flag_and_borderline_match_predict(browser, bundled_server, tmp_path):
+    """Every sample X-ray and a set of non-X-rays through the page (bundled pneumonet, wasm):
+    data-ood-score is `predict`'s ood_score within OOD_TOLERANCE, data-ood and data-borderline
+    are `predict`'s; a flagged card shows its warning above a muted label, the others do not."""
+    from pneumoscan.metadata import read
+
+    block = read(bundled_dir())["ood"]
+    decides = _non_xrays(tmp_path / "non-xrays")
+    samples = sorted(SAMPLES.glob("*/*.jpeg"))
+    files = samples + [tmp_path / "non-xrays" / name for name in decides]
+    predicted = {Path(r["path"]).name: r for r in _predict(bundled_dir(), files)}
+    page = _open(browser, f"{bundled_server.url}?backend=wasm")
+    assert page.evaluate("document.body.dataset.backend") == "wasm"
+    assert "features of stage3_out" in page.inner_text("#ood-method")
+    flags = "'ood' in m.target.dataset && 'borderline' in"
+    page.evaluate(WATCH_PROBABILITY.replace("'heatmapPeak' in", flags))
+    cards = _classify(page, files)
+    # data-ood and data-borderline arrive in the same step as data-probability.
+    assert all(with_flags for _, with_flags in page.evaluate("window.arrivals"))
+    band = read(bundled_dir())["borderline"]
+    differences = []
+    for name, expected in predicted.items():
+        card = cards[name]
+        score = float(card["oodScore"])
+        differences.append(abs(score - expected["ood_score"]) / expected["ood_score"])
+        assert _ood_close(score, expected["ood_score"]), (name, score, expected["ood_score"])
+        assert card["ood"] == str(expected["ood"]).lower(), (name, card, expected)
+        assert card["label"] in ("NORMAL", "PNEUMONIA") and "probability" in card
+        probability = float(card["probability"])
+        assert abs(probability - expected["probability"]) <= FLOAT32_TOLERANCE, name
+        if min(abs(probability - band["low"]), abs(probability - band["high"])) > FLOAT32_TOLERANCE:
+            assert card["borderline"] == str(expected["borderline"]).lower(), (name, card, expected)
+        locator = page.locator(f"[data-testid=result][data-filename='{name}']")
+        assert locator.locator(".ood-warning").is_visible() == expected["ood"], name
+        assert locator.locator(".borderline-note").is_visible() == expected["borderline"], name
+        assert locator.locator(".label").is_visible() and locator.locator(".probability").is_visible()
+    # The sample X-rays are not flagged; every non-X-ray is, the sepia one by its colour and the
+    # stretched one by its shape (Python's parts, equal to the page's score).
+    assert [name for name in predicted if predicted[name]["ood"]] == list(decides)
+    for name, part in decides.items():
+        if part:
+            parts = _ood_parts(tmp_path / "non-xrays" / name, block)
+            assert parts[part] > 1.0, (name, parts)
+            assert float(cards[name]["oodScore"]) == pytest.approx(parts[part], rel=1e-12), name
+    flagged = page.locator("[data-testid=result][data-ood=true]").first
+    warning = flagged.locator(".ood-warning")
+    assert "This does not look like a chest X-ray — the answer below is not meaningful" in " ".join(
+        warning.inner_text().split()
+    )
+    assert warning.get_attribute("role") == "note"
+    # Above the label, which is muted (struck through, the muted colour).
+    assert warning.bounding_box()["y"] < flagged.locator(".label").bounding_box()["y"]
+    struck = flagged.locator(".label").evaluate("label => getComputedStyle(label).textDecorationLine")
+    assert struck == "line-through"
+    print(f"ood_score |page - predict| / predict: max {max(differences):.2e} over {len(differences)} images")
+    assert page.errors == []
+    page.close()
+
+
+def _without_ood_blocks(meta: dict) -> None:
+    del meta["ood"], meta["borderline"]
+
+
+# (id, change to the bundled metadata.json, expected data-ood, data-borderline (None: absent),
+# text in #ood-method)
+OOD_BUNDLES = [
+    ("older bundle", _without_ood_blocks, None, None, "not in this model bundle"),
+    (
+        "band holding every answer",
+        lambda meta: meta["borderline"].update(low=0.0, high=1.0),
+        "false",
+        "true",
+        "features of stage3_out",
+    ),
+    (
+        "unknown pooling",
+        lambda meta: meta["ood"].update(feature_pooling="max"),
+        None,
+        "false",
+        'not shown: this page cannot follow the model\'s metadata.json: ood.feature_pooling "max" is not '
+        "one this page computes (mean_std, none).",
+    ),
+    (
+        "missing layer",
+        lambda meta: meta["ood"].update(feature_layer="stage9_out"),
+        None,
+        "false",
+        "ood.feature_layer stage9_out is not a layer of the model.",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "change, ood, borderline, method",
+    [case[1:] for case in OOD_BUNDLES],
+    ids=[case[0] for case in OOD_BUNDLES],
+)
+def test_ood_and_borderline_blocks_the_page_reads(browser, tmp_path, change, ood, borderline, method):
+    """A bundle without the blocks gives cards without the attributes; a band around every
+    probability marks the card "uncertain, needs a reader"; an `ood` block the page cannot
+    follow is said once, and no card is flagged or scored."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundled_dir(), bundle)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    change(meta)
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    sample = SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg"  # 0.95: outside the fitted band
+    server = _serve(bundle)
+    try:
+        page = _open(browser, f"{server.url}?backend=wasm")
+        assert page.evaluate("document.body.dataset.backend") == "wasm"
+        assert method in page.inner_text("#ood-method")
+        card = _classify(page, [sample])[sample.name]
+        assert "probability" in card and card["label"] in ("NORMAL", "PNEUMONIA")
+        assert card.get("ood") == ood and ("oodScore" in card) == (ood is not None), card
+        assert card.get("borderline") == borderline, card
+        text = page.locator("[data-testid=result]").inner_text().lower()
+        assert ("uncertain, needs a reader" in text) == (borderline == "true")
+        assert page.errors == []
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -12,10 +12,15 @@
 //   against the image, or data-error; data-ms is the time it took (decode to probability and
 //   map) and data-infer-ms the model's share; <body data-ready-ms> the load time. In a card,
 //   canvas[data-testid=heatmap] (hidden until) [data-testid=heatmap-toggle] is pressed.
+//   With the bundle's `ood` block, data-ood ("true"/"false") and data-ood-score (full
+//   precision), and with its `borderline` block data-borderline ("true"/"false"), all set with
+//   the probability; absent for a bundle without the block, or one the page cannot follow
+//   (#ood-method / #borderline-band then say so).
 import { heatmapPeak, heatmapSpec, makeExplainer } from './heatmap.js';
 import {
   ImageError, MetadataError, calibrate, decide, preprocess, readPlan,
 } from './preprocess.js';
+import { aspect, isBorderline, oodScore, poolFeatures, readBorderline, readOod } from './ood.js';
 import { closeBitmaps, previewBitmap, showImage, wireViewer } from './viewer.js';
 
 const tf = globalThis.tf; // the UMD builds served from /vendor/ (see index.html)
@@ -24,7 +29,10 @@ const BACKENDS = ['webgl', 'wasm', 'cpu'];
 const SOFTWARE_RENDERER = /swiftshader|llvmpipe|softpipe|software|basic render/i;
 
 const $ = (selector) => document.querySelector(selector);
-const state = { model: null, explainer: null, metadata: null, plan: null, queue: Promise.resolve() };
+const state = {
+  model: null, explainer: null, metadata: null, plan: null, queue: Promise.resolve(),
+  ood: null, oodNote: '', band: null, bandNote: '',
+};
 
 function say(message) {
   // One polite announcement at a time for screen readers; the cards hold the details.
@@ -92,11 +100,26 @@ async function loadMetadata() {
   return response.json();
 }
 
-/** The layers model and what runs it per image: its output and its heatmap, in one pass. */
+/** `read(...)`, or null and `{note}` when the block cannot be followed: the page then says so
+ * once and shows no flag rather than a guessed one. */
+function optionalBlock(read, ...args) {
+  try {
+    return { spec: read(...args), note: null };
+  } catch (error) {
+    if (!(error instanceof MetadataError)) throw error;
+    console.warn(`pneumoscan: ${error.message}`);
+    return { spec: null, note: `not shown: this page cannot follow the model's ${error.message}` };
+  }
+}
+
+/** The layers model and what runs it per image: its output, its heatmap and the features of
+ * the out-of-distribution flag, in one pass. */
 async function loadModel(metadata, plan) {
   const url = new URL('model/tfjs/model.json', document.baseURI).href;
   const model = await tf.loadLayersModel(url);
-  const explainer = makeExplainer(tf, model, heatmapSpec(metadata, model));
+  const ood = optionalBlock(readOod, metadata, model);
+  const band = optionalBlock(readBorderline, metadata);
+  const explainer = makeExplainer(tf, model, heatmapSpec(metadata, model), ood.spec && ood.spec.featureLayer);
   // One pass on a blank image compiles kernels, so the first file's time is honest.
   const blank = tf.zeros([1, plan.height, plan.width, 1]);
   try {
@@ -104,7 +127,13 @@ async function loadModel(metadata, plan) {
   } finally {
     blank.dispose();
   }
-  return { model, explainer };
+  return {
+    model, explainer, ood: ood.spec, band: band.spec,
+    oodNote: ood.note || (ood.spec ? `images unlike the training X-rays are flagged (features of ` +
+      `${ood.spec.featureLayer}, colour, shape)` : 'not in this model bundle (made before the flag): images are not checked'),
+    bandNote: band.note || (band.spec ? `answers with a probability between ${band.spec.low.toFixed(3)} and ` +
+      `${band.spec.high.toFixed(3)} are marked "uncertain, needs a reader"` : 'not in this model bundle: no answer is marked'),
+  };
 }
 
 function describeModel(metadata) {
@@ -126,7 +155,7 @@ function newCard(file) {
 
 async function classify(file) {
   const started = performance.now();
-  const { input, width, height, gray, warnings } = await preprocess(tf, file, state.plan);
+  const { input, width, height, gray, warnings, colourfulness } = await preprocess(tf, file, state.plan);
   const inferStart = performance.now();
   let output;
   try {
@@ -136,11 +165,14 @@ async function classify(file) {
   }
   const map = output.grid && { grid: output.grid, gridHeight: output.gridHeight, gridWidth: output.gridWidth };
   const peak = map && heatmapPeak(map.grid, map.gridHeight, map.gridWidth);
+  const ood = state.ood && oodScore(state.ood, poolFeatures(output.features.values, output.features.shape,
+    state.ood.pooling), colourfulness, aspect(width, height));
   const done = performance.now();
   const probability = calibrate(output.p, state.metadata.calibration);
+  const borderline = state.band && isBorderline(probability, state.band);
   return {
     probability, label: decide(probability, state.metadata), width, height, gray, warnings, map, peak,
-    ms: done - started, inferMs: done - inferStart,
+    ood, borderline, ms: done - started, inferMs: done - inferStart,
   };
 }
 
@@ -163,6 +195,11 @@ function showResult(card, file, result) {
     text.querySelector('.warning-text').textContent = `${result.warnings.join('; ')}.`;
     text.hidden = false;
   }
+  if (result.ood && result.ood.ood) {
+    card.classList.add('ood');
+    card.querySelector('.ood-warning').hidden = false;
+  }
+  if (result.borderline) card.querySelector('.borderline-note').hidden = false;
   showImage(card, {
     ...result, name: file.name, positive: metadata.positive_class.toLowerCase(),
     describe: state.explainer.describe, unavailable: state.explainer.unavailable,
@@ -172,10 +209,16 @@ function showResult(card, file, result) {
     label: result.label, probability: String(result.probability),
     ...(result.peak ? { heatmapPeak: result.peak.map(String).join(',') } : {}),
     ...(warning ? { warning } : {}),
+    ...(result.ood ? { ood: String(result.ood.ood), oodScore: String(result.ood.score) } : {}),
+    ...(state.band ? { borderline: String(result.borderline) } : {}),
     ms: result.ms.toFixed(2), inferMs: result.inferMs.toFixed(2),
     width: String(result.width), height: String(result.height),
   });
-  say(`${file.name}: ${result.label}, probability of ${metadata.positive_class.toLowerCase()} ${percent}%.` +
+  const notXray = result.ood && result.ood.ood;
+  say(`${file.name}: ` +
+    (notXray ? 'does not look like a chest X-ray, so this answer is not meaningful: ' : '') +
+    `${result.label}, probability of ${metadata.positive_class.toLowerCase()} ${percent}%.` +
+    (result.borderline ? ' Uncertain, needs a reader.' : '') +
     (warning ? ` Warning: ${result.warnings.join('; ')}.` : ''));
 }
 
@@ -269,6 +312,8 @@ async function main() {
     Object.assign(state, await loadModel(metadata, state.plan));
     $('#model').textContent = describeModel(metadata);
     $('#heatmap-method').textContent = state.explainer.describe || state.explainer.unavailable;
+    $('#ood-method').textContent = state.oodNote;
+    $('#borderline-band').textContent = state.bandNote;
     $('#files').disabled = false;
     // Milliseconds from navigation start to a usable model (benchmarks/browser_bench.py).
     document.body.dataset.readyMs = performance.now().toFixed(1);
@@ -281,6 +326,8 @@ async function main() {
     $('#load-error').hidden = false;
     $('#model').textContent = 'not loaded';
     $('#heatmap-method').textContent = 'not loaded';
+    $('#ood-method').textContent = 'not loaded';
+    $('#borderline-band').textContent = 'not loaded';
     document.body.dataset.ready = 'false';
   }
 }

@@ -139,13 +139,21 @@ function chainAfter(model, features) {
 // ---- the forward pass with its map ----------------------------------------------------------
 
 /**
- * What the page runs per image: `run(input)` resolves to `{p, grid, gridHeight, gridWidth}`,
- * `p` the model's output as `model.predict` gives it and `grid` (Float32Array, row by row) the
- * map, or null where the map cannot be computed (`unavailable` then says why, once).
+ * What the page runs per image: `run(input)` resolves to `{p, grid, gridHeight, gridWidth,
+ * features}`, `p` the model's output as `model.predict` gives it and `grid` (Float32Array, row
+ * by row) the map, or null where the map cannot be computed (`unavailable` then says why,
+ * once). With `extraLayer` (the out-of-distribution block's feature layer, ood.js), `features`
+ * is that layer's output from the same pass, `{values: Float32Array, shape}` without the batch
+ * axis; else null.
  */
-export function makeExplainer(tf, model, spec) {
+export function makeExplainer(tf, model, spec, extraLayer = null) {
   const features = model.getLayer(spec.featureLayer);
-  const probe = tf.model({ inputs: model.inputs, outputs: [features.output, model.outputs[0]] });
+  // Outputs: the map's features, the model's output, then the extra layer's unless it is the same.
+  const extra = extraLayer === null || extraLayer === spec.featureLayer ? null : model.getLayer(extraLayer).output;
+  const probe = tf.model({
+    inputs: model.inputs, outputs: [features.output, model.outputs[0], ...(extra ? [extra] : [])],
+  });
+  const extraOf = extraLayer === null ? () => null : (f, e) => (extra ? e : f);
   const describe = `${spec.method === 'cam' ? 'class activation map' : 'Grad-CAM'} of ${spec.featureLayer}`;
   let mapOf;
   if (spec.method === 'cam') {
@@ -161,7 +169,19 @@ export function makeExplainer(tf, model, spec) {
         describe: null,
         unavailable: `no heatmap: the layers after ${spec.featureLayer} are not a simple chain, which ` +
           'the page does not differentiate (`pneumoscan explain` does)',
-        run: async (input) => ({ p: await single(tf, model, input), grid: null }),
+        async run(input) {
+          if (extraLayer === null) return { p: await single(tf, model, input), grid: null, features: null };
+          const [f, o, e] = probe.predict(input);
+          const kept = extra ? e : f;
+          if (kept !== f) f.dispose();
+          try {
+            const [p, values] = await Promise.all([o.data(), kept.data()]);
+            return { p: p[0], grid: null, features: { values, shape: kept.shape.slice(1) } };
+          } finally {
+            o.dispose();
+            kept.dispose();
+          }
+        },
       };
     }
     const head = (f) => chain.reduce((x, layer) => layer.apply(x, { training: false }), f);
@@ -175,16 +195,20 @@ export function makeExplainer(tf, model, spec) {
     describe,
     unavailable: null,
     async run(input) {
-      const [grid, output] = tf.tidy(() => {
-        const [f, o] = probe.predict(input);
-        return [mapOf(f), o];
+      const [grid, output, kept] = tf.tidy(() => {
+        const [f, o, e] = probe.predict(input);
+        return [mapOf(f), o, extraOf(f, e)];
       });
       try {
-        const [values, p] = await Promise.all([grid.data(), output.data()]);
-        return { p: p[0], grid: values, gridHeight: grid.shape[0], gridWidth: grid.shape[1] };
+        const [values, p, featureValues] = await Promise.all([grid.data(), output.data(), kept && kept.data()]);
+        return {
+          p: p[0], grid: values, gridHeight: grid.shape[0], gridWidth: grid.shape[1],
+          features: kept && { values: featureValues, shape: kept.shape.slice(1) },
+        };
       } finally {
         grid.dispose();
         output.dispose();
+        if (kept) kept.dispose();
       }
     },
   };

@@ -19,6 +19,7 @@
 // metadata asks for anything else is refused instead of being fed a different input.
 import { decodeDicom, dicomContract, isDicom } from './dicom.js';
 import { ImageError, MetadataError, need } from './errors.js';
+import { colourfulness } from './ood.js';
 
 const SCHEMA_VERSION = 1;
 const LUMA_FORMULA = '(19595*R + 38470*G + 7471*B + 32768) >> 16';
@@ -489,13 +490,17 @@ export function toModelInput(tf, gray, width, height, plan) {
 }
 
 /**
- * Every step from file to model input: `{input, width, height, gray, warnings}` (dispose
- * `input`); `gray` is the oriented luma the input was resized from, what the page shows.
+ * Every step from file to model input: `{input, width, height, gray, warnings, colourfulness}`
+ * (dispose `input`); `gray` is the oriented luma the input was resized from, what the page
+ * shows; `colourfulness` that of the RGB before luma, for the out-of-distribution flag (ood.js).
  */
 export async function preprocess(tf, file, plan) {
   const { rgba, width, height, warnings } = await decode(file, plan);
   const gray = luma(rgba, width, height);
-  return { input: toModelInput(tf, gray, width, height, plan), width, height, gray, warnings };
+  return {
+    input: toModelInput(tf, gray, width, height, plan), width, height, gray, warnings,
+    colourfulness: colourfulness(rgba, width, height),
+  };
 }
 
 // ---- calibration and decision -----------------------------------------------------------
