@@ -1,7 +1,7 @@
 """Side by side, the paper's CNN (`seed`) and the default model (`pneumonet`): size, speed, quality.
 
     .venv/bin/python benchmarks/compare_models.py --data ../shared/data/chest_xray \
-        --runs runs/seed runs/pneumonet --shifted /work/shifted [--timing-epochs 3]
+        --runs runs/seed runs/pneumonet --shifted runs/shifted [--timing-epochs 3]
 
 Speed, in one run on this machine: each architecture trains `--timing-epochs` epochs on the
 same train split (a fresh process each, under /usr/bin/time for peak RSS); the median of the

@@ -34,7 +34,6 @@ from pneumoscan.shifted_benchmark import build_shifted
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "chest_xray"
-DEFAULT_REAL = Path("/work/ood/real")
 FAMILIES = ("NORMAL2-IM-", "IM-")
 
 
@@ -78,7 +77,7 @@ def non_xray_sets(bundle: Bundle, folder: Path, per_kind: int, seed: int, real: 
     )
     sets["pydicom CT, MR, NM, ultrasound slices"] = predict_records(bundle, nonxray.packaged_slices())
     if real is not None and real.is_dir():
-        sets[f"{real} (icons, screenshots, diagrams, photos)"] = predict_records(bundle, find_images(real))
+        sets[f"{real.name} (a folder of real images)"] = predict_records(bundle, find_images(real))
     return sets
 
 
@@ -163,7 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "src" / "pneumoscan" / "bundled"))
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--real", type=Path, default=DEFAULT_REAL if DEFAULT_REAL.is_dir() else None)
+    parser.add_argument("--real", type=Path, default=None, help="a folder of real non-X-ray images")
     parser.add_argument("--per-kind", type=int, default=60)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """The recipe search behind pneumonet's defaults, on data carved from train only.
 
     .venv/bin/python benchmarks/recipe_search.py --data ../shared/data/chest_xray \
-        --shifted /work/shifted --out runs/search [--only NAME ...]
+        --shifted runs/shifted --out runs/search [--only NAME ...]
 
 Each variant trains from scratch (`pneumoscan.train.train`) and is judged on the validation
 split and its frozen shifted copy (benchmarks/make_shifted.py): ROC AUC and balanced accuracy

@@ -1,9 +1,9 @@
 """Training changes measured on the acquisition validation design, with paired intervals.
 
     .venv/bin/python benchmarks/shift_design.py train --data ../shared/data/chest_xray \
-        --out /work/shift-runs --variants baseline acquisition-aug --seeds 1337 7 42
+        --out runs/shift --variants baseline acquisition-aug --seeds 1337 7 42
     .venv/bin/python benchmarks/shift_design.py report --data ../shared/data/chest_xray \
-        --runs /work/shift-runs --baseline baseline --json shift_design.json
+        --runs runs/shift --baseline baseline --json shift_design.json
 
 `train` runs `pneumoscan.train.train` once per variant and seed (`VARIANTS`: changes to the
 default configuration) into OUT/VARIANT-sSEED, one after the other; a finished run is kept.
