@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import h5py
 import keras
@@ -25,6 +27,14 @@ def bundle(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "bundle"
     assert main(["export", "--model", str(run_dir), "--out", str(out)]) == 0
     return run_dir, out
+
+
+def test_export_prints_no_library_advice(trained_run, tmp_path):
+    """Keras advises through absl that HDF5 is legacy; the command's stderr is its own."""
+    _, run_dir = trained_run
+    command = [sys.executable, "-m", "pneumoscan", "export", "--model", str(run_dir), "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    assert "WARNING" not in result.stderr and "Bundle:" in result.stdout
 
 
 def test_bundle_holds_every_format(bundle):

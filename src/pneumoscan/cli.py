@@ -490,8 +490,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    if not args.debug and "tensorflow" not in sys.modules:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
+    if not args.debug:
+        if "tensorflow" not in sys.modules:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
+        # Keras's advice through absl (e.g. "HDF5 is legacy" on export) is not the user's concern.
+        import absl.logging  # cheap, and TensorFlow's own dependency
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints as \udcXX
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
