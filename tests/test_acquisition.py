@@ -189,11 +189,12 @@ def test_rebuilt_from_file_lists_or_rule_and_refused_when_files_changed(tmp_path
         rebuild_splits(root, made.rule, digests, file_lists=made.file_lists())
 
 
-def test_legacy_config_without_a_design_was_random():
+def test_legacy_config_without_a_design_was_random_and_unweighted():
     saved = Config().to_dict()
-    del saved["val_design"]
-    assert Config.from_dict(saved).val_design == "random"
-    assert Config.from_dict(Config().to_dict()).val_design == "acquisition"
+    del saved["val_design"], saved["acquisition_reweight"]
+    legacy, current = Config.from_dict(saved), Config.from_dict(Config().to_dict())
+    assert (legacy.val_design, legacy.acquisition_reweight) == ("random", 0.0)
+    assert (current.val_design, current.acquisition_reweight) == ("acquisition", 1.0)
 
 
 def test_scan_keeps_statistics_only_when_asked(tmp_path):
