@@ -35,12 +35,35 @@ def grey_checks(count: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def fitted() -> tuple[dict, np.ndarray]:
     val = gaussian_features(1000, seed=2)
-    return ood.fit(gaussian_features(4000, seed=1), val, grey_checks(1000), SOURCE, 4, 0.01), val
+    return ood.fit(gaussian_features(4000, seed=1), val, grey_checks(1000), SOURCE, 4, 0.01, margin=1.0), val
+
+
+@pytest.mark.parametrize("margin", [1.0, 1.5, 3.0])
+def test_the_margin_scales_the_val_quantile(fitted, margin):
+    block, val = fitted
+    wider = ood.fit(gaussian_features(4000, seed=1), val, grey_checks(1000), SOURCE, 4, 0.01, margin=margin)
+    quantile = block["mahalanobis"]["threshold"]
+    assert wider["mahalanobis"]["threshold"] == pytest.approx(margin * quantile, rel=1e-12)
+    assert wider["mahalanobis"]["margin"] == margin
+    flagged = (ood.squared_distance(wider, val) > margin * quantile).mean()
+    assert wider["false_alarm_rate"]["val"] == pytest.approx(flagged)
+
+
+def test_a_margin_under_one_is_refused():
+    with pytest.raises(ValueError, match="margin must be at least 1"):
+        ood.fit(
+            gaussian_features(50, seed=1),
+            gaussian_features(10, seed=2),
+            grey_checks(10),
+            SOURCE,
+            4,
+            margin=0.9,
+        )
 
 
 def test_fit_is_deterministic_and_flags_the_chosen_share_of_val(fitted):
     block, val = fitted
-    again = ood.fit(gaussian_features(4000, seed=1), val, grey_checks(1000), SOURCE, 4, 0.01)
+    again = ood.fit(gaussian_features(4000, seed=1), val, grey_checks(1000), SOURCE, 4, 0.01, margin=1.0)
     assert json.dumps(again) == json.dumps(block)
     flagged = ood.scores(block, val, grey_checks(1000)) > 1
     assert flagged.sum() == 10  # quantile 0.99 of 1,000 val distances: 10 above it
