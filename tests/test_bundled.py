@@ -4,6 +4,8 @@ TF.js as in Keras, and keeping its labels under small shifts, crops and corner m
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -33,6 +35,20 @@ def bundled():
     folder = bundled_dir()
     assert folder is not None, "src/pneumoscan/bundled holds no model"
     return Bundle.load(None)
+
+
+def test_model_keras_opens_without_pneumoscan(bundled):
+    """The saved model is stock Keras layers: it loads and predicts where pneumoscan cannot be
+    imported (a `None` in sys.modules makes any import of it fail)."""
+    code = (
+        "import sys; sys.modules['pneumoscan'] = None\n"
+        "import numpy as np, keras\n"
+        f"model = keras.saving.load_model({str(bundled.folder / 'model.keras')!r})\n"
+        "print(float(model.predict(np.zeros((1, *model.input_shape[1:]), 'float32'), verbose=0)[0, 0]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 0.0 <= float(result.stdout.strip().splitlines()[-1]) <= 1.0
 
 
 def test_bundle_files_and_metadata(bundled):
