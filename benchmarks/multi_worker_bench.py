@@ -18,12 +18,13 @@ import argparse
 import csv
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from pneumoscan.strategy import local_tf_configs
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_REDUCE = """
@@ -43,34 +44,20 @@ print(json.dumps({"median_ms": 1000 * sorted(times)[len(times) // 2]}))
 """
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def run_workers(command: list[str], workers: int) -> list[str]:
     """`command` on `workers` local workers (or alone, with 1); their stdout."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO / "src"))
     if workers == 1:
         return [subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout]
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(workers)]}
     processes = [
         subprocess.Popen(
             command,
-            env={
-                **env,
-                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
-            },
+            env={**env, "TF_CONFIG": tf_config},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for i in range(workers)
+        for tf_config in local_tf_configs(workers)
     ]
     outputs = [process.communicate()[0] for process in processes]
     if any(process.returncode for process in processes):

@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,19 +17,10 @@ import pytest
 
 from conftest import REPO, write_class_folders
 from pneumoscan.cli import main
+from pneumoscan.strategy import local_tf_configs
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +31,16 @@ def three_hundred(tmp_path_factory) -> Path:
 
 def _start_workers(data: Path, run_dir: Path, scratch: Path, epochs: int = EPOCHS) -> list[subprocess.Popen]:
     """The same command on two workers, each with its TF_CONFIG; worker-local files go to `scratch`."""
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     command = [
         sys.executable, "-m", "pneumoscan", "train", "--data", str(data), "--out", str(run_dir),
         "--arch", "seed", "--image-size", "64", "--batch-size", "8", "--epochs", str(epochs),
         "--seed", "3", "--strategy", "multi-worker",
     ]  # fmt: skip
     processes = []
-    for index in range(2):
+    for index, tf_config in enumerate(local_tf_configs(2)):
         env = dict(
             os.environ,
-            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+            TF_CONFIG=tf_config,
             PYTHONPATH=str(REPO / "src"),
             TMPDIR=str(scratch),
             PYTHONUNBUFFERED="1",

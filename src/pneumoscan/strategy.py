@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,18 @@ def make_engine(name: str, precision: str = "float32") -> Engine:
     if name == "mirrored":
         return Engine(name, tf.distribute.MirroredStrategy(), worker, workers)
     return Engine(name, tf.distribute.MultiWorkerMirroredStrategy(), worker, workers)
+
+
+def local_tf_configs(workers: int) -> list[str]:
+    """One `TF_CONFIG` per worker for a cluster of `workers` processes on 127.0.0.1, each on a
+    port free when asked (for tests and benchmarks on one host)."""
+    sockets = [socket.socket() for _ in range(workers)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    cluster = {"worker": [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]}
+    for s in sockets:
+        s.close()
+    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(workers)]
 
 
 def _task_from_tf_config() -> tuple[int, int]:
