@@ -85,13 +85,14 @@ def tfjs_predict(model_dir: Path, images: np.ndarray, workdir: Path) -> np.ndarr
 UNITS_JS = REPO / "tests" / "js" / "units.mjs"
 
 
-class PageUnits:
-    """One Node process running single functions of the page's modules (tests/js/units.mjs):
-    `call(name, **arguments)` sends one JSON line and returns the answer's."""
+class NodeLines:
+    """One Node process answering one JSON line with one JSON line: `exchange(request, what)`
+    sends a request and returns the answer, failing the test if none comes in `timeout` s."""
 
-    def __init__(self):
+    def __init__(self, argv: list[str], timeout: float = NODE_TIMEOUT_S):
+        self.script, self.timeout = Path(argv[0]).name, timeout
         self.process = subprocess.Popen(
-            [NODE, str(UNITS_JS)],
+            [NODE, *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -99,21 +100,32 @@ class PageUnits:
             text=True,
         )
 
-    def call(self, name: str, **arguments) -> dict:
+    def exchange(self, request: dict, what) -> dict:
         import select
 
-        self.process.stdin.write(json.dumps({"call": name, **arguments}) + "\n")
+        self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
-        ready, _, _ = select.select([self.process.stdout], [], [], NODE_TIMEOUT_S)
+        ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
         line = self.process.stdout.readline() if ready else ""
         if not line:
             self.process.kill()
-            pytest.fail(f"units.mjs gave no answer to {name}: {self.process.stderr.read()[-3000:]}")
+            pytest.fail(f"{self.script} gave no answer for {what}: {self.process.stderr.read()[-3000:]}")
         return json.loads(line)
 
     def close(self) -> None:
         self.process.stdin.close()
-        self.process.wait(timeout=NODE_TIMEOUT_S)
+        self.process.wait(timeout=self.timeout)
+
+
+class PageUnits(NodeLines):
+    """One Node process running single functions of the page's modules (tests/js/units.mjs):
+    `call(name, **arguments)` sends one JSON line and returns the answer's."""
+
+    def __init__(self):
+        super().__init__([str(UNITS_JS)])
+
+    def call(self, name: str, **arguments) -> dict:
+        return self.exchange({"call": name, **arguments}, name)
 
 
 @pytest.fixture(scope="module")

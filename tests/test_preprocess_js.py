@@ -19,8 +19,6 @@ import base64
 import copy
 import io
 import json
-import select
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import image_files
-from conftest import NODE, REPO, needs_node, write_dicom
+from conftest import REPO, NodeLines, needs_node, write_dicom
 from pneumoscan.bundle import bundled_dir
 from pneumoscan.calibrate import apply_calibration
 from pneumoscan.preprocess import (
@@ -63,21 +61,14 @@ sides = st.integers(MIN_SIDE, 300)
 orientations = st.sampled_from([None, *range(1, 9)])  # None: no EXIF at all
 
 
-class Page:
+class Page(NodeLines):
     """The Node process running web/preprocess.js; `ask` sends one file, returns its answer."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.count = 0
         (folder / "metadata.json").write_text(json.dumps(_metadata()))
-        self.process = subprocess.Popen(
-            [NODE, str(PREPROCESS_JS), str(folder / "metadata.json")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=REPO,
-            text=True,
-        )
+        super().__init__([str(PREPROCESS_JS), str(folder / "metadata.json")], ANSWER_TIMEOUT_S)
 
     def write(self, name: str, data: bytes) -> Path:
         self.count += 1
@@ -88,7 +79,7 @@ class Page:
 
     def check_metadata(self, metadata: dict) -> dict:
         """The page's `readPlan` on `metadata`: {"plan"} or {"error"}."""
-        return self._send({"metadata": metadata}, "metadata")
+        return self.exchange({"metadata": metadata}, "metadata")
 
     def ask(self, path: Path, pixels: np.ndarray | None = None) -> dict:
         request = {"path": str(path)}
@@ -96,21 +87,7 @@ class Page:
             raw = path.with_suffix(".rgba")
             raw.write_bytes(np.ascontiguousarray(pixels, np.uint8).tobytes())
             request.update(pixels=str(raw), width=pixels.shape[1], height=pixels.shape[0])
-        return self._send(request, path)
-
-    def _send(self, request: dict, what) -> dict:
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        ready, _, _ = select.select([self.process.stdout], [], [], ANSWER_TIMEOUT_S)
-        line = self.process.stdout.readline() if ready else ""
-        if not line:
-            self.process.kill()
-            pytest.fail(f"preprocess.mjs gave no answer for {what}: {self.process.stderr.read()[-3000:]}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=ANSWER_TIMEOUT_S)
+        return self.exchange(request, path)
 
 
 def _metadata(**decode) -> dict:
