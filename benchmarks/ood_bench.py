@@ -63,22 +63,30 @@ def row(name: str, records: list[dict]) -> str:
     )
 
 
-def non_xray_sets(bundle: Bundle, folder: Path, per_kind: int, seed: int, real: Path | None) -> dict:
-    """set name -> predict records, for every non-X-ray set."""
-    sets = {}
-    for kind, paths in nonxray.write_set(folder / "synthetic", per_kind, seed).items():
-        sets[f"synthetic {kind}"] = predict_records(bundle, paths)
+def non_xray_paths(folder: Path, per_kind: int, seed: int, real: Path | None) -> dict[str, list[Path]]:
+    """set name -> its files, for every non-X-ray set (the synthetic and packaged ones written
+    under `folder`)."""
+    sets = {
+        f"synthetic {kind}": paths
+        for kind, paths in nonxray.write_set(folder / "synthetic", per_kind, seed).items()
+    }
     packaged = folder / "packaged"
     packaged.mkdir()
     for name, pixels in nonxray.packaged_images().items():
         Image.fromarray(pixels).save(packaged / f"{Path(name).stem}.png")
-    sets["packaged photos and MRI (matplotlib, scikit-learn)"] = predict_records(
-        bundle, find_images(packaged)
-    )
-    sets["pydicom CT, MR, NM, ultrasound slices"] = predict_records(bundle, nonxray.packaged_slices())
+    sets["packaged photos and MRI (matplotlib, scikit-learn)"] = find_images(packaged)
+    sets["pydicom CT, MR, NM, ultrasound slices"] = nonxray.packaged_slices()
     if real is not None and real.is_dir():
-        sets[f"{real.name} (a folder of real images)"] = predict_records(bundle, find_images(real))
+        sets[f"{real.name} (a folder of real images)"] = find_images(real)
     return sets
+
+
+def non_xray_sets(bundle: Bundle, folder: Path, per_kind: int, seed: int, real: Path | None) -> dict:
+    """set name -> predict records, for every non-X-ray set."""
+    return {
+        name: predict_records(bundle, paths)
+        for name, paths in non_xray_paths(folder, per_kind, seed, real).items()
+    }
 
 
 def xray_features(bundle: Bundle, data: Path) -> dict:
