@@ -33,9 +33,21 @@ from pneumoscan.cli import main
             "threshold rule 'bogus' is not understood",
         ),
         (["serve", "--port", "99999"], 2, "port must be between 0 and 65535, got 99999"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--mixup", "-1"], 2, "mixup must be in [0, 10]"),
+        (
+            ["train", "--data", "{tmp}", "--out", "{tmp}/run", "--exclude-files", "{tmp}/none.txt"],
+            2,
+            "none.txt: cannot read the list of files to exclude",
+        ),
+        (
+            ["train", "--data", "{tmp}", "--out", "{tmp}/run", "--exclude-files", "{tmp}/bad.json"],
+            2,
+            "bad.json: not a list of files to exclude",
+        ),
     ],
 )
 def test_usage_errors_exit_2_with_one_clear_line(argv, code, message, tmp_path, capsys):
+    (tmp_path / "bad.json").write_text('{"suspects": [{"path": "NORMAL/a.jpeg"}]}')
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == code
     err = capsys.readouterr().err

@@ -16,6 +16,8 @@ from pneumoscan.config import AugmentConfig, Config
         ({"learning_rate": 0.0}, "learning rate must be positive"),
         ({"val_fraction": 0.6}, "val fraction must be in"),
         ({"image_size": 8}, "image size must be between 32 and 1024"),
+        ({"mixup": -0.1}, "mixup must be in"),
+        ({"weight_average_momentum": 1.0}, "weight-average momentum must be in"),
     ],
 )
 def test_invalid_values_are_value_errors(changes, message):
@@ -24,7 +26,10 @@ def test_invalid_values_are_value_errors(changes, message):
 
 
 def test_round_trip_and_resolution(tmp_path):
-    config = Config(epochs=3, augment=AugmentConfig(zoom=0.2)).resolved()
+    config = Config(
+        epochs=3, augment=AugmentConfig(zoom=0.2), exclude_files=("NORMAL/b.jpeg", "NORMAL/a.jpeg")
+    ).resolved()
+    assert config.exclude_files == ("NORMAL/a.jpeg", "NORMAL/b.jpeg")
     assert (config.arch, config.image_size, config.epochs, config.schedule) == ("pneumonet", 160, 3, "cosine")
     assert Config(arch="seed").resolved().image_size == 150
     config.save(tmp_path / "config.json")
@@ -103,3 +108,11 @@ def test_model_hyper_parameters_come_from_the_recipe_and_can_be_changed():
     assert model.get_layer("stem_bn").momentum == 0.5 and model.get_layer("dropout").rate == 0.0
     with pytest.raises(ValueError, match="dropout rate must be in"):
         ModelConfig(widths=(8,), dropout_rate=1.0)
+
+
+def test_a_run_folder_from_before_mixup_averaging_and_exclusions_trains_without_them(tmp_path):
+    saved = Config().resolved().to_dict()
+    for key in ("mixup", "weight_average_momentum", "exclude_files"):
+        del saved[key]
+    legacy = Config.from_dict(saved)
+    assert (legacy.mixup, legacy.weight_average_momentum, legacy.exclude_files) == (0.0, 0.0, ())

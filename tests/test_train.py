@@ -152,15 +152,55 @@ def test_resume_restores_optimizer_and_callback_state(tiny_dataset, tmp_path):
 class _LastWeights(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self.weights = [w.copy() for w in self.model.get_weights()]
+        self.weights += [np.array(v) for v in self.model.optimizer.variables]
+
+
+class _Optimizer(keras.callbacks.Callback):
+    def on_train_end(self, logs=None):
+        optimizer = self.model.optimizer
+        self.iterations = int(optimizer.iterations.numpy())
+        self.trained = [np.array(v) for v in optimizer._trainable_variables]
+        self.averages = [np.array(v) for v in getattr(optimizer, "_model_variables_moving_average", [])]
+
+
+def test_with_a_weight_average_the_average_is_what_is_kept(tiny_dataset, tmp_path):
+    probe = _Optimizer()
+    config = Config(epochs=1, weight_average_momentum=0.5, **TINY)
+    train(config, tiny_dataset, tmp_path / "run", extra_callbacks=[probe], log=lambda _: None)
+    saved = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    kept = [np.array(v) for v in saved.trainable_variables]
+    assert all(np.array_equal(a, b) for a, b in zip(kept, probe.averages, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(kept, probe.trained, strict=True))
+
+
+def test_excluded_files_are_left_out_of_training_only(tiny_dataset, tmp_path):
+    named = sorted(f"NORMAL/{p.name}" for p in (tiny_dataset / "NORMAL").iterdir())[::2]
+    probe = _Optimizer()
+    config = Config(epochs=2, exclude_files=tuple(named), **TINY)
+    train(config, tiny_dataset, tmp_path / "run", extra_callbacks=[probe], log=lambda _: None)
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())["splits"]
+    in_train = [name for name, _ in splits["train"] if name in named]
+    excluded = metadata_io.read(tmp_path / "run")["training"]["excluded_from_training"]
+    assert in_train and excluded == len(in_train)
+    assert probe.iterations == 2 * -(-(len(splits["train"]) - len(in_train)) // 8)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["seed", "pneumonet"])
-def test_an_interrupted_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_dataset, tmp_path, arch):
-    """Data order, augmentation and dropout masks of the resumed epochs are the ones the
-    uninterrupted run drew: the last weights are equal bit for bit (TensorFlow's CPU kernels are
-    deterministic here: two uninterrupted runs agree bit for bit too)."""
-    config = Config(epochs=4, early_stopping_patience=10, **{**TINY, "arch": arch})
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"arch": "seed"},
+        {"arch": "pneumonet"},
+        {"arch": "pneumonet", "mixup": 0.4, "weight_average_momentum": 0.9},
+    ],
+    ids=["seed", "pneumonet", "pneumonet-mixup-averaged"],
+)
+def test_an_interrupted_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_dataset, tmp_path, changes):
+    """Data order, augmentation, dropout masks and mixup's blends of the resumed epochs are the
+    ones the uninterrupted run drew, and the moving average of the weights goes on from where it
+    was: the last weights are equal bit for bit (TensorFlow's CPU kernels are deterministic here:
+    two uninterrupted runs agree bit for bit too)."""
+    config = Config(epochs=4, early_stopping_patience=10, **{**TINY, **changes})
     last = {}
     for name, interrupt_after in (("whole", None), ("again", None), ("resumed", 2)):
         run_dir = tmp_path / name
@@ -247,3 +287,22 @@ def test_training_data_with_the_awkward_corpus_trains_and_says_what_it_skipped(t
     assert sum(sum(split["counts"].values()) for split in summary["splits"].values()) == 48 + len(
         AWKWARD_VALID
     )
+
+
+def test_mixup_blends_each_image_with_its_partner_by_the_larger_share():
+    import tensorflow as tf
+
+    from pneumoscan.loop import Mixup, _Step
+
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.compile(optimizer="adam")
+    step = _Step(model, None, 0.0, Mixup(alpha=0.4, seed=7))
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (6, 4, 4, 1)), tf.float32)
+    mixed, blend = (np.array(t) for t in step._mix(images))
+    again, same = (np.array(t) for t in step._mix(images))
+    assert np.array_equal(mixed, again) and np.array_equal(blend, same)  # drawn from (seed, step)
+    assert np.all((blend >= 0.5) & (blend <= 1.0)) and np.any(blend < 0.99)
+    expected = blend[:, None, None, None] * images + (1 - blend[:, None, None, None]) * images[::-1]
+    np.testing.assert_allclose(mixed, expected, rtol=1e-5)
+    model.optimizer.iterations.assign(1)
+    assert not np.array_equal(np.array(step._mix(images)[1]), blend)  # the next step draws anew

@@ -96,6 +96,28 @@ def _add_train(commands) -> None:
         f"film was acquired stops predicting its label; 0 is off (default: {DEFAULTS.acquisition_reweight})",
     )
     parser.add_argument(
+        "--mixup",
+        type=float,
+        default=DEFAULTS.mixup,
+        help=f"blend training films in pairs, weight ~ Beta(A, A); 0 is off (default: {DEFAULTS.mixup})",
+    )
+    parser.add_argument(
+        "--weight-average",
+        type=float,
+        default=DEFAULTS.weight_average_momentum,
+        metavar="MOMENTUM",
+        help="validate and keep an exponential moving average of the weights, this momentum per "
+        f"step; 0 is off (default: {DEFAULTS.weight_average_momentum})",
+    )
+    parser.add_argument(
+        "--exclude-files",
+        type=Path,
+        default=None,
+        metavar="LIST",
+        help="leave these training films out of training: a text file of paths relative to the "
+        "training folder, one a line, or the JSON of benchmarks/label_noise.py (its suspects)",
+    )
+    parser.add_argument(
         "--threshold-rule",
         default=str(DEFAULTS.threshold_rule),
         help="youden | sensitivity:0.95 | fixed:0.5, chosen on the val split "
@@ -127,6 +149,9 @@ def _train(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction,
             val_design=args.val_design,
             acquisition_reweight=args.acquisition_reweight,
+            mixup=args.mixup,
+            weight_average_momentum=args.weight_average,
+            exclude_files=_excluded_files(args.exclude_files) if args.exclude_files else (),
             threshold_rule=args.threshold_rule,
             strategy=args.strategy,
             precision=args.precision,
@@ -142,6 +167,27 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  pneumoscan evaluate --model {result.run_dir} --data {args.data} --split internal-test")
         print(f"  pneumoscan export --model {result.run_dir} --out BUNDLE_DIR")
     return 0
+
+
+def _excluded_files(path: Path) -> tuple[str, ...]:
+    """The paths an --exclude-files LIST names.
+
+    Raises:
+        UsageError: the list cannot be read.
+    """
+    import json
+
+    try:
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            return tuple(entry["file"] for entry in json.loads(text)["suspects"])
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: cannot read the list of files to exclude ({error}).") from None
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(
+            f"{path}: not a list of files to exclude (a JSON list needs 'suspects' entries with a 'file')."
+        ) from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _add_evaluate(commands) -> None:

@@ -219,6 +219,16 @@ class Config:
     # the acquisition design, 1 raised internal-test AUC by 0.007 [0.004, 0.012] and specificity
     # at the default rule by 0.034 [0.003, 0.068] over 0, paired, two seeds (BENCHMARKS.md).
     acquisition_reweight: float = 1.0
+    # Mixup (Zhang et al., 2018): each training film blended with another of its batch, weight
+    # lambda ~ Beta(mixup, mixup) folded to >= 0.5, and the loss blended alike; 0 is off.
+    mixup: float = 0.0
+    # Exponential moving average of the weights, this momentum per step (Keras' `use_ema`):
+    # validation, the best epoch and the saved model use the average; 0 is off.
+    weight_average_momentum: float = 0.0
+    # Training films left out of training (paths relative to the training folder, e.g.
+    # "NORMAL/IM-0115-0001.jpeg"): suspect labels (benchmarks/label_noise.py). They stay
+    # eligible for val and internal-test, where every label is kept.
+    exclude_files: tuple[str, ...] = ()
     augment: AugmentConfig | None = None
     model: ModelConfig | None = None
     # Where it trains (pneumoscan.strategy): batch_size is per replica, the global batch and the
@@ -227,6 +237,8 @@ class Config:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude_files", tuple(sorted(set(self.exclude_files))))
+
         def unset_or(value, ok) -> bool:
             return value is None or ok(value)
 
@@ -265,6 +277,11 @@ class Config:
                 0.0 <= self.acquisition_reweight <= 2.0,
                 f"acquisition reweight must be in [0, 2], got {self.acquisition_reweight}",
             ),
+            (0.0 <= self.mixup <= 10.0, f"mixup must be in [0, 10], got {self.mixup}"),
+            (
+                0.0 <= self.weight_average_momentum < 1.0,
+                f"weight-average momentum must be in [0, 1), got {self.weight_average_momentum}",
+            ),
             (
                 self.val_design in VAL_DESIGNS,
                 f"validation design must be one of {', '.join(VAL_DESIGNS)}, got {self.val_design!r}",
@@ -287,6 +304,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["threshold_rule"] = str(self.threshold_rule)
+        values["exclude_files"] = list(self.exclude_files)
         if self.model is not None:
             values["model"]["widths"] = list(self.model.widths)
         return values

@@ -94,12 +94,19 @@ def learning_rate_at(config: Config, epoch: int, replicas: int = 1) -> float:
 
 
 def compile_model(
-    model: keras.Model, learning_rate: float, weight_decay: float = 0.0, label_smoothing: float = 0.0
+    model: keras.Model,
+    learning_rate: float,
+    weight_decay: float = 0.0,
+    label_smoothing: float = 0.0,
+    average_momentum: float = 0.0,
 ) -> None:
+    """Adam (AdamW with weight decay), keeping an exponential moving average of the weights at
+    `average_momentum` per step when it is above 0 (`loop.averaged_weights` swaps it in)."""
+    average = {"use_ema": True, "ema_momentum": average_momentum} if average_momentum > 0 else {}
     optimizer = (
-        keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+        keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, **average)
         if weight_decay > 0
-        else keras.optimizers.Adam(learning_rate=learning_rate)
+        else keras.optimizers.Adam(learning_rate=learning_rate, **average)
     )
     model.compile(
         optimizer=optimizer,
@@ -182,7 +189,8 @@ class RunState(keras.callbacks.Callback):
         build.mkdir()
         self.model.save(build / "model.keras")
         if improved:
-            self.model.save_weights(build / "best.weights.h5")
+            with loop.averaged_weights(self.model):  # what was validated
+                self.model.save_weights(build / "best.weights.h5")
         elif (final / "best.weights.h5").exists():  # a worker resumed into a fresh folder has none
             shutil.copy2(final / "best.weights.h5", build / "best.weights.h5")
         self.state["random_state"] = random_state(self.model)
@@ -382,7 +390,11 @@ def _model_and_state(
     with engine.strategy.scope():
         model = build_model(config)
         compile_model(
-            model, learning_rate_at(config, 0, engine.replicas), config.weight_decay, config.label_smoothing
+            model,
+            learning_rate_at(config, 0, engine.replicas),
+            config.weight_decay,
+            config.label_smoothing,
+            config.weight_average_momentum,
         )
         model.optimizer.build(model.trainable_variables)
     if status != "resume":
@@ -425,7 +437,7 @@ def _fit(
     start_epoch: int,
     extra_callbacks: list,
 ) -> None:
-    train, val = splits.splits["train"], splits.splits["val"]
+    train, val = training_films(splits, config), splits.splits["val"]
     train_images, train_labels = inputs(train), np.array([s.label for s in train])
     val_images, val_labels = inputs(val), [s.label for s in val]
     weights = None
@@ -475,7 +487,14 @@ def _fit(
         class_weights(train_labels) if config.class_weights else None,
         config.label_smoothing,
         callbacks,
+        loop.Mixup(config.mixup, config.random_seed),
     )
+
+
+def training_films(splits: DataSplits, config: Config) -> list:
+    """The train split less the films `config.exclude_files` names."""
+    excluded = set(config.exclude_files)
+    return [sample for sample in splits.splits["train"] if sample.relpath not in excluded]
 
 
 def _replicas_of(context: tf.distribute.InputContext, replicas: int) -> tuple[int, int, int]:
@@ -503,6 +522,7 @@ def _finish(
         "strategy": engine.name,
         "replicas": engine.replicas,
         "global_batch_size": config.batch_size * engine.replicas,
+        "excluded_from_training": len(splits.splits["train"]) - len(training_films(splits, config)),
     }
     meta = {**metadata_io.build(config, splits.summary(), training), "heatmap": heatmap_spec(model)}
     meta = _calibrate(model, meta, splits, config, log)
