@@ -1,7 +1,9 @@
 """Training changes measured on the acquisition validation design, with paired intervals.
 
     .venv/bin/python benchmarks/shift_design.py train --data ../shared/data/chest_xray \
-        --out runs/shift --variants baseline acquisition-aug --seeds 1337 7 42
+        --out runs/shift --variants baseline reweight --seeds 1337 7
+    .venv/bin/python benchmarks/shift_design.py train --data ../shared/data/chest_xray \
+        --out runs/shift --variants drop-suspects --seeds 1337 7 --suspects label_noise.json
     .venv/bin/python benchmarks/shift_design.py report --data ../shared/data/chest_xray \
         --runs runs/shift --baseline baseline --json shift_design.json
 
@@ -36,37 +38,50 @@ N_RESAMPLES = 1000
 METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy", "held_out_accuracy")
 
 # Changes to the default configuration (pneumoscan.config.DEFAULTS); "augment" is merged into
-# the recipe's augmentation.
+# the recipe's augmentation. "baseline" and the acquisition augmentations were measured before
+# reweighting became the default, and keep it off; "reweight" is today's default, and the later
+# variants change it. `exclude_files: SUSPECTS` takes the suspects of `train --suspects`.
+SUSPECTS = "suspects"
+ACQUISITION_AUG = {"gamma": 0.3, "detail": 0.7, "noise": 4.0, "text_stamps": 0.3, "erase": 0.25}
 VARIANTS: dict[str, dict] = {
-    "baseline": {},
-    "acquisition-aug": {
-        "augment": {"gamma": 0.3, "detail": 0.7, "noise": 4.0, "text_stamps": 0.3, "erase": 0.25}
+    "baseline": {"acquisition_reweight": 0.0},
+    "acquisition-aug": {"acquisition_reweight": 0.0, "augment": ACQUISITION_AUG},
+    "acquisition-aug-strong": {
+        "acquisition_reweight": 0.0,
+        "augment": {"gamma": 0.5, "detail": 1.0, "noise": 8.0, "text_stamps": 0.5, "erase": 0.5},
     },
     "reweight": {"acquisition_reweight": 1.0},
-    "acquisition-aug-strong": {
-        "augment": {"gamma": 0.5, "detail": 1.0, "noise": 8.0, "text_stamps": 0.5, "erase": 0.5}
-    },
+    "mixup": {"mixup": 0.2},
+    "weight-average": {"weight_average_momentum": 0.995},
+    "drop-suspects": {"exclude_files": SUSPECTS},
 }
 
 
-def variant_config(name: str, seed: int):
+def variant_config(name: str, seed: int, suspects: tuple[str, ...] = ()):
     from pneumoscan.config import DEFAULTS
 
     changes = dict(VARIANTS[name])
     config = dataclasses.replace(DEFAULTS, random_seed=seed).resolved()
     if "augment" in changes:
         changes["augment"] = dataclasses.replace(config.augment, **changes["augment"])
+    if changes.get("exclude_files") == SUSPECTS:
+        if not suspects:
+            raise SystemExit(f"variant {name} needs --suspects (the JSON of benchmarks/label_noise.py)")
+        changes["exclude_files"] = suspects
     return dataclasses.replace(config, **changes)
 
 
-def train_all(data: Path, out: Path, variants: list[str], seeds: list[int]) -> None:
+def train_all(
+    data: Path, out: Path, variants: list[str], seeds: list[int], suspects: tuple[str, ...] = ()
+) -> None:
     from pneumoscan.train import train
 
     for seed in seeds:
         for name in variants:
             run_dir = out / f"{name}-s{seed}"
             start = time.perf_counter()
-            train(variant_config(name, seed), data, run_dir, log=lambda line: print(line, flush=True))
+            config = variant_config(name, seed, suspects)
+            train(config, data, run_dir, log=lambda line: print(line, flush=True))
             seconds = time.perf_counter() - start
             (run_dir / "wall_seconds.txt").write_text(f"{seconds:.0f}\n")
             print(f"{run_dir}: {seconds:.0f} s", flush=True)
@@ -219,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("--out", type=Path, required=True)
     train_parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["baseline"])
     train_parser.add_argument("--seeds", nargs="+", type=int, default=[1337])
+    train_parser.add_argument(
+        "--suspects", type=Path, help="JSON of benchmarks/label_noise.py, for the drop-suspects variant"
+    )
     report_parser = commands.add_parser("report")
     report_parser.add_argument("--data", type=Path, required=True)
     report_parser.add_argument("--runs", type=Path, required=True)
@@ -226,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     report_parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.command == "train":
-        train_all(args.data, args.out, args.variants, args.seeds)
+        suspects = ()
+        if args.suspects:
+            suspects = tuple(entry["file"] for entry in json.loads(args.suspects.read_text())["suspects"])
+        train_all(args.data, args.out, args.variants, args.seeds, suspects)
         return 0
     table = report(args.data, args.runs, args.baseline)
     if args.json:
