@@ -11,7 +11,8 @@
 default configuration) into OUT/VARIANT-sSEED, one after the other; a finished run is kept.
 The seed also draws the split, so the variants of one seed share train, val and internal-test.
 
-`report` scores every run on its own shifted internal-test (rebuilt from its splits.json):
+`report` scores every run on its own shifted internal-test (rebuilt from its splits.json), and
+each `--ensembles A+B` (the mean of the raw outputs of variants A and B of one seed):
 ROC AUC, and sensitivity, specificity and accuracy at the run's shipped operating point
 (calibration and threshold from its shifted val) and at each rule of `RULES` refitted on that
 val. Accuracy is also given at the held-out split's class mix (234 NORMAL : 390 PNEUMONIA,
@@ -87,11 +88,9 @@ def train_all(
             print(f"{run_dir}: {seconds:.0f} s", flush=True)
 
 
-def scores(run_dir: Path, data: Path) -> dict:
-    """Outputs of one run on its val and internal-test, and its operating points."""
+def outputs_of(run_dir: Path, data: Path) -> dict:
+    """Raw outputs of one run on its val and internal-test, and its shipped operating point."""
     from pneumoscan.bundle import Bundle
-    from pneumoscan.calibrate import apply_calibration, fit_operating_point
-    from pneumoscan.config import ThresholdRule
     from pneumoscan.data import group_ids
     from pneumoscan.evaluate import read_file_lists, select_samples, split_outputs
 
@@ -103,12 +102,46 @@ def scores(run_dir: Path, data: Path) -> dict:
         )
         labels, raw = split_outputs(bundle, samples)
         outputs[split] = {"labels": labels, "raw": raw, "groups": np.array(group_ids(samples))}
-    points = {"shipped": (bundle.metadata["calibration"], bundle.threshold)}
+    return {
+        **outputs,
+        "shipped": (bundle.metadata["calibration"], bundle.threshold),
+        "design": bundle.metadata["data"]["rule"].get("design", "random"),
+        "epochs": bundle.metadata.get("training", {}).get("best_epoch"),
+    }
+
+
+def ensemble_of(members: list[dict]) -> dict:
+    """The outputs of the mean of the members' raw outputs (runs of one seed, so one split);
+    its shipped point is the default rule fitted on val."""
+    from pneumoscan.calibrate import fit_operating_point
+    from pneumoscan.config import DEFAULTS
+
+    outputs = {}
+    for split in ("val", "internal-test"):
+        first = members[0][split]
+        if any(not np.array_equal(m[split]["labels"], first["labels"]) for m in members):
+            raise SystemExit("an ensemble's members must share their splits (one seed)")
+        outputs[split] = {**first, "raw": np.mean([m[split]["raw"] for m in members], axis=0)}
+    fitted = fit_operating_point(outputs["val"]["labels"], outputs["val"]["raw"], DEFAULTS.threshold_rule)
+    return {
+        **outputs,
+        "shipped": (fitted["calibration"], fitted["threshold"]["value"]),
+        "design": members[0]["design"],
+        "epochs": None,
+    }
+
+
+def scores(outputs: dict) -> dict:
+    """A run's (or ensemble's) internal-test labels and calibrated outputs at each operating
+    point: the shipped one, and each rule of `RULES` refitted on its val."""
+    from pneumoscan.calibrate import apply_calibration, fit_operating_point
+    from pneumoscan.config import ThresholdRule
+
+    points = {"shipped": outputs["shipped"]}
+    val, test = outputs["val"], outputs["internal-test"]
     for rule in RULES:
-        val = outputs["val"]
         fitted = fit_operating_point(val["labels"], val["raw"], ThresholdRule.parse(rule))
         points[rule] = (fitted["calibration"], fitted["threshold"]["value"])
-    test = outputs["internal-test"]
     return {
         "labels": test["labels"],
         "groups": test["groups"],
@@ -116,8 +149,8 @@ def scores(run_dir: Path, data: Path) -> dict:
             name: (apply_calibration(test["raw"], calibration), float(threshold))
             for name, (calibration, threshold) in points.items()
         },
-        "design": bundle.metadata["data"]["rule"].get("design", "random"),
-        "epochs": bundle.metadata.get("training", {}).get("best_epoch"),
+        "design": outputs["design"],
+        "epochs": outputs["epochs"],
     }
 
 
@@ -150,7 +183,9 @@ def pooled(results: list[dict], minus: list[dict] | None = None) -> dict:
     return out
 
 
-def report(data: Path, runs: Path, baseline: str) -> dict:
+def report(data: Path, runs: Path, baseline: str, ensembles: list[str] = ()) -> dict:
+    """Every run of `runs`, and each ensemble ("A+B": the mean of variants A and B of a seed)
+    for the seeds that have all its members."""
     from pneumoscan.metrics import _group_weights
 
     found: dict[tuple[str, int], Path] = {}
@@ -163,7 +198,11 @@ def report(data: Path, runs: Path, baseline: str) -> dict:
     per_seed: dict[int, dict[str, dict]] = {}
     for seed in seeds:
         names = [name for name, s in found if s == seed]
-        scored = {name: scores(found[name, seed], data) for name in names}
+        outputs = {name: outputs_of(found[name, seed], data) for name in names}
+        for ensemble in ensembles:
+            if all(member in outputs for member in ensemble.split("+")):
+                outputs[ensemble] = ensemble_of([outputs[member] for member in ensemble.split("+")])
+        scored = {name: scores(result) for name, result in outputs.items()}
         groups = next(iter(scored.values()))["groups"]
         weights = _group_weights(groups, N_RESAMPLES, np.random.default_rng(seed))
         per_seed[seed] = {}
@@ -184,7 +223,7 @@ def report(data: Path, runs: Path, baseline: str) -> dict:
                     for point, values in per_seed[seed][name].items()
                 },
             }
-    for name in sorted({name for name, _ in found}):
+    for name in sorted({name for results in per_seed.values() for name in results}):
         mine = [per_seed[s][name] for s in seeds if name in per_seed[s]]
         table["variants"][name] = {
             "seeds": [s for s in seeds if name in per_seed[s]],
@@ -242,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     report_parser.add_argument("--runs", type=Path, required=True)
     report_parser.add_argument("--baseline", default="baseline")
     report_parser.add_argument("--json", type=Path)
+    report_parser.add_argument(
+        "--ensembles", nargs="*", default=[], metavar="A+B", help="also score the mean of these variants"
+    )
     args = parser.parse_args(argv)
     if args.command == "train":
         suspects = ()
@@ -249,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             suspects = tuple(entry["file"] for entry in json.loads(args.suspects.read_text())["suspects"])
         train_all(args.data, args.out, args.variants, args.seeds, suspects)
         return 0
-    table = report(args.data, args.runs, args.baseline)
+    table = report(args.data, args.runs, args.baseline, args.ensembles)
     if args.json:
         args.json.write_text(json.dumps(table, indent=1) + "\n")
     print(markdown(table))
