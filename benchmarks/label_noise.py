@@ -11,9 +11,10 @@ and Chuang, 2021; the confident joint as cleanlab counts it) then calls a film's
 when the model is confident in the other class: with per-class thresholds t_k = the mean
 predicted probability of class k over the films labelled k, a film labelled i is counted under
 class j when its probability of j reaches t_j (the larger margin above threshold when both do);
-it is suspect when that j is not i. The output lists every suspect film (relative path, label,
-out-of-fold probability), and counts by class and file-name family; `pneumoscan train
---exclude-files` reads the list's `suspects` to leave those films out of training.
+it is suspect when that j is not i. A looser count is given beside it: films on the wrong side
+of 0.5. The output lists every suspect film (relative path, label, out-of-fold probability),
+counts by class and file-name family, and every film's out-of-fold probability; `pneumoscan
+train --exclude-files` reads the list's `suspects` to leave those films out of training.
 """
 
 from __future__ import annotations
@@ -136,10 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     probabilities = out_of_fold(samples, folds, args.image_size, args.epochs, args.seed, print)
     suspects = confident_joint_suspects(labels, probabilities)
     quality = summarize(labels, probabilities, 0.5)
+    wrong_side = np.flatnonzero((probabilities >= 0.5) != (labels == 1))
     counts = Counter((CLASS_NAMES[labels[i]], family(samples[i].relpath)) for i in suspects)
+    loose = Counter((CLASS_NAMES[labels[i]], family(samples[i].relpath)) for i in wrong_side)
     totals = Counter((CLASS_NAMES[s.label], family(s.relpath)) for s in samples)
     by_family = {
-        f"{label}/{name}": {"suspect": counts[(label, name)], "films": total}
+        f"{label}/{name}": {
+            "suspect": counts[(label, name)],
+            "wrong_side_of_half": loose[(label, name)],
+            "films": total,
+        }
         for (label, name), total in sorted(totals.items())
     }
     result = {
@@ -151,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "films": len(samples),
         "out_of_fold_auc": float(quality["roc_auc"]),
         "suspect_count": len(suspects),
+        "wrong_side_of_half_count": len(wrong_side),
         "by_family": by_family,
         "suspects": [
             {
@@ -160,13 +168,21 @@ def main(argv: list[str] | None = None) -> int:
             }
             for i in sorted(suspects, key=lambda i: -abs(probabilities[i] - labels[i]))
         ],
+        "out_of_fold": [
+            {"file": sample.relpath, "fold": int(fold), "probability_pneumonia": round(float(p), 4)}
+            for sample, fold, p in zip(samples, folds, probabilities, strict=True)
+        ],
         "seconds": round(time.perf_counter() - start),
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     auc = result["out_of_fold_auc"]
-    print(f"out-of-fold AUC {auc:.4f}; {len(suspects)} of {len(samples)} labels suspect")
+    print(
+        f"out-of-fold AUC {auc:.4f}; {len(suspects)} of {len(samples)} labels suspect "
+        f"({len(wrong_side)} on the wrong side of 0.5)"
+    )
     for key, value in by_family.items():
-        print(f"  {key}: {value['suspect']} of {value['films']}")
+        suspect, loose, films = value["suspect"], value["wrong_side_of_half"], value["films"]
+        print(f"  {key}: {suspect} suspect, {loose} on the wrong side of 0.5, of {films}")
     return 0
 
 
