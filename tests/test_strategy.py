@@ -29,12 +29,14 @@ def three_hundred(tmp_path_factory) -> Path:
     return write_class_folders(tmp_path_factory.mktemp("mw") / "xray", patients)
 
 
-def _start_workers(data: Path, run_dir: Path, scratch: Path, epochs: int = EPOCHS) -> list[subprocess.Popen]:
+def _start_workers(
+    data: Path, run_dir: Path, scratch: Path, epochs: int = EPOCHS, options: tuple[str, ...] = ()
+) -> list[subprocess.Popen]:
     """The same command on two workers, each with its TF_CONFIG; worker-local files go to `scratch`."""
     command = [
         sys.executable, "-m", "pneumoscan", "train", "--data", str(data), "--out", str(run_dir),
         "--arch", "seed", "--image-size", "64", "--batch-size", "8", "--epochs", str(epochs),
-        "--seed", "3", "--strategy", "multi-worker",
+        "--seed", "3", "--strategy", "multi-worker", *options,
     ]  # fmt: skip
     processes = []
     for index, tf_config in enumerate(local_tf_configs(2)):
@@ -64,11 +66,15 @@ def _history(run_dir: Path) -> list[dict]:
 
 
 def test_two_workers_train_one_run_that_the_chief_writes(three_hundred, tmp_path):
+    """With mixup and the moving average of the weights on: both draw and swap per replica."""
     run_dir, scratch = tmp_path / "run", tmp_path / "scratch"
     scratch.mkdir()
-    assert _wait(_start_workers(three_hundred, run_dir, scratch)) == [0, 0], (
+    options = ("--mixup", "0.2", "--weight-average", "0.9")
+    assert _wait(_start_workers(three_hundred, run_dir, scratch, options=options)) == [0, 0], (
         scratch / "worker1.log"
     ).read_text()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["mixup"], config["weight_average_momentum"]) == (0.2, 0.9)
     assert [int(row["epoch"]) for row in _history(run_dir)] == list(range(1, EPOCHS + 1))
     training = json.loads((run_dir / "metadata.json").read_text())["training"]
     assert (training["strategy"], training["replicas"], training["global_batch_size"]) == (
