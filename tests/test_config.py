@@ -18,6 +18,7 @@ from pneumoscan.config import AugmentConfig, Config
         ({"image_size": 8}, "image size must be between 32 and 1024"),
         ({"mixup": -0.1}, "mixup must be in"),
         ({"weight_average_momentum": 1.0}, "weight-average momentum must be in"),
+        ({"exclude_files": "NORMAL/a.jpeg"}, "exclude_files must be a list of paths"),
     ],
 )
 def test_invalid_values_are_value_errors(changes, message):

@@ -175,14 +175,15 @@ def test_with_a_weight_average_the_average_is_what_is_kept(tiny_dataset, tmp_pat
 
 def test_excluded_files_are_left_out_of_training_only(tiny_dataset, tmp_path):
     named = sorted(f"NORMAL/{p.name}" for p in (tiny_dataset / "NORMAL").iterdir())[::2]
-    probe = _Optimizer()
-    config = Config(epochs=2, exclude_files=tuple(named), **TINY)
-    train(config, tiny_dataset, tmp_path / "run", extra_callbacks=[probe], log=lambda _: None)
+    probe, said = _Optimizer(), []
+    config = Config(epochs=2, exclude_files=(*named, "NORMAL/absent.jpeg"), **TINY)
+    train(config, tiny_dataset, tmp_path / "run", extra_callbacks=[probe], log=said.append)
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())["splits"]
     in_train = [name for name, _ in splits["train"] if name in named]
     excluded = metadata_io.read(tmp_path / "run")["training"]["excluded_from_training"]
     assert in_train and excluded == len(in_train)
     assert probe.iterations == 2 * -(-(len(splits["train"]) - len(in_train)) // 8)
+    assert f"Leaving {len(in_train)} of the {len(named) + 1} film(s) --exclude-files names" in "\n".join(said)
 
 
 @pytest.mark.slow

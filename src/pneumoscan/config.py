@@ -237,6 +237,8 @@ class Config:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
+        if isinstance(self.exclude_files, str):
+            raise ValueError("exclude_files must be a list of paths, not one string")
         object.__setattr__(self, "exclude_files", tuple(sorted(set(self.exclude_files))))
 
         def unset_or(value, ok) -> bool:

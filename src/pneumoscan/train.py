@@ -319,6 +319,13 @@ def train(
     for note in splits.notes:
         log(note)
     log(splits.table())
+    if config.exclude_files:
+        left_out = len(splits.splits["train"]) - len(training_films(splits, config))
+        log(
+            f"Leaving {left_out} of the {len(config.exclude_files)} film(s) --exclude-files names out of "
+            "training; the rest are in val or internal-test, where they keep their labels, or not in "
+            "the data."
+        )
     if engine.is_chief:
         run_dir.mkdir(parents=True, exist_ok=True)
         if decision["status"] == "resume":
