@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.command == "train":
-        suspects = ()
-        if args.suspects:
-            suspects = tuple(entry["file"] for entry in json.loads(args.suspects.read_text())["suspects"])
+        from pneumoscan.config import read_file_list
+
+        suspects = read_file_list(args.suspects) if args.suspects else ()
         train_all(args.data, args.out, args.variants, args.seeds, suspects)
         return 0
     table = report(args.data, args.runs, args.baseline, args.ensembles)

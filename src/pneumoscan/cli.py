@@ -17,7 +17,16 @@ from pathlib import Path
 
 from pneumoscan import bundle as bundle_module
 from pneumoscan.bundle import INFERENCE_BATCH
-from pneumoscan.config import DEFAULTS, PRECISIONS, RECIPES, STRATEGIES, VAL_DESIGNS, Config, ThresholdRule
+from pneumoscan.config import (
+    DEFAULTS,
+    PRECISIONS,
+    RECIPES,
+    STRATEGIES,
+    VAL_DESIGNS,
+    Config,
+    ThresholdRule,
+    read_file_list,
+)
 
 # TensorFlow's C++ log: 0 shows its start-up chatter (absl's pre-init warning, CPU features) on
 # stderr before Python logging exists; 3 shows nothing (every error reaches Python as an exception,
@@ -151,7 +160,7 @@ def _train(args: argparse.Namespace) -> int:
             acquisition_reweight=args.acquisition_reweight,
             mixup=args.mixup,
             weight_average_momentum=args.weight_average,
-            exclude_files=_excluded_files(args.exclude_files) if args.exclude_files else (),
+            exclude_files=read_file_list(args.exclude_files) if args.exclude_files else (),
             threshold_rule=args.threshold_rule,
             strategy=args.strategy,
             precision=args.precision,
@@ -167,27 +176,6 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  pneumoscan evaluate --model {result.run_dir} --data {args.data} --split internal-test")
         print(f"  pneumoscan export --model {result.run_dir} --out BUNDLE_DIR")
     return 0
-
-
-def _excluded_files(path: Path) -> tuple[str, ...]:
-    """The paths an --exclude-files LIST names.
-
-    Raises:
-        UsageError: the list cannot be read.
-    """
-    import json
-
-    try:
-        text = path.read_text()
-        if path.suffix.lower() == ".json":
-            return tuple(entry["file"] for entry in json.loads(text)["suspects"])
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{path}: cannot read the list of files to exclude ({error}).") from None
-    except (ValueError, KeyError, TypeError):
-        raise UsageError(
-            f"{path}: not a list of files to exclude (a JSON list needs 'suspects' entries with a 'file')."
-        ) from None
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _add_evaluate(commands) -> None:

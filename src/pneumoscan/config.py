@@ -361,6 +361,27 @@ class Config:
 DEFAULTS = Config()
 
 
+def read_file_list(path: Path) -> tuple[str, ...]:
+    """The paths a list of files to exclude names (`Config.exclude_files`): a text file, one path
+    a line, or the JSON of benchmarks/label_noise.py (its `suspects`' `file`s).
+
+    Raises:
+        ValueError: the list cannot be read, or is not such a list (one sentence naming it).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            return tuple(entry["file"] for entry in json.loads(text)["suspects"])
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the list of files to exclude ({error}).") from None
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(
+            f"{path}: not a list of files to exclude (a JSON list needs 'suspects' entries with a 'file')."
+        ) from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
