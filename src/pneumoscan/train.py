@@ -320,11 +320,10 @@ def train(
         log(note)
     log(splits.table())
     if config.exclude_files:
-        left_out = len(splits.splits["train"]) - len(training_films(splits, config))
         log(
-            f"Leaving {left_out} of the {len(config.exclude_files)} film(s) --exclude-files names out of "
-            "training; the rest are in val or internal-test, where they keep their labels, or not in "
-            "the data."
+            f"Leaving {left_out_of_training(splits, config)} of the {len(config.exclude_files)} film(s) "
+            "--exclude-files names out of training; the rest are in val or internal-test, where they "
+            "keep their labels, or not in the data."
         )
     if engine.is_chief:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -504,6 +503,11 @@ def training_films(splits: DataSplits, config: Config) -> list:
     return [sample for sample in splits.splits["train"] if sample.relpath not in excluded]
 
 
+def left_out_of_training(splits: DataSplits, config: Config) -> int:
+    """How many films of the train split `config.exclude_files` leaves out."""
+    return len(splits.splits["train"]) - len(training_films(splits, config))
+
+
 def _replicas_of(context: tf.distribute.InputContext, replicas: int) -> tuple[int, int, int]:
     """(first, local, total) replicas served by this input pipeline: one pipeline a worker, each
     serving its worker's local replicas in turn."""
@@ -529,7 +533,7 @@ def _finish(
         "strategy": engine.name,
         "replicas": engine.replicas,
         "global_batch_size": config.batch_size * engine.replicas,
-        "excluded_from_training": len(splits.splits["train"]) - len(training_films(splits, config)),
+        "excluded_from_training": left_out_of_training(splits, config),
     }
     meta = {**metadata_io.build(config, splits.summary(), training), "heatmap": heatmap_spec(model)}
     meta = _calibrate(model, meta, splits, config, log)
