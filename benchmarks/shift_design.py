@@ -88,10 +88,13 @@ def train_all(
             print(f"{run_dir}: {seconds:.0f} s", flush=True)
 
 
-def outputs_of(run_dir: Path, data: Path) -> dict:
-    """Raw outputs of one run on its val and internal-test, and its shipped operating point."""
+def outputs_of(run_dir: Path, data: Path, copies=None) -> dict:
+    """Raw outputs of one run on its val and internal-test, and its shipped operating point.
+
+    `copies`, a function from one model input to a dict of k copies of it, adds each split's
+    raw outputs of every film's copies, (n, k), as "copies"."""
     from pneumoscan.bundle import Bundle
-    from pneumoscan.data import group_ids
+    from pneumoscan.data import group_ids, inputs
     from pneumoscan.evaluate import read_file_lists, select_samples, split_outputs
 
     bundle = Bundle.load(run_dir)
@@ -102,6 +105,9 @@ def outputs_of(run_dir: Path, data: Path) -> dict:
         )
         labels, raw = split_outputs(bundle, samples)
         outputs[split] = {"labels": labels, "raw": raw, "groups": np.array(group_ids(samples))}
+        if copies is not None:
+            moved = np.stack([c for x in inputs(samples) for c in copies(x).values()])
+            outputs[split]["copies"] = bundle.forward(moved).reshape(len(samples), -1)
     return {
         **outputs,
         "shipped": (bundle.metadata["calibration"], bundle.threshold),

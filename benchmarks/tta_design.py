@@ -38,28 +38,18 @@ SHOWN = ("roc_auc", "specificity", "held_out_accuracy")
 
 def outputs_with_copies(run_dir: Path, data: Path) -> dict[str, dict]:
     """Per copy set, the run's outputs as `shift_design.outputs_of` gives them."""
-    from pneumoscan.bundle import Bundle
     from pneumoscan.calibrate import fit_operating_point
     from pneumoscan.config import DEFAULTS
-    from pneumoscan.data import inputs
-    from pneumoscan.evaluate import read_file_lists, select_samples
     from pneumoscan.robustness import translation_variants
 
-    plain = shift_design.outputs_of(run_dir, data)
-    bundle = Bundle.load(run_dir)
-    moved = {}
-    for split in ("val", "internal-test"):
-        samples, _, _ = select_samples(
-            bundle.metadata, data, split, bundle.image_size, read_file_lists(bundle.folder)
-        )
-        copies = np.stack([c for x in inputs(samples) for c in translation_variants(x).values()])
-        moved[split] = bundle.forward(copies).reshape(len(samples), -1)
+    plain = shift_design.outputs_of(run_dir, data, copies=translation_variants)
     result = {}
     for name, members in COPY_SETS.items():
         outputs = {**plain}
         for split in ("val", "internal-test"):
-            raw = np.c_[plain[split]["raw"], moved[split][:, list(members)]].mean(axis=1)
-            outputs[split] = {**plain[split], "raw": raw.astype(np.float32)}
+            own = plain[split]
+            raw = np.c_[own["raw"], own["copies"][:, list(members)]].mean(axis=1)
+            outputs[split] = {**own, "raw": raw.astype(np.float32)}
         fitted = fit_operating_point(outputs["val"]["labels"], outputs["val"]["raw"], DEFAULTS.threshold_rule)
         outputs["shipped"] = (fitted["calibration"], fitted["threshold"]["value"])
         result[name] = outputs
