@@ -42,6 +42,8 @@ METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy", "held_out_accura
 # the recipe's augmentation. "baseline" and the acquisition augmentations were measured before
 # reweighting became the default, and keep it off; "reweight" is today's default, and the later
 # variants change it. `exclude_files: SUSPECTS` takes the suspects of `train --suspects`.
+# Every variant was measured on the film alone, before test-time copies became the default
+# (`variant_config` keeps them off; benchmarks/tta_design.py measures them on these runs).
 SUSPECTS = "suspects"
 ACQUISITION_AUG = {"gamma": 0.3, "detail": 0.7, "noise": 4.0, "text_stamps": 0.3, "erase": 0.25}
 VARIANTS: dict[str, dict] = {
@@ -62,7 +64,7 @@ def variant_config(name: str, seed: int, suspects: tuple[str, ...] = ()):
     from pneumoscan.config import DEFAULTS
 
     changes = dict(VARIANTS[name])
-    config = dataclasses.replace(DEFAULTS, random_seed=seed).resolved()
+    config = dataclasses.replace(DEFAULTS, random_seed=seed, test_time_shift=0.0).resolved()
     if "augment" in changes:
         changes["augment"] = dataclasses.replace(config.augment, **changes["augment"])
     if changes.get("exclude_files") == SUSPECTS:

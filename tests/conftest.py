@@ -67,6 +67,16 @@ def keras_predict(model, images: np.ndarray) -> np.ndarray:
     return keras.ops.convert_to_numpy(model(images, training=False)).astype(np.float64)
 
 
+def raw_with_copies(model, images: np.ndarray, metadata: dict) -> np.ndarray:
+    """The raw outputs metadata.json says a model gives, computed apart from Bundle.forward:
+    the model on each test-time copy (perturb.translate), averaged; float64 (n,)."""
+    from pneumoscan.perturb import translate
+
+    shifts = metadata["test_time"]["shifts"] if "test_time" in metadata else [[0, 0]]
+    outputs = [keras_predict(model, np.stack([translate(x, dy, dx) for x in images])) for dy, dx in shifts]
+    return np.mean(outputs, axis=0).reshape(-1)
+
+
 def tfjs_predict(model_dir: Path, images: np.ndarray, workdir: Path) -> np.ndarray:
     """Outputs of the TF.js layers model in `model_dir` on the cpu backend of @tensorflow/tfjs in
     Node, float64; the input is written to `workdir`."""

@@ -35,6 +35,11 @@ from pneumoscan.cli import main
         (["serve", "--port", "99999"], 2, "port must be between 0 and 65535, got 99999"),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--mixup", "-1"], 2, "mixup must be in [0, 10]"),
         (
+            ["train", "--data", "{tmp}", "--out", "{tmp}/run", "--test-time-shift", "0.5"],
+            2,
+            "test-time shift must be in [0, 0.25]",
+        ),
+        (
             ["train", "--data", "{tmp}", "--out", "{tmp}/run", "--exclude-files", "{tmp}/none.txt"],
             2,
             "none.txt: cannot read the list of files to exclude",

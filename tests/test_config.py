@@ -18,6 +18,7 @@ from pneumoscan.config import AugmentConfig, Config
         ({"image_size": 8}, "image size must be between 32 and 1024"),
         ({"mixup": -0.1}, "mixup must be in"),
         ({"weight_average_momentum": 1.0}, "weight-average momentum must be in"),
+        ({"test_time_shift": 0.3}, "test-time shift must be in"),
         ({"exclude_files": "NORMAL/a.jpeg"}, "exclude_files must be a list of paths"),
     ],
 )
@@ -111,9 +112,10 @@ def test_model_hyper_parameters_come_from_the_recipe_and_can_be_changed():
         ModelConfig(widths=(8,), dropout_rate=1.0)
 
 
-def test_a_run_folder_from_before_mixup_averaging_and_exclusions_trains_without_them(tmp_path):
+def test_a_run_folder_from_before_mixup_averaging_exclusions_and_copies_trains_without_them(tmp_path):
     saved = Config().resolved().to_dict()
-    for key in ("mixup", "weight_average_momentum", "exclude_files"):
+    for key in ("mixup", "weight_average_momentum", "exclude_files", "test_time_shift"):
         del saved[key]
     legacy = Config.from_dict(saved)
     assert (legacy.mixup, legacy.weight_average_momentum, legacy.exclude_files) == (0.0, 0.0, ())
+    assert legacy.test_time_shift == 0.0 and Config().test_time_shift == 0.04

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CHECKER, SAMPLES, S, hand_built, window_reader
+from conftest import CHECKER, SAMPLES, S, hand_built, raw_with_copies, window_reader
 from pneumoscan.bundle import Bundle
 from pneumoscan.cli import main
 from pneumoscan.explain import (
@@ -189,7 +189,7 @@ def test_explain_files_writes_overlays_and_error_records(trained_run, tmp_path):
     assert pngs == ["IM-0115-0001_occlusion.png", "same-2_occlusion.png", "same_occlusion.png"]
     bundle = Bundle.load(run_dir)
     x = decode_to_input(good, bundle.image_size)
-    expected = float(bundle.calibrated(np.float32(bundle.model(x[None], training=False)[0, 0])))
+    expected = float(bundle.calibrated(raw_with_copies(bundle.model, x[None], bundle.metadata))[0])
     assert records[0]["probability"] == pytest.approx(expected, abs=1e-5)
     for record in (records[0], records[2], records[4]):
         assert all(0.0 <= record[k] <= 1.0 for k in ("corner_share", "border_share", "centre_share"))

@@ -82,3 +82,65 @@ def test_overlay_colour_map_is_inferno(page_units):
     inferno = np.rint(colormaps["inferno"](ramp[0])[:, :3] * 255).astype(int)
     np.testing.assert_array_equal(rgba[:, :3], inferno)
     np.testing.assert_array_equal(rgba[:, 3], np.rint(255 * 0.6 * ramp[0]).astype(int))
+
+
+# Test-time copies: (shifts, fill) as metadata.json's `test_time` names them.
+COPY_CASES = [
+    ("film only", [[0, 0]], 0),
+    ("shipped diagonal", [[0, 0], [-2, -2], [2, 2]], 0),
+    ("one axis each way", [[0, 0], [3, 0], [0, -4], [-1, 0]], 0),
+    ("grey fill", [[0, 0], [2, -3]], 127.5),
+]
+
+
+@pytest.mark.parametrize("name, shifts, fill", COPY_CASES, ids=[c[0] for c in COPY_CASES])
+def test_copies_are_pythons(page_units, name, shifts, fill):
+    """The page's batch of copies is Bundle.forward's, value for value (perturb.translate where
+    the fill is black)."""
+    from pneumoscan.bundle import shifted
+    from pneumoscan.perturb import translate
+
+    image = np.random.default_rng(len(shifts)).uniform(0, 255, (9, 9, 1)).astype(np.float32)
+    test_time = {"shifts": shifts, "fill": fill}
+    values = image.ravel().tolist()
+    answer = page_units.call("withCopies", values=values, height=9, width=9, testTime=test_time)
+    assert "error" not in answer, answer
+    copies = np.asarray(answer["copies"], np.float32).reshape(answer["shape"])
+    assert copies.shape == (len(shifts), 9, 9, 1)
+    for copy, (dy, dx) in zip(copies, shifts, strict=True):
+        np.testing.assert_array_equal(copy, np.asarray(shifted(image[np.newaxis], dy, dx, fill))[0])
+        if fill == 0:
+            np.testing.assert_array_equal(copy, translate(image, dy, dx))
+
+
+def test_no_test_time_block_runs_the_film_alone(page_units):
+    answer = page_units.call("withCopies", values=list(range(4)), height=2, width=2, testTime=None)
+    assert answer["shape"] == [1, 2, 2, 1] and answer["copies"] == [0, 1, 2, 3]
+    assert page_units.call("readTestTime", metadata={}, height=8, width=8) == {"spec": None}
+
+
+GOOD_BLOCK = {"shifts": [[0, 0], [-1, -1], [1, 1]], "fill": 0, "combine": "mean of raw outputs"}
+BAD_BLOCKS = [
+    ("film not first", {"shifts": [[1, 1], [0, 0]]}),
+    ("no copies", {"shifts": []}),
+    ("fractional shift", {"shifts": [[0, 0], [0.5, 0]]}),
+    ("shift as large as the input", {"shifts": [[0, 0], [8, 0]]}),
+    ("not a pair", {"shifts": [[0, 0], [1]]}),
+    ("another combination", {"combine": "median of raw outputs"}),
+]
+
+
+@pytest.mark.parametrize("name, change", BAD_BLOCKS, ids=[c[0] for c in BAD_BLOCKS])
+def test_a_test_time_block_the_page_cannot_follow_is_refused_like_python(page_units, name, change):
+    """The page refuses the blocks metadata.validate refuses (it would show another probability)."""
+    from pneumoscan import metadata as metadata_io
+    from pneumoscan.bundle import bundled_dir
+
+    shipped = metadata_io.read(bundled_dir())
+    good = page_units.call("readTestTime", metadata={"test_time": GOOD_BLOCK}, height=8, width=8)
+    assert good == {"spec": {"shifts": GOOD_BLOCK["shifts"], "fill": 0}}
+    block = {**GOOD_BLOCK, **change}
+    answer = page_units.call("readTestTime", metadata={"test_time": block}, height=8, width=8)
+    assert "test_time" in answer.get("error", ""), answer
+    with pytest.raises(metadata_io.MetadataError, match="test_time"):
+        metadata_io.validate({**shipped, "input": {**shipped["input"], "height": 8}, "test_time": block})

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import AWKWARD_BAD, AWKWARD_VALID, SAMPLES, write_awkward
+from conftest import AWKWARD_BAD, AWKWARD_VALID, SAMPLES, raw_with_copies, write_awkward
 from pneumoscan import bundle as bundle_module
 from pneumoscan.calibrate import apply_calibration
 from pneumoscan.cli import main
@@ -32,7 +32,7 @@ def test_probabilities_match_the_model_and_metadata(trained_run):
     records = predict_files(run_dir, paths, batch_size=2)
     meta = read(run_dir)
     model = keras.models.load_model(run_dir / "model.keras")
-    raw = model.predict(np.stack([decode_to_input(p, 64) for p in paths]), verbose=0).reshape(-1)
+    raw = raw_with_copies(model, np.stack([decode_to_input(p, 64) for p in paths]), meta)
     expected = apply_calibration(raw, meta["calibration"])
     assert [r["path"] for r in records] == [str(p) for p in paths]
     np.testing.assert_allclose([r["probability"] for r in records], expected, atol=1e-6)

@@ -5,7 +5,8 @@ an exported bundle (the same plus `tfjs/`, `saved_model/`, `model.h5`). `Bundle`
 the Keras model, its metadata (input size, class names, calibration, threshold), and
 
 - `forward`: the one batched forward pass, raw sigmoid outputs for model inputs, which predict,
-  evaluate, explain, training's calibration, the export checks and the benchmarks all call;
+  evaluate, explain, training's calibration, the export checks and the benchmarks all call
+  (averaged over the test-time copies that metadata.json's `test_time` names, when it does);
   `forward_features` is the same pass that also returns an inner layer's output (the
   penultimate features of the out-of-distribution score, `pneumoscan.ood`);
 - `calibrated`, `label` and `borderline`: the metadata's calibration, threshold and borderline
@@ -112,14 +113,30 @@ class Bundle:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """`forward`, and in the same pass the output of the named inner layer: (raw outputs
         float32 (n,), that layer's output float32 (n, ...) or None when `layer` is None). The
-        page builds the same two-output model from its TF.js layers model (`ood.feature_source`)."""
+        page builds the same two-output model from its TF.js layers model (`ood.feature_source`).
+
+        With a `test_time` block in the metadata each film runs with its shifted copies in one
+        call (`batch_size` films, so `batch_size` x copies inputs) and its raw output is their
+        mean; the layer's output is the film's own (the first copy, shift [0, 0])."""
         if layer not in self._compiled:
             import keras
             import tensorflow as tf
 
             outputs = [self.model.output] + ([self.model.get_layer(layer).output] if layer else [])
             twin = keras.Model(self.model.inputs, outputs) if layer else self.model
-            self._compiled[layer] = tf.function(lambda x: twin(x, training=False), reduce_retracing=True)
+            block = self.metadata.get("test_time")
+            shifts = [tuple(shift) for shift in block["shifts"]] if block else [(0, 0)]
+            fill = float(block["fill"]) if block else 0.0
+
+            def run(x):
+                films = tf.shape(x)[0]
+                copies = tf.concat([shifted(x, dy, dx, fill) for dy, dx in shifts], axis=0)
+                result = twin(copies, training=False)
+                raw = result[0] if layer else result
+                mean = tf.reduce_mean(tf.reshape(raw, (len(shifts), films)), axis=0)
+                return (mean, result[1][:films]) if layer else mean
+
+            self._compiled[layer] = tf.function(run, reduce_retracing=True)
         compiled, count = self._compiled[layer], int(images.shape[0])
         raw, features = [], []
         for start in range(0, count, batch_size):
@@ -149,6 +166,21 @@ class Bundle:
         probability < high); None for a model without one."""
         band = self.metadata.get("borderline")
         return None if band is None else bool(band["low"] < probability < band["high"])
+
+
+def shifted(x: Any, dy: int, dx: int, fill: float = 0.0) -> Any:
+    """(n, S, S, c) inputs with their content moved down by dy and right by dx pixels (negative:
+    up, left), `fill` coming in (`perturb.translate` for one image; the page's `shifted` in
+    heatmap.js); the inputs themselves for (0, 0)."""
+    if (dy, dx) == (0, 0):
+        return x
+    import tensorflow as tf
+
+    height, width = x.shape[1], x.shape[2]
+    padded = tf.pad(
+        x, [[0, 0], [max(dy, 0), max(-dy, 0)], [max(dx, 0), max(-dx, 0)], [0, 0]], constant_values=fill
+    )
+    return padded[:, max(-dy, 0) : max(-dy, 0) + height, max(-dx, 0) : max(-dx, 0) + width, :]
 
 
 def set_named_weights(model: Any, weights: dict[str, np.ndarray]) -> None:

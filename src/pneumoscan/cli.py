@@ -127,6 +127,14 @@ def _add_train(commands) -> None:
         "training folder, one a line, or the JSON of benchmarks/label_noise.py (its suspects)",
     )
     parser.add_argument(
+        "--test-time-shift",
+        type=float,
+        default=DEFAULTS.test_time_shift,
+        metavar="F",
+        help="the model's output on a film is the mean over the film and two copies moved "
+        f"diagonally by F of the side; 0 is off (default: {DEFAULTS.test_time_shift})",
+    )
+    parser.add_argument(
         "--threshold-rule",
         default=str(DEFAULTS.threshold_rule),
         help="youden | sensitivity:0.95 | fixed:0.5, chosen on the val split "
@@ -161,6 +169,7 @@ def _train(args: argparse.Namespace) -> int:
             mixup=args.mixup,
             weight_average_momentum=args.weight_average,
             exclude_files=read_file_list(args.exclude_files) if args.exclude_files else (),
+            test_time_shift=args.test_time_shift,
             threshold_rule=args.threshold_rule,
             strategy=args.strategy,
             precision=args.precision,

@@ -64,7 +64,9 @@ _OPTIONAL: dict[str, Any] = {
         "aspect": {"threshold": (int, float)},
     },
     "borderline": {"low": (int, float), "high": (int, float)},
+    "test_time": {"shifts": list, "fill": (int, float), "combine": str},
 }
+TEST_TIME_COMBINE = "mean of raw outputs"
 
 
 class MetadataError(ValueError):
@@ -86,11 +88,30 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def copies_block(size: int, fraction: float) -> dict[str, Any] | None:
+    """metadata.json's `test_time` for an S x S input: the film and two copies moved diagonally
+    by `fraction` of S (at least a pixel), black fill; None when `fraction` is 0 (no copies)."""
+    if fraction <= 0:
+        return None
+    step = max(1, round(fraction * size))
+    return {
+        "shifts": [[0, 0], [-step, -step], [step, step]],
+        "fill": 0,
+        "combine": TEST_TIME_COMBINE,
+        "fraction": fraction,
+        "meaning": "the model's raw output on a film is the mean of its raw outputs on these copies "
+        "of the model input, [dy, dx] = content moved down by dy and right by dx pixels, `fill` "
+        "coming in; calibration, threshold, borderline band and ood threshold apply to that mean; "
+        "the heatmap and the ood features are the first copy's (the film itself)",
+    }
+
+
 def build(config: Config, data_summary: dict, training: dict) -> dict[str, Any]:
     """metadata for a freshly trained model (no calibration, threshold 0.5)."""
     from pneumoscan import __version__
 
     config = config.resolved()
+    test_time = copies_block(config.image_size, config.test_time_shift)
     return {
         "schema_version": SCHEMA_VERSION,
         "pneumoscan_version": __version__,
@@ -117,6 +138,7 @@ def build(config: Config, data_summary: dict, training: dict) -> dict[str, Any]:
         "data": data_summary,
         "training": training,
         "versions": library_versions(),
+        **({"test_time": test_time} if test_time else {}),
     }
 
 
@@ -153,7 +175,24 @@ def validate(metadata: Any, source: str = FILE_NAME) -> dict[str, Any]:
         raise MetadataError(f"{source}: threshold.value must be in [0, 1].")
     if metadata["input"]["channels"] != 1:
         raise MetadataError(f"{source}: input.channels must be 1 (grayscale).")
+    if "test_time" in metadata:
+        _check_test_time(metadata["test_time"], metadata["input"]["height"], source)
     return metadata
+
+
+def _check_test_time(block: dict, size: int, source: str) -> None:
+    shifts = block["shifts"]
+    pairs = all(
+        isinstance(shift, list) and len(shift) == 2 and all(type(v) is int and abs(v) < size for v in shift)
+        for shift in shifts
+    )
+    if not pairs or not shifts or shifts[0] != [0, 0]:
+        raise MetadataError(
+            f"{source}: test_time.shifts must be [dy, dx] pixel pairs smaller than the input, "
+            "the first [0, 0] (the film itself)."
+        )
+    if block["combine"] != TEST_TIME_COMBINE:
+        raise MetadataError(f"{source}: test_time.combine must be {TEST_TIME_COMBINE!r}.")
 
 
 def _check(values: dict, spec: dict, source: str, prefix: str) -> None:

@@ -16,7 +16,7 @@
 //   precision), and with its `borderline` block data-borderline ("true"/"false"), all set with
 //   the probability; absent for a bundle without the block, or one the page cannot follow
 //   (#ood-method / #borderline-band then say so).
-import { heatmapPeak, heatmapSpec, makeExplainer } from './heatmap.js';
+import { heatmapPeak, heatmapSpec, makeExplainer, readTestTime } from './heatmap.js';
 import {
   ImageError, MetadataError, calibrate, decide, preprocess, readPlan,
 } from './preprocess.js';
@@ -119,7 +119,8 @@ async function loadModel(metadata, plan) {
   const model = await tf.loadLayersModel(url);
   const ood = optionalBlock(readOod, metadata, model);
   const band = optionalBlock(readBorderline, metadata);
-  const explainer = makeExplainer(tf, model, heatmapSpec(metadata, model), ood.spec && ood.spec.featureLayer);
+  const explainer = makeExplainer(tf, model, heatmapSpec(metadata, model), ood.spec && ood.spec.featureLayer,
+    readTestTime(metadata, plan.height, plan.width));
   // One pass on a blank image compiles kernels, so the first file's time is honest.
   const blank = tf.zeros([1, plan.height, plan.width, 1]);
   try {

@@ -138,15 +138,55 @@ function chainAfter(model, features) {
 
 // ---- the forward pass with its map ----------------------------------------------------------
 
+const COMBINE = 'mean of raw outputs';
+
+/**
+ * metadata.json's `test_time` block as `{shifts, fill}`, or null without one (one copy: the
+ * film). `shifts` are [dy, dx] pixel pairs, content moved down by dy and right by dx, the first
+ * [0, 0]; the model's output is the mean of its outputs on the copies (Bundle.forward).
+ * @throws MetadataError: a block the page cannot follow (it would show another probability).
+ */
+export function readTestTime(metadata, height, width) {
+  const block = metadata.test_time;
+  if (block === undefined || block === null) return null;
+  const pair = (s) => Array.isArray(s) && s.length === 2 && s.every(Number.isInteger) &&
+    Math.abs(s[0]) < height && Math.abs(s[1]) < width;
+  if (!Array.isArray(block.shifts) || block.shifts.length === 0 || !block.shifts.every(pair) ||
+    block.shifts[0][0] !== 0 || block.shifts[0][1] !== 0) {
+    throw new MetadataError('metadata.json: test_time.shifts must be [dy, dx] pixel pairs smaller ' +
+      'than the input, the first [0, 0].');
+  }
+  if (block.combine !== COMBINE || typeof block.fill !== 'number') {
+    throw new MetadataError(`metadata.json: test_time must combine by "${COMBINE}" with a number fill; ` +
+      `this page does not compute "${block.combine}".`);
+  }
+  return { shifts: block.shifts, fill: block.fill };
+}
+
+/** The (1, h, w, 1) input and its test-time copies as one batch, film first, as
+ * bundle.shifted makes them (zero-padding by `fill`, then the window back); the input alone
+ * when `testTime` is null. Call inside tf.tidy. */
+export function withCopies(tf, input, testTime) {
+  if (testTime === null) return input;
+  const [, height, width] = input.shape;
+  return tf.concat(testTime.shifts.map(([dy, dx]) => {
+    if (dy === 0 && dx === 0) return input;
+    const padded = tf.pad(input, [[0, 0], [Math.max(dy, 0), Math.max(-dy, 0)],
+      [Math.max(dx, 0), Math.max(-dx, 0)], [0, 0]], testTime.fill);
+    return padded.slice([0, Math.max(-dy, 0), Math.max(-dx, 0), 0], [-1, height, width, -1]);
+  }), 0);
+}
+
 /**
  * What the page runs per image: `run(input)` resolves to `{p, grid, gridHeight, gridWidth,
  * features}`, `p` the model's output as `model.predict` gives it and `grid` (Float32Array, row
  * by row) the map, or null where the map cannot be computed (`unavailable` then says why,
  * once). With `extraLayer` (the out-of-distribution block's feature layer, ood.js), `features`
  * is that layer's output from the same pass, `{values: Float32Array, shape}` without the batch
- * axis; else null.
+ * axis; else null. With `testTime` (`readTestTime`) the film and its copies run as one batch:
+ * `p` is the mean of their outputs, the map and the features are the film's own.
  */
-export function makeExplainer(tf, model, spec, extraLayer = null) {
+export function makeExplainer(tf, model, spec, extraLayer = null, testTime = null) {
   const features = model.getLayer(spec.featureLayer);
   // Outputs: the map's features, the model's output, then the extra layer's unless it is the same.
   const extra = extraLayer === null || extraLayer === spec.featureLayer ? null : model.getLayer(extraLayer).output;
@@ -170,10 +210,11 @@ export function makeExplainer(tf, model, spec, extraLayer = null) {
         unavailable: `no heatmap: the layers after ${spec.featureLayer} are not a simple chain, which ` +
           'the page does not differentiate (`pneumoscan explain` does)',
         async run(input) {
-          if (extraLayer === null) return { p: await single(tf, model, input), grid: null, features: null };
-          const [f, o, e] = probe.predict(input);
-          const kept = extra ? e : f;
-          if (kept !== f) f.dispose();
+          if (extraLayer === null) return { p: await single(tf, model, input, testTime), grid: null, features: null };
+          const [o, kept] = tf.tidy(() => {
+            const [f, out, e] = probe.predict(withCopies(tf, input, testTime));
+            return [out.mean(), film(extra ? e : f)];
+          });
           try {
             const [p, values] = await Promise.all([o.data(), kept.data()]);
             return { p: p[0], grid: null, features: { values, shape: kept.shape.slice(1) } };
@@ -196,8 +237,9 @@ export function makeExplainer(tf, model, spec, extraLayer = null) {
     unavailable: null,
     async run(input) {
       const [grid, output, kept] = tf.tidy(() => {
-        const [f, o, e] = probe.predict(input);
-        return [mapOf(f), o, extraOf(f, e)];
+        const [all, o, e] = probe.predict(withCopies(tf, input, testTime));
+        const f = film(all);
+        return [mapOf(f), o.mean(), extraOf(f, e && film(e))];
       });
       try {
         const [values, p, featureValues] = await Promise.all([grid.data(), output.data(), kept && kept.data()]);
@@ -214,8 +256,13 @@ export function makeExplainer(tf, model, spec, extraLayer = null) {
   };
 }
 
-async function single(tf, model, input) {
-  const output = tf.tidy(() => model.predict(input));
+/** The first of a batch: the film itself among its test-time copies. */
+function film(t) {
+  return t.shape[0] === 1 ? t : t.slice([0], [1]);
+}
+
+async function single(tf, model, input, testTime) {
+  const output = tf.tidy(() => model.predict(withCopies(tf, input, testTime)).mean());
   try {
     return (await output.data())[0];
   } finally {
