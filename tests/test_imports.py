@@ -68,3 +68,20 @@ def test_config_and_the_cli_parser_import_no_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_a_command_does_without_scikit_learn():
+    """Keras imports scikit-learn (a test dependency here) whenever it can; the command's own
+    process never needs it, and loads a model and predicts without it."""
+    from conftest import SAMPLES
+
+    image = str(next(SAMPLES.rglob("*.jpeg")))
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pneumoscan", "predict", "--format", "csv", image],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # Keras still asks for it (a line of `sklearn`, a few microseconds, refused), loads none of it.
+    assert "keras.src.wrappers" in done.stderr and "sklearn." not in done.stderr
+    assert done.stdout.count("\n") == 2 and image in done.stdout
