@@ -571,6 +571,7 @@ def test_page_text_and_controls(browser, server):
     # type), and the page tells every file it cannot read in a sentence anyway.
     assert picker.get_attribute("accept") is None
     assert "DICOM" in page.inner_text("#drop-zone")
+    assert "each image averaged with 2 shifted copies" in page.inner_text("#model")
     assert page.locator("[aria-live]").count() >= 1
     assert page.get_by_label("Run on").evaluate("select => select.tagName") == "SELECT"
     # The keyboard reaches the file picker, and its button shows the focus.

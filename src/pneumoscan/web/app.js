@@ -140,7 +140,9 @@ async function loadModel(metadata, plan) {
 function describeModel(metadata) {
   const { arch, input, calibration, threshold } = metadata;
   const calibrated = calibration.method === 'none' ? 'uncalibrated' : `${calibration.method} calibration`;
-  return `${arch}, ${input.width}×${input.height} grayscale input, ${calibrated}, ` +
+  const copies = metadata.test_time ? metadata.test_time.shifts.length - 1 : 0;
+  const averaged = copies > 0 ? `, each image averaged with ${copies} shifted ${copies === 1 ? 'copy' : 'copies'}` : '';
+  return `${arch}, ${input.width}×${input.height} grayscale input${averaged}, ${calibrated}, ` +
     `threshold ${threshold.value.toFixed(3)} (${threshold.rule})`;
 }
 
