@@ -38,10 +38,11 @@ RULES = ("youden", "sensitivity:0.95")
 N_RESAMPLES = 1000
 METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy", "held_out_accuracy")
 
-# Changes to the default configuration (pneumoscan.config.DEFAULTS); "augment" is merged into
-# the recipe's augmentation. "baseline" and the acquisition augmentations were measured before
-# reweighting became the default, and keep it off; "reweight" is today's default, and the later
-# variants change it. `exclude_files: SUSPECTS` takes the suspects of `train --suspects`.
+# Changes to the default configuration (pneumoscan.config.DEFAULTS); "augment" and "model" are
+# merged into the recipe's augmentation and architecture. "baseline" and the acquisition
+# augmentations were measured before reweighting became the default, and keep it off;
+# "reweight" is today's default, and the later variants change it. `exclude_files: SUSPECTS`
+# takes the suspects of `train --suspects`.
 # Every variant was measured on the film alone, before test-time copies became the default
 # (`variant_config` keeps them off; benchmarks/tta_design.py measures them on these runs).
 SUSPECTS = "suspects"
@@ -57,6 +58,7 @@ VARIANTS: dict[str, dict] = {
     "mixup": {"mixup": 0.2},
     "weight-average": {"weight_average_momentum": 0.995},
     "drop-suspects": {"exclude_files": SUSPECTS},
+    "standardise": {"model": {"standardise_input": True}},
 }
 
 
@@ -65,8 +67,9 @@ def variant_config(name: str, seed: int, suspects: tuple[str, ...] = ()):
 
     changes = dict(VARIANTS[name])
     config = dataclasses.replace(DEFAULTS, random_seed=seed, test_time_shift=0.0).resolved()
-    if "augment" in changes:
-        changes["augment"] = dataclasses.replace(config.augment, **changes["augment"])
+    for block in ("augment", "model"):
+        if block in changes:
+            changes[block] = dataclasses.replace(getattr(config, block), **changes[block])
     if changes.get("exclude_files") == SUSPECTS:
         if not suspects:
             raise SystemExit(f"variant {name} needs --suspects (the JSON of benchmarks/label_noise.py)")

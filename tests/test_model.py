@@ -96,3 +96,26 @@ def test_pneumonet_budget():
     passes = len(copies_block(config.image_size, config.test_time_shift)["shifts"])
     assert model.count_params() <= 1_000_000
     assert passes == 3 and passes * count_flops(model) <= 0.3e9
+
+
+def test_standardised_input_ignores_exposure_and_contrast():
+    """With `standardise_input` the stem sees each image at mean 0 and deviation 1, so a film
+    exposed or contrasted otherwise reaches it nearly unchanged (epsilon 1e-3 is added to a
+    variance near 0.05); without it there is no such layer."""
+    import dataclasses
+
+    from pneumoscan.config import RECIPES
+
+    films = np.random.default_rng(3).uniform(20, 230, (4, 32, 32, 1)).astype(np.float32)
+    other = np.clip(0.8 * films + 30, 0, 255)  # brighter, flatter
+    for standardise in (False, True):
+        small = dataclasses.replace(
+            RECIPES["pneumonet"].model, widths=(8,), stem_filters=8, standardise_input=standardise
+        )
+        model = build_model(Config(arch="pneumonet", image_size=32, model=small))
+        assert ("standardise" in [layer.name for layer in model.layers]) == standardise
+    seen = keras.Model(model.input, model.get_layer("standardise").output)
+    first, second = np.asarray(seen(films)), np.asarray(seen(other))
+    np.testing.assert_allclose(first.mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(first.std(axis=(1, 2, 3)), 1, atol=0.02)
+    assert np.abs(first - second).max() < 0.05 < np.abs(films - other).max() / 255

@@ -9,6 +9,7 @@ quantization must stay within the stated bound).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import keras
@@ -18,6 +19,7 @@ from keras import layers
 
 from conftest import DECODE_TOLERANCE, keras_predict, needs_node, tfjs_predict
 from pneumoscan.bundle import tfjs_weights
+from pneumoscan.config import RECIPES
 from pneumoscan.model import build_pneumonet, build_seed
 from pneumoscan.tfjs import SHARD_BYTES, named_weights, read_weights, write_tfjs
 
@@ -63,10 +65,15 @@ def build_residual(image_size: int = 32) -> keras.Model:
 # pooling pads odd maps ("same"), which tfjs must average over the valid pixels only, as Keras
 # does. Float32 only: a deep network with random weights amplifies weight rounding far beyond what
 # the trained model shows (BENCHMARKS.md, quantization).
+# "pneumonet-standardised" adds the per-image standardisation (a LayerNormalization over the
+# whole image, without weights) that `ModelConfig.standardise_input` puts before the stem.
 ARCHITECTURES = {
     "seed": lambda: build_seed(64),
     "residual": build_residual,
     "pneumonet": lambda: build_pneumonet(36),
+    "pneumonet-standardised": lambda: build_pneumonet(
+        36, dataclasses.replace(RECIPES["pneumonet"].model, standardise_input=True)
+    ),
 }
 QUANTIZED_ARCHITECTURES = ("seed", "residual")
 
@@ -280,13 +287,24 @@ def _model_with(layer: keras.layers.Layer, shape: tuple[int, ...]) -> keras.Mode
         (layers.Dense(2, activation="gelu", name="gelu"), (4,), "activation 'gelu'"),
         (layers.GlobalAveragePooling2D(keepdims=True, name="keep"), (8, 8, 1), "keepdims=True"),
         (layers.Rescaling([1.0, 2.0], name="per_channel"), (8, 8, 2), "per-channel"),
+        (layers.LayerNormalization(rms_scaling=True, name="rms"), (8, 8, 1), "rms_scaling=True"),
         (
             layers.MaxPooling2D(2, data_format="channels_first", name="cf"),
             (1, 8, 8),
             "data_format 'channels_first'",
         ),
     ],
-    ids=["lambda", "lstm", "grouped-conv", "leaky-relu", "gelu", "keepdims", "per-channel", "channels-first"],
+    ids=[
+        "lambda",
+        "lstm",
+        "grouped-conv",
+        "leaky-relu",
+        "gelu",
+        "keepdims",
+        "per-channel",
+        "rms-scaling",
+        "channels-first",
+    ],
 )
 def test_what_tfjs_cannot_reproduce_is_refused(tmp_path, layer, shape, message):
     with pytest.raises(ValueError, match=message):

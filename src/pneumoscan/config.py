@@ -108,6 +108,9 @@ class ModelConfig:
         dense_units: width of the hidden dense layer (seed); None where there is none.
         dropout_rate: dropout before the output layer.
         batchnorm_momentum: momentum of every batch norm; None where there is no batch norm.
+        standardise_input: pneumonet: each image scaled to mean 0 and standard deviation 1
+            (over its pixels) before the stem, so that its exposure and contrast cannot
+            inform the output.
     """
 
     widths: tuple[int, ...]
@@ -115,6 +118,7 @@ class ModelConfig:
     dense_units: int | None = None
     dropout_rate: float = 0.0
     batchnorm_momentum: float | None = None
+    standardise_input: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))  # JSON gives a list back

@@ -73,6 +73,9 @@ def build_pneumonet(image_size: int = 160, model: ModelConfig = RECIPES["pneumon
     momentum = model.batchnorm_momentum
     inputs = _gray_input(image_size)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    if model.standardise_input:
+        # Per-image standardisation: mean and variance over all of the image's pixels.
+        x = layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, name="standardise")(x)
     x = _conv_bn(x, model.stem_filters, 4, 4, "stem", momentum)  # (batch, 40, 40, 32) at 160
     for stage, filters in enumerate(model.widths, start=1):
         x = _residual_block(x, filters, f"stage{stage}", momentum)  # 20, 10, 5 pixels at 160

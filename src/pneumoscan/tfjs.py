@@ -45,6 +45,7 @@ SUPPORTED_LAYERS: dict[str, set[str]] = {
     "SeparableConv2D": _CONV_KEYS | {"filters", "depth_multiplier"},
     "DepthwiseConv2D": _CONV_KEYS | {"depth_multiplier"},
     "BatchNormalization": {"axis", "momentum", "epsilon", "center", "scale"},
+    "LayerNormalization": {"axis", "epsilon", "center", "scale"},
     "MaxPooling2D": _POOL_KEYS,
     "AveragePooling2D": _POOL_KEYS,
     "GlobalAveragePooling2D": {"data_format"},
@@ -69,6 +70,7 @@ _NEUTRAL_OPTIONS: dict[str, Any] = {
     "lora_rank": None,
     "lora_alpha": None,
     "renorm": False,
+    "rms_scaling": False,
 }
 # Keras 3 options that do not change inference: distributed batch statistics, and the
 # settings of batch renormalization, which is only exported while switched off.
