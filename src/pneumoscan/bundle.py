@@ -176,7 +176,7 @@ class Bundle:
 
 def shifted(x: Any, dy: int, dx: int, fill: float = 0.0) -> Any:
     """(n, S, S, c) inputs with their content moved down by dy and right by dx pixels (negative:
-    up, left), `fill` coming in (`perturb.translate` for one image; the page's `shifted` in
+    up, left), `fill` coming in (`perturb.translate` for one image; the page's `withCopies` in
     heatmap.js); the inputs themselves for (0, 0)."""
     if (dy, dx) == (0, 0):
         return x
