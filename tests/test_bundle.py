@@ -9,10 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import CHECKER, S, window_reader
+from conftest import CHECKER, S, raw_with_copies, window_reader
 from pneumoscan.bundle import Bundle
 from pneumoscan.metadata import TEST_TIME_COMBINE, copies_block
-from pneumoscan.perturb import translate
 
 SHIFTS = [[0, 0], [-3, -3], [3, 3]]
 
@@ -31,13 +30,13 @@ def _films(count: int) -> np.ndarray:
 @pytest.mark.parametrize("count, batch_size", [(1, 32), (5, 2), (7, 7), (6, 4)])
 def test_forward_is_the_mean_over_the_copies(count, batch_size):
     """A model that reads the top-left corner sees each copy differently; forward is the mean of
-    its outputs on perturb.translate's copies, whatever the batching."""
+    its outputs on perturb.translate's copies (conftest.raw_with_copies), whatever the batching."""
     plain = window_reader(slice(0, 10), slice(0, 10))
+    averaged = _with_copies(plain)
     films = _films(count)
-    copies = [np.stack([translate(f, dy, dx) for f in films]) for dy, dx in SHIFTS]
-    expected = np.mean([plain.forward(c) for c in copies], axis=0)
+    expected = raw_with_copies(plain.model, films, averaged.metadata)
     assert not np.allclose(expected, plain.forward(films), atol=1e-3)  # the copies matter here
-    np.testing.assert_allclose(_with_copies(plain).forward(films, batch_size), expected, atol=1e-6)
+    np.testing.assert_allclose(averaged.forward(films, batch_size), expected, atol=1e-6)
 
 
 def test_the_inner_layer_is_the_films_own():
