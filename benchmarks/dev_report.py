@@ -11,13 +11,14 @@ the other, today's default configuration changed by each `--set KEY=VALUE` (dott
 `augment.` and `model.`; values are JSON); a finished run is kept, and the wall time recorded.
 
 `score` runs every model (run folder or bundle, with the test-time copies its metadata names) on
-the dev films and reports, for each: ROC AUC; sensitivity, specificity and accuracy at its shipped
-operating point and at each `--rules` rule refitted on the model's own val (needs
-`--train-data` and the model's splits.json); and per family (normal `IM` and `NORMAL2-IM`:
-specificity; `bacterial` and `viral` pneumonia: sensitivity) at the shipped point, with the
-family's AUC against the other class. Every interval is a 95% percentile bootstrap over patients
-(1,000 resamples). Every model is scored on the same resamples of the same films, so a
-difference between two models is paired.
+the dev films and reports, for each: ROC AUC; sensitivity, specificity and accuracy at its
+shipped operating point and at each `--rules` rule refitted on the model's own val (needs
+`--train-data` and the model's splits.json); with `--single-pass`, each model with test-time
+copies is also scored without them, as RECIPE+single-sSEED (its rule refitted on val); and per
+family (normal `IM` and `NORMAL2-IM`: specificity; `bacterial` and `viral` pneumonia:
+sensitivity) at the shipped point, with the family's AUC against the other class. Every interval
+is a 95% percentile bootstrap over patients (1,000 resamples). Every model is scored on the same
+resamples of the same films, so a difference between two models is paired.
 
 Models named RECIPE-sSEED are pooled by recipe: the mean and sd over seeds of each figure, with
 the interval of the mean (per-resample mean over seeds); `--baseline RECIPE` adds each recipe's
@@ -152,12 +153,38 @@ def operating_points(bundle, train_data: Path | None, rules: list[str]) -> dict[
     return points
 
 
-def model_outputs(path: Path, dev: Path, train_data: Path | None, rules: list[str], cache: dict) -> dict:
-    """One model's calibrated dev outputs at each of its operating points."""
+def single_pass(bundle, train_data: Path):
+    """The model without its test-time copies: the film alone, its own rule refitted on val."""
+    import copy
+
+    from pneumoscan.bundle import Bundle
+    from pneumoscan.calibrate import fit_operating_point
+    from pneumoscan.config import ThresholdRule
+    from pneumoscan.evaluate import read_file_lists, select_samples, split_outputs
+
+    metadata = copy.deepcopy(bundle.metadata)
+    metadata.pop("test_time", None)
+    alone = Bundle(bundle.folder, bundle.model, metadata)
+    samples, _, _ = select_samples(
+        metadata, train_data, "val", alone.image_size, read_file_lists(bundle.folder)
+    )
+    labels, raw = split_outputs(alone, samples)
+    fitted = fit_operating_point(labels, raw, ThresholdRule.parse(metadata["threshold"]["rule"]))
+    metadata["calibration"], metadata["threshold"] = fitted["calibration"], fitted["threshold"]
+    return alone
+
+
+def model_outputs(
+    path: Path, dev: Path, train_data: Path | None, rules: list[str], cache: dict, alone: bool = False
+) -> dict:
+    """One model's calibrated dev outputs at each of its operating points (`alone`: without
+    its test-time copies)."""
     from pneumoscan.bundle import Bundle
     from pneumoscan.calibrate import apply_calibration
 
     bundle = Bundle.load(path)
+    if alone:
+        bundle = single_pass(bundle, train_data)
     if bundle.image_size not in cache:
         cache[bundle.image_size] = dev_films(dev, bundle.image_size)
     films = cache[bundle.image_size]
@@ -201,7 +228,12 @@ def interval(values: np.ndarray) -> list[float]:
 
 
 def score(
-    dev: Path, models: list[tuple[str, Path]], train_data: Path | None, rules: list[str], baseline: str | None
+    dev: Path,
+    models: list[tuple[str, Path]],
+    train_data: Path | None,
+    rules: list[str],
+    baseline: str | None,
+    single: bool = False,
 ) -> dict:
     from pneumoscan.metrics import _group_weights
 
@@ -209,9 +241,12 @@ def score(
     per_model: dict[str, dict] = {}
     table: dict = {"dev": str(dev), "resamples": N_RESAMPLES, "models": {}, "recipes": {}, "differences": {}}
     weights = None
-    for name, path in models:
+    jobs = [(name, path, False) for name, path in models]
+    if single:  # each model also without its copies, as RECIPE+single-sSEED
+        jobs += [(_single_name(name), path, True) for name, path in models if _has_copies(path)]
+    for name, path, alone in jobs:
         print(f"scoring {name} ({path})", file=sys.stderr, flush=True)
-        result = model_outputs(path, dev, train_data, rules, cache)
+        result = model_outputs(path, dev, train_data, rules, cache, alone)
         films = next(iter(cache.values()))
         if weights is None:  # the dev films are the same for every model: one set of resamples
             weights = _group_weights(films["groups"], N_RESAMPLES, np.random.default_rng(BOOTSTRAP_SEED))
@@ -247,6 +282,15 @@ def score(
                     [per_model[n] for n in names], names, minus=base
                 )
     return table
+
+
+def _single_name(name: str) -> str:
+    recipe, seed = recipe_of(name)
+    return f"{recipe}+single" + ("" if seed is None else f"-s{seed}")
+
+
+def _has_copies(path: Path) -> bool:
+    return bool(json.loads((Path(path) / "metadata.json").read_text()).get("test_time"))
 
 
 def pooled(results: list[dict], names: list[str], minus: list[dict] | None = None) -> dict:
@@ -325,13 +369,19 @@ def main(argv: list[str] | None = None) -> int:
     score_parser.add_argument("--train-data", type=Path, help="the training folder: rules refitted on val")
     score_parser.add_argument("--rules", nargs="*", default=list(DEFAULT_RULES))
     score_parser.add_argument("--baseline", help="the recipe every other is compared with, paired")
+    score_parser.add_argument(
+        "--single-pass", action="store_true", help="also score each model without its test-time copies"
+    )
     score_parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.command == "train":
         settings = [parse_setting(s) for s in args.settings]
         train_seeds(args.data, args.out, args.name, args.seeds, settings)
         return 0
-    table = score(args.dev, model_arguments(args.models), args.train_data, args.rules, args.baseline)
+    if args.single_pass and args.train_data is None:
+        parser.error("--single-pass refits each model's rule on its val: it needs --train-data")
+    models = model_arguments(args.models)
+    table = score(args.dev, models, args.train_data, args.rules, args.baseline, args.single_pass)
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
     print(markdown(table))

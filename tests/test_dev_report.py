@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from conftest import REPO, SAMPLES
+from conftest import REPO, SAMPLES, keras_predict
 
 _spec = importlib.util.spec_from_file_location("dev_report", REPO / "benchmarks" / "dev_report.py")
 dev_report = importlib.util.module_from_spec(_spec)
@@ -61,7 +61,7 @@ def test_scores_are_paired_per_family_and_match_the_model(trained_run):
 
     root, run_dir = trained_run
     models = [("one-s1", run_dir), ("two-s1", run_dir)]
-    table = dev_report.score(SAMPLES, models, root, ["youden"], baseline="one")
+    table = dev_report.score(SAMPLES, models, root, ["youden"], baseline="one", single=True)
     assert table["n"] == {"IM": 5, "NORMAL2-IM": 3, "bacterial": 5, "viral": 3}
     # The figures are the model's own on these films.
     bundle = Bundle.load(run_dir)
@@ -82,3 +82,7 @@ def test_scores_are_paired_per_family_and_match_the_model(trained_run):
     for figure in ("roc_auc", "accuracy", "IM specificity", "viral sensitivity"):
         assert difference[figure]["mean"] == 0.0 and difference[figure]["ci95"] == [0.0, 0.0]
     assert "| one-s1 | shipped |" in dev_report.markdown(table)
+    # Without the copies: the film's own output, ranked as Keras ranks it.
+    assert bundle.metadata["test_time"] and "one+single" in table["recipes"]
+    alone = keras_predict(bundle.model, inputs(samples)).reshape(-1)
+    assert table["models"]["one+single-s1"]["shipped"]["roc_auc"][0] == pytest.approx(roc_auc(labels, alone))
