@@ -77,7 +77,20 @@ def test_a_command_does_without_scikit_learn():
 
     image = str(next(SAMPLES.rglob("*.jpeg")))
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "pneumoscan", "predict", "--format", "csv", image],
+        # --debug: without it, TensorFlow's import (and the import-time lines of Keras inside
+        # it) writes to /dev/null (cli.import_tensorflow_quietly).
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "pneumoscan",
+            "--debug",
+            "predict",
+            "--format",
+            "csv",
+            image,
+        ],
         capture_output=True,
         text=True,
         check=True,

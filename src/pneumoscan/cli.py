@@ -36,6 +36,27 @@ QUIET_TF_LOG_LEVEL = "3"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
 
 USAGE_ERROR, FAILURE = 2, 1
+# The commands that run a model, and so import TensorFlow anyway (serve and demo never do).
+TENSORFLOW_COMMANDS = ("train", "evaluate", "threshold", "ood", "predict", "export", "explain")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with the process's stderr (file descriptor 2) sent to /dev/null.
+
+    Some of its C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL: absl's pre-init warning and,
+    on CPUs where oneDNN's custom operations are on by default (AVX-512 VNNI, AMX), the notice
+    that they are. A failed import still raises (and --debug, which skips this, shows the lines);
+    later logs follow the level set above.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class UsageError(Exception):
@@ -536,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         if "tensorflow" not in sys.modules:
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
+            if args.command in TENSORFLOW_COMMANDS:
+                import_tensorflow_quietly()
         # Keras's advice through absl (e.g. "HDF5 is legacy" on export) is not the user's concern.
         import absl.logging  # cheap, and TensorFlow's own dependency
 
