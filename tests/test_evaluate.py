@@ -81,8 +81,9 @@ def test_training_files_are_flagged(trained_run, capsys):
 @pytest.mark.parametrize(
     ("keep_splits_json", "sentence"),
     [
-        (True, r"its train split differs from the one .+ \(1 file\(s\) missing or changed, e\.g\. NORMAL/"),
-        (False, r"its \w+ split differs from the one the model was trained with"),
+        # The split named is the one the removed file was in (train, val or internal-test).
+        (True, r"its [\w-]+ split differs from the one .+ \(1 file\(s\) missing or changed, e\.g\. NORMAL/"),
+        (False, r"its [\w-]+ split differs from the one the model was trained with"),
     ],
 )
 def test_other_data_cannot_rebuild_the_val_split(trained_run, tmp_path, capsys, keep_splits_json, sentence):

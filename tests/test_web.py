@@ -1030,6 +1030,23 @@ OOD_BUNDLES = [
 ]
 
 
+def _sample_outside_the_band() -> Path:
+    """The sample X-ray whose bundled probability lies furthest (in logit) outside the fitted
+    borderline band, so that only a changed band can mark its card."""
+    from pneumoscan.bundle import Bundle
+    from pneumoscan.calibrate import logit
+    from pneumoscan.preprocess import decode_to_input
+
+    bundle = Bundle.load(None)
+    band = bundle.metadata["borderline"]
+    paths = sorted(SAMPLES.rglob("*.jpeg"))
+    probs = bundle.probabilities(np.stack([decode_to_input(p, bundle.image_size) for p in paths]))
+    margin = np.minimum(np.abs(logit(probs) - logit(band["low"])), np.abs(logit(probs) - logit(band["high"])))
+    outside = (probs <= band["low"]) | (probs >= band["high"])
+    assert outside.any(), "every sample falls inside the bundled model's borderline band"
+    return paths[int(np.argmax(np.where(outside, margin, -np.inf)))]
+
+
 @pytest.mark.parametrize(
     "change, ood, borderline, method",
     [case[1:] for case in OOD_BUNDLES],
@@ -1044,7 +1061,7 @@ def test_ood_and_borderline_blocks_the_page_reads(browser, tmp_path, change, ood
     meta = json.loads((bundle / "metadata.json").read_text())
     change(meta)
     (bundle / "metadata.json").write_text(json.dumps(meta))
-    sample = SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg"  # 0.95: outside the fitted band
+    sample = _sample_outside_the_band()
     server = _serve(bundle)
     try:
         page = _open(browser, f"{server.url}?backend=wasm")
