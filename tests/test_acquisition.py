@@ -190,9 +190,10 @@ def test_rebuilt_from_file_lists_or_rule_and_refused_when_files_changed(tmp_path
 
 
 def test_legacy_config_without_a_design_was_random_and_unweighted():
-    saved = Config().to_dict()
+    written = Config(val_design="acquisition", acquisition_reweight=1.0).to_dict()
+    saved = dict(written)
     del saved["val_design"], saved["acquisition_reweight"]
-    legacy, current = Config.from_dict(saved), Config.from_dict(Config().to_dict())
+    legacy, current = Config.from_dict(saved), Config.from_dict(written)
     assert (legacy.val_design, legacy.acquisition_reweight) == ("random", 0.0)
     assert (current.val_design, current.acquisition_reweight) == ("acquisition", 1.0)
 

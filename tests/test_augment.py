@@ -116,3 +116,30 @@ def test_an_image_depends_on_its_own_draws_alone():
     for index in range(len(X)):
         alone = _run(everything, draws[index : index + 1], X[index : index + 1])
         np.testing.assert_allclose(alone[0], together[index], atol=1e-4)
+
+
+def _square(side: int) -> np.ndarray:
+    """(1, S, S, 1): a white square of `side` pixels in the middle of a grey film."""
+    image = np.full((1, S, S, 1), 100.0, np.float32)
+    low = (S - side) // 2
+    image[0, low : low + side, low : low + side] = 255.0
+    return image
+
+
+@pytest.mark.parametrize(
+    "zoom_draw, magnification",
+    [(0.0, 1.0), (0.5, 2.0**0.5), (0.999, 2.0)],  # log-uniform in [1, zoom_in)
+)
+def test_zoom_in_magnifies_log_uniformly_and_never_zooms_out(zoom_draw, magnification):
+    crop = dataclasses.replace(STILL, zoom=0.5, zoom_in=2.0)  # zoom_in replaces zoom
+    square = _square(24)
+    draws = _draws(zoom=zoom_draw)[:1]
+    after = _run(crop, draws, square)
+    width = (after[0, S // 2, :, 0] > 180).sum()
+    assert abs(width - 24 * magnification) <= 2
+    assert after[0, 0, 0, 0] == pytest.approx(100.0, abs=1e-3)  # no black fill comes in
+
+
+def test_zoom_in_below_one_is_refused():
+    with pytest.raises(ValueError, match="zoom-in must be 0"):
+        AugmentConfig(zoom_in=0.5)

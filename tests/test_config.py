@@ -91,7 +91,7 @@ def test_threshold_rule_is_parsed_once_and_written_as_given(tmp_path):
 
 
 def test_the_default_operating_point_is_a_screening_sensitivity_and_old_runs_keep_theirs():
-    assert (Config().threshold_rule.kind, Config().threshold_rule.value) == ("sensitivity", 0.95)
+    assert (Config().threshold_rule.kind, Config().threshold_rule.value) == ("sensitivity", 0.9)
     old = Config(threshold_rule="youden").resolved().to_dict()
     assert Config.from_dict(old).threshold_rule.kind == "youden"
 

@@ -1,9 +1,10 @@
 """Training-only augmentation (`pneumoscan train`), on batches inside tf.data.
 
-Geometry: rotation, zoom and translation as ONE affine resampling per image (bilinear, zero
-fill). Intensity: brightness and contrast. Acquisition (each off at 0, see `AugmentConfig`):
-gamma, detail (blur toward a Gaussian of the image, or unsharp masking away from it), noise,
-burned-in text stamps pasted onto films of both classes, and erasing a random rectangle.
+Geometry: rotation, zoom (out and in, or in only: a random crop) and translation as ONE affine
+resampling per image (bilinear, zero fill). Intensity: brightness and contrast. Acquisition
+(each off at 0, see `AugmentConfig`): gamma, detail (blur toward a Gaussian of the image, or
+unsharp masking away from it), noise, burned-in text stamps pasted onto films of both classes,
+and erasing a random rectangle.
 No flips: anatomy is not symmetric. Values stay in [0, 255].
 
 Every random number of an image comes from its own row of `draws` (uniforms in [0, 1), drawn
@@ -67,7 +68,10 @@ def _geometry(images: tf.Tensor, draw: dict, augment: AugmentConfig) -> tf.Tenso
     shape = tf.shape(images)
     batch, height, width = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
     angle = (2.0 * draw["angle"] - 1.0) * augment.rotation_degrees * (np.pi / 180.0)
-    zoom = 1.0 - augment.zoom + draw["zoom"] * 2.0 * augment.zoom
+    if augment.zoom_in > 0:  # crop in only: magnification log-uniform in [1, zoom_in)
+        zoom = tf.exp(draw["zoom"] * float(np.log(augment.zoom_in)))
+    else:
+        zoom = 1.0 - augment.zoom + draw["zoom"] * 2.0 * augment.zoom
     shift_x = (2.0 * draw["shift_x"] - 1.0) * augment.translation * width
     shift_y = (2.0 * draw["shift_y"] - 1.0) * augment.translation * height
     cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom

@@ -77,6 +77,10 @@ class AugmentConfig:
     layers. The acquisition fields are off at 0.
 
     Attributes:
+        zoom: magnification drawn uniformly in [1 - zoom, 1 + zoom] (zooms out and in).
+        zoom_in: when above 1, replaces `zoom`: magnification drawn log-uniformly in
+            [1, zoom_in), a random crop in (of down to 1 / zoom_in**2 of the area, wherever
+            the translation puts it), never a zoom out; 0 is off.
         translation: the largest move in each direction, a fraction of the side.
         gamma: tone curves 255 (x/255)^g with log g uniform in ±log(1 + gamma).
         detail: blur toward a Gaussian of the image (up to `detail` of the way) or sharpen by
@@ -88,6 +92,7 @@ class AugmentConfig:
 
     rotation_degrees: float = 7.0
     zoom: float = 0.1
+    zoom_in: float = 0.0
     translation: float = 0.08
     brightness: float = 0.1
     contrast: float = 0.1
@@ -96,6 +101,10 @@ class AugmentConfig:
     noise: float = 0.0
     text_stamps: float = 0.0
     erase: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.zoom_in == 0.0 or self.zoom_in >= 1.0):  # also rejects NaN
+            raise ValueError(f"zoom-in must be 0 (off) or at least 1, got {self.zoom_in}")
 
 
 @dataclass(frozen=True)
@@ -148,8 +157,10 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # Chosen by benchmarks/recipe_search.py on val and shifted val (BENCHMARKS.md): stronger
-    # augmentation beat the light one on shifted-val balanced accuracy; 192 px did not beat 160.
+    # Augmentation chosen on the dev films of the real shift (BENCHMARKS.md, "The real shift"):
+    # crops in to a quarter of the area (zoom_in 2), wider moves and stronger intensity jitter
+    # raised dev AUC from 0.929-0.961 (four earlier models) to 0.969 ± 0.003 (three seeds).
+    # Batch size, schedule and 160 px: benchmarks/recipe_search.py, on val and shifted val.
     # Batch-norm momentum 0.9 (not Keras' 0.99): the moving statistics follow the weights within
     # ~10 steps, so validation in early, fast-moving epochs is not judged on stale statistics.
     "pneumonet": Recipe(
@@ -164,7 +175,14 @@ RECIPES: dict[str, Recipe] = {
         label_smoothing=0.05,
         early_stopping_patience=8,
         augment=AugmentConfig(
-            rotation_degrees=10.0, zoom=0.15, translation=0.1, brightness=0.2, contrast=0.3
+            rotation_degrees=10.0,
+            zoom=0.0,
+            zoom_in=2.0,
+            translation=0.15,
+            brightness=0.3,
+            contrast=0.4,
+            gamma=0.5,
+            noise=4.0,
         ),
         model=ModelConfig(widths=(48, 96, 160), stem_filters=32, dropout_rate=0.2, batchnorm_momentum=0.9),
     ),
@@ -211,18 +229,22 @@ class Config:
     plateau_patience: int = 2
     plateau_factor: float = 0.5
     min_learning_rate: float = 1e-6
-    # A screening test's operating point: keep 95% of the val pneumonias. The pneumonias are not
-    # what shifts between acquisition set-ups (the normals are), so this holds where Youden's J,
-    # flat on a val split the model nearly separates, wanders from seed to seed.
-    threshold_rule: ThresholdRule | str = "sensitivity:0.95"
+    # A screening test's operating point, chosen on the dev films of the real shift: the largest
+    # threshold that keeps 90% of the val pneumonias, which kept 0.964 of the dev pneumonias on
+    # each of three seeds (0.95 on val kept 0.98 and called 31% of dev normals sick): the val
+    # pneumonias are harder than the shifted ones, and the normals are what shifts
+    # (BENCHMARKS.md, "The real shift").
+    threshold_rule: ThresholdRule | str = "sensitivity:0.9"
     # How val and internal-test are carved from train (pneumoscan.data): "acquisition" holds out
     # the normals whose acquisition looks like the pneumonia films', "random" draws patients.
-    val_design: str = "acquisition"
+    # "random" since the dev films: the acquisition design ranked the worst of four models first,
+    # and withheld from training the normals most like the shifted ones.
+    val_design: str = "random"
     # Weights training films by (1 / P(label | acquisition)) ** this, so that acquisition stops
-    # predicting the label (acquisition.balancing_weights); 0 leaves every film at weight 1. On
-    # the acquisition design, 1 raised internal-test AUC by 0.007 [0.004, 0.012] and specificity
-    # at the default rule by 0.034 [0.003, 0.068] over 0, paired, two seeds (BENCHMARKS.md).
-    acquisition_reweight: float = 1.0
+    # predicting the label (acquisition.balancing_weights); 0 leaves every film at weight 1. It
+    # raised the acquisition design's internal-test figures, but on the dev films its two seeds
+    # scored AUC 0.929 and 0.955 (BENCHMARKS.md); off by default.
+    acquisition_reweight: float = 0.0
     # Mixup (Zhang et al., 2018): each training film blended with another of its batch, weight
     # lambda ~ Beta(mixup, mixup) folded to >= 0.5, and the loss blended alike; 0 is off.
     mixup: float = 0.0
@@ -237,7 +259,8 @@ class Config:
     # and on two copies moved diagonally by this fraction of the side (black fill), in predict,
     # evaluate, the page and training's calibration alike (metadata.json's `test_time`); 0 is
     # off. On the acquisition design, 0.04 raised internal-test AUC by 0.003 [0.001, 0.006] and
-    # specificity at the default rule by 0.034 [0.003, 0.064], two reweighted seeds (BENCHMARKS.md).
+    # specificity at the default rule by 0.034 [0.003, 0.064], two reweighted seeds; on the dev
+    # films, dev AUC 0.969 ± 0.003 with them and 0.966 ± 0.005 without, three seeds (BENCHMARKS.md).
     test_time_shift: float = 0.04
     augment: AugmentConfig | None = None
     model: ModelConfig | None = None
