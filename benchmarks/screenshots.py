@@ -5,7 +5,7 @@
 Writes `screenshot.png` (the page with a pneumonia and a normal sample), `heatmap.png` (the two
 cards, the pneumonia's heatmap shown) and `ood.png` (a photograph beside the pneumonia film), so
 that the threshold, probabilities and model line they show are the shipped model's own. Needs
-Debian's chromium and the npm packages (`make setup`); the wasm backend is forced.
+Debian's chromium and the npm packages (`make setup`); the page picks its backend itself.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def take(model: Path | None, out: Path) -> list[Path]:
         raise SystemExit("screenshots.py needs Debian's chromium (make setup installs it)")
     server = make_server(find(model), port=0, quiet=True)
     start_in_thread(server)
-    url = f"http://127.0.0.1:{server.server_address[1]}/?backend=wasm"
+    url = f"http://127.0.0.1:{server.server_address[1]}/"  # the automatic backend, as a user gets
     try:
         with tempfile.TemporaryDirectory() as tmp, sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium, args=ARGS)
