@@ -14,11 +14,13 @@ the other, today's default configuration changed by each `--set KEY=VALUE` (dott
 the dev films and reports, for each: ROC AUC; sensitivity, specificity and accuracy at its
 shipped operating point and at each `--rules` rule refitted on the model's own val (needs
 `--train-data` and the model's splits.json); with `--single-pass`, each model with test-time
-copies is also scored without them, as RECIPE+single-sSEED (its rule refitted on val); and per
-family (normal `IM` and `NORMAL2-IM`: specificity; `bacterial` and `viral` pneumonia:
-sensitivity) at the shipped point, with the family's AUC against the other class. Every interval
-is a 95% percentile bootstrap over patients (1,000 resamples). Every model is scored on the same
-resamples of the same films, so a difference between two models is paired.
+copies is also scored without them, as RECIPE+single-sSEED (its rule refitted on val); each
+`--ensembles NAME=A+B` is the mean of the raw outputs of scored models that share their val
+(runs of one seed), its calibration and rules refitted on that val; and per family (normal `IM`
+and `NORMAL2-IM`: specificity; `bacterial` and `viral` pneumonia: sensitivity) at the shipped
+point, with the family's AUC against the other class. Every interval is a 95% percentile
+bootstrap over patients (1,000 resamples). Every model is scored on the same resamples of the
+same films, so a difference between two models is paired.
 
 Models named RECIPE-sSEED are pooled by recipe: the mean and sd over seeds of each figure, with
 the interval of the mean (per-resample mean over seeds); `--baseline RECIPE` adds each recipe's
@@ -135,18 +137,26 @@ def dev_films(dev: Path, image_size: int) -> dict:
     }
 
 
-def operating_points(bundle, train_data: Path | None, rules: list[str]) -> dict[str, tuple[dict, float]]:
-    """The shipped point, and each rule refitted on the model's own val when it can be rebuilt."""
-    from pneumoscan.calibrate import fit_operating_point
-    from pneumoscan.config import ThresholdRule
+def operating_points(bundle, train_data: Path | None, rules: list[str]) -> tuple[dict, tuple | None]:
+    """The shipped point, and each rule refitted on the model's own val when it can be rebuilt;
+    and that val's (labels, raw outputs), or None."""
     from pneumoscan.evaluate import read_file_lists, select_samples, split_outputs
 
     points = {"shipped": (bundle.metadata["calibration"], bundle.threshold)}
     file_lists = read_file_lists(bundle.folder)
     if train_data is None or file_lists is None:
-        return points
+        return points, None
     samples, _, _ = select_samples(bundle.metadata, train_data, "val", bundle.image_size, file_lists)
     labels, raw = split_outputs(bundle, samples)
+    return {**points, **refitted(labels, raw, rules)}, (labels, raw)
+
+
+def refitted(labels: np.ndarray, raw: np.ndarray, rules: list[str]) -> dict[str, tuple[dict, float]]:
+    """Calibration and threshold of each rule, fitted on val's labels and raw outputs."""
+    from pneumoscan.calibrate import fit_operating_point
+    from pneumoscan.config import ThresholdRule
+
+    points = {}
     for rule in rules:
         fitted = fit_operating_point(labels, raw, ThresholdRule.parse(rule))
         points[rule] = (fitted["calibration"], float(fitted["threshold"]["value"]))
@@ -189,9 +199,10 @@ def model_outputs(
         cache[bundle.image_size] = dev_films(dev, bundle.image_size)
     films = cache[bundle.image_size]
     raw = bundle.forward(films["inputs"])
-    points = operating_points(bundle, train_data, rules)
+    points, val = operating_points(bundle, train_data, rules)
     return {
         "raw": raw,
+        "val": val,
         "points": {
             name: (apply_calibration(raw, cal), threshold) for name, (cal, threshold) in points.items()
         },
@@ -234,6 +245,7 @@ def score(
     rules: list[str],
     baseline: str | None,
     single: bool = False,
+    ensembles: list[tuple[str, tuple[str, ...]]] = (),
 ) -> dict:
     from pneumoscan.metrics import _group_weights
 
@@ -244,9 +256,16 @@ def score(
     jobs = [(name, path, False) for name, path in models]
     if single:  # each model also without its copies, as RECIPE+single-sSEED
         jobs += [(_single_name(name), path, True) for name, path in models if _has_copies(path)]
+    results, paths = {}, {}
     for name, path, alone in jobs:
         print(f"scoring {name} ({path})", file=sys.stderr, flush=True)
-        result = model_outputs(path, dev, train_data, rules, cache, alone)
+        results[name], paths[name] = model_outputs(path, dev, train_data, rules, cache, alone), str(path)
+    for name, members in ensembles:
+        results[name], paths[name] = (
+            ensemble_outputs([results[m] for m in members], rules),
+            " + ".join(members),
+        )
+    for name, result in results.items():
         films = next(iter(cache.values()))
         if weights is None:  # the dev films are the same for every model: one set of resamples
             weights = _group_weights(films["groups"], N_RESAMPLES, np.random.default_rng(BOOTSTRAP_SEED))
@@ -258,7 +277,7 @@ def score(
             for point, (probs, threshold) in result["points"].items()
         }
         table["models"][name] = {
-            "path": str(path),
+            "path": paths[name],
             "test_time_copies": result["test_time"],
             "best_epoch": result["best_epoch"],
             **{
@@ -282,6 +301,44 @@ def score(
                     [per_model[n] for n in names], names, minus=base
                 )
     return table
+
+
+def ensemble_outputs(members: list[dict], rules: list[str]) -> dict:
+    """The mean of the members' raw outputs, on dev and on their shared val; the shipped point
+    is today's default rule fitted on that val, and each rule likewise."""
+    from pneumoscan.calibrate import apply_calibration
+    from pneumoscan.config import DEFAULTS
+
+    if any(m["val"] is None for m in members):
+        raise SystemExit("an ensemble's members need their val (--train-data and splits.json)")
+    labels = members[0]["val"][0]
+    if any(not np.array_equal(m["val"][0], labels) for m in members):
+        raise SystemExit("an ensemble's members must share their val split (one seed)")
+    raw = np.mean([m["raw"] for m in members], axis=0)
+    val_raw = np.mean([m["val"][1] for m in members], axis=0)
+    points = refitted(labels, val_raw, [str(DEFAULTS.threshold_rule), *rules])
+    points["shipped"] = points.pop(str(DEFAULTS.threshold_rule))
+    if str(DEFAULTS.threshold_rule) in rules:
+        points[str(DEFAULTS.threshold_rule)] = points["shipped"]
+    return {
+        "raw": raw,
+        "val": (labels, val_raw),
+        "points": {
+            name: (apply_calibration(raw, cal), threshold) for name, (cal, threshold) in points.items()
+        },
+        "test_time": any(m["test_time"] for m in members),
+        "best_epoch": None,
+    }
+
+
+def parse_ensemble(text: str) -> tuple[str, tuple[str, ...]]:
+    """ "NAME=A+B" -> ("NAME", ("A", "B")); "A+B" names itself."""
+    name, sep, members = text.partition("=")
+    members = members if sep else name
+    parts = tuple(members.split("+"))
+    if len(parts) < 2 or not all(parts):
+        raise SystemExit(f"--ensembles {text!r}: write NAME=A+B with A, B names of scored models")
+    return (name if sep else members), parts
 
 
 def _single_name(name: str) -> str:
@@ -372,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     score_parser.add_argument(
         "--single-pass", action="store_true", help="also score each model without its test-time copies"
     )
+    score_parser.add_argument(
+        "--ensembles",
+        nargs="*",
+        default=[],
+        metavar="NAME=A+B",
+        help="also score the mean of these models' raw outputs (names as scored, +single ones "
+        "included; members must share their val), calibration and rules refitted on that val",
+    )
     score_parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.command == "train":
@@ -381,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.single_pass and args.train_data is None:
         parser.error("--single-pass refits each model's rule on its val: it needs --train-data")
     models = model_arguments(args.models)
-    table = score(args.dev, models, args.train_data, args.rules, args.baseline, args.single_pass)
+    ensembles = [parse_ensemble(e) for e in args.ensembles]
+    table = score(args.dev, models, args.train_data, args.rules, args.baseline, args.single_pass, ensembles)
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
     print(markdown(table))

@@ -61,7 +61,10 @@ def test_scores_are_paired_per_family_and_match_the_model(trained_run):
 
     root, run_dir = trained_run
     models = [("one-s1", run_dir), ("two-s1", run_dir)]
-    table = dev_report.score(SAMPLES, models, root, ["youden"], baseline="one", single=True)
+    ensembles = [dev_report.parse_ensemble("both=one-s1+two-s1")]
+    table = dev_report.score(
+        SAMPLES, models, root, ["youden"], baseline="one", single=True, ensembles=ensembles
+    )
     assert table["n"] == {"IM": 5, "NORMAL2-IM": 3, "bacterial": 5, "viral": 3}
     # The figures are the model's own on these films.
     bundle = Bundle.load(run_dir)
@@ -86,3 +89,17 @@ def test_scores_are_paired_per_family_and_match_the_model(trained_run):
     assert bundle.metadata["test_time"] and "one+single" in table["recipes"]
     alone = keras_predict(bundle.model, inputs(samples)).reshape(-1)
     assert table["models"]["one+single-s1"]["shipped"]["roc_auc"][0] == pytest.approx(roc_auc(labels, alone))
+    # A model averaged with itself is the model, refitted by today's default rule on its val.
+    both, one = table["models"]["both"], table["models"]["one-s1"]
+    assert both["path"] == "one-s1 + two-s1" and both["shipped"]["roc_auc"] == one["shipped"]["roc_auc"]
+    assert both["youden"]["threshold"] == pytest.approx(one["youden"]["threshold"])
+
+
+@pytest.mark.parametrize(
+    "text, parsed",
+    [("pair=a-s1+b-s1", ("pair", ("a-s1", "b-s1"))), ("a-s1+b-s1", ("a-s1+b-s1", ("a-s1", "b-s1")))],
+)
+def test_an_ensemble_is_named_and_has_two_members_or_more(text, parsed):
+    assert dev_report.parse_ensemble(text) == parsed
+    with pytest.raises(SystemExit, match="write NAME=A"):
+        dev_report.parse_ensemble("lonely=a-s1")
