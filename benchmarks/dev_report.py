@@ -15,7 +15,7 @@ the dev films and reports, for each: ROC AUC; sensitivity, specificity and accur
 shipped operating point and at each `--rules` rule refitted on the model's own val (needs
 `--train-data` and the model's splits.json); with `--single-pass`, each model with test-time
 copies is also scored without them, as RECIPE+single-sSEED (its rule refitted on val); each
-`--ensembles NAME=A+B` is the mean of the raw outputs of scored models that share their val
+`--ensembles NAME=A,B` is the mean of the raw outputs of scored models that share their val
 (runs of one seed), its calibration and rules refitted on that val; and per family (normal `IM`
 and `NORMAL2-IM`: specificity; `bacterial` and `viral` pneumonia: sensitivity) at the shipped
 point, with the family's AUC against the other class. Every interval is a 95% percentile
@@ -332,12 +332,12 @@ def ensemble_outputs(members: list[dict], rules: list[str]) -> dict:
 
 
 def parse_ensemble(text: str) -> tuple[str, tuple[str, ...]]:
-    """ "NAME=A+B" -> ("NAME", ("A", "B")); "A+B" names itself."""
+    """ "NAME=A,B" -> ("NAME", ("A", "B")); "A,B" names itself."""
     name, sep, members = text.partition("=")
     members = members if sep else name
-    parts = tuple(members.split("+"))
+    parts = tuple(members.split(","))  # not "+": the names of single-pass models hold one
     if len(parts) < 2 or not all(parts):
-        raise SystemExit(f"--ensembles {text!r}: write NAME=A+B with A, B names of scored models")
+        raise SystemExit(f"--ensembles {text!r}: write NAME=A,B with A, B names of scored models")
     return (name if sep else members), parts
 
 
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ensembles",
         nargs="*",
         default=[],
-        metavar="NAME=A+B",
+        metavar="NAME=A,B",
         help="also score the mean of these models' raw outputs (names as scored, +single ones "
         "included; members must share their val), calibration and rules refitted on that val",
     )

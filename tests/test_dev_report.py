@@ -61,7 +61,7 @@ def test_scores_are_paired_per_family_and_match_the_model(trained_run):
 
     root, run_dir = trained_run
     models = [("one-s1", run_dir), ("two-s1", run_dir)]
-    ensembles = [dev_report.parse_ensemble("both=one-s1+two-s1")]
+    ensembles = [dev_report.parse_ensemble("both=one-s1,two-s1")]
     table = dev_report.score(
         SAMPLES, models, root, ["youden"], baseline="one", single=True, ensembles=ensembles
     )
@@ -97,7 +97,10 @@ def test_scores_are_paired_per_family_and_match_the_model(trained_run):
 
 @pytest.mark.parametrize(
     "text, parsed",
-    [("pair=a-s1+b-s1", ("pair", ("a-s1", "b-s1"))), ("a-s1+b-s1", ("a-s1+b-s1", ("a-s1", "b-s1")))],
+    [
+        ("pair=a-s1,b+single-s1", ("pair", ("a-s1", "b+single-s1"))),
+        ("a-s1,b-s1", ("a-s1,b-s1", ("a-s1", "b-s1"))),
+    ],
 )
 def test_an_ensemble_is_named_and_has_two_members_or_more(text, parsed):
     assert dev_report.parse_ensemble(text) == parsed
