@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoscan.metrics import percentile_interval as interval
+
 N_RESAMPLES = 1000
 BOOTSTRAP_SEED = 20181122
 DEFAULT_RULES = ("youden", "sensitivity:0.95")
@@ -231,11 +233,6 @@ def figures(films: dict, probs: np.ndarray, threshold: float, weights: np.ndarra
         out[f"{name} {rate}"] = (rates[rate](labels[keep], called), np.asarray(kept[rate], np.float64))
         out[f"{name} auc"] = (roc_auc(labels[keep], probs[keep]), np.asarray(kept["roc_auc"], np.float64))
     return out
-
-
-def interval(values: np.ndarray) -> list[float]:
-    defined = values[~np.isnan(values)]
-    return [float(v) for v in np.percentile(defined, [2.5, 97.5])] if defined.size else [np.nan, np.nan]
 
 
 def score(

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoscan.metrics import percentile_interval as interval
+
 HELD_OUT_MIX = (234, 390)  # NORMAL, PNEUMONIA of the held-out official test split
 RULES = ("youden", "sensitivity:0.95")
 N_RESAMPLES = 1000
@@ -177,11 +179,6 @@ def resampled(labels: np.ndarray, probs: np.ndarray, threshold: float, weights: 
             normal + pneumonia
         )
     return {m: (float(point[m]), np.asarray(samples[m], np.float64)) for m in METRICS}
-
-
-def interval(values: np.ndarray) -> list[float]:
-    defined = values[~np.isnan(values)]
-    return [float(v) for v in np.percentile(defined, [2.5, 97.5])] if defined.size else [np.nan, np.nan]
 
 
 def pooled(results: list[dict], minus: list[dict] | None = None) -> dict:

@@ -383,3 +383,18 @@ def test_bootstrap_intervals_are_ordered_and_repeatable(case, seed):
     np.testing.assert_equal(first, again)  # NaN (an undefined resample) equals NaN here
     for low, high in first.values():
         assert (low is None and high is None) or (math.isnan(low) and math.isnan(high)) or low <= high
+
+
+@pytest.mark.parametrize(
+    "values, level, expected",
+    [
+        (np.arange(101.0), 0.95, [2.5, 97.5]),
+        (np.arange(101.0), 0.5, [25.0, 75.0]),
+        ([np.nan, 1.0, 3.0, np.nan], 0.0, [2.0, 2.0]),  # undefined resamples are left out
+        ([np.nan, np.nan], 0.95, [np.nan, np.nan]),
+    ],
+)
+def test_percentile_interval_by_hand(values, level, expected):
+    from pneumoscan.metrics import percentile_interval
+
+    np.testing.assert_allclose(percentile_interval(values, level), expected)

@@ -379,17 +379,23 @@ def bootstrap_ci(
         raise ValueError(f"level must lie strictly between 0 and 1; got {level!r}")
     weights = _group_weights(group_ids, int(n_resamples), np.random.default_rng(seed))
     samples = _weighted_metrics(labels, probs, threshold, weights)
-    tail = 50.0 * (1.0 - level)
     intervals = {}
     for metric in CI_METRICS:
-        defined = samples[metric][~np.isnan(samples[metric])]
-        if defined.size == 0:
+        if np.isnan(samples[metric]).all():
             _undefined(f"the {metric} interval", "it is undefined in every resample", stacklevel=3)
-            intervals[metric] = [float("nan"), float("nan")]
-        else:
-            low, high = np.percentile(defined, [tail, 100.0 - tail])
-            intervals[metric] = [float(low), float(high)]
+        intervals[metric] = percentile_interval(samples[metric], level)
     return intervals
+
+
+def percentile_interval(values: Any, level: float = 0.95) -> list[float]:
+    """[low, high]: the central `level` of the defined (non-NaN) values, by percentiles;
+    `[nan, nan]` when none is defined."""
+    values = np.asarray(values, dtype=np.float64)
+    defined = values[~np.isnan(values)]
+    if defined.size == 0:
+        return [float("nan"), float("nan")]
+    tail = 50.0 * (1.0 - level)
+    return [float(v) for v in np.percentile(defined, [tail, 100.0 - tail])]
 
 
 def to_json_safe(obj: Any) -> Any:
