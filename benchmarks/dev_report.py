@@ -139,18 +139,16 @@ def dev_films(dev: Path, image_size: int) -> dict:
     }
 
 
-def operating_points(bundle, train_data: Path | None, rules: list[str]) -> tuple[dict, tuple | None]:
-    """The shipped point, and each rule refitted on the model's own val when it can be rebuilt;
-    and that val's (labels, raw outputs), or None."""
+def val_outputs(bundle, train_data: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, raw outputs) of the model's own val, or None when it cannot be rebuilt (no
+    `--train-data`, or no splits.json)."""
     from pneumoscan.evaluate import read_file_lists, select_samples, split_outputs
 
-    points = {"shipped": (bundle.metadata["calibration"], bundle.threshold)}
     file_lists = read_file_lists(bundle.folder)
     if train_data is None or file_lists is None:
-        return points, None
+        return None
     samples, _, _ = select_samples(bundle.metadata, train_data, "val", bundle.image_size, file_lists)
-    labels, raw = split_outputs(bundle, samples)
-    return {**points, **refitted(labels, raw, rules)}, (labels, raw)
+    return split_outputs(bundle, samples)
 
 
 def refitted(labels: np.ndarray, raw: np.ndarray, rules: list[str]) -> dict[str, tuple[dict, float]]:
@@ -165,43 +163,38 @@ def refitted(labels: np.ndarray, raw: np.ndarray, rules: list[str]) -> dict[str,
     return points
 
 
-def single_pass(bundle, train_data: Path):
-    """The model without its test-time copies: the film alone, its own rule refitted on val."""
+def without_copies(bundle):
+    """The same model and metadata, less the test-time copies: the film alone."""
     import copy
 
     from pneumoscan.bundle import Bundle
-    from pneumoscan.calibrate import fit_operating_point
-    from pneumoscan.config import ThresholdRule
-    from pneumoscan.evaluate import read_file_lists, select_samples, split_outputs
 
     metadata = copy.deepcopy(bundle.metadata)
     metadata.pop("test_time", None)
-    alone = Bundle(bundle.folder, bundle.model, metadata)
-    samples, _, _ = select_samples(
-        metadata, train_data, "val", alone.image_size, read_file_lists(bundle.folder)
-    )
-    labels, raw = split_outputs(alone, samples)
-    fitted = fit_operating_point(labels, raw, ThresholdRule.parse(metadata["threshold"]["rule"]))
-    metadata["calibration"], metadata["threshold"] = fitted["calibration"], fitted["threshold"]
-    return alone
+    return Bundle(bundle.folder, bundle.model, metadata)
 
 
 def model_outputs(
     path: Path, dev: Path, train_data: Path | None, rules: list[str], cache: dict, alone: bool = False
 ) -> dict:
-    """One model's calibrated dev outputs at each of its operating points (`alone`: without
-    its test-time copies)."""
+    """One model's calibrated dev outputs at its shipped point and at each rule refitted on its
+    val. `alone`: without its test-time copies, the shipped point its own rule refitted on val."""
     from pneumoscan.bundle import Bundle
     from pneumoscan.calibrate import apply_calibration
 
     bundle = Bundle.load(path)
     if alone:
-        bundle = single_pass(bundle, train_data)
+        bundle = without_copies(bundle)
     if bundle.image_size not in cache:
         cache[bundle.image_size] = dev_films(dev, bundle.image_size)
-    films = cache[bundle.image_size]
-    raw = bundle.forward(films["inputs"])
-    points, val = operating_points(bundle, train_data, rules)
+    raw = bundle.forward(cache[bundle.image_size]["inputs"])
+    val = val_outputs(bundle, train_data)
+    if alone:
+        own_rule = bundle.metadata["threshold"]["rule"]
+        shipped = refitted(*val, [own_rule])[own_rule]
+    else:
+        shipped = (bundle.metadata["calibration"], bundle.threshold)
+    points = {"shipped": shipped, **(refitted(*val, rules) if val is not None else {})}
     return {
         "raw": raw,
         "val": val,
@@ -249,7 +242,6 @@ def score(
     cache: dict = {}
     per_model: dict[str, dict] = {}
     table: dict = {"dev": str(dev), "resamples": N_RESAMPLES, "models": {}, "recipes": {}, "differences": {}}
-    weights = None
     jobs = [(name, path, False) for name, path in models]
     if single:  # each model also without its copies, as RECIPE+single-sSEED
         jobs += [(_single_name(name), path, True) for name, path in models if _has_copies(path)]
@@ -262,13 +254,11 @@ def score(
             ensemble_outputs([results[m] for m in members], rules),
             " + ".join(members),
         )
+    # The dev films are the same, in the same order, at every input size: one set of resamples.
+    films = next(iter(cache.values()))
+    weights = _group_weights(films["groups"], N_RESAMPLES, np.random.default_rng(BOOTSTRAP_SEED))
+    table["n"] = {family_name: int((films["families"] == family_name).sum()) for family_name in FAMILIES}
     for name, result in results.items():
-        films = next(iter(cache.values()))
-        if weights is None:  # the dev films are the same for every model: one set of resamples
-            weights = _group_weights(films["groups"], N_RESAMPLES, np.random.default_rng(BOOTSTRAP_SEED))
-            table["n"] = {
-                family_name: int((films["families"] == family_name).sum()) for family_name in FAMILIES
-            }
         per_model[name] = {
             point: figures(films, probs, threshold, weights)
             for point, (probs, threshold) in result["points"].items()
@@ -313,10 +303,8 @@ def ensemble_outputs(members: list[dict], rules: list[str]) -> dict:
         raise SystemExit("an ensemble's members must share their val split (one seed)")
     raw = np.mean([m["raw"] for m in members], axis=0)
     val_raw = np.mean([m["val"][1] for m in members], axis=0)
-    points = refitted(labels, val_raw, [str(DEFAULTS.threshold_rule), *rules])
-    points["shipped"] = points.pop(str(DEFAULTS.threshold_rule))
-    if str(DEFAULTS.threshold_rule) in rules:
-        points[str(DEFAULTS.threshold_rule)] = points["shipped"]
+    default = str(DEFAULTS.threshold_rule)
+    points = {"shipped": refitted(labels, val_raw, [default])[default], **refitted(labels, val_raw, rules)}
     return {
         "raw": raw,
         "val": (labels, val_raw),
