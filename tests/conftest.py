@@ -33,6 +33,16 @@ HAVE_TFJS = all(
 REQUIRE_BROWSER = "PNEUMOSCAN_REQUIRE_BROWSER"
 
 
+def load_benchmark(name: str):
+    """The module of benchmarks/NAME.py (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def require_or_skip(missing: str | None) -> None:
     """Nothing when `missing` is None; else skip, or fail when $PNEUMOSCAN_REQUIRE_BROWSER is 1."""
     if missing is None:

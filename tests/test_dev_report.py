@@ -3,16 +3,12 @@ models on one set of films."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
-from conftest import REPO, SAMPLES, keras_predict
+from conftest import SAMPLES, keras_predict, load_benchmark
 
-_spec = importlib.util.spec_from_file_location("dev_report", REPO / "benchmarks" / "dev_report.py")
-dev_report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dev_report)
+dev_report = load_benchmark("dev_report")
 
 
 @pytest.mark.parametrize(

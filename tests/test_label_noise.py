@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("label_noise", REPO / "benchmarks" / "label_noise.py")
-label_noise = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(label_noise)
+label_noise = load_benchmark("label_noise")
 
 
 @pytest.mark.parametrize(
