@@ -18,7 +18,7 @@ from pneumoscan import bundle as bundle_module
 from pneumoscan.calibrate import apply_calibration
 from pneumoscan.cli import main
 from pneumoscan.metadata import read
-from pneumoscan.predict import predict_files
+from pneumoscan.predict import CSV_FIELDS, predict_files
 from pneumoscan.preprocess import IMAGE_SUFFIXES, decode_to_input
 
 UNUSUAL = AWKWARD_VALID
@@ -230,6 +230,76 @@ def test_resuming_a_csv_begun_before_the_new_columns_keeps_its_header(trained_ru
     assert "2 already in the output file, skipped" in capsys.readouterr().err
     rows = list(csv.reader(output.open()))
     assert rows[0] == old_fields and len(rows) == 5 and all(len(row) == len(old_fields) for row in rows)
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("people.csv", b"name,score\nalice,1\nbob,2"),  # a torn-looking last line: kept
+        ("people.csv", b"name,score\n"),  # header only: no empty rows appended
+        ("people.csv", b"name,sc"),
+        ("half.csv", b"path,label,probability,threshold\nx.png,NORMAL,0.1,0.5\n"),
+        ("bad-row.csv", ",".join(CSV_FIELDS).encode() + b"\nx.png,,,,,,,,\n"),  # neither label nor error
+        ("notes.jsonl", b'{"name": "alice"}\n{"na'),
+        ("notes.jsonl", b"hello"),
+        ("notes.jsonl", b'{"path": "x.png", "label": "NORMAL", "probability": 0.1}\nhello'),
+        ("notes.jsonl", b'{"path": "x.png", "owner": "alice", "label": "NORMAL", "probability": 0.1}\n'),
+    ],
+)
+def test_resume_leaves_a_file_that_is_not_predict_records_as_it_was(name, content, tmp_path, capsys):
+    """Checked before anything is cut or appended: one sentence naming the file, exit 2."""
+    output = tmp_path / name
+    output.write_bytes(content)
+    assert main(["predict", "--output", str(output), "--resume", str(SAMPLE_FILES[0])]) == 2
+    err = capsys.readouterr().err
+    assert f"{output}: is not a file of predict records" in err and len(err.strip().splitlines()) == 1
+    assert output.read_bytes() == content
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_resume_tries_error_records_again(trained_run, tmp_path, capsys, suffix):
+    """An error record is not done (the file may be readable now): it is predicted again and its
+    old record dropped, so every path has one record."""
+    _, run_dir = trained_run
+    output = tmp_path / f"records{suffix}"
+    base = ["predict", "--model", str(run_dir), "--output", str(output)]
+    assert main([*base, *map(str, SAMPLE_FILES[:3])]) == 0
+    lines = output.read_text().splitlines(keepends=True)
+    failed = str(SAMPLE_FILES[1])
+    error = {"path": failed, "error": f"{failed}: file is truncated."}
+    if suffix == ".csv":
+        lines[2] = f"{failed},,,,{error['error']},,,,\n"
+    else:
+        lines[1] = json.dumps(error) + "\n"
+    output.write_text("".join(lines))
+    capsys.readouterr()
+    assert main([*base, "--resume", *map(str, SAMPLE_FILES[:4])]) == 0
+    err = capsys.readouterr().err
+    assert "2 image(s) predicted" in err and "2 already in the output file, skipped" in err
+    if suffix == ".csv":
+        records = list(csv.DictReader(output.open()))
+    else:
+        records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["path"] for r in records) == sorted(map(str, SAMPLE_FILES[:4]))
+    assert not any(r.get("error") for r in records)
+
+
+def test_resume_matches_paths_however_they_are_written(trained_run, tmp_path, monkeypatch, capsys):
+    """Records are matched by the absolute path: a run begun with absolute paths resumes with
+    relative ones (and `./`, `..`) from another spelling, and each file keeps one record, with
+    the path as it was given."""
+    _, run_dir = trained_run
+    output = tmp_path / "records.jsonl"
+    base = ["predict", "--model", str(run_dir), "--output", str(output)]
+    assert main([*base, *map(str, SAMPLE_FILES[:2])]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(SAMPLES.parent)
+    assert main([*base, "--resume", f"./{SAMPLES.name}/../{SAMPLES.name}"]) == 0
+    assert "2 already in the output file, skipped" in capsys.readouterr().err
+    paths = [json.loads(line)["path"] for line in output.read_text().splitlines()]
+    assert len(paths) == len(SAMPLE_FILES) == len({os.path.abspath(p) for p in paths})
+    assert paths[:2] == list(map(str, SAMPLE_FILES[:2]))
+    assert all(p.startswith(f"{SAMPLES.name}/../{SAMPLES.name}/") for p in paths[2:])
 
 
 @pytest.mark.parametrize(

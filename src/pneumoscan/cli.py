@@ -327,17 +327,16 @@ def _add_predict(commands) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pneumoscan.predict import CSV_FIELDS, OUTPUT_SUFFIXES, csv_fields, expand_paths, item_path, read_done
+    from pneumoscan.predict import CSV_FIELDS, OUTPUT_SUFFIXES, csv_fields, expand_paths, resume
 
     fmt = _check_predict_args(args)
-    bundle = bundle_module.Bundle.load(args.model)
-    items, done = expand_paths(args.paths, args.shard), set()
-    if args.output is not None and args.output.exists():
+    items, skipped = expand_paths(args.paths, args.shard), 0
+    if args.output is not None and args.output.exists():  # checked before the model loads
         try:
-            done = read_done(args.output)
-        except (ValueError, UnicodeDecodeError) as error:
+            items, skipped = resume(args.output, items)
+        except ValueError as error:
             raise UsageError(str(error)) from None
-        items = [item for item in items if item_path(item) not in done]
+    bundle = bundle_module.Bundle.load(args.model)
     if args.output is None:
         return _predict_to(sys.stdout, fmt or "table", bundle, items, args.batch_size, header=True)
     fresh = not args.output.exists() or args.output.stat().st_size == 0
@@ -346,7 +345,7 @@ def _predict(args: argparse.Namespace) -> int:
     # surrogateescape: a file name that is not UTF-8 goes out as its own bytes, and --resume
     # reads it back as the same name.
     with open(args.output, "a", encoding="utf-8", errors="surrogateescape", newline="") as stream:
-        return _predict_to(stream, fmt, bundle, items, args.batch_size, fresh, len(done), fields)
+        return _predict_to(stream, fmt, bundle, items, args.batch_size, fresh, skipped, fields)
 
 
 def _check_predict_args(args: argparse.Namespace) -> str | None:

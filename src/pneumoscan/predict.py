@@ -23,6 +23,7 @@ import numpy as np
 from pneumoscan import ood
 from pneumoscan.bundle import INFERENCE_BATCH, Bundle
 from pneumoscan.data import find_images
+from pneumoscan.io import write_bytes_atomic
 
 FORMATS = ("table", "json", "csv")
 OUTPUT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl"}  # --output FILE: its format by suffix
@@ -217,25 +218,114 @@ def csv_fields(path: Path) -> tuple[str, ...]:
     return tuple(header) if header else CSV_FIELDS
 
 
-def read_done(path: Path) -> set[str]:
-    """The paths of the records already in an output file (`--resume`), after cutting off a last
-    line that a killed run left unfinished.
+def resume_key(path: str) -> str:
+    """The key `--resume` matches records by: the path made absolute against the working folder
+    and normalised (`./a`, `a//b`, `/cwd/a/x/../b`), so a file named relatively in one run and
+    absolutely in the next is the same file. The record itself keeps the path as given."""
+    return os.path.abspath(path)
+
+
+def resume(path: Path, items: list[Path | dict]) -> tuple[list[Path | dict], int]:
+    """Prepare an existing output file for `--resume`: the items still to predict, and how many
+    were skipped as already done.
+
+    The file is checked first and changed only once it reads as predict records: a last line that
+    a killed run left unfinished is cut off, and the error records of the files tried again are
+    dropped (an error is not done: the file may be readable now), so each path keeps one record.
 
     Raises:
-        ValueError: the file is not a CSV or JSON-lines file of predict records.
+        ValueError: the file is not a CSV or JSON-lines file of predict records (left as it was).
     """
     data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        with open(path, "r+b") as handle:
-            handle.truncate(len(complete))
-    text = complete.decode("utf-8", errors="surrogateescape")  # as written: names need not be UTF-8
+    whole, fields, records = _read_records(path, data)
+    done = {resume_key(record["path"]) for record in records if not record.get("error")}
+    todo = [item for item in items if resume_key(item_path(item)) not in done]
+    retried = {resume_key(item_path(item)) for item in todo}
+    kept = [r for r in records if not (r.get("error") and resume_key(r["path"]) in retried)]
+    if len(kept) < len(records):
+        whole = _serialise(kept, fields)
+    if whole != data:
+        if data.startswith(whole):
+            with open(path, "r+b") as handle:
+                handle.truncate(len(whole))
+        else:
+            write_bytes_atomic(path, whole)
+    return todo, len(items) - len(todo)
+
+
+def _read_records(path: Path, data: bytes) -> tuple[bytes, tuple[str, ...] | None, list[dict]]:
+    """(the file's whole lines, its CSV header or None for JSON lines, its records as read);
+    nothing is written.
+
+    Raises:
+        ValueError: a line, the header or the unfinished last line is not what predict writes.
+    """
+    whole = data[: data.rfind(b"\n") + 1]
+    text = whole.decode("utf-8", errors="surrogateescape")  # as written: names need not be UTF-8
+    tail = data[len(whole) :]
+    csv_file = path.suffix.lower() == ".csv"
+    # What a kill leaves after the last newline: the start of a JSON line or of the CSV header
+    # (the rest of a CSV row can be anything: a row begins with its path).
+    start = ",".join(CSV_FIELDS).encode() if csv_file else b'{"path": '
+    if tail and not (csv_file and whole) and not (tail.startswith(start) or start.startswith(tail)):
+        raise _not_records(path, "its last line is not the start of a record")
+    if not csv_file:
+        return whole, None, [_json_record(path, number, line) for number, line in _lines(text)]
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        return whole, CSV_FIELDS, []
+    fields = tuple(rows[0])
+    if len(fields) < len(CSV_FIELDS[:5]) or fields != CSV_FIELDS[: len(fields)]:
+        raise _not_records(path, f"its header {','.join(fields)!r} is not predict's columns")
+    records = []
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(fields):
+            raise _not_records(path, f"row {number} has {len(row)} cells, the header {len(fields)}")
+        records.append(_checked(path, number, {k: v for k, v in zip(fields, row, strict=True) if v}))
+    return whole, fields, records
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    return ((number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip())
+
+
+def _json_record(path: Path, number: int, line: str) -> dict:
     try:
-        if path.suffix.lower() == ".csv":
-            return {row["path"] for row in csv.DictReader(io.StringIO(text))}
-        return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
-    except (KeyError, ValueError, TypeError) as error:
-        raise ValueError(f"{path}: is not a file of predict records ({error}); cannot resume it.") from None
+        record = json.loads(line)
+    except ValueError:
+        raise _not_records(path, f"line {number} is not JSON") from None
+    if not isinstance(record, dict) or not set(record) <= set(CSV_FIELDS):
+        raise _not_records(path, f"line {number} is not a predict record")
+    return _checked(path, number, record)
+
+
+def _checked(path: Path, number: int, record: dict) -> dict:
+    """`record` if it has a path and either an error or a label and a probability."""
+    fine = isinstance(record.get("path"), str) and record["path"] != ""
+    if fine and not record.get("error"):
+        try:
+            float(record.get("probability"))
+        except (TypeError, ValueError):
+            fine = False
+        fine = fine and isinstance(record.get("label"), str)
+    if not fine:
+        raise _not_records(path, f"line {number} is not a predict record")
+    return record
+
+
+def _not_records(path: Path, reason: str) -> ValueError:
+    return ValueError(
+        f"{path}: is not a file of predict records ({reason}); cannot resume it, left as it was."
+    )
+
+
+def _serialise(records: list[dict], fields: tuple[str, ...] | None) -> bytes:
+    """Records as the output file holds them: CSV rows under `fields`, or JSON lines (None)."""
+    buffer = io.StringIO()
+    with RecordWriter(buffer, "jsonl" if fields is None else "csv", fields=fields or CSV_FIELDS) as writer:
+        for record in records:
+            writer.write(record)
+    return buffer.getvalue().encode("utf-8", errors="surrogateescape")
 
 
 def table(records: list[dict], header: str, cells: Callable[[dict], str]) -> str:
