@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import unicodedata
 from pathlib import Path
 
 import keras
@@ -18,7 +19,7 @@ from pneumoscan import bundle as bundle_module
 from pneumoscan.calibrate import apply_calibration
 from pneumoscan.cli import main
 from pneumoscan.metadata import read
-from pneumoscan.predict import CSV_FIELDS, predict_files
+from pneumoscan.predict import CSV_FIELDS, expand_paths, in_shard, predict_files
 from pneumoscan.preprocess import IMAGE_SUFFIXES, decode_to_input
 
 UNUSUAL = AWKWARD_VALID
@@ -354,6 +355,39 @@ def test_three_shards_cover_every_file_once(trained_run, tmp_path, capsys):
     assert moved == {
         Path(r["path"]).relative_to(SAMPLES) for r in shards[1] if r["path"].startswith(str(SAMPLES / ""))
     }
+
+
+# Shard of 10 of a few keys, fixed for good: a salted or per-machine hash would move them.
+PINNED_SHARDS = {
+    "NORMAL/IM-0115-0001.jpeg": 5,
+    "PNEUMONIA/person1_bacteria_1.jpeg": 2,
+    "missing.png": 9,
+    "a/b/c.dcm": 5,
+    "caf\u00e9.png": 4,
+    "cafe\u0301.png": 4,  # the same name in NFD, as a copy from macOS may spell it
+    "B\u00e4der/R\u00f6ntgen.png": 6,
+    "\udcff.png": 7,  # a name that is not UTF-8, as os.fsdecode gives it
+}
+
+
+@pytest.mark.parametrize("key, shard", PINNED_SHARDS.items())
+def test_shard_assignments_are_fixed(key, shard):
+    assert [k for k in range(10) if in_shard(key, k, 10)] == [shard]
+
+
+def test_the_shard_key_is_nfc_and_the_same_for_relative_and_absolute_arguments(tmp_path, monkeypatch):
+    """A name copied from macOS (NFD) falls in the shard of its NFC spelling, and a folder named
+    relatively or absolutely shards alike."""
+    for form, folder in (("NFC", "composed"), ("NFD", "decomposed")):
+        path = tmp_path / folder / unicodedata.normalize(form, "B\u00e4der/R\u00f6ntgen.png")
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+        assert expand_paths([tmp_path / folder], (6, 10)) == [path]
+        assert expand_paths([path], (5, 10)) == [path]  # named directly: its own name, "Röntgen.png"
+    monkeypatch.chdir(tmp_path)
+    for k in range(10):
+        relative = expand_paths(["./composed/"], (k, 10))
+        assert [tmp_path / p for p in relative] == expand_paths([tmp_path / "composed"], (k, 10))
 
 
 @pytest.mark.parametrize("shard", ["3/3", "1", "a/b", "-1/2", "1/0"])

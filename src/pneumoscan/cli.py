@@ -314,14 +314,18 @@ def _add_predict(commands) -> None:
         help="write the records to FILE.csv or FILE.jsonl as they come, instead of stdout",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="with --output: skip the paths already in FILE and append"
+        "--resume",
+        action="store_true",
+        help="with --output: skip the files already predicted in FILE (by absolute path; error "
+        "records are tried again) and append; FILE must hold predict records",
     )
     parser.add_argument(
         "--shard",
         type=_shard,
         default=None,
         metavar="K/N",
-        help="only shard K of N (0 <= K < N), by a stable hash of each path: N copies cover every file once",
+        help="only shard K of N (0 <= K < N), by a stable hash of each path below its folder argument "
+        "(Unicode NFC; a file named directly: its name): N copies with the same PATHs cover every file once",
     )
     parser.set_defaults(handler=_predict)
 

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -93,9 +94,11 @@ def expand_paths(inputs: Iterable[str | Path], shard: tuple[int, int] | None = N
 
 
 def in_shard(key: str, index: int, count: int) -> bool:
-    """Whether `key` falls in shard `index` of `count`: the first 8 bytes of its SHA-256, modulo
-    `count`. The same on every machine and Python version, so N copies of a command with
-    `--shard 0/N` ... `--shard N-1/N` cover every file exactly once."""
+    """Whether `key` falls in shard `index` of `count`: the first 8 bytes of the SHA-256 of its
+    Unicode NFC form, modulo `count`. The same on every machine and Python version, and for a
+    name whichever normal form its file system gave (macOS copies are often NFD), so N copies of
+    a command with `--shard 0/N` ... `--shard N-1/N` cover every file exactly once."""
+    key = unicodedata.normalize("NFC", key)
     digest = hashlib.sha256(key.encode("utf-8", errors="surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") % count == index
 
