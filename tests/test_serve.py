@@ -8,6 +8,7 @@ is needed; tests/test_web.py runs the real thing in Chromium.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import http.client
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pneumoscan.metadata import MetadataError
-from pneumoscan.serve import VENDOR_FILES, ServeError, make_server, start_in_thread, vendor_files
+from pneumoscan.serve import VENDOR_FILES, HostCheck, ServeError, make_server, start_in_thread, vendor_files
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "src" / "pneumoscan" / "web"
@@ -101,7 +102,7 @@ def request(server, path: str, method: str = "GET", headers: dict | None = None)
     host, port = server.server_address[:2]
     connection = http.client.HTTPConnection(host, port, timeout=10)
     try:
-        connection.putrequest(method, path, skip_host=False, skip_accept_encoding=True)
+        connection.putrequest(method, path, skip_host="Host" in (headers or {}), skip_accept_encoding=True)
         for name, value in (headers or {}).items():
             connection.putheader(name, value)
         connection.endheaders()
@@ -321,20 +322,25 @@ def test_keep_alive_serves_many_requests_on_one_connection(server):
         connection.close()
 
 
+@contextlib.contextmanager
+def running(root: Path, **options):
+    """A stand-in bundle served from a thread on a free port with `options` (make_server's)."""
+    server = make_server(
+        write_bundle(root), port=0, quiet=True, node_modules=write_node_modules(root), **options
+    )
+    start_in_thread(server)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def quick_server(tmp_path):
     """A server whose idle connections are closed after 0.5 s."""
-    server = make_server(
-        write_bundle(tmp_path),
-        port=0,
-        quiet=True,
-        node_modules=write_node_modules(tmp_path),
-        idle_timeout=0.5,
-    )
-    start_in_thread(server)
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running(tmp_path, idle_timeout=0.5) as server:
+        yield server
 
 
 @pytest.mark.parametrize("requests", [0, 2], ids=["silent from the start", "after two requests"])
@@ -377,7 +383,8 @@ def test_backlog_holds_many_connections_while_the_server_is_busy(tmp_path):
         for client in clients:
             client.setblocking(True)
             client.settimeout(10)
-            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            host = f"127.0.0.1:{server.server_address[1]}".encode()
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
         for client in clients:
             assert _read_all(client).startswith(b"HTTP/1.1 200 OK")
     finally:
@@ -399,6 +406,121 @@ def test_fifty_concurrent_clients_are_all_served(server):
 
     with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
         assert list(pool.map(fetch, range(CLIENTS))) == [200] * CLIENTS
+
+
+def test_trickled_headers_are_cut_off_after_the_request_timeout(tmp_path):
+    """Clients sending a header line every 0.2 s (each within the 0.5 s idle timeout) are all
+    closed about 1 s after their first byte, not held for as long as they trickle."""
+    with running(tmp_path, idle_timeout=0.5, request_timeout=1.0) as server:
+        clients = [socket.create_connection(server.server_address[:2], timeout=10) for _ in range(20)]
+        try:
+            started, open_ = time.monotonic(), set(clients)
+            for client in clients:
+                client.sendall(b"GET / HTTP/1.1\r\n")
+            while open_ and time.monotonic() - started < 6:
+                for client in list(open_):
+                    try:
+                        client.sendall(b"X-Slow: 1\r\n")
+                    except OSError:  # reset: the server has closed it
+                        open_.discard(client)
+                closed, _, _ = select.select(list(open_), [], [], 0.2)
+                for client in closed:  # readable: end of stream (or a reset), never an answer
+                    with contextlib.suppress(ConnectionResetError):
+                        assert client.recv(4096) == b""
+                    open_.discard(client)
+            assert not open_, f"{len(open_)} of {len(clients)} trickling clients still open after 6 s"
+            assert time.monotonic() - started < 4
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_connections_beyond_the_cap_get_503_and_the_rest_are_served(tmp_path):
+    with running(tmp_path, max_connections=2) as server:
+        address = server.server_address[:2]
+        held = [socket.create_connection(address, timeout=10) for _ in range(2)]  # silent: a thread each
+        try:
+            extra = socket.create_connection(address, timeout=10)
+            assert _read_all(extra).startswith(b"HTTP/1.1 503 Service Unavailable")
+            extra.close()
+            held.pop().close()  # frees a slot once the server sees the end of the stream
+            deadline, status = time.monotonic() + 5, None
+            while status != 200 and time.monotonic() < deadline:
+                with contextlib.suppress(ConnectionError):  # a 503 can arrive as a reset
+                    status = request(server, "/healthz")[0].status
+                time.sleep(0.05)
+            assert status == 200
+        finally:
+            for client in held:
+                client.close()
+
+
+FOREIGN_HOSTS = [
+    "evil.example:{port}",
+    "evil.example",
+    "localhost.evil.example:{port}",
+    "127.0.0.1.evil.example:{port}",
+    "127.0.0.1:{port}@evil.example",
+    "127.0.0.1:{other_port}",
+    "127.0.0.1",  # port 80
+    "",
+]
+
+
+@pytest.mark.parametrize("host", FOREIGN_HOSTS)
+@pytest.mark.parametrize(
+    "path", ["/", "/model/metadata.json", "/model/tfjs/group1-shard1of2.bin", "/healthz"]
+)
+def test_a_foreign_host_gets_nothing_of_the_model(server, host, path):
+    """What a page on another site reaches through DNS rebinding: 421 and no byte of the model."""
+    port = server.server_address[1]
+    response, body = request(server, path, headers={"Host": host.format(port=port, other_port=port + 1)})
+    assert response.status == 421
+    assert body == b"421 misdirected request\n"
+
+
+def test_two_host_headers_are_refused(server):
+    port = server.server_address[1]
+    response, _ = request(server, "/model/metadata.json", headers={"Host": f"127.0.0.1:{port}"})
+    assert response.status == 200
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        connection.putrequest("GET", "/model/metadata.json")  # adds the right Host
+        connection.putheader("Host", "evil.example")
+        connection.endheaders()
+        assert connection.getresponse().status == 421
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LocalHost:{port}", "[::1]:{port}"])
+def test_the_names_the_server_was_started_for_are_answered(server, host):
+    response, body = request(
+        server, "/model/metadata.json", headers={"Host": host.format(port=server.server_address[1])}
+    )
+    assert response.status == 200 and json.loads(body)["arch"] == "seed"
+
+
+@pytest.mark.parametrize(
+    "bound, port, header, allowed",
+    [
+        ("127.0.0.1", 80, "localhost", True),
+        ("127.0.0.1", 80, "localhost:80", True),
+        ("127.0.0.1", 8000, "localhost", False),
+        ("127.0.0.1", 8000, "192.168.1.5:8000", False),
+        ("scanner.hospital.example", 8000, "Scanner.Hospital.Example:8000", True),
+        ("scanner.hospital.example", 8000, "evil.example:8000", False),
+        ("0.0.0.0", 8000, "192.168.1.5:8000", True),  # an address cannot be rebound
+        ("0.0.0.0", 8000, "[fe80::1]:8000", True),
+        ("0.0.0.0", 8000, "evil.example:8000", False),
+        ("::", 8000, "localhost:8000", True),
+        ("::1", 8000, "[::1]:8000", True),
+        ("::1", 8000, "::1:8000", False),
+    ],
+)
+def test_host_check(bound, port, header, allowed):
+    assert HostCheck(bound, port).allows([header]) is allowed
 
 
 def _read_all(client: socket.socket) -> bytes:

@@ -63,6 +63,12 @@ class UsageError(Exception):
     """A mistake in the command line: exit 2."""
 
 
+HOST_HELP = (
+    "address to listen on (default 127.0.0.1); requests must name it, 127.0.0.1, localhost or ::1 "
+    "as their Host (any IP address too with 0.0.0.0 or ::)"
+)
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -444,14 +450,14 @@ def _add_serve(commands) -> None:
         default=None,
         help="bundle made by pneumoscan export (default: the bundled model)",
     )
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help=HOST_HELP)
     parser.add_argument("--port", type=_port, default=8000)
     parser.set_defaults(handler=_serve)
 
 
 def _add_demo(commands) -> None:
     parser = commands.add_parser("demo", help="serve the web app with the bundled model")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help=HOST_HELP)
     parser.add_argument("--port", type=_port, default=8000)
     parser.set_defaults(handler=_serve, model=None)
 

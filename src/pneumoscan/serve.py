@@ -14,6 +14,12 @@ files, so no image ever reaches it. Every URL is an explicit route to one file:
 Anything else is 404 (400 for a path that tries to climb out), only GET and HEAD are allowed,
 and every answer carries `X-Content-Type-Options: nosniff` and a Content-Security-Policy that
 allows nothing but this origin, WebAssembly compilation and blob:/data: image previews.
+
+Only the host names the server was started for are answered (`Host`: 127.0.0.1, localhost, ::1
+or `--host`, with the port; any IP address as well when `--host` is 0.0.0.0 or ::), others get
+421, so a web page cannot read the model through DNS rebinding. A request's line and headers
+must arrive within REQUEST_TIMEOUT_S of its first byte, and at most MAX_CONNECTIONS connections
+are served at once (one thread each); more get a 503 and are closed.
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import http.server
+import io
+import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -93,6 +103,20 @@ CHUNK_BYTES = 256 * 1024
 REQUEST_QUEUE_SIZE = 1024
 # Seconds a keep-alive connection may stay silent before the server closes it.
 IDLE_TIMEOUT_S = 30.0
+# Seconds from a request's first byte to the end of its headers, however slowly they trickle in
+# (the idle timeout is per recv: alone, it lets a client send a byte every 29 s for ever).
+REQUEST_TIMEOUT_S = 10.0
+# Connections served at once, one thread each (a page uses about six); the next is answered 503
+# and closed. Twice the 50 clients of benchmarks/serve_load.py.
+MAX_CONNECTIONS = 100
+BUSY_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 16\r\nRetry-After: 1\r\nConnection: close\r\n\r\n503 server busy\n"
+)
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+# A Host header: a name or IPv4 address, or an IPv6 address in brackets; then an optional port.
+HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::([0-9]{1,5}))?")
 
 
 class ServeError(ValueError):
@@ -178,6 +202,64 @@ def build_routes(bundle: Path, node_modules: Path | None = None) -> tuple[dict[s
     return routes, metadata
 
 
+class HostCheck:
+    """Which `Host` headers the server answers: the loopback names and the `host` it listens on,
+    with its port (or none on port 80); when it listens on every address (0.0.0.0, ::), also this
+    machine's names and any IP address (an address cannot be rebound by DNS)."""
+
+    def __init__(self, host: str, port: int):
+        self.names = {name.lower() for name in (*LOOPBACK_NAMES, host.strip("[]"))}
+        self.any_address = host in WILDCARD_HOSTS
+        if self.any_address:
+            self.names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        self.port = port
+
+    def allows(self, values: list[str]) -> bool:
+        """Whether a request with these `Host` header values (exactly one is right) is answered."""
+        match = HOST_HEADER.fullmatch(values[0].strip().lower()) if len(values) == 1 else None
+        if match is None or int(match[2] or 80) != self.port:
+            return False
+        name = match[1].strip("[]")
+        return name in self.names or (self.any_address and _is_address(name))
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class DeadlineReader(io.RawIOBase):
+    """A connection's socket as a raw stream for `rfile`: a request's first byte may take the idle
+    timeout to come, and the rest of its line and headers must follow within `request_timeout`
+    of it, however slowly they trickle (`TimeoutError` closes the connection)."""
+
+    def __init__(self, connection: socket.socket, idle_timeout: float, request_timeout: float):
+        self.connection, self.idle_timeout, self.request_timeout = connection, idle_timeout, request_timeout
+        self.deadline: float | None = None  # None until the request's first byte
+
+    def readable(self) -> bool:
+        return True
+
+    def next_request(self) -> None:
+        self.deadline = None
+        self.connection.settimeout(self.idle_timeout)  # what the answer's writes get too
+
+    def readinto(self, buffer) -> int:
+        timeout = self.idle_timeout
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise TimeoutError(f"request not complete {self.request_timeout:g} s after its first byte")
+        self.connection.settimeout(timeout)
+        count = self.connection.recv_into(buffer)
+        if self.deadline is None and count:
+            self.deadline = time.monotonic() + self.request_timeout
+        return count
+
+
 def _unsafe(path: str) -> bool:
     """A request path that tries to leave its folder: `..`, backslashes, `//`, NUL bytes."""
     decoded = unquote(path)
@@ -200,6 +282,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.idle_timeout  # socket timeout while waiting for a request
         super().setup()
+        self.rfile.close()  # the socket's own reader: reads go through the request deadline
+        self.reader = DeadlineReader(self.connection, self.server.idle_timeout, self.server.request_timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers
+        self.reader.next_request()
+        return parsed
 
     def version_string(self) -> str:
         return self.server_version  # no Python version in the Server header
@@ -251,6 +341,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].split("#", 1)[0]
         if _unsafe(path):
             self.send_error(400)
+            return
+        if not self.server.host_check.allows(self.headers.get_all("Host") or []):
+            self.send_error(421)  # not a name this server was started for: DNS rebinding, or a typo
             return
         if path == "/index.html":
             path = "/"
@@ -306,7 +399,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """A threaded HTTP server with the route table, health answer, idle timeout and log switch."""
+    """A threaded HTTP server with the route table, health answer, host check, timeouts, a cap on
+    connections and a log switch."""
 
     daemon_threads = True
     request_queue_size = REQUEST_QUEUE_SIZE
@@ -318,11 +412,37 @@ class Server(http.server.ThreadingHTTPServer):
         health: dict,
         quiet: bool,
         idle_timeout: float = IDLE_TIMEOUT_S,
+        request_timeout: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ):
         self.routes, self.health, self.quiet, self.idle_timeout = routes, health, quiet, idle_timeout
+        self.request_timeout = request_timeout
+        self.slots = threading.BoundedSemaphore(max_connections)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
+        self.host_check = HostCheck(address[0], self.server_address[1])
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):  # every slot taken: answer 503 without a thread
+            try:
+                request.setblocking(False)
+                request.send(BUSY_ANSWER)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def handle_error(self, request, client_address) -> None:
         # A browser closing a connection mid-download is normal; anything else is logged.
@@ -343,9 +463,13 @@ def make_server(
     quiet: bool = False,
     node_modules: Path | None = None,
     idle_timeout: float = IDLE_TIMEOUT_S,
+    request_timeout: float = REQUEST_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> Server:
     """A server for `bundle`, bound but not yet serving (`port=0` picks a free port); a
-    keep-alive connection silent for `idle_timeout` seconds is closed.
+    keep-alive connection silent for `idle_timeout` seconds is closed, and so is one whose
+    request is not read `request_timeout` seconds after its first byte; at most
+    `max_connections` are served at once.
 
     Raises:
         ServeError: for a bundle without tfjs/model.json, missing TF.js npm files, or an
@@ -363,7 +487,7 @@ def make_server(
         "threshold": metadata["threshold"]["value"],
     }
     try:
-        return Server((host, port), routes, health, quiet, idle_timeout)
+        return Server((host, port), routes, health, quiet, idle_timeout, request_timeout, max_connections)
     except OSError as error:  # port taken, address not on this machine, no permission
         raise ServeError(
             f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port or --host."
