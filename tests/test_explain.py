@@ -156,10 +156,28 @@ def test_grad_cam_follows_the_features_and_needs_a_pooling_layer():
 
 
 def test_grad_cam_on_pneumonet():
+    """pneumonet pools its last feature map and has one dense unit, so Grad-CAM's channel weights
+    are that unit's kernel times one positive number: its map must be the ReLU of the exact CAM
+    (`class_activation_map`), upsampled and scaled to its maximum; and it depends on the film."""
+    import tensorflow as tf
+
     from pneumoscan.model import build_pneumonet
 
-    cam = grad_cam(hand_built(build_pneumonet(S)), CHECKER)
-    assert cam.shape == (S, S) and np.all(np.isfinite(cam)) and 0.0 <= cam.min() <= cam.max() <= 1.0
+    keras.utils.set_random_seed(3)
+    bundle = hand_built(build_pneumonet(S))
+    film = decode_to_input(SAMPLES / "PNEUMONIA" / "person19_bacteria_61.jpeg", S)
+    maps = []
+    for image in (CHECKER, film):
+        cam = grad_cam(bundle, image)
+        assert cam.shape == (S, S) and np.all(np.isfinite(cam)) and 0.0 <= cam.min() <= cam.max() <= 1.0
+        cells, method = class_activation_map(bundle, image)
+        assert method == "cam" and cells.max() > 0 and np.ptp(cells) > 0.1 * cells.max()  # not flat
+        upsampled = tf.image.resize(np.maximum(cells, 0)[..., None], (S, S), method="bilinear").numpy()[
+            ..., 0
+        ]
+        np.testing.assert_allclose(cam, upsampled / upsampled.max(), atol=1e-5)
+        maps.append(cam)
+    assert np.abs(maps[0] - maps[1]).max() > 0.1
 
 
 def test_explain_files_writes_overlays_and_error_records(trained_run, tmp_path):
