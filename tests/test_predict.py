@@ -302,6 +302,14 @@ def test_resume_matches_paths_however_they_are_written(trained_run, tmp_path, mo
     assert paths[:2] == list(map(str, SAMPLE_FILES[:2]))
     assert all(p.startswith(f"{SAMPLES.name}/../{SAMPLES.name}/") for p in paths[2:])
 
+    # From another folder, those relative paths name nothing: refused, the file left as it was.
+    before = output.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main([*base, "--resume", str(SAMPLES)]) == 2
+    err = capsys.readouterr().err
+    assert f"{output}: its records name files relative to the folder its run began in" in err
+    assert "resume from that folder, or start a new FILE" in err and output.read_bytes() == before
+
 
 @pytest.mark.parametrize(
     "flags, message",

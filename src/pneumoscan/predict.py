@@ -241,6 +241,7 @@ def resume(path: Path, items: list[Path | dict]) -> tuple[list[Path | dict], int
     """
     data = path.read_bytes()
     whole, fields, records = _read_records(path, data)
+    _check_working_folder(path, [record["path"] for record in records if not record.get("error")])
     done = {resume_key(record["path"]) for record in records if not record.get("error")}
     todo = [item for item in items if resume_key(item_path(item)) not in done]
     retried = {resume_key(item_path(item)) for item in todo}
@@ -254,6 +255,22 @@ def resume(path: Path, items: list[Path | dict]) -> tuple[list[Path | dict], int
         else:
             write_bytes_atomic(path, whole)
     return todo, len(items) - len(todo)
+
+
+def _check_working_folder(path: Path, done: list[str], sample: int = 100) -> None:
+    """Refuse to resume from another working folder than the run began in: its relative paths
+    would match nothing here, and every file would be predicted again, twice in the file. Told
+    by the first `sample` relative paths of finished records, none of which names a file here.
+
+    Raises:
+        ValueError: no relative path of a finished record names a file from this folder.
+    """
+    relative = [name for name in done if not os.path.isabs(name)][:sample]
+    if relative and not any(os.path.exists(name) for name in relative):
+        raise ValueError(
+            f"{path}: its records name files relative to the folder its run began in ({relative[0]}, "
+            f"...), and none is found from {os.getcwd()}; resume from that folder, or start a new FILE."
+        )
 
 
 def _read_records(path: Path, data: bytes) -> tuple[bytes, tuple[str, ...] | None, list[dict]]:
