@@ -16,8 +16,9 @@ and every answer carries `X-Content-Type-Options: nosniff` and a Content-Securit
 allows nothing but this origin, WebAssembly compilation and blob:/data: image previews.
 
 Only the host names the server was started for are answered (`Host`: 127.0.0.1, localhost, ::1
-or `--host`, with the port; any IP address as well when `--host` is 0.0.0.0 or ::), others get
-421, so a web page cannot read the model through DNS rebinding. A request's line and headers
+or `--host`, with any port, since a tunnel or container may publish another; any IP address as
+well when `--host` is 0.0.0.0 or ::), others get 421, so a web page cannot read the model
+through DNS rebinding. A request's line and headers
 must arrive within REQUEST_TIMEOUT_S of its first byte, and at most MAX_CONNECTIONS connections
 are served at once (one thread each); more get a 503 and are closed.
 """
@@ -204,20 +205,20 @@ def build_routes(bundle: Path, node_modules: Path | None = None) -> tuple[dict[s
 
 class HostCheck:
     """Which `Host` headers the server answers: the loopback names and the `host` it listens on,
-    with its port (or none on port 80); when it listens on every address (0.0.0.0, ::), also this
-    machine's names and any IP address (an address cannot be rebound by DNS)."""
+    with any port (an SSH tunnel or a container may publish it on another); when it listens on
+    every address (0.0.0.0, ::), also this machine's names and any IP address (an address cannot
+    be rebound by DNS, a name can)."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str):
         self.names = {name.lower() for name in (*LOOPBACK_NAMES, host.strip("[]"))}
         self.any_address = host in WILDCARD_HOSTS
         if self.any_address:
             self.names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
-        self.port = port
 
     def allows(self, values: list[str]) -> bool:
         """Whether a request with these `Host` header values (exactly one is right) is answered."""
         match = HOST_HEADER.fullmatch(values[0].strip().lower()) if len(values) == 1 else None
-        if match is None or int(match[2] or 80) != self.port:
+        if match is None:
             return False
         name = match[1].strip("[]")
         return name in self.names or (self.any_address and _is_address(name))
@@ -421,7 +422,7 @@ class Server(http.server.ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
-        self.host_check = HostCheck(address[0], self.server_address[1])
+        self.host_check = HostCheck(address[0])
 
     def process_request(self, request, client_address) -> None:
         if not self.slots.acquire(blocking=False):  # every slot taken: answer 503 without a thread
