@@ -22,17 +22,17 @@ test: lint node browser
 # The longer checks that `make test` runs in short: training killed at random moments and
 # inside its checkpoint swap (every restart must continue), and serve under load.
 stress: venv node
-	$(PY) benchmarks/fault_injection.py --kills 30
-	$(PY) benchmarks/serve_load.py --clients 50 --requests 20
+	$(PY) -m benchmarks.robustness.fault_injection --kills 30
+	$(PY) -m benchmarks.scale.serve_load --clients 50 --requests 20
 
 # ruff, configured in pyproject.toml: the linter, then the formatter in check mode.
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# A bounded loopback load test of `serve` (benchmarks/serve_load.py; figures in BENCHMARKS.md).
+# A bounded loopback load test of `serve` (benchmarks/scale/serve_load.py; figures in BENCHMARKS.md).
 serve-load: venv node
-	$(PY) benchmarks/serve_load.py --clients 50 --requests 20
+	$(PY) -m benchmarks.scale.serve_load --clients 50 --requests 20
 
 setup: venv node browser
 

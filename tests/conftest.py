@@ -34,13 +34,16 @@ REQUIRE_BROWSER = "PNEUMOSCAN_REQUIRE_BROWSER"
 
 
 def load_benchmark(name: str):
-    """The module of benchmarks/NAME.py (the benchmarks are scripts, not a package)."""
-    import importlib.util
+    """The module of benchmarks/TOPIC/NAME.py, given as "TOPIC/NAME" (e.g. "trust/nonxray").
 
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    The benchmarks are a package run from the repository root (`python -m benchmarks.TOPIC.NAME`);
+    pytest puts that root on the import path (pyproject.toml's `pythonpath`).
+    """
+    import importlib
+
+    if not (REPO / "benchmarks" / f"{name}.py").is_file():
+        raise FileNotFoundError(f"benchmarks/{name}.py: no such benchmark (give it as TOPIC/NAME)")
+    return importlib.import_module("benchmarks." + name.replace("/", "."))
 
 
 def require_or_skip(missing: str | None) -> None:

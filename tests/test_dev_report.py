@@ -1,4 +1,4 @@
-"""benchmarks/dev_report.py: families by file name, recipes by run name, and paired scoring of
+"""benchmarks/robustness/dev_report.py: families by file name, recipes by run name, and paired scoring of
 models on one set of films."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SAMPLES, keras_predict, load_benchmark
 
-dev_report = load_benchmark("dev_report")
+dev_report = load_benchmark("robustness/dev_report")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""benchmarks/label_noise.py: the confident joint's suspects and patient-grouped folds."""
+"""benchmarks/robustness/label_noise.py: the confident joint's suspects and patient-grouped folds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import load_benchmark
 
-label_noise = load_benchmark("label_noise")
+label_noise = load_benchmark("robustness/label_noise")
 
 
 @pytest.mark.parametrize(

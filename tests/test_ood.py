@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SAMPLES
-from pneumoscan import nonxray, ood
+from conftest import SAMPLES, load_benchmark
+from pneumoscan import ood
 from pneumoscan.bundle import Bundle, bundled_dir
 from pneumoscan.cli import main
 from pneumoscan.metadata import MetadataError, read, validate, write
 from pneumoscan.predict import predict_files
 
+nonxray = load_benchmark("trust/nonxray")
 SAMPLE_PATHS = sorted(SAMPLES.rglob("*.jpeg"))
 SOURCE = ("pool", "none")  # features given as they are
 
@@ -169,7 +170,7 @@ def test_the_sample_x_rays_are_not_flagged(bundled):
 
 NON_XRAYS_PER_KIND = 20
 # The target: 95% of non-X-rays flagged. Grey, smooth patterns and grey photographs
-# are the hardest kinds (benchmarks/ood_bench.py: about 95-97% of 60-150 of each); a kind
+# are the hardest kinds (benchmarks/trust/ood_bench.py: about 95-97% of 60-150 of each); a kind
 # whose rate falls under the floor has stopped being caught at all.
 TARGET_RATE, FLOOR_PER_KIND = 0.95, 0.8
 

@@ -396,7 +396,7 @@ def test_backlog_holds_many_connections_while_the_server_is_busy(tmp_path):
 
 
 def test_fifty_concurrent_clients_are_all_served(server):
-    """No connection refused or reset with CLIENTS at once (not timed: benchmarks/serve_load.py
+    """No connection refused or reset with CLIENTS at once (not timed: benchmarks/scale/serve_load.py
     measures the latencies)."""
 
     def fetch(index: int) -> int:

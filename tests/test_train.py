@@ -262,13 +262,16 @@ def test_kill_9_then_same_command_resumes(tiny_dataset, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_killed_anywhere_even_inside_the_checkpoint_swap_every_restart_continues():
-    """benchmarks/fault_injection.py: SIGKILL after the atomic exchange, twice between the two
+    """benchmarks/robustness/fault_injection.py: SIGKILL after the atomic exchange, twice between the two
     renames of the fallback swap, and once at a random moment; each restart resumes where the
     last checkpoint left it, and the finished run equals an uninterrupted one bit for bit.
     `make stress` runs it with 30 random kills."""
-    script = REPO / "benchmarks" / "fault_injection.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--kills", "1", "--json"], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "benchmarks.robustness.fault_injection", "--kills", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     report = json.loads(result.stdout)
     assert report["swap_window_hit"] >= 1 and report["kills"] >= 3

@@ -37,7 +37,7 @@ import pytest
 from PIL import Image
 
 import image_files
-from conftest import REQUIRE_BROWSER, require_or_skip, write_dicom
+from conftest import REQUIRE_BROWSER, load_benchmark, require_or_skip, write_dicom
 from pneumoscan.bundle import bundled_dir
 from pneumoscan.preprocess import load_grayscale
 from pneumoscan.serve import VENDOR_FILES, make_server, node_modules_dir, start_in_thread
@@ -906,10 +906,9 @@ def test_dicom_files_read_as_their_jpeg_and_as_predict(browser, bundled_server, 
 
 def _non_xrays(folder: Path) -> dict[str, str]:
     """Images that are not chest X-rays, written to `folder`: {file name: the part expected to
-    decide its ood_score, or "" for any}. Two of each `pneumoscan.nonxray` kind, an X-ray
+    decide its ood_score, or "" for any}. Two of each `benchmarks.trust.nonxray` kind, an X-ray
     tinted sepia (colourfulness) and one stretched to 720 x 200 (aspect)."""
-    from pneumoscan import nonxray
-
+    nonxray = load_benchmark("trust/nonxray")
     folder.mkdir()
     written = {}
     for kind in nonxray.KINDS:

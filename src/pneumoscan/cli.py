@@ -151,7 +151,7 @@ def _add_train(commands) -> None:
         default=None,
         metavar="LIST",
         help="leave these training films out of training: a text file of paths relative to the "
-        "training folder, one a line, or the JSON of benchmarks/label_noise.py (its suspects)",
+        "training folder, one a line, or the JSON of benchmarks/robustness/label_noise.py (its suspects)",
     )
     parser.add_argument(
         "--test-time-shift",

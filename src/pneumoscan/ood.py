@@ -20,8 +20,8 @@ Three parts, each 0 for a typical radiograph and 1 at its threshold; the largest
   variances come from the training split; the threshold is `MARGIN` times the
   (1 − `FALSE_ALARM_RATE`) quantile of the val split's distances, taken as the inverse
   empirical CDF (with fewer than 1,000 val images, the largest distance). The margin is for
-  X-rays taken elsewhere. The two numbers were chosen with benchmarks/ood_sweep.py against the
-  sets of benchmarks/ood_bench.py (at most about 2-4% of moved X-rays, at least 95% of
+  X-rays taken elsewhere. The two numbers were chosen with benchmarks/trust/ood_sweep.py against the
+  sets of benchmarks/trust/ood_bench.py (at most about 2-4% of moved X-rays, at least 95% of
   non-X-rays flagged), so their rates there are not an unseen test (BENCHMARKS.md,
   "Out-of-distribution flag").
 - `colourfulness` (`preprocess.colourfulness`, of the RGB before luma): radiographs are grey.
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-# COMPONENTS and MARGIN: chosen with benchmarks/ood_sweep.py for the bundled model (BENCHMARKS.md,
+# COMPONENTS and MARGIN: chosen with benchmarks/trust/ood_sweep.py for the bundled model (BENCHMARKS.md,
 # "Out-of-distribution flag"); 160 and 1.4, chosen for its predecessor, flagged 93% of the
 # non-X-rays with it.
 COMPONENTS = 64  # directions kept exactly; the others share one mean variance

@@ -1,9 +1,9 @@
 """Pure image operations that imitate acquisition changes: tone, framing, blur, noise, markers.
 
 One library for the robustness checks (`pneumoscan.robustness`: `explain`, the bundled-model
-tests, `benchmarks/stability.py`) and the frozen shifted benchmark
-(`pneumoscan.shifted_benchmark`, `benchmarks/make_shifted.py`). Every function returns a new
-array and leaves its input alone. Tone operations take (H, W) uint8; geometric ones take
+tests, `benchmarks/robustness/stability.py`) and the frozen acquisition-shift benchmark
+(`benchmarks/robustness/acquisition_shift.py`). Every function returns a new array and leaves
+its input alone. Tone operations take (H, W) uint8; geometric ones take
 (H, W) or (H, W, 1) arrays of any dtype. NumPy and Pillow only, so the same input gives the
 same bytes on every run.
 """

@@ -1,5 +1,5 @@
 """Does a prediction hold when the image is moved, cropped or marked? Used by `pneumoscan
-explain` (marker sensitivity), tests/test_bundled.py and benchmarks/stability.py.
+explain` (marker sensitivity), tests/test_shipped_model.py and benchmarks/robustness/stability.py.
 
 Each image is predicted together with groups of its copies, in one forward pass:
 - framing: `translation_variants` (8 moves of `TRANSLATION_FRACTION` of the side, black fill)

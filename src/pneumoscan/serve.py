@@ -108,7 +108,7 @@ IDLE_TIMEOUT_S = 30.0
 # (the idle timeout is per recv: alone, it lets a client send a byte every 29 s for ever).
 REQUEST_TIMEOUT_S = 10.0
 # Connections served at once, one thread each (a page uses about six); the next is answered 503
-# and closed. Twice the 50 clients of benchmarks/serve_load.py.
+# and closed. Twice the 50 clients of benchmarks/scale/serve_load.py.
 MAX_CONNECTIONS = 100
 BUSY_ANSWER = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"

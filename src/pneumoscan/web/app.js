@@ -4,7 +4,7 @@
 // Each card shows the image as the model analysed it, its heatmap a click away and a larger
 // view in a dialog (viewer.js); the map comes from the same forward pass (heatmap.js).
 //
-// Test hooks (a contract with tests/test_web.py and benchmarks/browser_bench.py):
+// Test hooks (a contract with tests/test_web.py and benchmarks/speed/browser_bench.py):
 //   <body data-backend="webgl|wasm|cpu" data-ready="true">  once the model is loaded;
 //   every processed file: [data-testid=result][data-filename] with data-label,
 //   data-probability (full precision) and data-heatmap-peak ("x,y", set with the probability;
@@ -318,7 +318,7 @@ async function main() {
     $('#ood-method').textContent = state.oodNote;
     $('#borderline-band').textContent = state.bandNote;
     $('#files').disabled = false;
-    // Milliseconds from navigation start to a usable model (benchmarks/browser_bench.py).
+    // Milliseconds from navigation start to a usable model (benchmarks/speed/browser_bench.py).
     document.body.dataset.readyMs = performance.now().toFixed(1);
     document.body.dataset.ready = 'true';
     say(`Model loaded; running on ${backend.name}. Choose or drop chest X-ray images.`);

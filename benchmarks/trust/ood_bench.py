@@ -1,14 +1,14 @@
 """Benchmark the out-of-distribution flag: how many non-X-rays it flags, and how many X-rays.
 
-    .venv/bin/python benchmarks/ood_bench.py --model src/pneumoscan/bundled \
+    .venv/bin/python -m benchmarks.trust.ood_bench --model src/pneumoscan/bundled \
         [--data ../shared/data/chest_xray] [--real DIR] [--per-kind 60] [--seed 7]
 
 Non-X-rays go through `pneumoscan predict`'s own path (files decoded, one forward pass, the
-model's `ood` block): the synthetic kinds of `pneumoscan.nonxray` (written as PNGs), the real
+model's `ood` block): the synthetic kinds of `benchmarks.trust.nonxray` (written as PNGs), the real
 images installed packages ship (matplotlib's and scikit-learn's photographs and matplotlib's MRI
 slice; pydicom's CT, MR, NM and ultrasound test slices), and every image of `--real` (a folder of
 your own; not in CI). X-rays: the model's val and internal-test splits rebuilt from `--data`, the
-frozen shifted copies of both (`pneumoscan.shifted_benchmark`, acquisition-like changes), and a
+frozen shifted copies of both (`benchmarks.robustness.acquisition_shift`, acquisition-like changes), and a
 file-name family held out from the fit: the statistics refitted without NORMAL2-IM- files
 (threshold on val without them too) and the rate measured on the NORMAL2-IM- files, then the
 same for IM- files. Prints Markdown for BENCHMARKS.md.
@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pneumoscan import nonxray, ood
+from benchmarks.robustness.acquisition_shift import build_shifted
+from benchmarks.trust import nonxray
+from pneumoscan import ood
 from pneumoscan.bundle import Bundle
 from pneumoscan.data import find_images, inputs, rebuild_splits
 from pneumoscan.predict import expand_paths, iter_predictions
-from pneumoscan.shifted_benchmark import build_shifted
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "chest_xray"
 FAMILIES = ("NORMAL2-IM-", "IM-")
 
@@ -154,7 +155,7 @@ def held_out_rows(bundle: Bundle, splits: dict) -> list[str]:
 
 def shifted_rows(bundle: Bundle, data: Path, folder: Path) -> list[str]:
     """Rows for the frozen shifted copies of val and internal-test, with their digests checked."""
-    frozen = json.loads((REPO / "benchmarks" / "shifted_manifest.json").read_text())
+    frozen = json.loads((REPO / "benchmarks" / "robustness" / "acquisition_shift_manifest.json").read_text())
     rows = []
     for split in ("val", "internal-test"):
         out = folder / f"shifted-{split}"

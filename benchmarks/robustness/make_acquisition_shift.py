@@ -1,14 +1,16 @@
 """Build the frozen, shifted benchmark of one split and compare it with the committed digest.
 
-    .venv/bin/python benchmarks/make_shifted.py --data ROOT --split val|internal-test --out DIR
-        [--check | --freeze]
+    .venv/bin/python -m benchmarks.robustness.make_acquisition_shift --data ROOT \
+        --split val|internal-test --out DIR [--check | --freeze]
 
-The images go to DIR/{NORMAL,PNEUMONIA}/ with DIR/manifest.json (see pneumoscan/shifted_benchmark.py).
-Without a flag the digest is printed and compared for information; `--check` exits 1 when it
-differs from `benchmarks/shifted_manifest.json`; `--freeze` writes that split's seed, family
-table, per-file parameters and digest into it (do this once, before any model search).
+The images go to DIR/{NORMAL,PNEUMONIA}/ with DIR/manifest.json (see `acquisition_shift.py` beside
+this file). Without a flag the digest is printed and compared for information; `--check` exits 1
+when it differs from `acquisition_shift_manifest.json` (beside this file); `--freeze` writes that
+split's seed, family table, per-file parameters and digest into it (do this once, before any
+model search).
 Exit codes: 0 same (or frozen), 1 differs, 2 unusable data or a split that was never frozen.
-Needs pneumoscan importable: `make venv` installs it, or run with PYTHONPATH=src.
+Run from the repository root; needs pneumoscan importable: `make venv` installs it, or run
+with PYTHONPATH=src.
 """
 
 from __future__ import annotations
@@ -19,17 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-from pneumoscan.data import DataError
-from pneumoscan.io import write_bytes_atomic
-from pneumoscan.shifted_benchmark import (
+from benchmarks.robustness.acquisition_shift import (
     SHIFT_SEED,
     SHIFT_SPLITS,
     build_shifted,
     describe_families,
     read_manifest,
 )
+from pneumoscan.data import DataError
+from pneumoscan.io import write_bytes_atomic
 
-FROZEN = Path(__file__).resolve().parent / "shifted_manifest.json"
+FROZEN = Path(__file__).resolve().parent / "acquisition_shift_manifest.json"
 # The committed file keeps 64-bit hash prefixes, like splits.json: enough to name a changed file.
 SHORT_HASH = 16
 
@@ -55,9 +57,9 @@ def frozen_entry(manifest: dict) -> dict:
 
 def frozen_header(seed: int) -> dict:
     return {
-        "about": "Frozen shifted benchmark (val: model selection; internal-test: reporting only). "
-        "Written by `benchmarks/make_shifted.py --freeze`; do not edit by hand.",
-        "generator": "pneumoscan.shifted_benchmark",
+        "about": "Frozen acquisition-shift benchmark (val: model selection; internal-test: reporting only). "
+        "Written by `python -m benchmarks.robustness.make_acquisition_shift --freeze`; do not edit by hand.",
+        "generator": "benchmarks.robustness.acquisition_shift",
         "seed": seed,
         **describe_families(),
     }

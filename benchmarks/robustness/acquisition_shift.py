@@ -1,11 +1,13 @@
-"""The frozen shifted benchmark: `python benchmarks/make_shifted.py --data ROOT --split val --out DIR`.
+"""The frozen acquisition-shift benchmark, built by
+`python -m benchmarks.robustness.make_acquisition_shift --data ROOT --split val --out DIR`.
 
 Validation flatters: Kermany et al.'s CNN scored val AUC 0.994 but 0.942 on the official test
 split, acquired in another period. This module rebuilds the val split (model selection) and the
 internal-test split (reporting only) exactly as training carves them, then passes every image
 through one or two fixed acquisition-like changes (`FAMILIES`). Each image's parameters come
 from (seed, the file's sha256) alone, so they do not depend on file order, and the written bytes
-are hashed into a digest that `benchmarks/shifted_manifest.json` freezes before any model search.
+are hashed into a digest that `acquisition_shift_manifest.json` (beside this file) freezes before
+any model search.
 
 Families marked `held_out` never appear in training augmentation (`AugmentConfig`: rotation,
 zoom, translation, brightness, contrast); the others are stronger versions of what training sees.
@@ -432,7 +434,8 @@ def build_shifted(root: Path, split: str, out_dir: Path, seed: int = SHIFT_SEED)
         }
     digest = shifted_digest(files)
     manifest = {
-        "generator": "pneumoscan.shifted_benchmark (benchmarks/make_shifted.py)",
+        "generator": "benchmarks.robustness.acquisition_shift "
+        "(python -m benchmarks.robustness.make_acquisition_shift)",
         "seed": seed,
         "split": split,
         "source": {"rule": splits.rule, "split_digest": split_digest(samples)},

@@ -1,7 +1,7 @@
 """Choose the out-of-distribution fit: its number of exact directions and its margin over the val
-quantile, against the sets of benchmarks/ood_bench.py.
+quantile, against the sets of benchmarks/trust/ood_bench.py.
 
-    .venv/bin/python benchmarks/ood_sweep.py --model src/pneumoscan/bundled \
+    .venv/bin/python -m benchmarks.trust.ood_sweep --model src/pneumoscan/bundled \
         [--data ../shared/data/chest_xray] [--real DIR] [--components 64 128 160 256] \
         [--margins 1.0 1.3 1.4 1.5]
 
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ood_bench import DEFAULT_DATA, FAMILIES, REPO, non_xray_paths, xray_features
+from benchmarks.robustness.acquisition_shift import build_shifted
+from benchmarks.trust.ood_bench import DEFAULT_DATA, FAMILIES, REPO, non_xray_paths, xray_features
 from pneumoscan import ood
 from pneumoscan.bundle import Bundle
 from pneumoscan.data import find_images, list_images
 from pneumoscan.preprocess import ImageError, decode, resize
-from pneumoscan.shifted_benchmark import build_shifted
 
 SAMPLES = REPO / "samples" / "chest_xray"
 XRAY_SETS = ("shifted val", "shifted internal-test", "samples")

@@ -1,11 +1,11 @@
 """Training changes measured on the acquisition validation design, with paired intervals.
 
-    .venv/bin/python benchmarks/shift_design.py train --data ../shared/data/chest_xray \
+    .venv/bin/python -m benchmarks.robustness.acquisition_val_design train --data ../shared/data/chest_xray \
         --out runs/shift --variants baseline reweight --seeds 1337 7
-    .venv/bin/python benchmarks/shift_design.py train --data ../shared/data/chest_xray \
+    .venv/bin/python -m benchmarks.robustness.acquisition_val_design train --data ../shared/data/chest_xray \
         --out runs/shift --variants drop-suspects --seeds 1337 7 --suspects label_noise.json
-    .venv/bin/python benchmarks/shift_design.py report --data ../shared/data/chest_xray \
-        --runs runs/shift --baseline baseline --json shift_design.json
+    .venv/bin/python -m benchmarks.robustness.acquisition_val_design report --data ../shared/data/chest_xray \
+        --runs runs/shift --baseline baseline --json acquisition_val_design.json
 
 `train` runs `pneumoscan.train.train` once per variant and seed (`VARIANTS`: changes to the
 default configuration) into OUT/VARIANT-sSEED, one after the other; a finished run is kept.
@@ -46,7 +46,7 @@ METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy", "held_out_accura
 # "reweight" is today's default, and the later variants change it. `exclude_files: SUSPECTS`
 # takes the suspects of `train --suspects`.
 # Every variant was measured on the film alone, before test-time copies became the default
-# (`variant_config` keeps them off; benchmarks/tta_design.py measures them on these runs).
+# (`variant_config` keeps them off; benchmarks/robustness/tta_design.py measures them on these runs).
 SUSPECTS = "suspects"
 ACQUISITION_AUG = {"gamma": 0.3, "detail": 0.7, "noise": 4.0, "text_stamps": 0.3, "erase": 0.25}
 VARIANTS: dict[str, dict] = {
@@ -74,7 +74,9 @@ def variant_config(name: str, seed: int, suspects: tuple[str, ...] = ()):
             changes[block] = dataclasses.replace(getattr(config, block), **changes[block])
     if changes.get("exclude_files") == SUSPECTS:
         if not suspects:
-            raise SystemExit(f"variant {name} needs --suspects (the JSON of benchmarks/label_noise.py)")
+            raise SystemExit(
+                f"variant {name} needs --suspects (the JSON of benchmarks/robustness/label_noise.py)"
+            )
         changes["exclude_files"] = suspects
     return dataclasses.replace(config, **changes)
 
@@ -282,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     train_parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["baseline"])
     train_parser.add_argument("--seeds", nargs="+", type=int, default=[1337])
     train_parser.add_argument(
-        "--suspects", type=Path, help="JSON of benchmarks/label_noise.py, for the drop-suspects variant"
+        "--suspects",
+        type=Path,
+        help="JSON of benchmarks/robustness/label_noise.py, for the drop-suspects variant",
     )
     report_parser = commands.add_parser("report")
     report_parser.add_argument("--data", type=Path, required=True)

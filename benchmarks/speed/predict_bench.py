@@ -1,7 +1,7 @@
 """Benchmark `pneumoscan predict`: cold start and end-to-end images/s on this machine.
 
-    .venv/bin/python benchmarks/predict_bench.py --model RUN_OR_BUNDLE [--images 600] [--data DIR]
-    .venv/bin/python benchmarks/predict_bench.py --model RUN_OR_BUNDLE --rss 1000 3000 6000
+    .venv/bin/python -m benchmarks.speed.predict_bench --model RUN_OR_BUNDLE [--images 600] [--data DIR]
+    .venv/bin/python -m benchmarks.speed.predict_bench --model RUN_OR_BUNDLE --rss 1000 3000 6000
 
 Cold start: a new process with a warm disk cache (one untimed run first) that imports
 pneumoscan, loads the model, decodes and predicts one image; median of 3 runs. Throughput:
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pneumoscan.data import find_images
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "chest_xray" / "train"
 
 THROUGHPUT = r"""

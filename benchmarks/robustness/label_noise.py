@@ -1,6 +1,6 @@
 """Suspect training labels by confident learning over cross-validated predictions.
 
-    .venv/bin/python benchmarks/label_noise.py --data ../shared/data/chest_xray \
+    .venv/bin/python -m benchmarks.robustness.label_noise --data ../shared/data/chest_xray \
         --out label_noise.json
 
 Every training film gets an out-of-fold probability of PNEUMONIA: the films are split into

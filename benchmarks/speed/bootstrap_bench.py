@@ -1,6 +1,6 @@
 """How long `pneumoscan evaluate`'s confidence intervals take: `metrics.bootstrap_ci`.
 
-    .venv/bin/python benchmarks/bootstrap_bench.py
+    .venv/bin/python -m benchmarks.speed.bootstrap_bench
 
 Synthetic evaluations of 600 images (2 per patient, scores correlated within a patient, as in
 tests/test_metrics.py) and of 5,000 images, 1,000 patient resamples each; the median of 5

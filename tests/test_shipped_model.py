@@ -21,7 +21,7 @@ SAMPLE_PATHS = sorted(SAMPLES.rglob("*.jpeg"))
 # Measured on the bundled pneumonet over the 16 samples (BENCHMARKS.md, "Looks at the lungs"):
 # with its test-time copies, median largest |change of calibrated probability| 0.071 under 4%
 # shifts and 5% crops and 0.011 under corner markers or blackouts; 2 of the 416 copies change
-# label. On its 525 val images (benchmarks/stability.py) 2.8% of shifted/cropped copies change
+# label. On its 525 val images (benchmarks/robustness/stability.py) 2.8% of shifted/cropped copies change
 # label, touching 7.2% of the images: a few borderline images always do, so the bound is on
 # the share.
 MEDIAN_SHIFT_CROP_BOUND = 0.08

@@ -1,10 +1,10 @@
 """What three test-time copies cost: the forward pass of one pass against three.
 
-    .venv/bin/python benchmarks/tta_cost.py --model src/pneumoscan/bundled
+    .venv/bin/python -m benchmarks.speed.tta_cost --model src/pneumoscan/bundled
 
 Python: `Bundle.forward` over 1,024 random inputs, once and three times over (best of 3
 rounds), as images per second; the bundle's own `test_time` block, if it has one, is set
-aside, so one pass is one pass. Page: `node benchmarks/tta_cost.mjs BUNDLE/tfjs`, the TF.js
+aside, so one pass is one pass. Page: `node benchmarks/speed/tta_cost.mjs BUNDLE/tfjs`, the TF.js
 model on the wasm backend in Node (one thread), one image against a batch of three. Both time
 the model alone; decoding, preprocessing, heatmap and the out-of-distribution features come on
 top, as in `predict_bench.py` and `browser_bench.py`.

@@ -1,6 +1,6 @@
 """What TF.js weight quantization costs: size and internal-test AUC for none / float16 / uint8.
 
-    .venv/bin/python benchmarks/quantization.py --model RUN_DIR --data ../shared/data/chest_xray
+    .venv/bin/python -m benchmarks.speed.quantization --model RUN_DIR --data ../shared/data/chest_xray
 
 Each variant is exported with `pneumoscan.tfjs.write_tfjs`; its weights are read back exactly
 as TF.js dequantizes them and put into the Keras model (`bundle.tfjs_weights`), which is then

@@ -1,4 +1,4 @@
-"""`python benchmarks/browser_bench.py --model BUNDLE`: how heavy and how fast the web app is.
+"""`python -m benchmarks.speed.browser_bench --model BUNDLE`: how heavy and how fast the web app is.
 
 Serves BUNDLE with `pneumoscan.serve`, drives Debian's headless Chromium with Playwright and
 prints a Markdown table:
@@ -28,7 +28,7 @@ from playwright.sync_api import expect, sync_playwright
 from pneumoscan.data import find_images
 from pneumoscan.serve import make_server, start_in_thread
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

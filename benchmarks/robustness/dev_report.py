@@ -1,8 +1,8 @@
 """Models and recipes measured on the selection set for the real shift (`chest_xray_shift_dev`).
 
-    .venv/bin/python benchmarks/dev_report.py train --data ../shared/data/chest_xray \
+    .venv/bin/python -m benchmarks.robustness.dev_report train --data ../shared/data/chest_xray \
         --out runs/dev --name zoom-in --seeds 1337 7 42 [--set augment.zoom_in=3.5 ...]
-    .venv/bin/python benchmarks/dev_report.py score --dev ../shared/data/chest_xray_shift_dev \
+    .venv/bin/python -m benchmarks.robustness.dev_report score --dev ../shared/data/chest_xray_shift_dev \
         --train-data ../shared/data/chest_xray --models runs/dev/* src/pneumoscan/bundled \
         --baseline zoom-in --json dev.json
 

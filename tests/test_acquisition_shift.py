@@ -1,4 +1,5 @@
-"""pneumoscan.shifted_benchmark: each family does what it says, plans are order-free, builds are frozen."""
+"""benchmarks/robustness/acquisition_shift.py: each family does what it says, plans are order-free,
+builds are frozen."""
 
 from __future__ import annotations
 
@@ -12,23 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, SAMPLES, SHARED_DATA
+from conftest import REPO, SAMPLES, SHARED_DATA, load_benchmark
 from pneumoscan.config import AugmentConfig
 from pneumoscan.data import load_splits, patient_id, scan, split_digest
 from pneumoscan.preprocess import load_grayscale
-from pneumoscan.shifted_benchmark import (
-    FAMILIES,
-    FAMILY_BY_NAME,
-    HELD_OUT_FAMILIES,
-    build_shifted,
-    file_format,
-    output_relpath,
-    perturb,
-    plan,
-    plan_one,
-    read_manifest,
-    transform,
-)
+
+shift = load_benchmark("robustness/acquisition_shift")
 
 XRAY = load_grayscale(SAMPLES / "PNEUMONIA" / "person19_bacteria_61.jpeg")  # (224, 224)
 RAMP = np.tile(np.arange(224, dtype=np.uint8), (224, 1))  # value = column index
@@ -192,17 +182,17 @@ FAMILY_CASES = [
 def test_each_family_changes_the_image_as_expected(step, source, check):
     params = {"steps": [step]}
     before = source.copy()
-    data = perturb(source, params)
+    data = shift.perturb(source, params)
     out = decode(data)
-    assert np.array_equal(source, before), "perturb must not modify its input"
+    assert np.array_equal(source, before), "shift.perturb must not modify its input"
     assert check(source, out)
-    assert perturb(source, params) == data  # pure: same params, same bytes
+    assert shift.perturb(source, params) == data  # pure: same params, same bytes
     assert data[:2] == (b"\xff\xd8" if step["family"] == "jpeg" else b"\x89P")
 
 
 def test_every_family_is_tested_and_held_out_families_are_not_augmented():
-    assert {case[0]["family"] for case in FAMILY_CASES} == set(FAMILY_BY_NAME)
-    assert set(HELD_OUT_FAMILIES) == {
+    assert {case[0]["family"] for case in FAMILY_CASES} == set(shift.FAMILY_BY_NAME)
+    assert set(shift.HELD_OUT_FAMILIES) == {
         "gamma",
         "stretch",
         "blur",
@@ -214,25 +204,25 @@ def test_every_family_is_tested_and_held_out_families_are_not_augmented():
         "jpeg",
     }
     augmented = set(AugmentConfig.__dataclass_fields__)
-    assert all(f.training_counterpart in augmented for f in FAMILIES if not f.held_out)
-    assert all(f.training_counterpart is None for f in FAMILIES if f.held_out)
+    assert all(f.training_counterpart in augmented for f in shift.FAMILIES if not f.held_out)
+    assert all(f.training_counterpart is None for f in shift.FAMILIES if f.held_out)
 
 
 def test_jpeg_quality_sets_the_file_size():
-    low, high = (perturb(XRAY, {"steps": [{"family": "jpeg", "quality": q}]}) for q in (15, 35))
+    low, high = (shift.perturb(XRAY, {"steps": [{"family": "jpeg", "quality": q}]}) for q in (15, 35))
     assert len(low) < len(high)
 
 
 def test_noise_depends_on_its_seed():
-    a, b = (perturb(XRAY, {"steps": [{"family": "noise", "sigma": 4.0, "seed": s}]}) for s in (1, 2))
+    a, b = (shift.perturb(XRAY, {"steps": [{"family": "noise", "sigma": 4.0, "seed": s}]}) for s in (1, 2))
     assert a != b
 
 
 def test_transform_rejects_bad_input():
     with pytest.raises(ValueError, match=r"shape \(4, 4, 3\)"):
-        transform(np.zeros((4, 4, 3), np.uint8), {"steps": []})
+        shift.transform(np.zeros((4, 4, 3), np.uint8), {"steps": []})
     with pytest.raises(ValueError, match="unknown shift family 'sepia'"):
-        transform(XRAY, {"steps": [{"family": "sepia"}]})
+        shift.transform(XRAY, {"steps": [{"family": "sepia"}]})
 
 
 @pytest.mark.parametrize(
@@ -248,25 +238,25 @@ def test_transform_rejects_bad_input():
     ],
 )
 def test_output_names_keep_the_patient_id(relpath, steps, expected):
-    name = output_relpath(relpath, {"steps": steps})
+    name = shift.output_relpath(relpath, {"steps": steps})
     assert name == expected and patient_id(Path(name).name) == patient_id(Path(relpath).name)
 
 
 def test_plan_is_order_free_and_seed_dependent():
     samples = scan(SAMPLES).samples
-    forward = plan(samples, 7)
-    assert plan(samples[::-1], 7) == forward[::-1]
-    assert plan(samples, 8) != forward
+    forward = shift.plan(samples, 7)
+    assert shift.plan(samples[::-1], 7) == forward[::-1]
+    assert shift.plan(samples, 8) != forward
     assert json.loads(json.dumps(forward)) == forward  # parameters survive the manifest
     assert all(1 <= len(p["steps"]) <= 2 for p in forward)
 
 
 def test_plan_mixes_one_and_two_families_over_all_families():
-    plans = [plan_one(hashlib.sha256(str(i).encode()).hexdigest()) for i in range(600)]
-    counts = {f.name: sum(s["family"] == f.name for p in plans for s in p["steps"]) for f in FAMILIES}
+    plans = [shift.plan_one(hashlib.sha256(str(i).encode()).hexdigest()) for i in range(600)]
+    counts = {f.name: sum(s["family"] == f.name for p in plans for s in p["steps"]) for f in shift.FAMILIES}
     assert all(40 < n < 110 for n in counts.values()), counts  # ~75 each when uniform
     assert 240 < sum(len(p["steps"]) == 2 for p in plans) < 360
-    order = [f.name for f in FAMILIES]
+    order = [f.name for f in shift.FAMILIES]
     assert all(
         [s["family"] for s in p["steps"]] == sorted((s["family"] for s in p["steps"]), key=order.index)
         for p in plans
@@ -275,45 +265,45 @@ def test_plan_mixes_one_and_two_families_over_all_families():
 
 def test_planned_perturbations_of_the_samples_stay_readable():
     for sample in scan(SAMPLES).samples:
-        params = plan_one(sample.sha256)
-        data = perturb(load_grayscale(sample.path), params)
+        params = shift.plan_one(sample.sha256)
+        data = shift.perturb(load_grayscale(sample.path), params)
         out = load_grayscale(sample.path.name, data)
         assert min(out.shape) >= 200 and max(out.shape) <= 290
-        assert (data[:2] == b"\xff\xd8") == (file_format(params) == "jpeg")
+        assert (data[:2] == b"\xff\xd8") == (shift.file_format(params) == "jpeg")
 
 
 @pytest.mark.parametrize("split", ["val", "internal-test"])
 def test_build_is_deterministic_and_readable(tmp_path, split):
-    first = build_shifted(SAMPLES, split, tmp_path / "a")
+    first = shift.build_shifted(SAMPLES, split, tmp_path / "a")
     (tmp_path / "b" / "NORMAL").mkdir(parents=True)
     (tmp_path / "b" / "NORMAL" / "stale.png").write_bytes(b"old")  # a rebuild replaces the folder whole
-    assert build_shifted(SAMPLES, split, tmp_path / "b") == first
+    assert shift.build_shifted(SAMPLES, split, tmp_path / "b") == first
     assert not (tmp_path / "b" / "NORMAL" / "stale.png").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
     shifted = scan(tmp_path / "a")
     source = load_splits(SAMPLES, 0.1, 0.1, 1337).splits[split]
     assert split_digest(shifted.samples) == first and not shifted.unreadable
     assert sorted(s.patient for s in shifted.samples) == sorted(s.patient for s in source)
-    manifest = read_manifest(tmp_path / "a")
-    assert manifest["digest"] == first and manifest["held_out_families"] == list(HELD_OUT_FAMILIES)
+    manifest = shift.read_manifest(tmp_path / "a")
+    assert manifest["digest"] == first and manifest["held_out_families"] == list(shift.HELD_OUT_FAMILIES)
     assert {f["source"] for f in manifest["files"].values()} == {s.relpath for s in source}
-    assert build_shifted(SAMPLES, split, tmp_path / "c", seed=1) != first
+    assert shift.build_shifted(SAMPLES, split, tmp_path / "c", seed=1) != first
 
 
 def test_build_refuses_train_and_outputs_inside_the_data(tmp_path):
     with pytest.raises(ValueError, match="unknown split 'train'"):
-        build_shifted(SAMPLES, "train", tmp_path / "out")
+        shift.build_shifted(SAMPLES, "train", tmp_path / "out")
     with pytest.raises(ValueError, match="inside the data folder"):
-        build_shifted(SAMPLES, "val", SAMPLES / "shifted")
+        shift.build_shifted(SAMPLES, "val", SAMPLES / "shifted")
 
 
 @pytest.mark.fulldata
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
 def test_full_val_matches_the_frozen_digest(tmp_path):
-    frozen = json.loads((REPO / "benchmarks" / "shifted_manifest.json").read_text())
+    frozen = json.loads((REPO / "benchmarks" / "robustness" / "acquisition_shift_manifest.json").read_text())
     start = time.perf_counter()
-    digest = build_shifted(SHARED_DATA, "val", tmp_path / "val", seed=frozen["seed"])
+    digest = shift.build_shifted(SHARED_DATA, "val", tmp_path / "val", seed=frozen["seed"])
     assert time.perf_counter() - start < 60
-    manifest = read_manifest(tmp_path / "val")
+    manifest = shift.read_manifest(tmp_path / "val")
     assert manifest["source"]["split_digest"] == frozen["splits"]["val"]["source_split_digest"]
     assert digest == frozen["splits"]["val"]["digest"]

@@ -1,11 +1,11 @@
 """The recipe search behind pneumonet's defaults, on data carved from train only.
 
-    .venv/bin/python benchmarks/recipe_search.py --data ../shared/data/chest_xray \
+    .venv/bin/python -m benchmarks.robustness.recipe_search --data ../shared/data/chest_xray \
         --shifted runs/shifted --out runs/search [--only NAME ...]
 
 Each variant trains from scratch (`pneumoscan.train.train`) and is judged on the validation
-split and its frozen shifted copy (benchmarks/make_shifted.py): ROC AUC and balanced accuracy
-at the threshold chosen on val. The internal-test split is never looked at here.
+split and its frozen acquisition-shifted copy (`benchmarks.robustness.make_acquisition_shift`):
+ROC AUC and balanced accuracy at the threshold chosen on val. The internal-test split is never looked at here.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ VARIANTS: dict[str, Config] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--shifted", type=Path, required=True, help="folder holding val/ (make_shifted.py)")
+    parser.add_argument("--shifted", type=Path, required=True, help="holds val/ (make_acquisition_shift)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", nargs="*", default=None, choices=sorted(VARIANTS))
     args = parser.parse_args()

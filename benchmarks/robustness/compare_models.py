@@ -1,6 +1,6 @@
 """Side by side, the paper's CNN (`seed`) and the default model (`pneumonet`): size, speed, quality.
 
-    .venv/bin/python benchmarks/compare_models.py --data ../shared/data/chest_xray \
+    .venv/bin/python -m benchmarks.robustness.compare_models --data ../shared/data/chest_xray \
         --runs runs/seed runs/pneumonet --shifted runs/shifted [--timing-epochs 3]
 
 Speed, in one run on this machine: each architecture trains `--timing-epochs` epochs on the
@@ -10,7 +10,7 @@ caches), and their ratio the speed-up over the paper's CNN. Inference images/s i
 forward pass on cached batches of 32. FLOPs are 2 x multiply-adds per image; the share of
 peak compares achieved FLOP/s (training counted as 3x forward) with a float32 matmul on this
 CPU. Quality: `pneumoscan.evaluate` of each finished run on val, internal-test and their
-frozen shifted copies (benchmarks/make_shifted.py), with 95% patient-bootstrap intervals.
+frozen shifted copies (benchmarks/robustness/make_acquisition_shift.py), with 95% patient-bootstrap intervals.
 Prints Markdown for BENCHMARKS.md.
 """
 

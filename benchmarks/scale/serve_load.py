@@ -1,6 +1,6 @@
 """Load-test `pneumoscan serve` over loopback: N concurrent clients, p50/p99/max latency, errors.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 50] [--requests 20] [--max-seconds 60]
+    .venv/bin/python -m benchmarks.scale.serve_load [--clients 50] [--requests 20] [--max-seconds 60]
         [--keep-alive] [--url http://127.0.0.1:PORT/]
 
 Without --url it starts `python -m pneumoscan serve` (the bundled model) on a free 127.0.0.1

@@ -1,6 +1,6 @@
 """How far predictions move under small shifts, crops and corner markers, on a whole split.
 
-    .venv/bin/python benchmarks/stability.py --data ../shared/data/chest_xray --models M1 M2 ... \
+    .venv/bin/python -m benchmarks.robustness.stability --data ../shared/data/chest_xray --models M1 M2 ... \
         [--split val]
 
 For every image of the split (rebuilt from each model's recorded rule), the copies of
@@ -10,7 +10,7 @@ corner, corners blacked out). Per model: the largest |change of calibrated proba
 image over the framing copies (median, mean, 90th percentile) and over the marker copies
 (mean, 90th percentile), the share of framing copies whose label (at the model's own
 threshold) differs from the image's, and the share of images with at least one such copy.
-`tests/test_bundled.py` bounds the same measures on the bundled samples.
+`tests/test_shipped_model.py` bounds the same measures on the bundled samples.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The README's pictures of the page, taken with the bundled model (or --model) in Chromium.
 
-    .venv/bin/python benchmarks/screenshots.py [--model BUNDLE] [--out docs]
+    .venv/bin/python -m benchmarks.docs.screenshots [--model BUNDLE] [--out docs]
 
 Writes `screenshot.png` (the page with a pneumonia and a normal sample), `heatmap.png` (the two
 cards, the pneumonia's heatmap shown) and `ood.png` (a photograph beside the pneumonia film), so
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples" / "chest_xray"
 PNEUMONIA = SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg"
 NORMAL = SAMPLES / "NORMAL" / "IM-0115-0001.jpeg"

@@ -1,5 +1,5 @@
 // The model's forward pass on TF.js's wasm backend in Node, one image against a batch of three
-// (what three test-time copies would cost the page): node benchmarks/tta_cost.mjs BUNDLE/tfjs
+// (what three test-time copies would cost the page): node benchmarks/speed/tta_cost.mjs BUNDLE/tfjs
 import fs from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';

@@ -1,7 +1,7 @@
 """Kill `pneumoscan train` with SIGKILL again and again, restart the same command each time, and
 check that every restart continues and that the finished run equals an uninterrupted one.
 
-    .venv/bin/python benchmarks/fault_injection.py [--kills 30] [--seed 0] [--json]
+    .venv/bin/python -m benchmarks.robustness.fault_injection [--kills 30] [--seed 0] [--json]
 
 The run trains the paper's CNN at 96 px for 12 epochs on the 16 sample X-rays, without early
 stopping (several seconds of training, so that kills land everywhere: start-up, mid-epoch,
@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples" / "chest_xray"
 EPOCHS = 12
 # Child processes train (as `pneumoscan train` does), optionally with a kill planted inside the

@@ -1,6 +1,6 @@
 """One worker against two local workers (`train --strategy multi-worker`) on the same data.
 
-    .venv/bin/python benchmarks/multi_worker_bench.py --data ../shared/data/chest_xray [--epochs 3]
+    .venv/bin/python -m benchmarks.scale.multi_worker_bench --data ../shared/data/chest_xray [--epochs 3]
 
 Trains pneumonet (its recipe, `--batch-size` per replica) for `--epochs` epochs, first with the
 default strategy, then as two workers on 127.0.0.1 under TF_CONFIG, each a process of its own
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pneumoscan.strategy import local_tf_configs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ALL_REDUCE = """
 import json, os, sys, time
 import numpy as np, tensorflow as tf

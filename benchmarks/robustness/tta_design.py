@@ -1,15 +1,15 @@
 """Test-time augmentation measured on the acquisition design, paired with no augmentation.
 
-    .venv/bin/python benchmarks/tta_design.py --data ../shared/data/chest_xray \
+    .venv/bin/python -m benchmarks.robustness.tta_design --data ../shared/data/chest_xray \
         --runs runs/shift/reweight-s7 runs/shift/reweight-s1337
 
-For each run (a run folder of `shift_design.py train`), its val and internal-test films
+For each run (a run folder of `acquisition_val_design train`), its val and internal-test films
 (rebuilt from splits.json) go through the model as they are and moved by 4% of the side
 (`robustness.translation_variants`: 8 directions, black fill); each copy set of `COPY_SETS`
 averages the raw outputs of the film and the named copies. Calibration and threshold are
 refitted on val for every set (the default rule), and internal-test gives ROC AUC,
 specificity and accuracy at the held-out split's class mix, with the paired difference from
-no augmentation: 95% bootstrap over patients (`shift_design`'s resamples), per run and as the
+no augmentation: 95% bootstrap over patients (`acquisition_val_design`'s resamples), per run and as the
 mean over runs. Val AUC is printed beside them, the only figure a set could be chosen by.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-import shift_design
+from benchmarks.robustness import acquisition_val_design as design
 
 # Indices into translation_variants' order (dy, dx):
 # (-s,-s), (-s,0), (-s,+s), (0,-s), (0,+s), (+s,-s), (+s,0), (+s,+s).
@@ -37,12 +37,12 @@ SHOWN = ("roc_auc", "specificity", "held_out_accuracy")
 
 
 def outputs_with_copies(run_dir: Path, data: Path) -> dict[str, dict]:
-    """Per copy set, the run's outputs as `shift_design.outputs_of` gives them."""
+    """Per copy set, the run's outputs as `design.outputs_of` gives them."""
     from pneumoscan.calibrate import fit_operating_point
     from pneumoscan.config import DEFAULTS
     from pneumoscan.robustness import translation_variants
 
-    plain = shift_design.outputs_of(run_dir, data, copies=translation_variants)
+    plain = design.outputs_of(run_dir, data, copies=translation_variants)
     result = {}
     for name, members in COPY_SETS.items():
         outputs = {**plain}
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         seed = int(run_dir.name.rsplit("-s", 1)[1])
         per_run[run_dir.name] = {}
         for name, outputs in outputs_with_copies(run_dir, args.data).items():
-            scored = shift_design.scores(outputs)
-            weights = _group_weights(scored["groups"], shift_design.N_RESAMPLES, np.random.default_rng(seed))
+            scored = design.scores(outputs)
+            weights = _group_weights(scored["groups"], design.N_RESAMPLES, np.random.default_rng(seed))
             probabilities, threshold = scored["points"]["shipped"]
-            per_run[run_dir.name][name] = shift_design.resampled(
+            per_run[run_dir.name][name] = design.resampled(
                 scored["labels"], probabilities, threshold, weights
             )
             val_auc = summarize(outputs["val"]["labels"], outputs["val"]["raw"], 0.5)["roc_auc"]
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _row(run: str, name: str, results: list[dict], plain: list[dict]) -> str:
-    alone = shift_design.pooled(results)
-    difference = shift_design.pooled(results, plain)
+    alone = design.pooled(results)
+    difference = design.pooled(results, plain)
     val_auc = np.mean([r["val_auc"] for r in results])
     cells = [f"{alone[m][0]:.3f} [{alone[m][1]:.3f}, {alone[m][2]:.3f}]" for m in SHOWN]
     cells += [f"{difference[m][0]:+.3f} [{difference[m][1]:+.3f}, {difference[m][2]:+.3f}]" for m in SHOWN]

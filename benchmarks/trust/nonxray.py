@@ -1,4 +1,4 @@
-"""Images that are not chest X-rays, made here: `python benchmarks/ood_bench.py` and the tests of
+"""Images that are not chest X-rays, made here: `python -m benchmarks.trust.ood_bench` and the tests of
 the out-of-distribution flag (`pneumoscan.ood`).
 
 Five kinds, each image drawn from (kind, index, seed) alone with NumPy and Pillow, so the same
