@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from pneumoscan.config import AugmentConfig, Config
+from pneumoscan.config import RECIPES, AugmentConfig, Config
 
 
 @pytest.mark.parametrize(
@@ -36,6 +38,17 @@ def test_round_trip_and_resolution(tmp_path):
     assert Config(arch="seed").resolved().image_size == 150
     config.save(tmp_path / "config.json")
     assert Config.load(tmp_path / "config.json") == config
+
+
+def test_kermany2018_names_the_seed_architecture_and_runs_record_seed(tmp_path):
+    """`--arch kermany2018` says what `seed` is; config.json keeps "seed", so runs made before
+    the alias and after it compare equal on resume."""
+    config = Config(arch="kermany2018", epochs=1)
+    assert config == Config(arch="seed", epochs=1)
+    assert config.resolved().image_size == RECIPES["seed"].image_size
+    config.save(tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["arch"] == "seed"
+    assert Config.from_dict({"arch": "kermany2018"}).arch == "seed"
 
 
 def test_differences_are_readable():

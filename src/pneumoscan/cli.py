@@ -18,6 +18,7 @@ from pathlib import Path
 from pneumoscan import bundle as bundle_module
 from pneumoscan.bundle import INFERENCE_BATCH
 from pneumoscan.config import (
+    ARCH_ALIASES,
     DEFAULTS,
     PRECISIONS,
     RECIPES,
@@ -96,6 +97,7 @@ def _add_train(commands) -> None:
         "--arch",
         default=DEFAULTS.arch,
         help=", ".join(f"{name} ({recipe.description})" for name, recipe in RECIPES.items())
+        + "".join(f"; {alias} is {name}" for alias, name in ARCH_ALIASES.items())
         + f" (default: {DEFAULTS.arch})",
     )
     parser.add_argument("--epochs", type=int, default=None, help="(default: the architecture's recipe)")

@@ -160,7 +160,7 @@ RECIPES: dict[str, Recipe] = {
     # Augmentation chosen on the dev films of the real shift (BENCHMARKS.md, "The real shift"):
     # crops in to a quarter of the area (zoom_in 2), wider moves and stronger intensity jitter
     # raised dev AUC from 0.929-0.961 (four earlier models) to 0.969 ± 0.003 (five seeds).
-    # Batch size, schedule and 160 px: benchmarks/recipe_search.py, on val and shifted val.
+    # Batch size, schedule and 160 px: benchmarks/robustness/recipe_search.py, on val and shifted val.
     # Batch-norm momentum 0.9 (not Keras' 0.99): the moving statistics follow the weights within
     # ~10 steps, so validation in early, fast-moving epochs is not judged on stale statistics.
     "pneumonet": Recipe(
@@ -202,6 +202,9 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "description")
+# Names for `--arch` that say what the architecture is. A run records the recipe's own name
+# ("seed" stays in config.json and metadata.json), so folders made before the alias still load.
+ARCH_ALIASES: dict[str, str] = {"kermany2018": "seed"}
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,7 @@ class Config:
     # validation, the best epoch and the saved model use the average; 0 is off.
     weight_average_momentum: float = 0.0
     # Training films left out of training (paths relative to the training folder, e.g.
-    # "NORMAL/IM-0115-0001.jpeg"): suspect labels (benchmarks/label_noise.py). They stay
+    # "NORMAL/IM-0115-0001.jpeg"): suspect labels (benchmarks/robustness/label_noise.py). They stay
     # eligible for val and internal-test, where every label is kept.
     exclude_files: tuple[str, ...] = ()
     # Test-time shifts: the model's output on a film is the mean of its raw outputs on the film
@@ -270,6 +273,7 @@ class Config:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "arch", ARCH_ALIASES.get(self.arch, self.arch))
         if isinstance(self.exclude_files, str):
             raise ValueError("exclude_files must be a list of paths, not one string")
         object.__setattr__(self, "exclude_files", tuple(sorted(set(self.exclude_files))))
@@ -401,7 +405,7 @@ DEFAULTS = Config()
 
 def read_file_list(path: Path) -> tuple[str, ...]:
     """The paths a list of files to exclude names (`Config.exclude_files`): a text file, one path
-    a line, or the JSON of benchmarks/label_noise.py (its `suspects`' `file`s).
+    a line, or the JSON of benchmarks/robustness/label_noise.py (its `suspects`' `file`s).
 
     Raises:
         ValueError: the list cannot be read, or is not such a list (one sentence naming it).

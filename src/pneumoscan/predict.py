@@ -379,13 +379,6 @@ class Tally:
         )
 
 
-def summary_line(records: list[dict]) -> str:
-    tally = Tally()
-    for record in records:
-        tally.add(record)
-    return tally.line()
-
-
 def item_path(item: Path | dict) -> str:
     """The `path` its record will carry."""
     return item["path"] if isinstance(item, dict) else str(item)
