@@ -1,13 +1,16 @@
-"""Images that are not chest X-rays, made here: `python -m benchmarks.trust.ood_bench` and the tests of
-the out-of-distribution flag (`pneumoscan.ood`).
+"""Images that are not chest X-rays, made here: `python -m benchmarks.trust.ood_bench` and the tests
+of the out-of-distribution flag (`pneumoscan.ood`).
 
 Five kinds, each image drawn from (kind, index, seed) alone with NumPy and Pillow, so the same
-call gives the same pixels on every machine and nothing is downloaded:
+call gives the same pixels on every machine and nothing is downloaded. Nothing optional takes
+part: text is drawn in Pillow's built-in bitmap font (not FreeType, whose rendering and hinting
+vary by build), and the only photograph used is matplotlib's (a runtime dependency), whether
+scikit-learn is installed or not.
 
 - `pattern`: checkerboards, stripes, gratings, gradients, noise, flat colours, shapes;
-- `document`: text in the fonts matplotlib ships, on paper-like backgrounds; tables; code;
-- `photo`: crops, turns and grey versions of the photographs installed packages ship (the
-  "photo" kind needs matplotlib's `grace_hopper.jpg`), and synthetic outdoor scenes;
+- `document`: bitmap-font text scaled to several sizes, on paper-like backgrounds; tables; code;
+- `photo`: crops, turns and grey versions of matplotlib's `grace_hopper.jpg`, and synthetic
+  outdoor scenes;
 - `microscopy`: H&E-like stained tissue (pink stroma, purple nuclei) and grey cell fields
   (fluorescence, bright field);
 - `modality`: CT-like and MR-like slices, ultrasound fans with speckle.
@@ -27,6 +30,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+# Pillow's built-in bitmap font: the same glyph pixels on every build (11 px tall).
+BITMAP_FONT = ImageFont.load_default_imagefont()
+BITMAP_FONT_HEIGHT = 11
 
 KINDS = ("pattern", "document", "photo", "microscopy", "modality")
 WORDS = tuple(
@@ -79,15 +86,18 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float
     return np.asarray(small.resize(shape[::-1], Image.Resampling.BICUBIC), np.float64) / 255.0
 
 
-def _font(size: int, style: str = "sans") -> ImageFont.FreeTypeFont:
-    """A DejaVu font from matplotlib's data (a runtime dependency), else Pillow's default."""
-    names = {"sans": "DejaVuSans.ttf", "serif": "DejaVuSerif.ttf", "mono": "DejaVuSansMono.ttf"}
-    spec = util.find_spec("matplotlib")
-    if spec is not None and spec.origin is not None:
-        path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / names[style]
-        if path.is_file():
-            return ImageFont.truetype(str(path), size)
-    return ImageFont.load_default(size)
+def _text(canvas: Image.Image, xy: tuple[float, float], text: str, size: int, fill) -> None:
+    """Draw `text` on `canvas` at `xy`, about `size` pixels tall: the bitmap font's glyphs scaled
+    by a whole factor (nearest neighbour), so no font engine takes part."""
+    scale = max(1, round(size / BITMAP_FONT_HEIGHT))
+    left, top, right, bottom = BITMAP_FONT.getbbox(text)
+    if right <= left or bottom <= top:
+        return
+    mask = Image.new("L", (right, bottom), 0)
+    ImageDraw.Draw(mask).text((0, 0), text, font=BITMAP_FONT, fill=255)
+    mask = mask.resize((right * scale, bottom * scale), Image.Resampling.NEAREST)
+    ink = Image.new(canvas.mode, mask.size, fill)
+    canvas.paste(ink, (int(xy[0]), int(xy[1])), mask)
 
 
 # --- patterns ---------------------------------------------------------------------------------
@@ -154,16 +164,15 @@ def document(rng: np.random.Generator) -> np.ndarray:
     dark = choice == 2 and rng.random() < 0.5
     background = np.full((height, width, 3), 30, np.uint8) if dark else _paper(rng, (height, width))
     canvas = Image.fromarray(background)
-    draw = ImageDraw.Draw(canvas)
     size = int(rng.integers(11, 28))
     ink = (220, 220, 220) if dark else _colour(rng, grey=True)[:1] * 3
     ink = ink if dark else tuple(min(v, 90) for v in ink)
     if choice == 0:
-        _text_page(rng, draw, (height, width), size, ink)
+        _text_page(rng, canvas, (height, width), size, ink)
     elif choice == 1:
-        _table(rng, draw, (height, width), size, ink)
+        _table(rng, canvas, (height, width), size, ink)
     else:
-        _code(rng, draw, (height, width), size, dark)
+        _code(rng, canvas, (height, width), size, dark)
     image = canvas
     if rng.random() < 0.3:  # a scan: slightly turned and soft
         image = image.rotate(float(rng.uniform(-3, 3)), fillcolor=(250, 250, 250)).filter(
@@ -172,22 +181,21 @@ def document(rng: np.random.Generator) -> np.ndarray:
     return np.asarray(image.convert("L") if rng.random() < 0.3 else image)
 
 
-def _text_page(rng, draw, shape, size, ink) -> None:
+def _text_page(rng, canvas, shape, size, ink) -> None:
     height, width = shape
-    font, title = _font(size, str(rng.choice(["sans", "serif"]))), _font(int(size * 1.6), "sans")
     margin = int(width * rng.uniform(0.05, 0.12))
-    draw.text((margin, margin), _sentence(rng, 3).title(), font=title, fill=ink)
+    _text(canvas, (margin, margin), _sentence(rng, 3).title(), int(size * 1.6), ink)
     y = margin + int(size * 3)
     while y < height - margin:
         if rng.random() < 0.1:
             y += size  # paragraph break
-        draw.text((margin, y), _sentence(rng, int(rng.integers(4, 14))), font=font, fill=ink)
+        _text(canvas, (margin, y), _sentence(rng, int(rng.integers(4, 14))), size, ink)
         y += int(size * 1.4)
 
 
-def _table(rng, draw, shape, size, ink) -> None:
+def _table(rng, canvas, shape, size, ink) -> None:
     height, width = shape
-    font = _font(size, "sans")
+    draw = ImageDraw.Draw(canvas)
     rows, columns = int(rng.integers(4, 20)), int(rng.integers(2, 7))
     x0, y0 = int(width * 0.05), int(height * 0.08)
     cell_w, cell_h = (width * 0.9) / columns, min((height * 0.85) / rows, size * 2.2)
@@ -198,21 +206,20 @@ def _table(rng, draw, shape, size, ink) -> None:
         for c in range(columns):
             if r < rows:
                 text = str(rng.choice(WORDS)) if r == 0 else f"{rng.uniform(0, 1000):.2f}"
-                draw.text((x0 + c * cell_w + 4, y0 + r * cell_h + 3), text, font=font, fill=ink)
+                _text(canvas, (x0 + c * cell_w + 4, y0 + r * cell_h + 3), text, size, ink)
     for c in range(columns + 1):
         draw.line((x0 + c * cell_w, y0, x0 + c * cell_w, y0 + rows * cell_h), fill=ink, width=1)
 
 
-def _code(rng, draw, shape, size, dark) -> None:
+def _code(rng, canvas, shape, size, dark) -> None:
     height = shape[0]
-    font = _font(size, "mono")
     palette = [(86, 156, 214), (206, 145, 120), (106, 153, 85), (220, 220, 170), (200, 200, 200)]
     y = int(size * 0.8)
     while y < height - size:
         indent = int(rng.integers(0, 4)) * size * 2
         colour = palette[int(rng.integers(0, len(palette)))]
         colour = colour if dark else tuple(v // 2 for v in colour)
-        draw.text((size + indent, y), str(rng.choice(CODE)), font=font, fill=colour)
+        _text(canvas, (size + indent, y), str(rng.choice(CODE)), size, colour)
         y += int(size * 1.35)
 
 
@@ -227,15 +234,27 @@ def _package_file(package: str, *parts: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def grace_hopper() -> Path:
+    """matplotlib's photograph (a runtime dependency): the one source of the `photo` kind.
+
+    Raises:
+        FileNotFoundError: matplotlib or its sample data is missing.
+    """
+    path = _package_file("matplotlib", "mpl-data", "sample_data", "grace_hopper.jpg")
+    if path is None:
+        raise FileNotFoundError("matplotlib's sample photograph grace_hopper.jpg is missing; run `make venv`")
+    return path
+
+
 def packaged_photographs() -> list[Path]:
-    """Photographs that installed packages ship: matplotlib's (a runtime dependency) and
-    scikit-learn's (a test dependency), those present."""
+    """Real photographs that installed packages ship, for the benchmark's real-image set:
+    matplotlib's, and scikit-learn's two (a test dependency) when it is installed. Only
+    matplotlib's feeds `generate`, so generated pixels do not depend on scikit-learn."""
     found = [
-        _package_file("matplotlib", "mpl-data", "sample_data", "grace_hopper.jpg"),
         _package_file("sklearn", "datasets", "images", "china.jpg"),
         _package_file("sklearn", "datasets", "images", "flower.jpg"),
     ]
-    return [path for path in found if path is not None]
+    return [grace_hopper(), *(path for path in found if path is not None)]
 
 
 def packaged_mri() -> np.ndarray | None:
@@ -268,7 +287,10 @@ def packaged_slices() -> list[Path]:
 
 def packaged_images() -> dict[str, np.ndarray]:
     """name -> pixels of each real non-X-ray image an installed package ships."""
-    images = {path.name: np.asarray(Image.open(path).convert("RGB")) for path in packaged_photographs()}
+    images = {}
+    for path in packaged_photographs():
+        with Image.open(path) as image:
+            images[path.name] = np.asarray(image.convert("RGB"))
     mri = packaged_mri()
     if mri is not None:
         images["s1045_mri.png"] = mri
@@ -276,12 +298,12 @@ def packaged_images() -> dict[str, np.ndarray]:
 
 
 def photo(rng: np.random.Generator) -> np.ndarray:
-    """A crop of a packaged photograph (turned, rescaled, sometimes grey or tinted), or a
-    synthetic scene when none is installed or one time in three."""
-    sources = packaged_photographs()
-    if not sources or rng.random() < 0.33:
+    """A crop of matplotlib's photograph (rescaled, sometimes mirrored or grey), or one time in
+    three a synthetic scene."""
+    if rng.random() < 0.33:
         return _scene(rng)
-    image = Image.open(sources[int(rng.integers(0, len(sources)))]).convert("RGB")
+    with Image.open(grace_hopper()) as source:
+        image = source.convert("RGB")
     width, height = image.size
     crop_w, crop_h = int(width * rng.uniform(0.4, 1.0)), int(height * rng.uniform(0.4, 1.0))
     left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
@@ -426,7 +448,7 @@ def _ultrasound(rng, shape) -> np.ndarray:
         cyst = _ellipse_mask(shape, (rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.8) * height), (30, 20))
         image[cyst & fan] *= 0.15
     canvas = Image.fromarray(image.clip(0, 255).astype(np.uint8))
-    ImageDraw.Draw(canvas).text((8, 8), "5.0MHz  GAIN 60  D 12cm", font=_font(14, "sans"), fill=220)
+    _text(canvas, (8, 8), "5.0MHz  GAIN 60  D 12cm", 14, 220)
     return np.asarray(canvas, np.float64)
 
 
