@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import SAMPLES
-from pneumoscan.cli import main
+from conftest import REPO, SAMPLES
+from pneumoscan.cli import build_parser, main
 
 
 @pytest.mark.parametrize(
@@ -67,6 +69,45 @@ COMMANDS = ["train", "evaluate", "predict", "threshold", "ood", "export", "expla
 def test_every_subcommand_has_help(command, capsys):
     assert main([command, "--help"]) == 0
     assert f"usage: pneumoscan {command}" in capsys.readouterr().out
+
+
+def _cli_flags() -> dict[tuple[str, str], argparse.Action]:
+    """(command, --flag) -> its action, for every subcommand; "(any)" for the top-level flags."""
+    parser = build_parser()
+    flags = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command, sub in action.choices.items():
+                for option in sub._actions:
+                    for flag in option.option_strings:
+                        if flag.startswith("--") and flag != "--help":
+                            flags[command, flag] = option
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                flags["(any)", flag] = action
+    return flags
+
+
+def _readme_flag_rows() -> dict[tuple[str, str], str]:
+    """(command, --flag) -> the default cell of each row of README's flag table."""
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        match = re.fullmatch(r"\| ([\w()-]+) \| `(--[\w-]+)` \|([^|]*)\|.*", line)
+        if match:
+            rows[match[1], match[2]] = match[3].strip()
+    return rows
+
+
+def test_every_cli_flag_has_a_readme_row_with_its_default():
+    flags, rows = _cli_flags(), _readme_flag_rows()
+    assert len(flags) > 40
+    assert sorted(set(flags) - set(rows)) == [], "flags without a README row"
+    assert sorted(set(rows) - set(flags)) == [], "README rows of flags the CLI does not have"
+    for key, action in flags.items():
+        cell = rows[key]
+        assert ("(required)" in cell) == bool(action.required), key
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"`{action.default}`" in cell, (key, action.default, cell)
 
 
 def test_serve_refuses_a_bundle_without_tfjs(trained_run, capsys):
