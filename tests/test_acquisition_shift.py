@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -301,9 +300,7 @@ def test_build_refuses_train_and_outputs_inside_the_data(tmp_path):
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
 def test_full_val_matches_the_frozen_digest(tmp_path):
     frozen = json.loads((REPO / "benchmarks" / "robustness" / "acquisition_shift_manifest.json").read_text())
-    start = time.perf_counter()
     digest = shift.build_shifted(SHARED_DATA, "val", tmp_path / "val", seed=frozen["seed"])
-    assert time.perf_counter() - start < 60
     manifest = shift.read_manifest(tmp_path / "val")
     assert manifest["source"]["split_digest"] == frozen["splits"]["val"]["source_split_digest"]
     assert digest == frozen["splits"]["val"]["digest"]

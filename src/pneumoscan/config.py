@@ -157,10 +157,10 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # Augmentation chosen on the dev films of the real shift (BENCHMARKS.md, "The real shift"):
-    # crops in to a quarter of the area (zoom_in 2), wider moves and stronger intensity jitter
-    # raised dev AUC from 0.929-0.961 (four earlier models) to 0.969 ± 0.003 (five seeds).
-    # Batch size, schedule and 160 px: benchmarks/robustness/recipe_search.py, on val and shifted val.
+    # Augmentation chosen on the dev films of the real shift (BENCHMARKS.md, "The recipe: crops in
+    # and stronger intensity jitter"): crops in to a quarter of the area (zoom_in 2), wider moves
+    # and stronger intensity jitter. Batch size, schedule and 160 px: BENCHMARKS.md, "Recipe
+    # search" (benchmarks/robustness/recipe_search.py, on val and shifted val).
     # Batch-norm momentum 0.9 (not Keras' 0.99): the moving statistics follow the weights within
     # ~10 steps, so validation in early, fast-moving epochs is not judged on stale statistics.
     "pneumonet": Recipe(
@@ -233,10 +233,9 @@ class Config:
     plateau_factor: float = 0.5
     min_learning_rate: float = 1e-6
     # A screening test's operating point, chosen on the dev films of the real shift: the largest
-    # threshold that keeps 90% of the val pneumonias, which kept 0.964 of the dev pneumonias on
-    # each of five seeds (0.95 on val kept 0.98 and called 30% of dev normals sick): the val
-    # pneumonias are harder than the shifted ones, and the normals are what shifts
-    # (BENCHMARKS.md, "The real shift").
+    # threshold that keeps 90% of the val pneumonias: the val pneumonias are harder than the
+    # shifted ones, and the normals are what shifts (BENCHMARKS.md, "The operating point on the
+    # dev films").
     threshold_rule: ThresholdRule | str = "sensitivity:0.9"
     # How val and internal-test are carved from train (pneumoscan.data): "acquisition" holds out
     # the normals whose acquisition looks like the pneumonia films', "random" draws patients.
@@ -245,8 +244,8 @@ class Config:
     val_design: str = "random"
     # Weights training films by (1 / P(label | acquisition)) ** this, so that acquisition stops
     # predicting the label (acquisition.balancing_weights); 0 leaves every film at weight 1. It
-    # raised the acquisition design's internal-test figures, but on the dev films its two seeds
-    # scored AUC 0.929 and 0.955 (BENCHMARKS.md); off by default.
+    # raised the acquisition design's internal-test figures but not the dev films' (BENCHMARKS.md,
+    # "Kept, changed or retired"); off by default.
     acquisition_reweight: float = 0.0
     # Mixup (Zhang et al., 2018): each training film blended with another of its batch, weight
     # lambda ~ Beta(mixup, mixup) folded to >= 0.5, and the loss blended alike; 0 is off.
@@ -261,9 +260,8 @@ class Config:
     # Test-time shifts: the model's output on a film is the mean of its raw outputs on the film
     # and on two copies moved diagonally by this fraction of the side (black fill), in predict,
     # evaluate, the page and training's calibration alike (metadata.json's `test_time`); 0 is
-    # off. On the acquisition design, 0.04 raised internal-test AUC by 0.003 [0.001, 0.006] and
-    # specificity at the default rule by 0.034 [0.003, 0.064], two reweighted seeds; on the dev
-    # films, dev AUC 0.969 ± 0.003 with them and 0.967 ± 0.004 without, five seeds (BENCHMARKS.md).
+    # off. What they gain and cost: BENCHMARKS.md, "Test-time copies, built in" and "Kept,
+    # changed or retired".
     test_time_shift: float = 0.04
     augment: AugmentConfig | None = None
     model: ModelConfig | None = None

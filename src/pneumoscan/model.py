@@ -66,9 +66,8 @@ def build_pneumonet(image_size: int = 160, model: ModelConfig = RECIPES["pneumon
     one sigmoid unit: 553,569 parameters, 0.076 GFLOPs at 160x160. Chosen by measuring training
     steps on this 2-core CPU: a stride-2 3x3 stem with four stages had fewer parameters but
     trained at half the speed, since TensorFlow's CPU convolutions are slow on few channels at
-    high resolution. The first pneumonet had 64-128-192 filters (869,697 parameters) and strided
-    1x1 shortcuts: it scored the same on val and shifted val, but ran each epoch about 1.4x
-    slower and moved more under small shifts and crops of the image (BENCHMARKS.md).
+    high resolution. The first pneumonet had 64-128-192 filters and strided 1x1 shortcuts; how
+    this one was chosen over it is in BENCHMARKS.md, "Recipe search" (third round).
     """
     momentum = model.batchnorm_momentum
     inputs = _gray_input(image_size)

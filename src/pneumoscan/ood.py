@@ -14,16 +14,12 @@ Three parts, each 0 for a typical radiograph and 1 at its threshold; the largest
   channel's mean (what the pooling gives) and standard deviation over the cells of the feature
   map it pools (pneumonet's `stage3_out`, 5 x 5 x 160, the map the page's heatmap already
   reads); otherwise the output of the layer feeding the output layer (the seed CNN's `dense`).
-  The standard deviations see how the map is spread, which the mean cannot: with them the
-  shifted X-rays of BENCHMARKS.md are flagged half as often and grey photographs more often.
-  Mean, directions and
-  variances come from the training split; the threshold is `MARGIN` times the
-  (1 − `FALSE_ALARM_RATE`) quantile of the val split's distances, taken as the inverse
+  The standard deviations see how the map is spread, which the mean cannot.
+  Mean, directions and variances come from the training split; the threshold is `MARGIN` times
+  the (1 − `FALSE_ALARM_RATE`) quantile of the val split's distances, taken as the inverse
   empirical CDF (with fewer than 1,000 val images, the largest distance). The margin is for
-  X-rays taken elsewhere. The two numbers were chosen with benchmarks/trust/ood_sweep.py against the
-  sets of benchmarks/trust/ood_bench.py (at most about 2-4% of moved X-rays, at least 95% of
-  non-X-rays flagged), so their rates there are not an unseen test (BENCHMARKS.md,
-  "Out-of-distribution flag").
+  X-rays taken elsewhere. How the features and the two numbers were chosen, and the rates they
+  give, are in BENCHMARKS.md, "Trust" (`benchmarks/trust/`).
 - `colourfulness` (`preprocess.colourfulness`, of the RGB before luma): radiographs are grey.
 - `aspect`: the longer side over the shorter; radiographs come in formats between 1 and 1.33.
 
@@ -42,9 +38,8 @@ from typing import Any
 
 import numpy as np
 
-# COMPONENTS and MARGIN: chosen with benchmarks/trust/ood_sweep.py for the bundled model (BENCHMARKS.md,
-# "Out-of-distribution flag"); 160 and 1.4, chosen for its predecessor, flagged 93% of the
-# non-X-rays with it.
+# COMPONENTS and MARGIN: chosen for the bundled model with benchmarks/trust/ood_sweep.py
+# (BENCHMARKS.md, "The flag of the shipped model").
 COMPONENTS = 64  # directions kept exactly; the others share one mean variance
 FALSE_ALARM_RATE = 0.001  # of val X-rays flagged by the Mahalanobis part: its quantile
 MARGIN = 1.2  # the threshold is this times that quantile, for X-rays from other set-ups
