@@ -29,10 +29,11 @@ from importlib import util
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter
 
-# Pillow's built-in bitmap font: the same glyph pixels on every build (11 px tall).
-BITMAP_FONT = ImageFont.load_default_imagefont()
+from pneumoscan import perturb
+
+# Pillow's built-in bitmap font (`perturb.glyph`): the same pixels on every build, 11 px tall.
 BITMAP_FONT_HEIGHT = 11
 
 KINDS = ("pattern", "document", "photo", "microscopy", "modality")
@@ -87,17 +88,15 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float
 
 
 def _text(canvas: Image.Image, xy: tuple[float, float], text: str, size: int, fill) -> None:
-    """Draw `text` on `canvas` at `xy`, about `size` pixels tall: the bitmap font's glyphs scaled
-    by a whole factor (nearest neighbour), so no font engine takes part."""
+    """Draw `text` on `canvas` at `xy`, about `size` pixels tall: the bitmap font's glyphs
+    (`perturb.glyph`, as the acquisition markers) scaled by a whole factor, nearest neighbour,
+    so no font engine takes part."""
     scale = max(1, round(size / BITMAP_FONT_HEIGHT))
-    left, top, right, bottom = BITMAP_FONT.getbbox(text)
-    if right <= left or bottom <= top:
+    ink = perturb.glyph(text, crop=False).astype(np.uint8) * 255  # (h, w), the text box
+    if not ink.any():
         return
-    mask = Image.new("L", (right, bottom), 0)
-    ImageDraw.Draw(mask).text((0, 0), text, font=BITMAP_FONT, fill=255)
-    mask = mask.resize((right * scale, bottom * scale), Image.Resampling.NEAREST)
-    ink = Image.new(canvas.mode, mask.size, fill)
-    canvas.paste(ink, (int(xy[0]), int(xy[1])), mask)
+    mask = Image.fromarray(perturb.resize_nearest(ink, ink.shape[0] * scale, ink.shape[1] * scale))
+    canvas.paste(Image.new(canvas.mode, mask.size, fill), (int(xy[0]), int(xy[1])), mask)
 
 
 # --- patterns ---------------------------------------------------------------------------------
