@@ -6,14 +6,17 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
+from conftest import SAMPLES
 from pneumoscan import calibrate, decision, ood
 from pneumoscan.bundle import bundled_dir
+from pneumoscan.cli import main
 from pneumoscan.config import ThresholdRule
-from pneumoscan.metadata import read
+from pneumoscan.metadata import MetadataError, read
 
 NAMES = ("NORMAL", "PNEUMONIA")
 
@@ -111,12 +114,29 @@ def test_a_band_reaching_one_takes_in_the_probabilities_the_clip_merges():
 
 
 def test_a_broken_band_or_calibration_is_refused_on_reading():
-    with pytest.raises(ValueError, match="borderline needs 0 <= low <= high <= 1"):
-        decision.Decision.from_metadata(small_meta(band=(0.7, 0.3)))
+    with pytest.raises(MetadataError, match=r"^M/metadata.json: borderline needs 0 <= low <= high <= 1"):
+        decision.Decision.from_metadata(small_meta(band=(0.7, 0.3)), "M/metadata.json")
     broken = small_meta()
     broken["calibration"]["method"] = "isotonic"
     with pytest.raises(ValueError, match="calibration method 'isotonic' is unknown"):
         decision.Decision.from_metadata(broken)
+
+
+def test_predict_refuses_a_model_whose_decision_cannot_be_applied(tmp_path, capsys):
+    """One sentence naming the file, exit 1, before any film is read; it was an "unexpected
+    error" raised at the first film."""
+    model = tmp_path / "model"
+    shutil.copytree(bundled_dir(), model)
+    meta = read(model)
+    meta["calibration"] = {"method": "none", "slope": 1.5, "intercept": 0.0, "fitted_on": None}
+    (model / "metadata.json").write_text(json.dumps(meta))
+    image = next(SAMPLES.rglob("*.jpeg"))
+    assert main(["predict", "--model", str(model), str(image)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"pneumoscan: error: {model / 'metadata.json'}: calibration method 'none' needs slope 1 and "
+        "intercept 0; got 1.5, 0.0."
+    )
 
 
 # ---- fitting: each block once ----------------------------------------------------------------

@@ -87,15 +87,19 @@ class Bundle:
 
         Raises:
             ModelNotFound: see `find`.
-            MetadataError: metadata.json is missing or breaks the schema.
+            MetadataError: metadata.json is missing, breaks the schema, or holds a calibration or
+                borderline band that cannot be applied.
         """
         if isinstance(model, Bundle):
             return model
         folder = find(model)
         metadata = metadata_io.read(folder)
+        decision = Decision.from_metadata(metadata, str(folder / metadata_io.FILE_NAME))  # refused here
         import keras
 
-        return cls(folder, keras.models.load_model(folder / "model.keras", compile=False), metadata)
+        bundle = cls(folder, keras.models.load_model(folder / "model.keras", compile=False), metadata)
+        bundle._decision = (metadata, decision)
+        return bundle
 
     @property
     def image_size(self) -> int:

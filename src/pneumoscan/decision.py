@@ -35,6 +35,7 @@ from pneumoscan.calibrate import (
     in_band,
 )
 from pneumoscan.config import CLASS_NAMES, ThresholdRule
+from pneumoscan.metadata import FILE_NAME, MetadataError
 
 OOD_ABOVE = 1.0  # ood = ood_score > 1: each part is 1 at its own threshold (`ood.RULE`)
 
@@ -132,18 +133,24 @@ class Decision:
     ood: OodRule | None = None
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, Any]) -> Decision:
+    def from_metadata(cls, metadata: dict[str, Any], source: str = FILE_NAME) -> Decision:
         """The decision of a (validated) metadata.json; `borderline` and `ood` are optional.
 
         Raises:
-            ValueError: a calibration or band that cannot be applied.
+            MetadataError: a calibration or band that cannot be applied, in one sentence naming
+                `source`.
         """
         band, rule = metadata.get("borderline"), metadata.get("ood")
+        try:
+            calibration = Calibration.from_block(metadata["calibration"])
+            band = None if band is None else Band.from_block(band)
+        except ValueError as error:
+            raise MetadataError(f"{source}: {error}.") from None
         return cls(
             tuple(metadata["class_names"]),
-            Calibration.from_block(metadata["calibration"]),
+            calibration,
             dict(metadata["threshold"]),
-            None if band is None else Band.from_block(band),
+            band,
             None if rule is None else OodRule(rule),
         )
 
