@@ -204,3 +204,14 @@ def test_with_decision_writes_metrics_under_the_split_and_keeps_the_rest(bundled
         k: v for k, v in bundled_meta.items() if k not in refitted
     }
     assert meta == bundled_meta  # not changed in place
+
+
+def test_describe_says_how_the_threshold_was_chosen(bundled_meta):
+    lines = decision.Decision.from_metadata(bundled_meta).describe().splitlines()
+    assert lines[0] == (
+        "Calibration: platt: slope 1.323, intercept 1.284; threshold 0.9069 (sensitivity:0.9, chosen on val)."
+    )
+    assert lines[1].startswith("Out-of-distribution flag: Mahalanobis d2 threshold")
+    fixed = decision.Decision.from_metadata(small_meta())
+    expected = "Calibration: platt: slope 1.000, intercept 0.000; threshold 0.5000 (fixed:0.5)."
+    assert fixed.describe() == expected

@@ -206,9 +206,10 @@ class Decision:
     def describe(self) -> str:
         """Lines for logs: calibration and threshold; the flag and the band when present."""
         t = self.threshold_block
+        chosen = f", chosen on {t['split']}" if t.get("split") else ""
         lines = [
             f"Calibration: {describe_calibration(self.calibration.block)}; threshold {t['value']:.4f} "
-            f"({t['rule']}, chosen on {t.get('split')})."
+            f"({t['rule']}{chosen})."
         ]
         if self.ood is not None and self.band is not None:
             lines.append(describe_trust(self.blocks()))

@@ -155,8 +155,8 @@ function readCalibration(calibration) {
 
 /**
  * The calibration, threshold and class names every bundle has, as `verdict` uses them:
- * `{classNames, calibration: {method, slope, intercept}, threshold, rule}`; `band` and `ood`
- * start null (`readBorderline`, `readOod` give them).
+ * `{classNames, calibration: {method, slope, intercept}, threshold}`; `band` and `ood` start
+ * null (`readBorderline`, `readOod` give them).
  * @throws MetadataError: a calibration, threshold or class names this page cannot apply.
  */
 export function readDecision(metadata) {
@@ -166,9 +166,7 @@ export function readDecision(metadata) {
   const threshold = metadata.threshold && metadata.threshold.value;
   need(Number.isFinite(threshold) && threshold >= 0 && threshold <= 1,
     'threshold.value must be a number in [0, 1].');
-  return {
-    classNames: metadata.class_names, calibration, threshold, rule: metadata.threshold.rule, band: null, ood: null,
-  };
+  return { classNames: metadata.class_names, calibration, threshold, band: null, ood: null };
 }
 
 /** metadata.json's `borderline` band as `{low, high}`; null for a bundle without one.
