@@ -366,3 +366,87 @@ def test_operating_point_carries_the_band_of_its_threshold():
     assert band["threshold"] == fitted["threshold"]["value"] and band["split"] == "val"
     assert band["low"] < band["threshold"] < band["high"]
     assert band["val"]["error_rate_outside"] <= calibrate.BORDERLINE_MAX_ERROR
+
+
+# Beyond the clip: `logit` clips at 1e-7, so every probability above 1 - 1e-7 (or below 1e-7) is
+# as far from the threshold as the clip itself; the band must treat them all alike.
+BEYOND_CLIP = np.array([0.0, 1e-12, 1e-9, 1e-7, 0.2, 0.45, 0.55, 0.8, 1 - 1e-7, 1 - 1e-9, 1 - 1e-12, 1.0])
+
+
+def test_a_band_of_every_image_takes_in_probabilities_beyond_the_clip():
+    labels = (BEYOND_CLIP >= 0.5).astype(int)
+    labels[-1] = 0  # probability 1.0, NORMAL: only a band of everything will do
+    band = calibrate.fit_borderline(labels, BEYOND_CLIP, 0.5, 0.0)
+    assert band["val"]["inside"] == BEYOND_CLIP.size
+    assert (band["low"], band["high"]) == (0.0, 1.0)
+    assert calibrate.in_band(BEYOND_CLIP, band["low"], band["high"]).all()
+    assert calibrate.in_band(np.nextafter(1.0, 0.0), band["low"], band["high"])
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 1e-3])
+@pytest.mark.parametrize("max_error_rate", [0.0, 0.1, 0.2])
+def test_the_band_counts_what_it_flags_beyond_the_clip(threshold, max_error_rate):
+    rng = np.random.default_rng(int(threshold * 1000) + int(max_error_rate * 10))
+    labels = rng.integers(0, 2, BEYOND_CLIP.size)
+    band = calibrate.fit_borderline(labels, BEYOND_CLIP, threshold, max_error_rate)
+    flagged = calibrate.in_band(BEYOND_CLIP, band["low"], band["high"])
+    assert flagged.sum() == band["val"]["inside"]
+    # The probabilities the clip makes equal are all inside or all outside.
+    assert len(set(flagged[-3:])) == 1 and len(set(flagged[:3])) == 1
+    called = threshold <= BEYOND_CLIP
+    outside_errors = ((called != (labels == 1)) & ~flagged).sum()
+    assert outside_errors == band["val"]["errors_outside"]
+    assert outside_errors <= max_error_rate * max((~flagged).sum(), 1) + 1e-12 or flagged.all()
+
+
+def test_in_band_is_open_inside_zero_and_one():
+    assert list(calibrate.in_band([0.2, 0.3, 0.5, 0.7, 0.8], 0.3, 0.7)) == [False, False, True, False, False]
+    assert list(calibrate.in_band([0.0, 1.0, 0.5], 0.0, 1.0)) == [True, True, True]
+    assert not calibrate.in_band(1.0, 0.2, 0.99) and not calibrate.in_band(0.5, 0.5, 0.5)
+
+
+# ---- exp and log written out, one formula with the page's -----------------------------------
+
+
+def test_exact_exp_and_log_are_within_an_ulp_of_numpy():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.uniform(-745, 709, 20000), rng.normal(0, 3, 20000), [0.0, -0.0, 1e-30, -1e-30]])
+    expected = np.exp(x)
+    assert np.all(np.abs(calibrate.exact_exp(x) - expected) <= np.spacing(expected))
+    positive = np.concatenate([np.exp(rng.uniform(-16.2, 16.2, 20000)), [1.0, 1e-7, 1e7, 1 + 2**-30]])
+    expected = np.log(positive)
+    assert np.all(np.abs(calibrate.exact_log(positive) - expected) <= np.abs(np.spacing(expected)))
+    assert calibrate.exact_log(1.0) == 0.0 and calibrate.exact_exp(0.0) == 1.0
+
+
+def test_exact_exp_at_its_edges():
+    values = calibrate.exact_exp([-800.0, 800.0, -np.inf, np.inf, np.nan, -740.0])
+    assert values[0] == 0.0 and values[1] == np.inf and values[2] == 0.0 and values[3] == np.inf
+    assert np.isnan(values[4]) and values[5] == pytest.approx(np.exp(-740.0), rel=1e-12)
+
+
+def test_exact_log_at_its_edges():
+    # Subnormals, zero, infinity, NaN and negative numbers as np.log gives them: a NaN output of
+    # a model on a damaged file must not stop a batch.
+    x = np.array([5e-324, 1e-310, 2.2250738585072014e-308, 0.0, -0.0, np.inf, np.nan, -1.0, 1.7e308])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = np.log(x)
+    got = calibrate.exact_log(x)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    finite = np.isfinite(expected)
+    assert np.all(np.abs(got[finite] - expected[finite]) <= np.abs(np.spacing(expected[finite])))
+    assert list(got[3:6]) == [-np.inf, -np.inf, np.inf]
+    assert np.isnan(calibrate.logit(np.nan)) and np.isnan(calibrate.apply_calibration(np.nan, NONE))
+
+
+def test_sigmoid_is_one_formula_on_both_sides_of_zero():
+    # 1 / (1 + e) and e / (1 + e) with e = exp(-|z|): sigmoid(-z) = 1 - sigmoid(z) up to rounding,
+    # and the calibrated probability of a clipped logit is the sigmoid of slope z + intercept.
+    z = np.linspace(-40, 40, 8001)
+    s = calibrate._sigmoid(z)
+    assert np.all(np.diff(s) >= 0) and s[0] > 0 and s[-1] == 1.0
+    np.testing.assert_allclose(s + s[::-1], 1.0, atol=1e-15)
+    p = np.linspace(0.001, 0.999, 999)
+    calibration = {"method": "platt", "slope": 1.3, "intercept": -0.4, "fitted_on": "val"}
+    expected = calibrate._sigmoid(1.3 * calibrate.logit(p) - 0.4)
+    np.testing.assert_array_equal(calibrate.apply_calibration(p, calibration), expected)

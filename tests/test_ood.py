@@ -39,15 +39,35 @@ def fitted() -> tuple[dict, np.ndarray]:
     return ood.fit(gaussian_features(4000, seed=1), val, grey_checks(1000), SOURCE, 4, 0.01, margin=1.0), val
 
 
+def independent_d2(train: np.ndarray, val: np.ndarray, kept: int) -> np.ndarray:
+    """Probabilistic PCA's d2 worked out here from the training covariance's eigenvectors, not
+    with `ood`: the kept directions exactly, the rest against their mean variance."""
+    x = train.astype(np.float64)
+    variances, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
+    order = np.argsort(variances)[::-1]
+    variances, vectors = variances[order], vectors[:, order]
+    z = val.astype(np.float64) - x.mean(axis=0)
+    coordinates = z @ vectors  # every direction, (n, d)
+    exact = (coordinates[:, :kept] ** 2 / variances[:kept]).sum(axis=1)
+    return exact + (coordinates[:, kept:] ** 2).sum(axis=1) / variances[kept:].mean()
+
+
 @pytest.mark.parametrize("margin", [1.0, 1.5, 3.0])
 def test_the_margin_scales_the_val_quantile(fitted, margin):
     block, val = fitted
-    wider = ood.fit(gaussian_features(4000, seed=1), val, grey_checks(1000), SOURCE, 4, 0.01, margin=margin)
+    train = gaussian_features(4000, seed=1)
+    wider = ood.fit(train, val, grey_checks(1000), SOURCE, 4, 0.01, margin=margin)
     quantile = block["mahalanobis"]["threshold"]
     assert wider["mahalanobis"]["threshold"] == pytest.approx(margin * quantile, rel=1e-12)
     assert wider["mahalanobis"]["margin"] == margin
-    flagged = (ood.squared_distance(wider, val) > margin * quantile).mean()
-    assert wider["false_alarm_rate"]["val"] == pytest.approx(flagged)
+    # Independently: the 0.99 inverse-CDF quantile of the val d2 is the 990th smallest of 1,000.
+    d2 = independent_d2(train, val, kept=4)
+    own_quantile = np.sort(d2)[989]
+    assert quantile == pytest.approx(own_quantile, rel=1e-5)
+    assert wider["mahalanobis"]["threshold"] == pytest.approx(margin * own_quantile, rel=1e-5)
+    flagged = (d2 > margin * own_quantile).mean()
+    assert wider["false_alarm_rate"]["val"] == flagged
+    assert flagged <= 0.01 and (margin > 1.0 or flagged == 0.01)
 
 
 def test_a_margin_under_one_is_refused():
@@ -126,9 +146,10 @@ def test_pack_keeps_float32_values_exactly():
 )
 def test_features_come_from_the_map_global_pooling_reduces_or_the_penultimate_layer(arch, source):
     from pneumoscan.config import Config
+    from pneumoscan.decision import feature_source
     from pneumoscan.model import build_model
 
-    assert ood.feature_source(build_model(Config(arch=arch, image_size=64))) == source
+    assert feature_source(build_model(Config(arch=arch, image_size=64))) == source
 
 
 def test_mean_std_pooling_is_each_channels_mean_then_spread_over_the_cells():

@@ -941,6 +941,7 @@ def test_ood_flag_and_borderline_match_predict(browser, bundled_server, tmp_path
     """Every sample X-ray and a set of non-X-rays through the page (bundled pneumonet, wasm):
     data-ood-score is `predict`'s ood_score within OOD_TOLERANCE, data-ood and data-borderline
     are `predict`'s; a flagged card shows its warning above a muted label, the others do not."""
+    from pneumoscan.calibrate import in_band
     from pneumoscan.metadata import read
 
     block = read(bundled_dir())["ood"]
@@ -963,15 +964,20 @@ def test_ood_flag_and_borderline_match_predict(browser, bundled_server, tmp_path
         score = float(card["oodScore"])
         differences.append(abs(score - expected["ood_score"]) / expected["ood_score"])
         assert _ood_close(score, expected["ood_score"]), (name, score, expected["ood_score"])
-        assert card["ood"] == str(expected["ood"]).lower(), (name, card, expected)
+        # The page's flag follows its own score; it is predict's unless float32 rounding of the
+        # features can put the two scores on either side of 1.
+        assert card["ood"] == str(score > 1.0).lower(), (name, card)
+        if not _ood_close(1.0, expected["ood_score"]):
+            assert card["ood"] == str(expected["ood"]).lower(), (name, card, expected)
         assert card["label"] in ("NORMAL", "PNEUMONIA") and "probability" in card
         probability = float(card["probability"])
         assert abs(probability - expected["probability"]) <= FLOAT32_TOLERANCE, name
+        assert card["borderline"] == str(bool(in_band(probability, band["low"], band["high"]))).lower(), name
         if min(abs(probability - band["low"]), abs(probability - band["high"])) > FLOAT32_TOLERANCE:
             assert card["borderline"] == str(expected["borderline"]).lower(), (name, card, expected)
         locator = page.locator(f"[data-testid=result][data-filename='{name}']")
-        assert locator.locator(".ood-warning").is_visible() == expected["ood"], name
-        assert locator.locator(".borderline-note").is_visible() == expected["borderline"], name
+        assert locator.locator(".ood-warning").is_visible() == (card["ood"] == "true"), name
+        assert locator.locator(".borderline-note").is_visible() == (card["borderline"] == "true"), name
         assert locator.locator(".label").is_visible() and locator.locator(".probability").is_visible()
     # The sample X-rays are not flagged; every non-X-ray is, the sepia one by its colour and the
     # stretched one by its shape (Python's parts, equal to the page's score).

@@ -9,8 +9,9 @@ the Keras model, its metadata (input size, class names, calibration, threshold),
   (averaged over the test-time copies that metadata.json's `test_time` names, when it does);
   `forward_features` is the same pass that also returns an inner layer's output (the
   penultimate features of the out-of-distribution score, `pneumoscan.ood`);
-- `calibrated`, `label` and `borderline`: the metadata's calibration, threshold and borderline
-  band applied to those outputs.
+- `decision`: the metadata's calibration, threshold, borderline band and out-of-distribution
+  rule (`pneumoscan.decision`), read once; `calibrated`, `label` and `borderline` apply its parts
+  to single outputs.
 
 `tfjs_weights` puts the weights of a TF.js export (dequantized exactly as TF.js reads them) into
 a Keras model, so Python can compute what the browser computes.
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pneumoscan import metadata as metadata_io
-from pneumoscan.calibrate import apply_calibration
+from pneumoscan.decision import Decision
 
 INFERENCE_BATCH = 32  # images per forward call: predict's and evaluate's default --batch-size
 # Calls with this many films or fewer run eagerly: tracing and optimising the graph (about 0.3 s
@@ -78,6 +79,7 @@ class Bundle:
     metadata: dict
     # Per feature layer (None: the output alone), the forward pass eager and compiled.
     _compiled: dict = field(default_factory=dict, init=False, repr=False)
+    _decision: tuple | None = field(default=None, init=False, repr=False)  # (metadata, Decision)
 
     @classmethod
     def load(cls, model: str | Path | Bundle | None = None) -> Bundle:
@@ -85,23 +87,34 @@ class Bundle:
 
         Raises:
             ModelNotFound: see `find`.
-            MetadataError: metadata.json is missing or breaks the schema.
+            MetadataError: metadata.json is missing, breaks the schema, or holds a calibration or
+                borderline band that cannot be applied.
         """
         if isinstance(model, Bundle):
             return model
         folder = find(model)
         metadata = metadata_io.read(folder)
+        decision = Decision.from_metadata(metadata, str(folder / metadata_io.FILE_NAME))  # refused here
         import keras
 
-        return cls(folder, keras.models.load_model(folder / "model.keras", compile=False), metadata)
+        bundle = cls(folder, keras.models.load_model(folder / "model.keras", compile=False), metadata)
+        bundle._decision = (metadata, decision)
+        return bundle
 
     @property
     def image_size(self) -> int:
         return int(self.metadata["input"]["height"])
 
     @property
+    def decision(self) -> Decision:
+        """The metadata's decision (`Decision.from_metadata`), read once per metadata object."""
+        if self._decision is None or self._decision[0] is not self.metadata:
+            self._decision = (self.metadata, Decision.from_metadata(self.metadata))
+        return self._decision[1]
+
+    @property
     def threshold(self) -> float:
-        return float(self.metadata["threshold"]["value"])
+        return self.decision.threshold
 
     def forward(self, images: Any, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
         """Raw model outputs, float32 (n,), for (n, S, S, 1) float32 inputs in [0, 255].
@@ -117,7 +130,7 @@ class Bundle:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """`forward`, and in the same pass the output of the named inner layer: (raw outputs
         float32 (n,), that layer's output float32 (n, ...) or None when `layer` is None). The
-        page builds the same two-output model from its TF.js layers model (`ood.feature_source`).
+        page builds the same two-output model from its TF.js layers model (`decision.feature_source`).
 
         With a `test_time` block in the metadata each film runs with its shifted copies in one
         call (`batch_size` films, so `batch_size` x copies inputs) and its raw output is their
@@ -157,21 +170,20 @@ class Bundle:
 
     def calibrated(self, raw: Any) -> np.ndarray:
         """The metadata's calibration applied to raw outputs: float64 probabilities."""
-        return apply_calibration(raw, self.metadata["calibration"])
+        return self.decision.probabilities(raw)
 
     def probabilities(self, images: Any, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
         """Calibrated probabilities of PNEUMONIA, float64 (n,), for model inputs."""
         return np.asarray(self.calibrated(self.forward(images, batch_size)), dtype=np.float64).reshape(-1)
 
     def label(self, probability: float) -> str:
-        names = self.metadata["class_names"]
-        return names[1] if probability >= self.threshold else names[0]
+        return self.decision.label(probability)
 
     def borderline(self, probability: float) -> bool | None:
-        """Whether a calibrated probability falls in metadata.json's borderline band (low <
-        probability < high); None for a model without one."""
-        band = self.metadata.get("borderline")
-        return None if band is None else bool(band["low"] < probability < band["high"])
+        """Whether a calibrated probability falls in metadata.json's borderline band
+        (`calibrate.in_band`); None for a model without one."""
+        band = self.decision.band
+        return None if band is None else bool(band.contains(probability))
 
 
 def shifted(x: Any, dy: int, dx: int, fill: float = 0.0) -> Any:

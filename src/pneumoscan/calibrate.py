@@ -28,18 +28,122 @@ APPLIES_TO = "calibrated probability"
 TEMPERATURE_BOUNDS = (1e-3, 1e3)
 # Outside the borderline band the val split may err on at most this share of images.
 BORDERLINE_MAX_ERROR = 0.01
+BAND_FLAG = "borderline = low < probability < high; an end at 0 or 1 takes in 0 or 1 itself"
+
+
+def in_band(probability: Any, low: float, high: float) -> np.ndarray:
+    """`BAND_FLAG`: low < probability < high, the end 0 or 1 included when the band reaches it
+    (a band of every image), bool array."""
+    p = np.asarray(probability, dtype=np.float64)
+    return ((low < p) | (low <= 0.0)) & ((p < high) | (high >= 1.0))
 
 
 def logit(p: Any) -> np.ndarray:
-    """log(q / (1 - q)) in float64 with q = clip(p, 1e-7, 1 - 1e-7)."""
+    """log(q / (1 - q)) in float64 with q = clip(p, 1e-7, 1 - 1e-7), `log` being `exact_log`
+    (NaN for NaN)."""
     q = np.clip(np.asarray(p, dtype=np.float64), EPSILON, 1.0 - EPSILON)
-    return np.log(q / (1.0 - q))  # literally the metadata.md formula, as the web page computes it
+    return exact_log(q / (1.0 - q))  # literally the metadata.md formula, as the web page computes it
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    # 1 / (1 + exp(-z)), arranged so exp never overflows.
-    e = np.exp(-np.abs(z))
+    """1 / (1 + e) for z >= 0 and e / (1 + e) below, e = exp(-|z|) (`exact_exp`): exp never
+    overflows, and the page's `sigmoid` (web/decision.js) does the same operations."""
+    z = np.asarray(z, dtype=np.float64)
+    e = exact_exp(-np.abs(z))
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+# ---- exp and log written out, so that Python and the page agree bit for bit ----------------
+# np.exp (the C library's) and the page's Math.exp (V8's fdlibm) differ by an ulp on about one
+# argument in ten, np.log and Math.log on one in twenty. Both functions below are fdlibm's
+# (e_exp.c, e_log.c) in float64 operations that IEEE 754 rounds alike everywhere, written the
+# same way in web/decision.js (`exactExp`, `exactLog`); tests/test_decision_js.py compares them.
+_LN2_HI, _LN2_LO, _INV_LN2 = 6.93147180369123816490e-01, 1.90821492927058770002e-10, 1.44269504088896338700e00
+_EXP_P = (1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05)
+_EXP_P += (-1.65339022054652515390e-06, 4.13813679705723846039e-08)
+_LOG_LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01)
+_LOG_LG += (2.222219843214978396e-01, 1.818357216161805012e-01, 1.531383769920937332e-01)
+_LOG_LG += (1.479819860511658591e-01,)
+_EXP_OVER, _EXP_UNDER = 7.09782712893383973096e02, -7.45133219101941108420e02
+_TWO_M1000 = 9.33263618503218878990e-302  # 2 ** -1000
+_TWO_54 = 1.80143985094819840000e16  # 2 ** 54
+
+
+def _high_word(x: np.ndarray) -> np.ndarray:
+    return (x.view(np.uint64) >> np.uint64(32)).astype(np.int64)
+
+
+def _with_high_word(x: np.ndarray, high: np.ndarray) -> np.ndarray:
+    low = x.view(np.uint64) & np.uint64(0xFFFFFFFF)
+    return ((high.astype(np.uint64) << np.uint64(32)) | low).view(np.float64)
+
+
+def exact_exp(x: Any) -> np.ndarray:
+    """e ** x, float64, by fdlibm's algorithm (under 1 ulp from the true value)."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(all="ignore"):  # infinities and NaN run through lanes np.where then drops
+        return _exp(x.reshape(-1)).reshape(x.shape)
+
+
+def _exp(x: np.ndarray) -> np.ndarray:
+    magnitude = _high_word(x) & 0x7FFFFFFF
+    negative = (x < 0).astype(np.int64)
+    # Argument reduction: x = k ln2 + r, |r| <= 0.5 ln2, with ln2 in two parts.
+    near = magnitude < 0x3FF0A2B2  # |x| < 1.5 ln2: k = +-1
+    rounding = np.where(negative == 1, -0.5, 0.5)
+    k_far = np.trunc(np.nan_to_num(np.clip(_INV_LN2 * x, -1100.0, 1100.0)) + rounding)
+    k = np.where(magnitude > 0x3FD62E42, np.where(near, 1 - 2 * negative, k_far), 0).astype(np.int64)
+    hi = np.where(near, x - np.where(negative == 1, -_LN2_HI, _LN2_HI), x - k * _LN2_HI)
+    lo = np.where(near, np.where(negative == 1, -_LN2_LO, _LN2_LO), k * _LN2_LO)
+    r = np.where(k == 0, x, hi - lo)
+    t = r * r
+    p1, p2, p3, p4, p5 = _EXP_P
+    c = r - t * (p1 + t * (p2 + t * (p3 + t * (p4 + t * p5))))
+    small = 1.0 - ((r * c) / (c - 2.0) - r)
+    y = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
+    normal = k >= -1021
+    scaled = _with_high_word(y, _high_word(y) + np.where(normal, k, k + 1000) * (1 << 20))
+    out = np.where(k == 0, small, np.where(normal, scaled, scaled * _TWO_M1000))
+    out = np.where(magnitude < 0x3E300000, 1.0 + x, out)  # |x| < 2 ** -28
+    out = np.where(x > _EXP_OVER, np.inf, np.where(x < _EXP_UNDER, 0.0, out))
+    return np.where(np.isnan(x), x, out)
+
+
+def exact_log(x: Any) -> np.ndarray:
+    """The natural logarithm, float64, by fdlibm's algorithm (under 1 ulp from the true value);
+    log(0) = -inf, log(inf) = inf, NaN for NaN and negative numbers, as np.log gives them."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(all="ignore"):  # the special lanes run through arithmetic np.where drops
+        return _log(x.reshape(-1)).reshape(x.shape)
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    subnormal = (x > 0) & (x < np.finfo(np.float64).tiny)
+    scaled = np.where(subnormal, x * _TWO_54, x)  # exact: subnormals made normal, k made up below
+    high = _high_word(scaled)
+    k = (high >> 20) - 1023 - np.where(subnormal, 54, 0)
+    mantissa = high & 0x000FFFFF
+    i = (mantissa + 0x95F64) & 0x100000
+    f = _with_high_word(scaled, mantissa | (i ^ 0x3FF00000)) - 1.0  # in [sqrt(2)/2 - 1, sqrt(2) - 1)
+    dk = (k + (i >> 20)).astype(np.float64)
+    # |f| < 2 ** -20
+    tiny_r = f * f * (0.5 - 0.33333333333333333 * f)
+    tiny = np.where(f == 0.0, dk * _LN2_HI + dk * _LN2_LO, dk * _LN2_HI - ((tiny_r - dk * _LN2_LO) - f))
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    lg1, lg2, lg3, lg4, lg5, lg6, lg7 = _LOG_LG
+    r = z * (lg1 + w * (lg3 + w * (lg5 + w * lg7))) + w * (lg2 + w * (lg4 + w * lg6))
+    half_square = 0.5 * f * f
+    wide = ((mantissa - 0x6147A) | (0x6B851 - mantissa)) > 0
+    general = np.where(
+        wide,
+        dk * _LN2_HI - ((half_square - (s * (half_square + r) + dk * _LN2_LO)) - f),
+        dk * _LN2_HI - ((s * (f - r) - dk * _LN2_LO) - f),
+    )
+    out = np.where((0x000FFFFF & (2 + mantissa)) < 3, tiny, general)
+    special = np.where(x == 0.0, -np.inf, np.where(x == np.inf, np.inf, np.nan))
+    return np.where((x > 0) & (x < np.inf), out, special)
 
 
 def apply_calibration(p: Any, calibration: dict[str, Any]) -> np.ndarray:
@@ -255,7 +359,8 @@ def fit_borderline(
     outside images err at most `max_error_rate` of the time gives the half-width w. An answer
     is borderline when low < probability < high, low and high being the threshold's logit
     ∓ w mapped back to probabilities. w = 0 (no band) when the split errs rarely enough as it
-    is; a band holding every image when no narrower one will do.
+    is; a band holding every image when no narrower one will do: then low 0 and high 1, which
+    `in_band` takes in, so that no probability falls outside it.
 
     Returns:
         metadata.json's `borderline` block: `low`, `high`, `logit_half_width`, the rule, and
@@ -273,11 +378,14 @@ def fit_borderline(
     ranked, wrong = distance[order], ((probs >= threshold) != (labels == 1))[order]
     inside, half, outside_errors = _band_cut(ranked, wrong, max_error_rate)
     n, outside = ranked.size, ranked.size - inside
+    # A band of every image is the whole range, 0 to 1 with its ends taken in (`in_band`): in
+    # logit, ranked[-1] + 1 stops short of probabilities above 1 - 1e-7, which `logit` clips.
+    everything = inside == n and n > 0
     return {
-        "low": float(_sigmoid(np.float64(centre - half))),
-        "high": float(_sigmoid(np.float64(centre + half))),
+        "low": 0.0 if everything else float(_sigmoid(np.float64(centre - half))),
+        "high": 1.0 if everything else float(_sigmoid(np.float64(centre + half))),
         "applies_to": APPLIES_TO,
-        "flag": "borderline = low < probability < high",
+        "flag": BAND_FLAG,
         "rule": "the narrowest band, symmetric in logit around the threshold, outside which the "
         f"{split} error rate is at most max_error_rate",
         "max_error_rate": max_error_rate,

@@ -297,10 +297,11 @@ def _add_ood(commands) -> None:
 def _ood(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {args.batch_size}")
-    from pneumoscan import ood
+    from pneumoscan.decision import describe_trust
+    from pneumoscan.evaluate import refit_trust
 
-    meta = ood.refit_model(args.model, args.data, args.batch_size)
-    print(f"{args.model}: {ood.describe(meta)}")
+    meta = refit_trust(args.model, args.data, args.batch_size)
+    print(f"{args.model}: {describe_trust(meta)}")
     return 0
 
 

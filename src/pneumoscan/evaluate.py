@@ -1,5 +1,7 @@
 """Judge a model like a clinical test: `pneumoscan evaluate --model MODEL --data DIR [--split S]`,
-and re-choose its operating threshold: `pneumoscan threshold --model MODEL --data DIR --rule R`.
+re-choose its operating threshold: `pneumoscan threshold --model MODEL --data DIR --rule R`, and
+refit its out-of-distribution flag and borderline band: `pneumoscan ood --model MODEL --data DIR`
+(both through `pneumoscan.decision`).
 
 Metrics come at the model's own (calibrated) threshold with 95% intervals from a bootstrap
 over the groups the splits keep whole (a patient's images, joined with byte-identical files),
@@ -20,9 +22,9 @@ import numpy as np
 
 from pneumoscan import metadata as metadata_io
 from pneumoscan.bundle import INFERENCE_BATCH, Bundle
-from pneumoscan.calibrate import fit_operating_point
 from pneumoscan.config import CLASS_NAMES, ThresholdRule
 from pneumoscan.data import DataError, Sample, find_layout, group_ids, inputs, rebuild_splits, scan
+from pneumoscan.decision import fit_on_splits, with_decision
 from pneumoscan.metrics import CI_METRICS, bootstrap_ci, summarize, to_json_safe
 
 SPLITS = ("test", "val", "internal-test", "train")
@@ -197,7 +199,9 @@ def split_outputs(
 def rechoose_threshold(
     model_dir: Path, data_dir: Path, rule: ThresholdRule, batch_size: int = INFERENCE_BATCH
 ) -> dict:
-    """Refit calibration and re-choose the threshold on the rebuilt val split; rewrite metadata.
+    """`pneumoscan threshold`: refit calibration, the threshold and the borderline band around
+    it on the rebuilt val split (`decision.fit_on_splits`; the out-of-distribution block stays);
+    rewrite metadata.
 
     Returns:
         The new metadata.
@@ -206,7 +210,28 @@ def rechoose_threshold(
     samples, _, _ = select_samples(
         bundle.metadata, data_dir, "val", bundle.image_size, read_file_lists(bundle.folder)
     )
-    labels, raw = split_outputs(bundle, samples, batch_size)
-    meta = metadata_io.with_operating_point(bundle.metadata, fit_operating_point(labels, raw, rule))
+    decision, metrics = fit_on_splits(bundle, None, samples, batch_size, rule)
+    meta = with_decision(bundle.metadata, decision, metrics)
+    metadata_io.write(bundle.folder, meta)
+    return meta
+
+
+def refit_trust(model_dir: Path, data_dir: Path, batch_size: int = INFERENCE_BATCH) -> dict:
+    """`pneumoscan ood`: rebuild the model's train and val splits from `data_dir` by its recorded
+    rule, refit the out-of-distribution block and the borderline band around the current
+    calibration and threshold (which stay as they are), and rewrite metadata.json.
+
+    Returns:
+        The new metadata.
+
+    Raises:
+        DataError: the data is not the data the model was trained on.
+    """
+    bundle = Bundle.load(model_dir)
+    recorded = bundle.metadata["data"]
+    digests = {name: info["digest"] for name, info in recorded["splits"].items()}
+    splits = rebuild_splits(Path(data_dir), recorded["rule"], digests, bundle.image_size)
+    decision, _ = fit_on_splits(bundle, splits.splits["train"], splits.splits["val"], batch_size)
+    meta = with_decision(bundle.metadata, decision)
     metadata_io.write(bundle.folder, meta)
     return meta

@@ -142,21 +142,6 @@ def build(config: Config, data_summary: dict, training: dict) -> dict[str, Any]:
     }
 
 
-def with_operating_point(metadata: dict[str, Any], fitted: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `metadata` with the calibration, threshold, borderline band and split metrics
-    of `calibrate.fit_operating_point` (its metrics under `metrics.<split>`)."""
-    split = fitted["threshold"]["split"] or fitted["calibration"]["fitted_on"]
-    metrics = {**metadata.get("metrics", {}), split: fitted["metrics"]}
-    extra = {"borderline": fitted["borderline"]} if "borderline" in fitted else {}
-    return {
-        **metadata,
-        "calibration": fitted["calibration"],
-        "threshold": fitted["threshold"],
-        **extra,
-        "metrics": metrics,
-    }
-
-
 def validate(metadata: Any, source: str = FILE_NAME) -> dict[str, Any]:
     """Return `metadata` unchanged, or raise MetadataError naming the first wrong key."""
     if not isinstance(metadata, dict):

@@ -1,6 +1,8 @@
-"""Is this a chest X-ray at all? The out-of-distribution flag of `pneumoscan predict`, fitted at
-the end of `pneumoscan train` and refitted into a model folder by `pneumoscan ood --model M
---data DIR`.
+"""Is this a chest X-ray at all? The distance maths of the out-of-distribution flag of
+`pneumoscan predict`, NumPy only: `fit` makes metadata.json's `ood` block from feature arrays,
+`scores` applies it. `pneumoscan.decision` fits it at the end of `pneumoscan train` and in
+`pneumoscan ood --model M --data DIR`, and applies it with the rest of the verdict; the model's
+feature layer is `decision.feature_source`'s.
 
 Three parts, each 0 for a typical radiograph and 1 at its threshold; the largest is
 `ood_score`, and `ood` is `ood_score > 1`:
@@ -10,7 +12,7 @@ Three parts, each 0 for a typical radiograph and 1 at its threshold; the largest
   largest variance, the rest of the vector measured against the mean variance of the other
   directions (a low-rank whitening: `COMPONENTS` x 320 numbers rather than a 320 x 320 precision
   matrix).
-  The features (`feature_source`): where the model ends in global average pooling, each
+  The features (`decision.feature_source`): where the model ends in global average pooling, each
   channel's mean (what the pooling gives) and standard deviation over the cells of the feature
   map it pools (pneumonet's `stage3_out`, 5 x 5 x 160, the map the page's heatmap already
   reads); otherwise the output of the layer feeding the output layer (the seed CNN's `dense`).
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,25 +77,6 @@ ASPECT_BASIS = (
     "224 x 224 squares (the data's third-party copy), so a quantile of theirs would flag "
     "any other format"
 )
-
-
-def feature_source(model: Any) -> tuple[str, str]:
-    """(layer name, pooling) of the features: the feature map that global average pooling
-    reduces and "mean_std" (pneumonet: `stage3_out`), when the output layer is fed by such a
-    pooling, past any dropout; else the layer feeding the output layer and "none" (the seed
-    CNN: `dense`)."""
-    import keras
-
-    layer = model.layers[-1]
-    while True:
-        inbound = layer.input
-        source = next(candidate for candidate in model.layers if candidate.output is inbound)
-        if isinstance(source, keras.layers.GlobalAveragePooling2D):
-            pooled = next(candidate for candidate in model.layers if candidate.output is source.input)
-            return pooled.name, "mean_std"
-        if not isinstance(source, keras.layers.Dropout):
-            return source.name, "none"
-        layer = source
 
 
 def features(layer_output: np.ndarray, pooling: str) -> np.ndarray:
@@ -261,55 +243,3 @@ def scores(block: dict[str, Any], features: np.ndarray, checks: np.ndarray) -> n
 def sample_checks(samples: Sequence[Any]) -> np.ndarray:
     """(n, 2) [colourfulness, aspect] of `data.Sample`s, as their scan measured them."""
     return np.array([[s.colourfulness, s.aspect] for s in samples], dtype=np.float64).reshape(-1, 2)
-
-
-def refit(bundle: Any, train: Sequence[Any], val: Sequence[Any], batch_size: int) -> dict[str, Any]:
-    """A copy of the bundle's metadata with `ood` fitted on `train` and `val` samples (scanned
-    with the model's input size) and `borderline` on `val`, around the current calibration and
-    threshold (which stay as they are)."""
-    from pneumoscan.calibrate import fit_borderline
-    from pneumoscan.data import inputs
-
-    layer, pooling = source = feature_source(bundle.model)
-    _, train_output = bundle.forward_features(inputs(list(train)), batch_size, layer)
-    val_raw, val_output = bundle.forward_features(inputs(list(val)), batch_size, layer)
-    block = fit(features(train_output, pooling), features(val_output, pooling), sample_checks(val), source)
-    labels = [s.label for s in val]
-    band = fit_borderline(labels, bundle.calibrated(val_raw), bundle.threshold)
-    return {**bundle.metadata, "ood": block, "borderline": band}
-
-
-def refit_model(model_dir: Path, data_dir: Path, batch_size: int) -> dict[str, Any]:
-    """`pneumoscan ood`: rebuild the model's train and val splits from `data_dir` by its recorded
-    rule, refit `ood` and `borderline` and rewrite its metadata.json.
-
-    Returns:
-        The new metadata.
-
-    Raises:
-        DataError: the data is not the data the model was trained on.
-    """
-    from pneumoscan import metadata as metadata_io
-    from pneumoscan.bundle import Bundle
-    from pneumoscan.data import rebuild_splits
-
-    bundle = Bundle.load(model_dir)
-    recorded = bundle.metadata["data"]
-    digests = {name: info["digest"] for name, info in recorded["splits"].items()}
-    splits = rebuild_splits(Path(data_dir), recorded["rule"], digests, bundle.image_size)
-    meta = refit(bundle, splits.splits["train"], splits.splits["val"], batch_size)
-    metadata_io.write(bundle.folder, meta)
-    return meta
-
-
-def describe(metadata: dict[str, Any]) -> str:
-    """One line for logs: the out-of-distribution threshold and val false alarms, and the
-    borderline band."""
-    block, band = metadata["ood"], metadata["borderline"]
-    rate = block["false_alarm_rate"]
-    return (
-        f"Out-of-distribution flag: Mahalanobis d2 threshold {block['mahalanobis']['threshold']:.1f} "
-        f"({block['mahalanobis']['threshold_rule']}), {rate['val']:.2%} of {rate['n']} val X-rays "
-        f"flagged; borderline band ({band['low']:.3f}, {band['high']:.3f}) around the threshold, "
-        f"val error outside it {band[band['split']]['error_rate_outside'] or 0:.2%}."
-    )

@@ -19,11 +19,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
-
-from pneumoscan import ood
 from pneumoscan.bundle import INFERENCE_BATCH, Bundle
 from pneumoscan.data import find_images
+from pneumoscan.decision import Verdict
 from pneumoscan.io import write_bytes_atomic
 
 FORMATS = ("table", "json", "csv")
@@ -35,38 +33,30 @@ CSV_FIELDS = (
 )
 
 
-def raw_outputs(
+def verdicts(
     bundle: Bundle, paths: Sequence[str | Path], batch_size: int = INFERENCE_BATCH
-) -> Iterator[tuple[str, str, str, float, float | None]]:
-    """(path, error, warning, raw model output, ood_score) for every path, in order, batch by
-    batch; `error` is "" when the file decoded, else its one-sentence reason (and the output is
-    meaningless); `warning` what a DICOM header says against the image, or ""; `ood_score` from
-    the same forward pass (`pneumoscan.ood`), None for a model without an `ood` block."""
+) -> Iterator[tuple[str, str, str, Verdict]]:
+    """(path, error, warning, verdict) for every path, in order, batch by batch; `error` is ""
+    when the file decoded, else its one-sentence reason (and the verdict is meaningless);
+    `warning` what a DICOM header says against the image, or ""; the verdict is the model's
+    decision (`pneumoscan.decision`) on the batch's forward pass, whose feature layer feeds the
+    out-of-distribution score when the model has one."""
     import tensorflow as tf
 
     from pneumoscan.pipeline import images
 
     if not paths:
         return
-    block = bundle.metadata.get("ood")
-    layer = block["feature_layer"] if block else None
+    decision = bundle.decision
+    layer = decision.feature_layer
     dataset = images(paths, bundle.image_size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
     for batch_paths, errors, warnings, x, checks in dataset:
         outputs, features = bundle.forward_features(x, batch_size, layer)
-        if block:
-            scores = ood.scores(block, ood.features(features, block["feature_pooling"]), checks.numpy())
-        else:
-            scores = [None] * len(outputs)
-        for path, error, warning, output, score in zip(
-            batch_paths.numpy(), errors.numpy(), warnings.numpy(), outputs, scores, strict=True
+        batch = decision.apply(outputs, features, checks.numpy())
+        for path, error, warning, verdict in zip(
+            batch_paths.numpy(), errors.numpy(), warnings.numpy(), batch, strict=True
         ):
-            yield (
-                os.fsdecode(path),
-                error.decode(errors="surrogateescape"),
-                warning.decode(),
-                float(output),
-                None if score is None else float(score),
-            )
+            yield os.fsdecode(path), error.decode(errors="surrogateescape"), warning.decode(), verdict
 
 
 def expand_paths(inputs: Iterable[str | Path], shard: tuple[int, int] | None = None) -> list[Path | dict]:
@@ -110,27 +100,16 @@ def iter_predictions(
     probability, threshold}`, then `borderline` and `ood`, `ood_score` when the model's metadata
     has those blocks (and `warning`, a sentence, when a DICOM header speaks against the image),
     or `{path, error}`. Nothing is kept, so memory stays flat."""
-    outputs = raw_outputs(bundle, [item for item in items if isinstance(item, Path)], batch_size)
+    outputs = verdicts(bundle, [item for item in items if isinstance(item, Path)], batch_size)
     for item in items:
         if isinstance(item, dict):
             yield item
             continue
-        path, error, warning, raw, ood_score = next(outputs)
+        path, error, warning, verdict = next(outputs)
         if error:
             yield {"path": path, "error": error}
             continue
-        probability = float(bundle.calibrated(np.float32(raw)))
-        record = {
-            "path": path,
-            "label": bundle.label(probability),
-            "probability": probability,
-            "threshold": bundle.threshold,
-        }
-        borderline = bundle.borderline(probability)
-        if borderline is not None:
-            record["borderline"] = borderline
-        if ood_score is not None:
-            record.update(ood=ood_score > 1.0, ood_score=ood_score)
+        record = {"path": path, **verdict.record()}
         yield {**record, "warning": f"{path}: {warning}."} if warning else record
 
 

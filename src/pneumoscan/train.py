@@ -26,12 +26,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pneumoscan import acquisition, loop, ood, pipeline
+from pneumoscan import acquisition, loop, pipeline
 from pneumoscan import metadata as metadata_io
 from pneumoscan.bundle import Bundle
-from pneumoscan.calibrate import describe_calibration, fit_operating_point
 from pneumoscan.config import Config
 from pneumoscan.data import DataSplits, group_ids, inputs, load_splits
+from pneumoscan.decision import fit_on_splits, with_decision
 from pneumoscan.io import (
     recover_dir,
     replace_dir_atomic,
@@ -536,30 +536,20 @@ def _finish(
         "excluded_from_training": left_out_of_training(splits, config),
     }
     meta = {**metadata_io.build(config, splits.summary(), training), "heatmap": heatmap_spec(model)}
-    meta = _calibrate(model, meta, splits, config, log)
-    meta = _fit_trust(model, meta, splits, config, log)
+    meta = _fit_decision(model, meta, splits, config, log)
     metadata_io.write(run_dir, meta)
     shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
     log(f"Best epoch {state['best_epoch']} of {state['epochs_done']}: val AUC {state['best_val_auc']:.4f}.")
     return state["best_epoch"], state["best_val_auc"]
 
 
-def _calibrate(model, meta: dict, splits: DataSplits, config: Config, log) -> dict:
-    """Platt calibration and the operating threshold, both fitted on the validation split."""
-    samples = splits.splits["val"]
-    raw = Bundle(Path("."), model, meta).forward(inputs(samples), config.batch_size)
-    fitted = fit_operating_point([s.label for s in samples], raw, config.threshold_rule)
-    log(
-        f"Calibration: {describe_calibration(fitted['calibration'])}; threshold "
-        f"{fitted['threshold']['value']:.4f} ({config.threshold_rule}, chosen on val)."
-    )
-    return metadata_io.with_operating_point(meta, fitted)
-
-
-def _fit_trust(model, meta: dict, splits: DataSplits, config: Config, log) -> dict:
-    """The out-of-distribution flag (statistics on the training split, threshold on val) and
-    the borderline band (val), around the calibration and threshold just fitted."""
+def _fit_decision(model, meta: dict, splits: DataSplits, config: Config, log) -> dict:
+    """The decision, each block fitted once (`decision.fit_on_splits`): Platt calibration, the
+    operating threshold and the borderline band on the val split, the out-of-distribution
+    statistics on the train split with their threshold on val."""
     bundle = Bundle(Path("."), model, meta)
-    meta = ood.refit(bundle, splits.splits["train"], splits.splits["val"], config.batch_size)
-    log(ood.describe(meta))
-    return meta
+    fitted, metrics = fit_on_splits(
+        bundle, splits.splits["train"], splits.splits["val"], config.batch_size, config.threshold_rule
+    )
+    log(fitted.describe())
+    return with_decision(meta, fitted, metrics)

@@ -21,6 +21,7 @@ import dicomParser from 'dicom-parser';
 import {
   ImageError, MetadataError, decode, luma, readPlan, toModelInput,
 } from '../../src/pneumoscan/web/preprocess.js';
+import { readDecision } from '../../src/pneumoscan/web/decision.js';
 
 globalThis.dicomParser = dicomParser; // as the page's <script> defines it
 
@@ -28,7 +29,9 @@ const base64 = (bytes) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byte
 
 function checkMetadata(metadata) {
   try {
-    return { plan: readPlan(metadata) };
+    const plan = readPlan(metadata);
+    readDecision(metadata); // the page refuses a bundle whose decision it cannot apply, as well
+    return { plan };
   } catch (error) {
     if (!(error instanceof MetadataError)) throw error;
     return { error: error.message, kind: 'MetadataError' };

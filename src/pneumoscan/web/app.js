@@ -2,7 +2,8 @@
 // backend, and classify the chest X-rays a person drops or picks, one card per file.
 //
 // Each card shows the image as the model analysed it, its heatmap a click away and a larger
-// view in a dialog (viewer.js); the map comes from the same forward pass (heatmap.js).
+// view in a dialog (viewer.js); the map (heatmap.js) and the out-of-distribution features come
+// from the same forward pass (forward.js), and the verdict from decision.js.
 //
 // Test hooks (a contract with tests/test_web.py and benchmarks/speed/browser_bench.py):
 //   <body data-backend="webgl|wasm|cpu" data-ready="true">  once the model is loaded;
@@ -16,11 +17,12 @@
 //   precision), and with its `borderline` block data-borderline ("true"/"false"), all set with
 //   the probability; absent for a bundle without the block, or one the page cannot follow
 //   (#ood-method / #borderline-band then say so).
-import { heatmapPeak, heatmapSpec, makeExplainer, readTestTime } from './heatmap.js';
+import { readBorderline, readDecision, readOod, verdict } from './decision.js';
+import { makeForward, readTestTime } from './forward.js';
+import { heatmapPeak, heatmapSpec, makeMap } from './heatmap.js';
 import {
-  ImageError, MetadataError, calibrate, decide, preprocess, readPlan,
+  ImageError, MetadataError, aspect, preprocess, readPlan,
 } from './preprocess.js';
-import { aspect, isBorderline, oodScore, poolFeatures, readBorderline, readOod } from './ood.js';
 import { closeBitmaps, previewBitmap, showImage, wireViewer } from './viewer.js';
 
 const tf = globalThis.tf; // the UMD builds served from /vendor/ (see index.html)
@@ -30,8 +32,8 @@ const SOFTWARE_RENDERER = /swiftshader|llvmpipe|softpipe|software|basic render/i
 
 const $ = (selector) => document.querySelector(selector);
 const state = {
-  model: null, explainer: null, metadata: null, plan: null, queue: Promise.resolve(),
-  ood: null, oodNote: '', band: null, bandNote: '',
+  model: null, forward: null, heatmap: null, metadata: null, plan: null, decision: null,
+  queue: Promise.resolve(), oodNote: '', bandNote: '',
 };
 
 function say(message) {
@@ -113,23 +115,25 @@ function optionalBlock(read, ...args) {
 }
 
 /** The layers model and what runs it per image: its output, its heatmap and the features of
- * the out-of-distribution flag, in one pass. */
-async function loadModel(metadata, plan) {
+ * the out-of-distribution flag, in one pass (forward.js); the verdict's blocks (decision.js). */
+async function loadModel(metadata, plan, decision) {
   const url = new URL('model/tfjs/model.json', document.baseURI).href;
   const model = await tf.loadLayersModel(url);
   const ood = optionalBlock(readOod, metadata, model);
   const band = optionalBlock(readBorderline, metadata);
-  const explainer = makeExplainer(tf, model, heatmapSpec(metadata, model), ood.spec && ood.spec.featureLayer,
-    readTestTime(metadata, plan.height, plan.width));
+  const heatmap = makeMap(tf, model, heatmapSpec(metadata, model));
+  const forward = makeForward(tf, model, {
+    map: heatmap.map, extraLayer: ood.spec && ood.spec.featureLayer, testTime: readTestTime(metadata, plan.height, plan.width),
+  });
   // One pass on a blank image compiles kernels, so the first file's time is honest.
   const blank = tf.zeros([1, plan.height, plan.width, 1]);
   try {
-    await explainer.run(blank);
+    await forward.run(blank);
   } finally {
     blank.dispose();
   }
   return {
-    model, explainer, ood: ood.spec, band: band.spec,
+    model, forward, heatmap, decision: { ...decision, ood: ood.spec, band: band.spec },
     oodNote: ood.note || (ood.spec ? `images unlike the training X-rays are flagged (features of ` +
       `${ood.spec.featureLayer}, colour, shape)` : 'not in this model bundle (made before the flag): images are not checked'),
     bandNote: band.note || (band.spec ? `answers with a probability between ${band.spec.low.toFixed(3)} and ` +
@@ -162,21 +166,15 @@ async function classify(file) {
   const inferStart = performance.now();
   let output;
   try {
-    output = await state.explainer.run(input); // the probability and the map, one pass
+    output = await state.forward.run(input); // the output, the map and the features, one pass
   } finally {
     input.dispose();
   }
   const map = output.grid && { grid: output.grid, gridHeight: output.gridHeight, gridWidth: output.gridWidth };
   const peak = map && heatmapPeak(map.grid, map.gridHeight, map.gridWidth);
-  const ood = state.ood && oodScore(state.ood, poolFeatures(output.features.values, output.features.shape,
-    state.ood.pooling), colourfulness, aspect(width, height));
+  const decided = verdict(state.decision, output.p, output.features, colourfulness, aspect(width, height));
   const done = performance.now();
-  const probability = calibrate(output.p, state.metadata.calibration);
-  const borderline = state.band && isBorderline(probability, state.band);
-  return {
-    probability, label: decide(probability, state.metadata), width, height, gray, warnings, map, peak,
-    ood, borderline, ms: done - started, inferMs: done - inferStart,
-  };
+  return { ...decided, width, height, gray, warnings, map, peak, ms: done - started, inferMs: done - inferStart };
 }
 
 function showResult(card, file, result) {
@@ -198,26 +196,26 @@ function showResult(card, file, result) {
     text.querySelector('.warning-text').textContent = `${result.warnings.join('; ')}.`;
     text.hidden = false;
   }
-  if (result.ood && result.ood.ood) {
+  if (result.ood) {
     card.classList.add('ood');
     card.querySelector('.ood-warning').hidden = false;
   }
   if (result.borderline) card.querySelector('.borderline-note').hidden = false;
   showImage(card, {
     ...result, name: file.name, positive: metadata.positive_class.toLowerCase(),
-    describe: state.explainer.describe, unavailable: state.explainer.unavailable,
+    describe: state.heatmap.describe, unavailable: state.heatmap.unavailable,
   });
   // One step: whoever sees data-probability sees the peak (and any warning) too.
   Object.assign(card.dataset, {
     label: result.label, probability: String(result.probability),
     ...(result.peak ? { heatmapPeak: result.peak.map(String).join(',') } : {}),
     ...(warning ? { warning } : {}),
-    ...(result.ood ? { ood: String(result.ood.ood), oodScore: String(result.ood.score) } : {}),
-    ...(state.band ? { borderline: String(result.borderline) } : {}),
+    ...(result.oodScore !== null ? { ood: String(result.ood), oodScore: String(result.oodScore) } : {}),
+    ...(result.borderline !== null ? { borderline: String(result.borderline) } : {}),
     ms: result.ms.toFixed(2), inferMs: result.inferMs.toFixed(2),
     width: String(result.width), height: String(result.height),
   });
-  const notXray = result.ood && result.ood.ood;
+  const notXray = result.ood;
   say(`${file.name}: ` +
     (notXray ? 'does not look like a chest X-ray, so this answer is not meaningful: ' : '') +
     `${result.label}, probability of ${metadata.positive_class.toLowerCase()} ${percent}%.` +
@@ -308,13 +306,14 @@ async function main() {
     const [metadata, backend] = await Promise.all([loadMetadata(), chooseBackend(forced)]);
     state.metadata = metadata;
     state.plan = readPlan(metadata);
+    const decision = readDecision(metadata);
     $('#backend').textContent = backend.name;
     $('#backend-why').textContent = backend.why;
     if (backend.renderer) $('#backend-why').title = `WebGL renderer: ${backend.renderer}`;
     document.body.dataset.backend = tf.getBackend();
-    Object.assign(state, await loadModel(metadata, state.plan));
+    Object.assign(state, await loadModel(metadata, state.plan, decision));
     $('#model').textContent = describeModel(metadata);
-    $('#heatmap-method').textContent = state.explainer.describe || state.explainer.unavailable;
+    $('#heatmap-method').textContent = state.heatmap.describe || state.heatmap.unavailable;
     $('#ood-method').textContent = state.oodNote;
     $('#borderline-band').textContent = state.bandNote;
     $('#files').disabled = false;

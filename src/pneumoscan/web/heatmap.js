@@ -3,7 +3,7 @@
 //
 // `cam` (pneumonet: global average pooling, then one dense unit): the cells of the feature
 // layer's output times the dense kernel, whose mean plus the bias is the logit; computed in the
-// same forward pass as the probability, by a two-output model built once from the loaded one.
+// same forward pass as the probability (forward.js's `makeForward`, given `makeMap`'s map).
 // `grad-cam` (the paper's CNN): ReLU(sum_c alpha_c F_c), alpha_c the mean over the grid of
 // d(sigmoid output)/dF_c, the gradient taken through the layers after the feature layer applied
 // to the features themselves; only a chain of layers is supported there (a branch or a shared
@@ -136,138 +136,41 @@ function chainAfter(model, features) {
   return model.outputs.length === 1 && model.outputs[0] === previous.output ? chain : null;
 }
 
-// ---- the forward pass with its map ----------------------------------------------------------
-
-const COMBINE = 'mean of raw outputs';
+// ---- the map, computed in the forward pass (forward.js) --------------------------------------
 
 /**
- * metadata.json's `test_time` block as `{shifts, fill}`, or null without one (one copy: the
- * film). `shifts` are [dy, dx] pixel pairs, content moved down by dy and right by dx, the first
- * [0, 0]; the model's output is the mean of its outputs on the copies (Bundle.forward).
- * @throws MetadataError: a block the page cannot follow (it would show another probability).
+ * The map of `spec` (`heatmapSpec`) as the forward pass computes it: `{describe, unavailable,
+ * map}`, `map` being `{layer, of}` for forward.js's `makeForward` (`of` turns the film's (1, h,
+ * w, c) output of `layer` into the (h, w) map), or null where the map cannot be computed
+ * (`unavailable` then says why, once).
  */
-export function readTestTime(metadata, height, width) {
-  const block = metadata.test_time;
-  if (block === undefined || block === null) return null;
-  const pair = (s) => Array.isArray(s) && s.length === 2 && s.every(Number.isInteger) &&
-    Math.abs(s[0]) < height && Math.abs(s[1]) < width;
-  if (!Array.isArray(block.shifts) || block.shifts.length === 0 || !block.shifts.every(pair) ||
-    block.shifts[0][0] !== 0 || block.shifts[0][1] !== 0) {
-    throw new MetadataError('metadata.json: test_time.shifts must be [dy, dx] pixel pairs smaller ' +
-      'than the input, the first [0, 0].');
-  }
-  if (block.combine !== COMBINE || typeof block.fill !== 'number') {
-    throw new MetadataError(`metadata.json: test_time must combine by "${COMBINE}" with a number fill; ` +
-      `this page does not compute "${block.combine}".`);
-  }
-  return { shifts: block.shifts, fill: block.fill };
-}
-
-/** The (1, h, w, 1) input and its test-time copies as one batch, film first, as
- * bundle.shifted makes them (zero-padding by `fill`, then the window back); the input alone
- * when `testTime` is null. Call inside tf.tidy. */
-export function withCopies(tf, input, testTime) {
-  if (testTime === null) return input;
-  const [, height, width] = input.shape;
-  return tf.concat(testTime.shifts.map(([dy, dx]) => {
-    if (dy === 0 && dx === 0) return input;
-    const padded = tf.pad(input, [[0, 0], [Math.max(dy, 0), Math.max(-dy, 0)],
-      [Math.max(dx, 0), Math.max(-dx, 0)], [0, 0]], testTime.fill);
-    return padded.slice([0, Math.max(-dy, 0), Math.max(-dx, 0), 0], [-1, height, width, -1]);
-  }), 0);
-}
-
-/**
- * What the page runs per image: `run(input)` resolves to `{p, grid, gridHeight, gridWidth,
- * features}`, `p` the model's output as `model.predict` gives it and `grid` (Float32Array, row
- * by row) the map, or null where the map cannot be computed (`unavailable` then says why,
- * once). With `extraLayer` (the out-of-distribution block's feature layer, ood.js), `features`
- * is that layer's output from the same pass, `{values: Float32Array, shape}` without the batch
- * axis; else null. With `testTime` (`readTestTime`) the film and its copies run as one batch:
- * `p` is the mean of their outputs, the map and the features are the film's own.
- */
-export function makeExplainer(tf, model, spec, extraLayer = null, testTime = null) {
+export function makeMap(tf, model, spec) {
   const features = model.getLayer(spec.featureLayer);
-  // Outputs: the map's features, the model's output, then the extra layer's unless it is the same.
-  const extra = extraLayer === null || extraLayer === spec.featureLayer ? null : model.getLayer(extraLayer).output;
-  const probe = tf.model({
-    inputs: model.inputs, outputs: [features.output, model.outputs[0], ...(extra ? [extra] : [])],
-  });
-  const extraOf = extraLayer === null ? () => null : (f, e) => (extra ? e : f);
   const describe = `${spec.method === 'cam' ? 'class activation map' : 'Grad-CAM'} of ${spec.featureLayer}`;
-  let mapOf;
   if (spec.method === 'cam') {
     const kernel = model.getLayer(spec.weightsLayer).getWeights()[0]; // (c, 1)
-    mapOf = (f) => { // (1, h, w, c) -> (h, w)
+    const of = (f) => { // (1, h, w, c) -> (h, w)
       const [, h, w, c] = f.shape;
       return f.reshape([h * w, c]).matMul(kernel).reshape([h, w]);
     };
-  } else {
-    const chain = chainAfter(model, features);
-    if (chain === null) {
-      return {
-        describe: null,
-        unavailable: `no heatmap: the layers after ${spec.featureLayer} are not a simple chain, which ` +
-          'the page does not differentiate (`pneumoscan explain` does)',
-        async run(input) {
-          if (extraLayer === null) return { p: await single(tf, model, input, testTime), grid: null, features: null };
-          const [o, kept] = tf.tidy(() => {
-            const [f, out, e] = probe.predict(withCopies(tf, input, testTime));
-            return [out.mean(), film(extra ? e : f)];
-          });
-          try {
-            const [p, values] = await Promise.all([o.data(), kept.data()]);
-            return { p: p[0], grid: null, features: { values, shape: kept.shape.slice(1) } };
-          } finally {
-            o.dispose();
-            kept.dispose();
-          }
-        },
-      };
-    }
-    const head = (f) => chain.reduce((x, layer) => layer.apply(x, { training: false }), f);
-    const gradient = tf.grad(head); // d(sigmoid output)/dF, (1, h, w, c)
-    mapOf = (f) => {
-      const alpha = gradient(f).mean([1, 2], true); // (1, 1, 1, c)
-      return tf.relu(f.mul(alpha).sum(-1)).squeeze([0]); // (h, w)
+    return { describe, unavailable: null, map: { layer: spec.featureLayer, of } };
+  }
+  const chain = chainAfter(model, features);
+  if (chain === null) {
+    return {
+      describe: null,
+      unavailable: `no heatmap: the layers after ${spec.featureLayer} are not a simple chain, which ` +
+        'the page does not differentiate (`pneumoscan explain` does)',
+      map: null,
     };
   }
-  return {
-    describe,
-    unavailable: null,
-    async run(input) {
-      const [grid, output, kept] = tf.tidy(() => {
-        const [all, o, e] = probe.predict(withCopies(tf, input, testTime));
-        const f = film(all);
-        return [mapOf(f), o.mean(), extraOf(f, e && film(e))];
-      });
-      try {
-        const [values, p, featureValues] = await Promise.all([grid.data(), output.data(), kept && kept.data()]);
-        return {
-          p: p[0], grid: values, gridHeight: grid.shape[0], gridWidth: grid.shape[1],
-          features: kept && { values: featureValues, shape: kept.shape.slice(1) },
-        };
-      } finally {
-        grid.dispose();
-        output.dispose();
-        if (kept) kept.dispose();
-      }
-    },
+  const head = (f) => chain.reduce((x, layer) => layer.apply(x, { training: false }), f);
+  const gradient = tf.grad(head); // d(sigmoid output)/dF, (1, h, w, c)
+  const of = (f) => {
+    const alpha = gradient(f).mean([1, 2], true); // (1, 1, 1, c)
+    return tf.relu(f.mul(alpha).sum(-1)).squeeze([0]); // (h, w)
   };
-}
-
-/** The first of a batch: the film itself among its test-time copies. */
-function film(t) {
-  return t.shape[0] === 1 ? t : t.slice([0], [1]);
-}
-
-async function single(tf, model, input, testTime) {
-  const output = tf.tidy(() => model.predict(withCopies(tf, input, testTime)).mean());
-  try {
-    return (await output.data())[0];
-  } finally {
-    output.dispose();
-  }
+  return { describe, unavailable: null, map: { layer: spec.featureLayer, of } };
 }
 
 // ---- drawing --------------------------------------------------------------------------------

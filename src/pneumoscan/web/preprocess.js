@@ -3,7 +3,9 @@
 //   decode (JPEG/PNG, EXIF orientation by the rule below, no colour conversion, size limits)
 //   -> to_uint8 -> grayscale (integer BT.601 luma) -> resize (bilinear, half-pixel centres)
 //   -> model_input (NHWC float32 in [0, 255]).
-// Then calibration and the decision threshold, in float64, by the formulas of the same page.
+// Beside the input, what the out-of-distribution score needs from before the luma step: the
+// colourfulness of the RGB and the image's aspect (as preprocess.colourfulness and Decoded.aspect).
+// Calibration and the decision are decision.js's.
 // JPEGs are decoded by the browser; PNGs (interlaced or not) by the code below, because the
 // canvas would round translucent pixels and 16-bit samples differently from Pillow.
 //
@@ -19,13 +21,11 @@
 // metadata asks for anything else is refused instead of being fed a different input.
 import { decodeDicom, dicomContract, isDicom } from './dicom.js';
 import { ImageError, MetadataError, need } from './errors.js';
-import { colourfulness } from './ood.js';
 
 const SCHEMA_VERSION = 1;
 const LUMA_FORMULA = '(19595*R + 38470*G + 7471*B + 32768) >> 16';
 const STEP_ORDER = ['decode', 'to_uint8', 'grayscale', 'resize', 'model_input'];
-const CALIBRATION_METHODS = ['none', 'temperature', 'platt'];
-const EPSILON = 1e-7;
+const COLOUR_SAMPLE_SIDE = 256; // preprocess.COLOUR_SAMPLE_SIDE: sample every s-th row, column
 const HEADER_BYTES = 64 * 1024; // enough to find a JPEG's frame header after EXIF/ICC blocks
 // Where the orientation comes from (decode.orientation_sources); a bundle written before the
 // key existed means the same.
@@ -67,12 +67,6 @@ export function readPlan(metadata) {
   const size = resize.size || [input.height, input.width];
   need(size[0] === input.height && size[1] === input.width,
     `resize.size ${size} differs from input ${input.height}x${input.width}.`);
-  readCalibration(metadata.calibration);
-  need(Array.isArray(metadata.class_names) && metadata.class_names.length === 2,
-    'class_names must hold two names.');
-  const threshold = metadata.threshold && metadata.threshold.value;
-  need(Number.isFinite(threshold) && threshold >= 0 && threshold <= 1,
-    'threshold.value must be a number in [0, 1].');
   return {
     maxPixels: decode.max_pixels,
     minSide: decode.min_side,
@@ -82,32 +76,6 @@ export function readPlan(metadata) {
     halfPixelCenters: resize.half_pixel_centers,
     dicom: dicomContract(decode), // the DICOM contract, or null when DICOM is not a format
   };
-}
-
-function readCalibration(calibration) {
-  need(calibration && CALIBRATION_METHODS.includes(calibration.method),
-    `calibration.method must be one of ${CALIBRATION_METHODS.join(', ')}.`);
-  const { slope, intercept } = calibration;
-  need(Number.isFinite(slope) && Number.isFinite(intercept),
-    'calibration slope and intercept must be finite numbers.');
-  // The sentence of Python's calibrate.apply_calibration, numbers written as Python writes them.
-  need(calibration.method !== 'none' || (slope === 1 && intercept === 0),
-    "calibration method 'none' needs slope 1 and intercept 0; " +
-    `got ${pythonFloat(slope)}, ${pythonFloat(intercept)}`);
-  return calibration;
-}
-
-/** A finite number as Python's repr(float(x)) writes it: 2 -> "2.0", 1e-05, 1e+16. */
-export function pythonFloat(x) {
-  if (Object.is(x, -0)) return '-0.0';
-  const [digits, power] = x.toExponential().split('e'); // the shortest digits that round-trip
-  const exponent = Number(power);
-  if (exponent < -4 || exponent >= 16) {
-    const sign = exponent < 0 ? '-' : '+';
-    return `${digits}e${sign}${String(Math.abs(exponent)).padStart(2, '0')}`;
-  }
-  const text = String(x); // plain notation in this range, same digits
-  return text.includes('.') ? text : `${text}.0`;
 }
 
 // ---- decode ---------------------------------------------------------------------------
@@ -492,7 +460,7 @@ export function toModelInput(tf, gray, width, height, plan) {
 /**
  * Every step from file to model input: `{input, width, height, gray, warnings, colourfulness}`
  * (dispose `input`); `gray` is the oriented luma the input was resized from, what the page
- * shows; `colourfulness` that of the RGB before luma, for the out-of-distribution flag (ood.js).
+ * shows; `colourfulness` that of the RGB before luma, for the out-of-distribution score.
  */
 export async function preprocess(tf, file, plan) {
   const { rgba, width, height, warnings } = await decode(file, plan);
@@ -503,16 +471,50 @@ export async function preprocess(tf, file, plan) {
   };
 }
 
-// ---- calibration and decision -----------------------------------------------------------
+// ---- the out-of-distribution checks ------------------------------------------------------
 
-/** sigmoid(slope * logit(clip(p)) + intercept) in float64, as docs/metadata.md writes it. */
-export function calibrate(p, calibration) {
-  const q = Math.min(Math.max(p, EPSILON), 1 - EPSILON);
-  const z = Math.log(q / (1 - q));
-  return 1 / (1 + Math.exp(-(calibration.slope * z + calibration.intercept)));
+/**
+ * Hasler and Süsstrunk's colourfulness of RGBA bytes (alpha ignored), on the pixels of every
+ * s-th row and column from the first, s = ceil(max(width, height) / 256); 0 for grey pixels.
+ */
+export function colourfulness(rgba, width, height) {
+  const step = Math.ceil(Math.max(width, height) / COLOUR_SAMPLE_SIDE);
+  let grey = true;
+  for (let y = 0; y < height && grey; y += step) {
+    for (let x = 0, o = 4 * y * width; x < width; x += step, o += 4 * step) {
+      if (rgba[o] !== rgba[o + 1] || rgba[o + 1] !== rgba[o + 2]) {
+        grey = false;
+        break;
+      }
+    }
+  }
+  if (grey) return 0;
+  // Two passes (mean, then squared deviations), as NumPy's std.
+  let n = 0;
+  let sumRg = 0;
+  let sumYb = 0;
+  for (let y = 0; y < height; y += step) {
+    for (let x = 0, o = 4 * y * width; x < width; x += step, o += 4 * step) {
+      sumRg += rgba[o] - rgba[o + 1];
+      sumYb += (rgba[o] + rgba[o + 1]) / 2 - rgba[o + 2];
+      n += 1;
+    }
+  }
+  const meanRg = sumRg / n;
+  const meanYb = sumYb / n;
+  let varRg = 0;
+  let varYb = 0;
+  for (let y = 0; y < height; y += step) {
+    for (let x = 0, o = 4 * y * width; x < width; x += step, o += 4 * step) {
+      varRg += (rgba[o] - rgba[o + 1] - meanRg) ** 2;
+      varYb += ((rgba[o] + rgba[o + 1]) / 2 - rgba[o + 2] - meanYb) ** 2;
+    }
+  }
+  return Math.sqrt(varRg / n + varYb / n) + 0.3 * Math.sqrt(meanRg ** 2 + meanYb ** 2);
 }
 
-/** The label for a calibrated probability: class_names[1] at or above the threshold. */
-export function decide(probability, metadata) {
-  return probability >= metadata.threshold.value ? metadata.class_names[1] : metadata.class_names[0];
+/** The longer side over the shorter (preprocess.Decoded.aspect). */
+export function aspect(width, height) {
+  return Math.max(width, height) / Math.min(width, height);
 }
+
