@@ -31,6 +31,7 @@ from benchmarks.trust import nonxray
 from pneumoscan import ood
 from pneumoscan.bundle import Bundle
 from pneumoscan.data import find_images, inputs, rebuild_splits
+from pneumoscan.decision import OodRule
 from pneumoscan.predict import expand_paths, iter_predictions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,7 +128,7 @@ def borderline_rows(bundle: Bundle, splits: dict) -> list[str]:
 
 
 def flag_rate(block: dict, features: np.ndarray, checks: np.ndarray) -> tuple[int, int]:
-    flags = ood.scores(block, features, checks) > 1.0
+    flags = OodRule.flags(ood.scores(block, features, checks))
     return int(flags.sum()), len(flags)
 
 
