@@ -212,12 +212,10 @@ def decode(path: str | Path, data: bytes | None = None) -> Decoded:
 
 
 def _load_dicom(path: Path, data: bytes) -> Decoded:
-    try:
-        decoded = dicom.decode(path, data)
+    try:  # the size guard runs on the header's Rows and Columns, before any pixel is decoded
+        decoded = dicom.decode(path, data, check_size=lambda width, height: _check_size(path, width, height))
     except dicom.DicomError as error:
         raise ImageError(str(error)) from None
-    pixels = decoded.luma if decoded.luma is not None else decoded.rgb
-    _check_size(path, pixels.shape[1], pixels.shape[0])
     if decoded.luma is not None:
         return Decoded(decoded.luma, decoded.warnings)
     return Decoded(rgb_to_luma(decoded.rgb), decoded.warnings, colourfulness(decoded.rgb))
