@@ -247,3 +247,22 @@ def test_decode_measures_colour_before_luma_and_the_aspect(name, image, colourfu
     assert decoded.aspect == pytest.approx(aspect)
     if name == "colour.png":
         assert decoded.colourfulness == colourfulness(RGB)
+
+
+def test_any_decoder_exception_is_one_sentence_naming_the_file(tmp_path, monkeypatch):
+    """A damaged file can make a decoder raise what no rule names (IndexError, struct.error):
+    it is still one ImageError sentence, with the exception's type, not its text."""
+    from PIL import Image
+
+    from pneumoscan.preprocess import ImageError, load_grayscale
+
+    path = tmp_path / "odd.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(path)
+
+    def broken(*args, **kwargs):
+        raise IndexError("bytes of the file b'\\x00\\x01'")
+
+    monkeypatch.setattr(Image, "open", broken)
+    with pytest.raises(ImageError) as raised:
+        load_grayscale(path)
+    assert str(raised.value) == f"{path}: could not be decoded (IndexError)."

@@ -29,6 +29,8 @@ from pneumoscan import dicom
 
 # Decompression-bomb guard: a clinical radiograph is at most ~4k x 4k (16 MP).
 MAX_PIXELS = 50_000_000
+# Wide intermediate arrays are made for about this many pixels at a time (`_bands`).
+BAND_PIXELS = 1 << 20
 # Smaller than this is a thumbnail or an icon, not a radiograph.
 MIN_SIDE = 32
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -171,10 +173,27 @@ def load_luma(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray, 
 def decode(path: str | Path, data: bytes | None = None) -> Decoded:
     """`load_luma`, with the colourfulness of the pixels before the luma step.
 
+    Whatever a file holds, the outcome is the image or one `ImageError` sentence naming the
+    file: an exception a decoder raises on damaged bytes that no rule below names becomes one
+    too (its type named, never its text).
+
     Raises:
         ImageError: as `load_grayscale`.
     """
-    path = Path(path)
+    try:
+        return _decode(Path(path), data)
+    except ImageError:
+        raise
+    except Exception as error:  # a decoder's surprise on damaged bytes (or MemoryError)
+        raise ImageError(unusable(path, error)) from None
+
+
+def unusable(path: str | Path, error: BaseException) -> str:
+    """The sentence for a file whose decode raised something no rule names."""
+    return f"{path}: could not be decoded ({type(error).__name__})."
+
+
+def _decode(path: Path, data: bytes | None) -> Decoded:
     if data is None:
         try:
             data = path.read_bytes()
@@ -306,8 +325,7 @@ def _to_decoded(image: Image.Image) -> Decoded:
     """Luma of a decoded JPEG or PNG, and the colourfulness of its RGB (0 for one channel)."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
-        wide = np.asarray(image, dtype=np.int64)
-        return Decoded(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
+        return Decoded(_bands(np.asarray(image), _wide_to_uint8))
     if mode == "L":
         return Decoded(np.asarray(image, dtype=np.uint8).copy())
     if mode in ("LA", "La"):
@@ -325,7 +343,24 @@ def _to_decoded(image: Image.Image) -> Decoded:
 def rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) 8-bit RGB -> (H, W) uint8 luma by `LUMA_WEIGHTS_Q16` (BT.601, rounded half up)."""
     weights = np.asarray(LUMA_WEIGHTS_Q16, dtype=np.uint32)
-    return ((rgb.astype(np.uint32) @ weights + 32768) >> 16).astype(np.uint8)
+    return _bands(rgb, lambda band: ((band.astype(np.uint32) @ weights + 32768) >> 16).astype(np.uint8))
+
+
+def _wide_to_uint8(band: np.ndarray) -> np.ndarray:
+    """16-bit (or 32-bit signed) grey samples -> 8 bits by the `to_uint8` rule."""
+    wide = np.clip(band, 0, 65535).astype(np.uint32)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _bands(pixels: np.ndarray, convert) -> np.ndarray:
+    """`convert` applied to a band of rows at a time ((H, W, ...) -> (H, W) uint8), so the wider
+    intermediate arrays are never made for the whole image (a 7000 x 7000 RGB image would need
+    ~0.8 GB of them at once)."""
+    out = np.empty(pixels.shape[:2], np.uint8)
+    step = max(1, BAND_PIXELS // max(pixels.shape[1], 1))
+    for top in range(0, pixels.shape[0], step):
+        out[top : top + step] = convert(pixels[top : top + step])
+    return out
 
 
 def resize(gray, size: int):
