@@ -25,6 +25,7 @@ header bytes): a sentence names the exception's type only.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2.5": "RLE Lossless",
     "1.2.840.10008.1.2.4.50": "JPEG Baseline (Process 1)",
 }
+_CODE_STRING = re.compile(r"[A-Za-z0-9 _]{1,16}")
 # Views and body parts that a frontal chest X-ray is not: each adds a warning to the record.
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XCL")
 
@@ -136,7 +138,7 @@ def _read(path: Path, data: bytes):
     if data[PREAMBLE : PREAMBLE + 4] != b"DICM" and "SOPClassUID" not in ds and "PixelData" not in ds:
         raise DicomError(f"{path}: is not a readable DICOM file (no DICOM preamble, no known attributes).")
     if "PixelData" not in ds:
-        kind = str(ds.get("Modality", "")) or "object"
+        kind = _code_string(ds.get("Modality")) or "object"
         raise DicomError(f"{path}: is a DICOM {kind} without pixel data (a report or plan, not an image).")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -314,10 +316,17 @@ def _first(value) -> float | None:
 def _warnings(ds) -> list[str]:
     """Header facts that say this is not a frontal chest X-ray (no patient data in them)."""
     found = []
-    view = str(ds.get("ViewPosition", "")).upper()
+    view = _code_string(ds.get("ViewPosition")).upper()
     if view in LATERAL_VIEWS:
         found.append(f"the header says the view is lateral ({view}); the model reads frontal chest X-rays")
-    part = str(ds.get("BodyPartExamined", "")).upper()
+    part = _code_string(ds.get("BodyPartExamined")).upper()
     if part and part not in ("CHEST", "THORAX", "LUNG", "CHEST_TO_PELVIS"):
         found.append(f"the header says the body part is {part}, not the chest")
     return found
+
+
+def _code_string(value) -> str:
+    """A code string (VR CS: at most 16 of A-Z, 0-9, space, underscore) as it may be quoted in a
+    message; "" for anything else, such as the bytes of a damaged header."""
+    text = str(value or "").strip()
+    return text if _CODE_STRING.fullmatch(text) else ""

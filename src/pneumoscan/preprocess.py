@@ -188,6 +188,14 @@ def decode(path: str | Path, data: bytes | None = None) -> Decoded:
         raise ImageError(unusable(path, error)) from None
 
 
+def _quotable(error: BaseException) -> str:
+    """A decoder's message when it is plain words (Pillow's usually are), else its type: some
+    quote the file's bytes (`broken PNG file (chunk b'...')`)."""
+    text = str(error)
+    plain = text.isascii() and text.isprintable() and "b'" not in text and 'b"' not in text
+    return text if plain and 0 < len(text) <= 200 else type(error).__name__
+
+
 def unusable(path: str | Path, error: BaseException) -> str:
     """The sentence for a file whose decode raised something no rule names."""
     return f"{path}: could not be decoded ({type(error).__name__})."
@@ -227,7 +235,7 @@ def _decode(path: Path, data: bytes | None) -> Decoded:
     except Image.DecompressionBombError:
         raise ImageError(f"{path}: is over the {MAX_PIXELS // 1_000_000} MP pixel limit.") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{path}: is truncated or corrupt ({error}).") from None
+        raise ImageError(f"{path}: is truncated or corrupt ({_quotable(error)}).") from None
 
 
 def _load_dicom(path: Path, data: bytes) -> Decoded:

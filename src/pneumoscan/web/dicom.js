@@ -164,7 +164,7 @@ async function decodeOrRefuse(bytes, name, plan, { checkSize, decodeJpeg }) {
   const syntax = ds.string(TAG.transferSyntax);
   const pixelData = ds.elements[TAG.pixelData];
   if (!pixelData) {
-    const kind = ds.string(TAG.modality) || 'object';
+    const kind = codeString(ds.string(TAG.modality)) || 'object';
     throw new ImageError(`${name}: is a DICOM ${kind} without pixel data (a report or plan, not an image).`);
   }
   const frames = ds.intString(TAG.frames) || 1;
@@ -518,14 +518,20 @@ function rint(x) {
   return r - x === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }
 
+/** A code string (VR CS) as a message may quote it; '' for anything else (dicom.py `_code_string`). */
+function codeString(value) {
+  const text = (value || '').trim();
+  return /^[A-Za-z0-9 _]{1,16}$/.test(text) ? text : '';
+}
+
 /** The header facts that say this is not a frontal chest X-ray (phrases of dicom.py). */
 function headerWarnings(ds) {
   const found = [];
-  const view = (ds.string(TAG.view) || '').toUpperCase();
+  const view = codeString(ds.string(TAG.view)).toUpperCase();
   if (LATERAL_VIEWS.includes(view)) {
     found.push(`the header says the view is lateral (${view}); the model reads frontal chest X-rays`);
   }
-  const part = (ds.string(TAG.bodyPart) || '').toUpperCase();
+  const part = codeString(ds.string(TAG.bodyPart)).toUpperCase();
   if (part && !CHEST_PARTS.includes(part)) found.push(`the header says the body part is ${part}, not the chest`);
   return found;
 }
