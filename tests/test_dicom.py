@@ -324,6 +324,11 @@ BROKEN = [
         "(NotImplementedError)",
     ),
     (
+        "a damaged transfer syntax UID, not quoted",
+        lambda p: _replace(write_dicom(p, GRAY), b"1.2.840.10008.1.2.1\0", b"1.2.840.10008.1>2.\xea\0"),
+        "its pixel data (an unreadable transfer syntax) cannot be decoded here (NotImplementedError).",
+    ),
+    (
         "LUT data shorter than its descriptor",
         lambda p: write_dicom(p, GRAY, bits=12, VOILUTSequence=voi_lut(16, 4096, 0, held=1000)),
         "its VOI LUT holds 1000 of the 4096 entries its descriptor says.",
@@ -334,6 +339,11 @@ BROKEN = [
         f"its JPEG frame is {GRAY.shape[1]}x{GRAY.shape[0]} pixels, the header says 40x40.",
     ),
 ]
+
+
+def _replace(path: Path, old: bytes, new: bytes) -> Path:
+    path.write_bytes(path.read_bytes().replace(old, new))
+    return path
 
 
 def _shrunk_header(path: Path) -> Path:
@@ -383,3 +393,31 @@ def test_a_bad_file_in_the_middle_of_a_predict_batch_costs_only_its_record(tmp_p
     assert [Path(r["path"]).name for r in records] == ["a.jpeg", "b.dcm", "c.dcm", "d.dcm", "e.jpeg"]
     assert [("error" in r) for r in records] == [False, False, True, False, False]
     assert "Traceback" not in err and "\\x" not in out + err
+
+
+def test_pydicoms_warnings_become_one_warning_phrase_not_stderr_lines(tmp_path, capsys):
+    """An RLE segment with a byte too many: pydicom reads it, warning (on stderr, by default);
+    the record gets one warning phrase instead, and nothing reaches stderr but the sentence."""
+    import warnings
+
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from pneumoscan.dicom import DAMAGE_WARNING
+
+    path = write_dicom(tmp_path / "padded.dcm", GRAY, syntax="rle")
+    ds = pydicom.dcmread(path)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame + b"\x00\x07"])  # a literal run of one byte past the end
+    ds.save_as(path)
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        luma, phrases = load_luma(path)
+    assert escaped == [] and phrases == [DAMAGE_WARNING]
+    np.testing.assert_array_equal(
+        luma, load_grayscale(write_dicom(tmp_path / "whole.dcm", GRAY, syntax="rle"))
+    )
+    assert main(["predict", "--format", "json", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["warning"] == f"{path}: {DAMAGE_WARNING}."
+    assert "UserWarning" not in err and "warn_and_log" not in err and "non-conformant" not in err

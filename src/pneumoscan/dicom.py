@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import io
 import re
+import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,9 @@ TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2.4.50": "JPEG Baseline (Process 1)",
 }
 _CODE_STRING = re.compile(r"[A-Za-z0-9 _]{1,16}")
+# The warning phrase of a file pydicom read despite damage (its warnings are not shown).
+DAMAGE_WARNING = "the file is damaged in places pydicom read around, so its pixels may be wrong"
+_PYDICOM = threading.Lock()
 # Views and body parts that a frontal chest X-ray is not: each adds a warning to the record.
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XCL")
 
@@ -87,7 +92,10 @@ def decode(path: Path, data: bytes, check_size: Callable[[int, int], None] | Non
 
     Whatever the bytes hold, the outcome is the image or one `DicomError` sentence: every
     exception pydicom or NumPy raises on a damaged or unusual file becomes one (its type named,
-    never its text, which can quote header values).
+    never its text, which can quote header values). pydicom's warnings, printed on stderr with
+    the header's bytes in them, are caught instead: a file pydicom read around damage in gets
+    one warning phrase (`DAMAGE_WARNING`); its value checks are off (a value out of its VR's
+    rules is read as it is, as the page reads it).
 
     Args:
         check_size: called with (columns, rows) from the header before any pixel is decoded (and
@@ -97,6 +105,28 @@ def decode(path: Path, data: bytes, check_size: Callable[[int, int], None] | Non
         DicomError: not readable as DICOM, no pixel data, several frames, a transfer syntax
             without a decoder here, a frame other than the header says, or an unusual layout.
     """
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    # catch_warnings swaps process-wide state: one file at a time in here, and what other
+    # threads warn meanwhile is shown as it would have been.
+    with _PYDICOM, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            decoded = _decode(path, data, check_size)
+        finally:
+            damaged = False
+            for warning in caught:
+                if "pydicom" in warning.filename:
+                    damaged = True
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if damaged:
+        decoded.warnings.append(DAMAGE_WARNING)
+    return decoded
+
+
+def _decode(path: Path, data: bytes, check_size: Callable[[int, int], None] | None) -> Decoded:
     try:
         ds = _read(path, data)
         rows, columns = int(ds.Rows), int(ds.Columns)
@@ -106,13 +136,13 @@ def decode(path: Path, data: bytes, check_size: Callable[[int, int], None] | Non
         raise DicomError(f"{path}: is not a readable DICOM file ({type(error).__name__}).") from None
     if check_size is not None:
         check_size(columns, rows)
-    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
-    name = getattr(syntax, "name", str(syntax))
+    syntax = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
+    name = _syntax_name(syntax)
     try:
-        frame_size = _frame_size(ds, str(syntax))
+        frame_size = _frame_size(ds, syntax)
         if frame_size is not None and frame_size != (columns, rows):
             raise DicomError(
-                f"{path}: its {_FRAME_KINDS[str(syntax)]} frame is {frame_size[0]}x{frame_size[1]} pixels, "
+                f"{path}: its {_FRAME_KINDS[syntax]} frame is {frame_size[0]}x{frame_size[1]} pixels, "
                 f"the header says {columns}x{rows}."
             )
         pixels = ds.pixel_array
@@ -128,6 +158,18 @@ def decode(path: Path, data: bytes, check_size: Callable[[int, int], None] | Non
         raise
     except Exception as error:  # a header value pydicom or NumPy cannot use
         raise DicomError(f"{path}: its pixel attributes cannot be used ({type(error).__name__}).") from None
+
+
+def _syntax_name(uid: str) -> str:
+    """A transfer syntax's name as a message may give it: pydicom's name for a UID it knows, the
+    UID when it is one (digits and dots), else not the bytes a damaged header holds there."""
+    from pydicom.uid import UID_dictionary
+
+    if uid in UID_dictionary:
+        return UID_dictionary[uid][0]
+    if not uid:
+        return "no transfer syntax given"
+    return uid if re.fullmatch(r"[0-9.]{1,64}", uid) else "an unreadable transfer syntax"
 
 
 def _read(path: Path, data: bytes):
@@ -154,9 +196,8 @@ def _to_8bit(path: Path, ds, pixels: np.ndarray) -> Decoded:
         decoded.rgb = _to_rgb8(ds, pixels)
         return decoded
     if samples != 1 or pixels.ndim != 2 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DicomError(
-            f"{path}: has a pixel layout pneumoscan does not read ({photometric}, {samples} samples)."
-        )
+        layout = f"{_code_string(photometric)}, {samples} samples"
+        raise DicomError(f"{path}: has a pixel layout pneumoscan does not read ({layout}).")
     decoded.luma = window(ds, pixels, path)
     return decoded
 

@@ -249,7 +249,8 @@ function encapsulatedFrame(ds, element, name) {
 
 function unreadableSyntax(name, uid) {
   const syntax = OTHER_SYNTAXES[uid] || TRANSFER_SYNTAXES[uid] || 'an unknown transfer syntax';
-  return `${name}: its pixel data is ${syntax} (${uid}), which this page cannot decode; try ` +
+  const quoted = /^[0-9.]{1,64}$/.test(uid) ? uid : 'an unreadable UID'; // never a damaged header's bytes
+  return `${name}: its pixel data is ${syntax} (${quoted}), which this page cannot decode; try ` +
     '`pneumoscan predict`, which also reads JPEG extended, JPEG 2000 and deflated files.';
 }
 
@@ -268,7 +269,7 @@ function readLayout(ds, name, syntax) {
     (layout.photometric === 'RGB' || (syntax === JPEG_BASELINE && layout.photometric.startsWith('YBR_FULL')));
   if (!(grey || colour) || ![8, 16].includes(layout.bitsAllocated) || !layout.rows || !layout.columns ||
     layout.bitsStored > layout.bitsAllocated) {
-    throw new ImageError(`${name}: has a pixel layout this page does not read (${layout.photometric}, ` +
+    throw new ImageError(`${name}: has a pixel layout this page does not read (${codeString(layout.photometric)}, ` +
       `${layout.samples} samples, ${layout.bitsAllocated} bits); \`pneumoscan predict\` may.`);
   }
   return layout;
