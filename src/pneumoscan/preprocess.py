@@ -18,7 +18,9 @@ segment of a JPEG or the first eXIf chunk of a PNG. XMP `tiff:Orientation` and P
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,11 +225,12 @@ def _decode(path: Path, data: bytes | None) -> Decoded:
             if image.format not in ("JPEG", "PNG", "MPO"):
                 raise ImageError(f"{path}: is a {image.format} image; only JPEG and PNG are supported.")
             _check_size(path, *image.size)
-            image.load()
-            orientation = exif_orientation(exif_block(data))
-            if orientation in _UPRIGHT:
-                image = image.transpose(_UPRIGHT[orientation])
-            return _to_decoded(image)
+            with _DECODING.hold(image.size[0] * image.size[1]):
+                image.load()
+                orientation = exif_orientation(exif_block(data))
+                if orientation in _UPRIGHT:
+                    image = image.transpose(_UPRIGHT[orientation])
+                return _to_decoded(image)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -236,6 +239,32 @@ def _decode(path: Path, data: bytes | None) -> Decoded:
         raise ImageError(f"{path}: is over the {MAX_PIXELS // 1_000_000} MP pixel limit.") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{path}: is truncated or corrupt ({_quotable(error)}).") from None
+
+
+class PixelBudget:
+    """At most `total` pixels being decoded at once by all threads together (an image larger than
+    that alone), so the memory of `predict`'s parallel decodes does not grow with the number of
+    cores: each decode holds about 10 bytes a pixel at its peak."""
+
+    def __init__(self, total: int):
+        self.total, self.used = total, 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.total)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
+
+
+# JPEG and PNG decodes share this; DICOM files are decoded one at a time (`dicom.decode`).
+_DECODING = PixelBudget(MAX_PIXELS)
 
 
 def _load_dicom(path: Path, data: bytes) -> Decoded:
