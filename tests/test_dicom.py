@@ -421,3 +421,23 @@ def test_pydicoms_warnings_become_one_warning_phrase_not_stderr_lines(tmp_path, 
     out, err = capsys.readouterr()
     assert json.loads(out)[0]["warning"] == f"{path}: {DAMAGE_WARNING}."
     assert "UserWarning" not in err and "warn_and_log" not in err and "non-conformant" not in err
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
+    """A deflated data set that inflates past the limit is refused from a bounded inflation, and
+    a deflated file under it still reads."""
+    import zlib
+
+    import pneumoscan.dicom
+
+    good = write_dicom(tmp_path / "good.dcm", GRAY, syntax="deflated")
+    np.testing.assert_array_equal(load_grayscale(good), GRAY)
+    data = good.read_bytes()
+    start = 128 + 16 + int.from_bytes(data[140:144], "little")
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = packer.compress(bytes(2_000_000)) + packer.flush()  # 2 MB of zeros in ~2 KB
+    path = tmp_path / "bomb.dcm"
+    path.write_bytes(data[:start] + bomb)
+    monkeypatch.setattr(pneumoscan.dicom, "INFLATED_LIMIT", 1_000_000)
+    with pytest.raises(ImageError, match=r"bomb\.dcm: its deflated data set inflates to over 1 MB, "):
+        load_grayscale(path)

@@ -1,5 +1,6 @@
-"""Peak memory of decoding one file whose header declares far more pixels than it holds, of
-large legal files, and of `pneumoscan predict` on a folder mixing them with X-rays.
+"""Peak memory of decoding one file whose header declares far more pixels than it holds (or
+whose deflated data set inflates to gigabytes), of large legal files, and of `pneumoscan
+predict` on a folder mixing them with X-rays.
 
     python -m benchmarks.robustness.decode_memory [--json] [--no-predict]
 
@@ -68,6 +69,23 @@ def _dicom(path: Path, rows: int, columns: int, syntax: str = "explicit", sample
     return path
 
 
+def _deflate_bomb(path: Path, inflated: int) -> Path:
+    """A deflated DICOM file whose data set inflates to `inflated` bytes (zeros after a real one)."""
+    _dicom(path, 256, 256)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    start = 128 + 16 + int.from_bytes(data[140:144], "little")
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    body = b"".join(packer.compress(zeros) for _ in range(inflated >> 20)) + packer.flush()
+    path.write_bytes(data[:start] + body)
+    return path
+
+
 def _png_declaring(path: Path, width: int, height: int) -> Path:
     """A small PNG whose IHDR declares `width` x `height` (its CRC made right)."""
     buffer = io.BytesIO()
@@ -107,6 +125,7 @@ def cases(folder: Path) -> dict[str, Path]:
             folder / "rle-7070.dcm", 7070, 7070, "rle"
         ),
         "DICOM declaring 20,000 x 20,000, 3 samples": _dicom(folder / "big-rgb.dcm", 20000, 20000, samples=3),
+        "deflated DICOM inflating to 2 GB": _deflate_bomb(folder / "bomb.dcm", 2 << 30),
         "PNG declaring 20,000 x 20,000": _png_declaring(folder / "big.png", 20000, 20000),
         "JPEG declaring 20,000 x 20,000": _jpeg_declaring(folder / "big.jpeg", 20000, 20000),
         "7,000 x 7,000 RGB PNG": _rgb_png(folder / "rgb-7000.png", 7000),

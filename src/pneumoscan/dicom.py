@@ -28,6 +28,7 @@ import io
 import re
 import threading
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ _CODE_STRING = re.compile(r"[A-Za-z0-9 _]{1,16}")
 # The warning phrase of a file pydicom read despite damage (its warnings are not shown).
 DAMAGE_WARNING = "the file is damaged in places pydicom read around, so its pixels may be wrong"
 _PYDICOM = threading.Lock()
+# The most a deflated data set may inflate to: 50 MP of 16-bit RGB, and room for a header.
+INFLATED_LIMIT = 320_000_000
 # Views and body parts that a frontal chest X-ray is not: each adds a warning to the record.
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XCL")
 
@@ -172,10 +175,37 @@ def _syntax_name(uid: str) -> str:
     return uid if re.fullmatch(r"[0-9.]{1,64}", uid) else "an unreadable transfer syntax"
 
 
+def _check_inflated_size(path: Path, data: bytes) -> None:
+    """A deflated data set is inflated whole by pydicom: one that would inflate past
+    `INFLATED_LIMIT` (a few hundred bytes can hold gigabytes) is refused before it is. The file
+    meta group's length is read from its first element, (0002,0000) UL, after the preamble."""
+    meta = data[PREAMBLE + 4 : PREAMBLE + 16]
+    if data[PREAMBLE : PREAMBLE + 4] != b"DICM" or b"1.2.840.10008.1.2.1.99" not in data[:1024]:
+        return
+    if meta[:6] != b"\x02\x00\x00\x00UL":
+        return  # no group length: pydicom reads it (or refuses it) as it is
+    start = PREAMBLE + 16 + int.from_bytes(meta[8:12], "little")
+    inflater, pending, total = zlib.decompressobj(-zlib.MAX_WBITS), data[start:], 0
+    try:
+        while total <= INFLATED_LIMIT:  # 16 MB at a time, counted and dropped
+            total += len(out := inflater.decompress(pending, 1 << 24))
+            pending = inflater.unconsumed_tail
+            if not pending and len(out) < 1 << 24:
+                break
+    except zlib.error:
+        return  # not deflate data: pydicom's own error becomes the sentence
+    if total > INFLATED_LIMIT:
+        raise DicomError(
+            f"{path}: its deflated data set inflates to over {INFLATED_LIMIT // 1_000_000} MB, more than "
+            "any image pneumoscan reads needs."
+        )
+
+
 def _read(path: Path, data: bytes):
     """The data set, checked to be one single-frame image with pixel data."""
     import pydicom
 
+    _check_inflated_size(path, data)
     ds = pydicom.dcmread(io.BytesIO(data), force=path.suffix.lower() in DICOM_SUFFIXES)
     if data[PREAMBLE : PREAMBLE + 4] != b"DICM" and "SOPClassUID" not in ds and "PixelData" not in ds:
         raise DicomError(f"{path}: is not a readable DICOM file (no DICOM preamble, no known attributes).")
