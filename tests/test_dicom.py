@@ -338,7 +338,34 @@ BROKEN = [
         lambda p: _shrunk_header(write_dicom(p, GRAY, syntax="jpeg-baseline")),
         f"its JPEG frame is {GRAY.shape[1]}x{GRAY.shape[0]} pixels, the header says 40x40.",
     ),
+    (
+        "a JPEG 2000 frame larger than the header says",
+        lambda p: _jpeg_2000(p, 40, 40),
+        f"its JPEG 2000 frame is {GRAY.shape[1]}x{GRAY.shape[0]} pixels, the header says 40x40.",
+    ),
 ]
+
+
+def _jpeg_2000(path: Path, rows: int, columns: int) -> Path:
+    """GRAY as a JPEG 2000 (lossless) DICOM file whose header says `rows` x `columns`."""
+    import io
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    buffer = io.BytesIO()
+    Image.fromarray(GRAY).save(buffer, format="JPEG2000", irreversible=False, no_jp2=True)
+    ds = pydicom.dcmread(write_dicom(path, GRAY))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].is_undefined_length = True
+    ds.Rows, ds.Columns = rows, columns
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_jpeg_2000_frame_reads_when_it_is_the_size_its_header_says(tmp_path):
+    np.testing.assert_array_equal(load_grayscale(_jpeg_2000(tmp_path / "x.dcm", *GRAY.shape)), GRAY)
 
 
 def _replace(path: Path, old: bytes, new: bytes) -> Path:
