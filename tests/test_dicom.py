@@ -468,3 +468,22 @@ def test_a_deflate_bomb_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
     monkeypatch.setattr(pneumoscan.dicom, "INFLATED_LIMIT", 1_000_000)
     with pytest.raises(ImageError, match=r"bomb\.dcm: its deflated data set inflates to over 1 MB, "):
         load_grayscale(path)
+
+
+def test_training_scan_and_explain_keep_going_past_a_damaged_dicom_file(tmp_path):
+    """The rule holds beyond predict: `data.scan` (train, evaluate) lists the damaged file as
+    unreadable with its sentence and keeps the rest; `explain` gives it an error record."""
+    from pneumoscan.data import scan
+    from pneumoscan.explain import explain_files
+
+    for name in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / name).mkdir()
+        shutil.copy(SOURCE, tmp_path / name / "a.jpeg")
+    broken = BROKEN[0][1](tmp_path / "NORMAL" / "b.dcm")
+    found = scan(tmp_path)
+    assert sorted(sample.relpath for sample in found.samples) == ["NORMAL/a.jpeg", "PNEUMONIA/a.jpeg"]
+    assert found.unreadable == [f"{broken}: its pixel attributes cannot be used (BytesLengthException)."]
+    paths = [tmp_path / "NORMAL" / "a.jpeg", broken, tmp_path / "PNEUMONIA" / "a.jpeg"]
+    records = explain_files(None, paths, tmp_path / "maps")
+    assert [("error" in record) for record in records] == [False, True, False]
+    assert records[1]["error"] == found.unreadable[0]
