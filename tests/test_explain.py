@@ -24,6 +24,7 @@ from pneumoscan.explain import (
     region_masks,
     region_shares,
     render,
+    save_overlay,
 )
 from pneumoscan.model import heatmap_spec
 from pneumoscan.preprocess import decode_to_input
@@ -286,3 +287,41 @@ def test_explain_cli_json_contract(trained_run, tmp_path, capsys):
         and Path(records[0]["heatmap_png"]).is_file()
     )
     assert set(records[1]) == {"path", "error"} and "the file is empty" in records[1]["error"]
+
+
+def test_explain_passes_on_the_dicom_header_warnings_predict_gives(tmp_path, capsys):
+    from conftest import write_dicom
+    from pneumoscan.preprocess import load_grayscale
+
+    path = write_dicom(
+        tmp_path / "lateral.dcm", load_grayscale(SAMPLES / "NORMAL" / "IM-0115-0001.jpeg"), ViewPosition="LL"
+    )
+    assert main(["predict", "--format", "json", str(path)]) == 0
+    predicted = json.loads(capsys.readouterr().out)[0]["warning"]
+    assert main(["explain", "--format", "json", "--out", str(tmp_path / "maps"), str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["warning"] == predicted
+    assert predicted.startswith(f"{path}: the header says the view is lateral (LL)")
+    assert f"pneumoscan: warning: {predicted}" in err
+
+
+def test_an_overlay_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failure while the PNG is being written leaves the earlier overlay as it was, and no
+    temporary file beside it."""
+    from matplotlib.figure import Figure
+
+    png = tmp_path / "x_cam.png"
+    png.write_bytes(b"the earlier overlay")
+
+    def failing(self, target, **kwargs):
+        if isinstance(target, str | Path):
+            Path(target).write_bytes(b"half")
+        else:
+            target.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", failing)
+    with pytest.raises(OSError):
+        save_overlay(np.zeros((40, 40), np.uint8), np.ones((5, 5)), png)
+    assert png.read_bytes() == b"the earlier overlay"
+    assert [p.name for p in tmp_path.iterdir()] == ["x_cam.png"]

@@ -141,3 +141,19 @@ def test_replicas_share_each_global_batch_and_augment_it_alike():
         np.testing.assert_array_equal(xw[0::2], x0)
         np.testing.assert_array_equal(xw[1::2], x1)
         np.testing.assert_array_equal(np.concatenate([y0, y1]), np.concatenate([yw[0::2], yw[1::2]]))
+
+
+def test_any_exception_while_decoding_costs_only_that_files_record(monkeypatch):
+    """An exception that is not an ImageError inside tf.numpy_function would end the dataset:
+    it is the file's one sentence (its type, not its text), and the files after it still come."""
+    import pneumoscan.pipeline
+
+    def flaky(path):
+        if path == str(PATHS[1]):
+            raise RuntimeError("raw header bytes b'Doe^Jane'")
+        return decode(path)
+
+    monkeypatch.setattr(pneumoscan.pipeline, "decode", flaky)
+    rows = [(p.numpy().decode(), e.numpy().decode()) for p, e, _, _, _ in images(PATHS[:3], 32)]
+    assert [path for path, _ in rows] == [str(p) for p in PATHS[:3]]
+    assert [error for _, error in rows] == ["", f"{PATHS[1]}: could not be decoded (RuntimeError).", ""]

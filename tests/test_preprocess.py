@@ -247,3 +247,52 @@ def test_decode_measures_colour_before_luma_and_the_aspect(name, image, colourfu
     assert decoded.aspect == pytest.approx(aspect)
     if name == "colour.png":
         assert decoded.colourfulness == colourfulness(RGB)
+
+
+def test_any_decoder_exception_is_one_sentence_naming_the_file(tmp_path, monkeypatch):
+    """A damaged file can make a decoder raise what no rule names (IndexError, struct.error):
+    it is still one ImageError sentence, with the exception's type, not its text."""
+    from PIL import Image
+
+    from pneumoscan.preprocess import ImageError, load_grayscale
+
+    path = tmp_path / "odd.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(path)
+
+    def broken(*args, **kwargs):
+        raise IndexError("bytes of the file b'\\x00\\x01'")
+
+    monkeypatch.setattr(Image, "open", broken)
+    with pytest.raises(ImageError) as raised:
+        load_grayscale(path)
+    assert str(raised.value) == f"{path}: could not be decoded (IndexError)."
+
+
+def test_the_pixel_budget_holds_a_decode_back_until_pixels_are_free():
+    """Two decodes that together exceed the budget do not run at once; one larger than the
+    whole budget runs alone."""
+    import threading
+
+    from pneumoscan.preprocess import PixelBudget
+
+    budget, release, entered = PixelBudget(100), threading.Event(), []
+
+    def decode(pixels: int, name: str) -> None:
+        with budget.hold(pixels):
+            entered.append(name)
+            release.wait()
+
+    first = threading.Thread(target=decode, args=(70, "first"))
+    first.start()
+    while budget.used != 70:
+        threading.Event().wait(0.01)
+    second = threading.Thread(target=decode, args=(40, "second"))
+    second.start()
+    second.join(0.3)
+    assert entered == ["first"] and budget.used == 70  # 70 + 40 > 100: the second waits
+    release.set()
+    first.join()
+    second.join()
+    assert entered == ["first", "second"] and budget.used == 0
+    with budget.hold(500):  # alone, a decode larger than the budget still runs
+        assert budget.used == 500

@@ -281,17 +281,9 @@ def _recode(path: Path, syntax: str | None = None, raw: bool = False, **changes)
 
 
 def _colour(path: Path, planar: int, bits: int = 8) -> Path:
-    rgb = np.stack([DICOM_SOURCE, DICOM_SOURCE[::-1], 255 - DICOM_SOURCE], -1).astype(np.uint16)
-    if bits > 8:
-        rgb = rgb * 16 + 7  # 12 bits stored: the page keeps the high byte, as Python does
-    pixels = rgb.transpose(2, 0, 1) if planar else rgb
-    return _recode(
-        write_dicom(path, DICOM_SOURCE, bits=bits),
-        SamplesPerPixel=3,
-        PhotometricInterpretation="RGB",
-        PlanarConfiguration=planar,
-        PixelData=pixels.astype(np.uint8 if bits == 8 else "<u2").tobytes(),
-    )
+    from test_dicom import colour_dicom
+
+    return colour_dicom(path, DICOM_SOURCE, planar, bits)
 
 
 # name -> writer of a DICOM file that Python reads: the page must give the same luma, byte for byte
@@ -461,3 +453,97 @@ def test_page_follows_only_the_dicom_contract_it_implements(page, change, accept
         assert (dicom is None) == ("dicom" not in decode.get("formats", ["dicom"]))
     else:
         assert answer.get("error", "").startswith(f"metadata.json: {refusal}"), answer
+
+
+# ---- awkward and damaged headers: the page against pydicom's own functions (issue 20) ----------
+
+
+def _awkward():
+    from test_dicom import awkward_cases
+
+    return awkward_cases(DICOM_SOURCE)
+
+
+@pytest.mark.parametrize("name", list(_awkward()))
+def test_dicom_page_reads_awkward_headers_as_pydicoms_functions(page, name):
+    """16-bit planar colour, big endian 8-bit OW, VOI LUT data of VR US or in big endian, an
+    empty window: the page gives the luma pydicom's functions give, not only Python's."""
+    from test_dicom import pydicom_reference
+
+    path = page.write(name.replace(",", "") + ".dcm", b"")
+    _awkward()[name](path)
+    answer = page.ask(path)
+    assert "error" not in answer, answer
+    luma = np.frombuffer(base64.b64decode(answer["luma"]), np.uint8).reshape(
+        answer["height"], answer["width"]
+    )
+    np.testing.assert_array_equal(luma, pydicom_reference(path))
+    _check(answer, _python(path.name, path.read_bytes()))
+
+
+def _modality_lut_table(path: Path) -> Path:
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 16]
+    item["LUTData"] = DataElement(0x00283006, "OW", (np.arange(256, dtype="<u2") * 200).tobytes())
+    item.ModalityLUTType = "OD"
+    return write_dicom(path, DICOM_SOURCE, ModalityLUTSequence=Sequence([item]))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a value of a length its VR cannot have: BytesLengthException",
+        "an unknown VR",
+        "a damaged transfer syntax",
+    ],
+)
+def test_dicom_page_refuses_damaged_headers_in_one_sentence(page, name):
+    from test_dicom import BROKEN
+
+    make = next(make for case, make, _ in BROKEN if case.startswith(name))
+    path = page.write("broken.dcm", b"")
+    make(path)
+    answer = page.ask(path)
+    assert answer.get("kind") == "ImageError" and answer["error"].startswith("broken.dcm: "), answer
+    assert "\n" not in answer["error"] and "Doe" not in answer["error"] and "1>2" not in answer["error"]
+    assert answer["error"].isascii() and answer["error"].isprintable()
+    assert "error" in _python("broken.dcm", path.read_bytes())
+
+
+@pytest.mark.parametrize(
+    "name, make, sentence",
+    [
+        (
+            "a VOI LUT shorter than its descriptor",
+            lambda p: write_dicom(p, DICOM_SOURCE, bits=12, VOILUTSequence=_short_lut()),
+            "its VOI LUT holds 1000 of the 4096 entries its descriptor says.",
+        ),
+        (
+            "a modality LUT table",
+            _modality_lut_table,
+            "its modality LUT is a table (a Modality LUT Sequence), which this page does not apply; "
+            "`pneumoscan predict` does.",
+        ),
+    ],
+)
+def test_dicom_page_refusals_of_tables(page, name, make, sentence):
+    path = page.write("odd.dcm", b"")
+    make(path)
+    assert page.ask(path).get("error") == f"odd.dcm: {sentence}"
+
+
+def _short_lut():
+    from test_dicom import voi_lut
+
+    return voi_lut(16, 4096, 0, held=1000)
+
+
+def test_python_applies_a_modality_lut_table_as_pydicom_does(tmp_path):
+    from test_dicom import pydicom_reference
+
+    path = _modality_lut_table(tmp_path / "m.dcm")
+    np.testing.assert_array_equal(load_grayscale(path), pydicom_reference(path))

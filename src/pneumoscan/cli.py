@@ -510,6 +510,8 @@ def _explain(args: argparse.Namespace) -> int:
     for record in records:
         if "error" in record:
             print(f"pneumoscan: {record['error']}", file=sys.stderr)
+        if "warning" in record:
+            print(f"pneumoscan: warning: {record['warning']}", file=sys.stderr)
     print(f"Overlays: {args.out}", file=sys.stderr)
     return FAILURE if any("error" in r for r in records) else 0
 

@@ -23,15 +23,17 @@ Everything works on the model's (S, S, 1) float32 input in [0, 255], as made by
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pneumoscan.bundle import Bundle
+from pneumoscan.io import write_bytes_atomic
 from pneumoscan.model import heatmap_spec
 from pneumoscan.predict import expand_paths, table
-from pneumoscan.preprocess import ImageError, load_grayscale, resize
+from pneumoscan.preprocess import ImageError, load_luma, resize
 from pneumoscan.robustness import CORNER_FRACTION, check_input, marker_sensitivity
 
 BATCH_SIZE = 64  # occluded copies made at a time
@@ -231,8 +233,9 @@ def explain_files(
     Returns:
         One record per image, in input order: `{path, probability, label, heatmap_peak,
         heatmap_png, corner_share, border_share, centre_share, marker_sensitivity, png}` (`png`
-        is `heatmap_png` under its earlier name), or `{path, error}` for a file that cannot be
-        used (the others go on).
+        is `heatmap_png` under its earlier name), plus `warning` (a sentence, as `predict`'s)
+        when a DICOM header speaks against the image; or `{path, error}` for a file that cannot
+        be used (the others go on). Each overlay is written whole or not at all.
 
     Raises:
         ValueError: an unknown method.
@@ -249,12 +252,15 @@ def explain_files(
             records.append(item)
             continue
         try:
-            shown = load_grayscale(item)
+            shown, warnings = load_luma(item)
         except ImageError as error:
             records.append({"path": str(item), "error": str(error)})
             continue
         png = out / _png_name(item.stem, method, taken)
-        records.append(_explain_one(bundle, shown, item, png, method))
+        record = _explain_one(bundle, shown, item, png, method)
+        if warnings:  # what the DICOM header says against the image, as `predict` says it
+            record["warning"] = f"{item}: {'; '.join(warnings)}."
+        records.append(record)
     return records
 
 
@@ -324,7 +330,9 @@ def save_overlay(shown: np.ndarray, heatmap: np.ndarray, path: str | Path, title
         )
     axes.set_axis_off()
     figure.suptitle(title, fontsize=7, y=0.995)
-    figure.savefig(path)
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    write_bytes_atomic(Path(path), png.getvalue())  # never a half-written overlay at `path`
 
 
 def _explain_one(bundle: Bundle, shown: np.ndarray, path: Path, png: Path, method: str) -> dict:

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from pneumoscan.augment import AUGMENT_DRAWS, augment_batch
 from pneumoscan.config import AugmentConfig
-from pneumoscan.preprocess import ImageError, decode, resize
+from pneumoscan.preprocess import ImageError, decode, resize, unusable
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -31,11 +31,18 @@ def _decode(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor
     float64 [colourfulness, aspect] (the image checks of `pneumoscan.ood`), [0, 1] on error."""
 
     def load(raw: bytes) -> tuple[np.ndarray, bytes, bytes, np.ndarray]:
+        # Whatever escapes here would end the whole dataset (tf.numpy_function turns it into an
+        # InvalidArgumentError): every exception is this file's one sentence instead.
         try:
             decoded = decode(os.fsdecode(raw))
-        except ImageError as error:
-            reason = str(error).encode(errors="surrogateescape")
-            return np.zeros((0, 0), np.uint8), reason, b"", np.array([0.0, 1.0])
+        except Exception as error:
+            text = str(error) if isinstance(error, ImageError) else unusable(os.fsdecode(raw), error)
+            return (
+                np.zeros((0, 0), np.uint8),
+                text.encode(errors="surrogateescape"),
+                b"",
+                np.array([0.0, 1.0]),
+            )
         checks = np.array([decoded.colourfulness, decoded.aspect])
         return decoded.luma, b"", "; ".join(decoded.warnings).encode(), checks
 

@@ -18,7 +18,9 @@ segment of a JPEG or the first eXIf chunk of a PNG. XMP `tiff:Orientation` and P
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from pneumoscan import dicom
 
 # Decompression-bomb guard: a clinical radiograph is at most ~4k x 4k (16 MP).
 MAX_PIXELS = 50_000_000
+# Wide intermediate arrays are made for about this many pixels at a time (`_bands`).
+BAND_PIXELS = 1 << 20
 # Smaller than this is a thumbnail or an icon, not a radiograph.
 MIN_SIDE = 32
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -171,10 +175,35 @@ def load_luma(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray, 
 def decode(path: str | Path, data: bytes | None = None) -> Decoded:
     """`load_luma`, with the colourfulness of the pixels before the luma step.
 
+    Whatever a file holds, the outcome is the image or one `ImageError` sentence naming the
+    file: an exception a decoder raises on damaged bytes that no rule below names becomes one
+    too (its type named, never its text).
+
     Raises:
         ImageError: as `load_grayscale`.
     """
-    path = Path(path)
+    try:
+        return _decode(Path(path), data)
+    except ImageError:
+        raise
+    except Exception as error:  # a decoder's surprise on damaged bytes (or MemoryError)
+        raise ImageError(unusable(path, error)) from None
+
+
+def _quotable(error: BaseException) -> str:
+    """A decoder's message when it is plain words (Pillow's usually are), else its type: some
+    quote the file's bytes (`broken PNG file (chunk b'...')`)."""
+    text = str(error)
+    plain = text.isascii() and text.isprintable() and "b'" not in text and 'b"' not in text
+    return text if plain and 0 < len(text) <= 200 else type(error).__name__
+
+
+def unusable(path: str | Path, error: BaseException) -> str:
+    """The sentence for a file whose decode raised something no rule names."""
+    return f"{path}: could not be decoded ({type(error).__name__})."
+
+
+def _decode(path: Path, data: bytes | None) -> Decoded:
     if data is None:
         try:
             data = path.read_bytes()
@@ -196,11 +225,12 @@ def decode(path: str | Path, data: bytes | None = None) -> Decoded:
             if image.format not in ("JPEG", "PNG", "MPO"):
                 raise ImageError(f"{path}: is a {image.format} image; only JPEG and PNG are supported.")
             _check_size(path, *image.size)
-            image.load()
-            orientation = exif_orientation(exif_block(data))
-            if orientation in _UPRIGHT:
-                image = image.transpose(_UPRIGHT[orientation])
-            return _to_decoded(image)
+            with _DECODING.hold(image.size[0] * image.size[1]):
+                image.load()
+                orientation = exif_orientation(exif_block(data))
+                if orientation in _UPRIGHT:
+                    image = image.transpose(_UPRIGHT[orientation])
+                return _to_decoded(image)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -208,16 +238,40 @@ def decode(path: str | Path, data: bytes | None = None) -> Decoded:
     except Image.DecompressionBombError:
         raise ImageError(f"{path}: is over the {MAX_PIXELS // 1_000_000} MP pixel limit.") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{path}: is truncated or corrupt ({error}).") from None
+        raise ImageError(f"{path}: is truncated or corrupt ({_quotable(error)}).") from None
+
+
+class PixelBudget:
+    """At most `total` pixels being decoded at once by all threads together (an image larger than
+    that alone), so the memory of `predict`'s parallel decodes does not grow with the number of
+    cores: each decode holds about 10 bytes a pixel at its peak."""
+
+    def __init__(self, total: int):
+        self.total, self.used = total, 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.total)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
+
+
+# JPEG and PNG decodes share this; DICOM files are decoded one at a time (`dicom.decode`).
+_DECODING = PixelBudget(MAX_PIXELS)
 
 
 def _load_dicom(path: Path, data: bytes) -> Decoded:
-    try:
-        decoded = dicom.decode(path, data)
+    try:  # the size guard runs on the header's Rows and Columns, before any pixel is decoded
+        decoded = dicom.decode(path, data, check_size=lambda width, height: _check_size(path, width, height))
     except dicom.DicomError as error:
         raise ImageError(str(error)) from None
-    pixels = decoded.luma if decoded.luma is not None else decoded.rgb
-    _check_size(path, pixels.shape[1], pixels.shape[0])
     if decoded.luma is not None:
         return Decoded(decoded.luma, decoded.warnings)
     return Decoded(rgb_to_luma(decoded.rgb), decoded.warnings, colourfulness(decoded.rgb))
@@ -308,8 +362,7 @@ def _to_decoded(image: Image.Image) -> Decoded:
     """Luma of a decoded JPEG or PNG, and the colourfulness of its RGB (0 for one channel)."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
-        wide = np.asarray(image, dtype=np.int64)
-        return Decoded(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
+        return Decoded(_bands(np.asarray(image), _wide_to_uint8))
     if mode == "L":
         return Decoded(np.asarray(image, dtype=np.uint8).copy())
     if mode in ("LA", "La"):
@@ -327,7 +380,24 @@ def _to_decoded(image: Image.Image) -> Decoded:
 def rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) 8-bit RGB -> (H, W) uint8 luma by `LUMA_WEIGHTS_Q16` (BT.601, rounded half up)."""
     weights = np.asarray(LUMA_WEIGHTS_Q16, dtype=np.uint32)
-    return ((rgb.astype(np.uint32) @ weights + 32768) >> 16).astype(np.uint8)
+    return _bands(rgb, lambda band: ((band.astype(np.uint32) @ weights + 32768) >> 16).astype(np.uint8))
+
+
+def _wide_to_uint8(band: np.ndarray) -> np.ndarray:
+    """16-bit (or 32-bit signed) grey samples -> 8 bits by the `to_uint8` rule."""
+    wide = np.clip(band, 0, 65535).astype(np.uint32)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _bands(pixels: np.ndarray, convert) -> np.ndarray:
+    """`convert` applied to a band of rows at a time ((H, W, ...) -> (H, W) uint8), so the wider
+    intermediate arrays are never made for the whole image (a 7000 x 7000 RGB image would need
+    ~0.8 GB of them at once)."""
+    out = np.empty(pixels.shape[:2], np.uint8)
+    step = max(1, BAND_PIXELS // max(pixels.shape[1], 1))
+    for top in range(0, pixels.shape[0], step):
+        out[top : top + step] = convert(pixels[top : top + step])
+    return out
 
 
 def resize(gray, size: int):

@@ -225,7 +225,8 @@ function showResult(card, file, result) {
 
 function showError(card, file, error) {
   const message = error instanceof ImageError ? error.message
-    : `${file.name}: could not be analysed (${error && error.message ? error.message : error}).`;
+    // Only the error's kind: its text could quote the file (the console has the whole error).
+    : `${file.name}: could not be analysed (${error && error.name ? error.name : 'an unexpected error'}).`;
   card.classList.add('failed');
   card.querySelector('.outcome').hidden = true;
   const text = card.querySelector('.error');

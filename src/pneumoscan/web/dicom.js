@@ -55,9 +55,41 @@ const TAG = {
   planar: 'x00280006', frames: 'x00280008', rows: 'x00280010', columns: 'x00280011',
   bitsAllocated: 'x00280100', bitsStored: 'x00280101', signed: 'x00280103',
   windowCentre: 'x00281050', windowWidth: 'x00281051', intercept: 'x00281052', slope: 'x00281053',
-  voiFunction: 'x00281056', voiLut: 'x00283010', lutDescriptor: 'x00283002', lutData: 'x00283006',
+  voiFunction: 'x00281056', modalityLut: 'x00283000', voiLut: 'x00283010', lutDescriptor: 'x00283002', lutData: 'x00283006',
   pixelData: 'x7fe00010',
 };
+
+// The value representations the attributes above may have (PS3.6), and their value sizes: an
+// explicit VR file that says otherwise is damaged (pydicom refuses to read such a value too).
+const US = { US: 2 };
+const VALUE_REPRESENTATIONS = {
+  transferSyntax: { UI: 1 }, modality: { CS: 1 }, sopClass: { UI: 1 }, bodyPart: { CS: 1 }, view: { CS: 1 },
+  samples: US, photometric: { CS: 1 }, planar: US, frames: { IS: 1 }, rows: US, columns: US,
+  bitsAllocated: US, bitsStored: US, signed: US, windowCentre: { DS: 1 }, windowWidth: { DS: 1 },
+  intercept: { DS: 1 }, slope: { DS: 1 }, voiFunction: { CS: 1 }, modalityLut: { SQ: 1 }, voiLut: { SQ: 1 },
+  lutDescriptor: { US: 2, SS: 2 }, lutData: { US: 2, OW: 2 }, pixelData: { OB: 1, OW: 1 },
+};
+
+/** Throws an ImageError when an attribute this page reads has a VR or a length it cannot have. */
+function checkValueRepresentations(ds, name) {
+  const sets = [ds];
+  for (const key of ['voiLut', 'modalityLut']) {
+    const element = ds.elements[TAG[key]];
+    if (element && element.items) sets.push(...element.items.map((item) => item.dataSet));
+  }
+  for (const set of sets) {
+    for (const [key, allowed] of Object.entries(VALUE_REPRESENTATIONS)) {
+      const element = set.elements[TAG[key]];
+      if (!element || element.vr === undefined) continue; // absent, or implicit VR: nothing to check
+      const size = allowed[element.vr];
+      const undefinedLength = element.length === 0xffffffff || element.hadUndefinedLength;
+      if (size === undefined || (!undefinedLength && element.length % size !== 0)) {
+        throw new ImageError(`${name}: is not a readable DICOM file (an attribute's value representation ` +
+          'or length is damaged).');
+      }
+    }
+  }
+}
 
 /**
  * The decode step's DICOM contract as this page follows it: `{syntaxes}` (uid -> name, what
@@ -106,6 +138,17 @@ function hasPreamble(bytes) {
  * @throws ImageError: one sentence, without patient data.
  */
 export async function decodeDicom(bytes, name, plan, { checkSize, decodeJpeg }) {
+  try {
+    return await decodeOrRefuse(bytes, name, plan, { checkSize, decodeJpeg });
+  } catch (error) {
+    if (error instanceof ImageError) throw error;
+    // A damaged file can make dicom-parser or the code below throw anything (a RangeError, a
+    // TypeError): it is one sentence, quoting none of it (it could hold header values).
+    throw new ImageError(`${name}: is not a readable DICOM file (its data could not be decoded).`);
+  }
+}
+
+async function decodeOrRefuse(bytes, name, plan, { checkSize, decodeJpeg }) {
   if (plan.dicom === null) {
     throw new ImageError(`${name}: is a DICOM file, and this model's metadata.json does not list DICOM among its formats.`);
   }
@@ -117,10 +160,11 @@ export async function decodeDicom(bytes, name, plan, { checkSize, decodeJpeg }) 
     throw new ImageError(`${name}: is not a readable DICOM file (it has no file meta information to ` +
       'give its transfer syntax).');
   }
+  checkValueRepresentations(ds, name);
   const syntax = ds.string(TAG.transferSyntax);
   const pixelData = ds.elements[TAG.pixelData];
   if (!pixelData) {
-    const kind = ds.string(TAG.modality) || 'object';
+    const kind = codeString(ds.string(TAG.modality)) || 'object';
     throw new ImageError(`${name}: is a DICOM ${kind} without pixel data (a report or plan, not an image).`);
   }
   const frames = ds.intString(TAG.frames) || 1;
@@ -129,6 +173,10 @@ export async function decodeDicom(bytes, name, plan, { checkSize, decodeJpeg }) 
   }
   if (!(syntax in plan.dicom.syntaxes)) throw new ImageError(unreadableSyntax(name, syntax));
   const layout = readLayout(ds, name, syntax);
+  if (ds.elements[TAG.modalityLut]) {
+    throw new ImageError(`${name}: its modality LUT is a table (a Modality LUT Sequence), which this page ` +
+      'does not apply; `pneumoscan predict` does.');
+  }
   checkSize(name, layout.columns, layout.rows, plan);
   const warnings = headerWarnings(ds);
   if (syntax === JPEG_BASELINE) {
@@ -167,7 +215,7 @@ function parse(bytes, name, syntaxes) {
   try {
     const ds = globalThis.dicomParser.parseDicom(data, {
       TransferSyntaxUID: bare ? IMPLICIT_LITTLE : undefined,
-      vrCallback: (tag) => (tag === TAG.voiLut ? 'SQ' : undefined),
+      vrCallback: (tag) => (tag === TAG.voiLut || tag === TAG.modalityLut ? 'SQ' : undefined),
     });
     return { ds, bare };
   } catch (error) {
@@ -201,7 +249,8 @@ function encapsulatedFrame(ds, element, name) {
 
 function unreadableSyntax(name, uid) {
   const syntax = OTHER_SYNTAXES[uid] || TRANSFER_SYNTAXES[uid] || 'an unknown transfer syntax';
-  return `${name}: its pixel data is ${syntax} (${uid}), which this page cannot decode; try ` +
+  const quoted = /^[0-9.]{1,64}$/.test(uid) ? uid : 'an unreadable UID'; // never a damaged header's bytes
+  return `${name}: its pixel data is ${syntax} (${quoted}), which this page cannot decode; try ` +
     '`pneumoscan predict`, which also reads JPEG extended, JPEG 2000 and deflated files.';
 }
 
@@ -211,7 +260,7 @@ function readLayout(ds, name, syntax) {
     samples: ds.uint16(TAG.samples) || 1,
     photometric: (ds.string(TAG.photometric) || 'MONOCHROME2').toUpperCase(),
     bitsAllocated: ds.uint16(TAG.bitsAllocated), planar: ds.uint16(TAG.planar) || 0,
-    signed: ds.uint16(TAG.signed) === 1,
+    signed: ds.uint16(TAG.signed) === 1, bigEndian: syntax === BIG_ENDIAN, name,
   };
   layout.bitsStored = ds.uint16(TAG.bitsStored) || layout.bitsAllocated;
   const grey = layout.samples === 1 && ['MONOCHROME1', 'MONOCHROME2'].includes(layout.photometric);
@@ -220,7 +269,7 @@ function readLayout(ds, name, syntax) {
     (layout.photometric === 'RGB' || (syntax === JPEG_BASELINE && layout.photometric.startsWith('YBR_FULL')));
   if (!(grey || colour) || ![8, 16].includes(layout.bitsAllocated) || !layout.rows || !layout.columns ||
     layout.bitsStored > layout.bitsAllocated) {
-    throw new ImageError(`${name}: has a pixel layout this page does not read (${layout.photometric}, ` +
+    throw new ImageError(`${name}: has a pixel layout this page does not read (${codeString(layout.photometric)}, ` +
       `${layout.samples} samples, ${layout.bitsAllocated} bits); \`pneumoscan predict\` may.`);
   }
   return layout;
@@ -244,14 +293,26 @@ function nativeBytes(ds, element, syntax, layout, name) {
   if (element.dataOffset + length > ds.byteArray.length || element.length < length) {
     throw new ImageError(`${name}: its pixel data is cut short (${element.length} of ${length} bytes).`);
   }
-  const data = ds.byteArray.subarray(element.dataOffset, element.dataOffset + length);
-  return layout.samples === 3 && layout.planar === 1 ? interleave(data, layout.rows * layout.columns) : data;
+  let data = ds.byteArray.subarray(element.dataOffset, element.dataOffset + length);
+  if (syntax === BIG_ENDIAN && bytesPerSample === 1 && element.vr === 'OW') {
+    // 8-bit samples in 16-bit words of a big endian file: each pair of bytes swapped (pydicom's
+    // `be_swap_ow`); an odd length's padding byte comes first in its word.
+    const words = ds.byteArray.subarray(element.dataOffset, element.dataOffset + length + (length % 2));
+    const swapped = new Uint8Array(words.length);
+    for (let i = 0; i + 1 < words.length; i += 2) { swapped[i] = words[i + 1]; swapped[i + 1] = words[i]; }
+    data = swapped.subarray(0, length);
+  }
+  return layout.samples === 3 && layout.planar === 1
+    ? interleave(data, layout.rows * layout.columns, bytesPerSample) : data;
 }
 
-function interleave(planes, pixels) {
+/** Colour planes (all R, then all G, then all B) -> samples interleaved, each `width` bytes. */
+function interleave(planes, pixels, width) {
   const out = new Uint8Array(planes.length);
   for (let i = 0; i < pixels; i += 1) {
-    for (let s = 0; s < 3; s += 1) out[3 * i + s] = planes[s * pixels + i];
+    for (let s = 0; s < 3; s += 1) {
+      for (let k = 0; k < width; k += 1) out[(3 * i + s) * width + k] = planes[(s * pixels + i) * width + k];
+    }
   }
   return out;
 }
@@ -376,43 +437,80 @@ function window8(stored, ds, layout) {
   return out;
 }
 
+/**
+ * The rule's fraction 0..1 of a stored value, computed as pneumoscan/dicom.py has pydicom's
+ * `apply_modality_lut`, `apply_voi` and `apply_windowing` compute it, operation for operation
+ * (so that float64 rounding agrees to the bit): the window's output in pydicom's range
+ * [yMin, yMax] (the stored range through the rescale), then back to a fraction.
+ */
 function fractionRule(ds, layout, low, high) {
   const slope = ds.floatString(TAG.slope) || 1; // as Python's `or 1`: a slope of 0 means 1
   const intercept = ds.floatString(TAG.intercept) || 0;
   const modality = (v) => v * slope + intercept;
+  const [yMin, yMax] = [low * slope + intercept, high * slope + intercept];
   const lut = ds.elements[TAG.voiLut];
-  if (lut && lut.items && lut.items.length) {
-    const apply = voiLut(lut.items[0].dataSet, layout);
+  const item = lut && lut.items && lut.items.length ? lut.items[0].dataSet : null;
+  if (item && item.elements[TAG.lutDescriptor] && item.elements[TAG.lutData]) {
+    const apply = voiLut(item, layout);
     return (v) => apply(modality(v));
   }
-  const centre = ds.floatString(TAG.windowCentre, 0);
-  const width = ds.floatString(TAG.windowWidth, 0);
-  if (centre !== undefined && width !== undefined && !Number.isNaN(centre) && !Number.isNaN(width)) {
-    const w = Math.max(width, 1);
-    const fn = (ds.string(TAG.voiFunction) || 'LINEAR').toUpperCase();
-    if (fn === 'SIGMOID') return (v) => 1 / (1 + Math.exp((-4 * (modality(v) - centre)) / w));
-    if (fn === 'LINEAR_EXACT') return (v) => (modality(v) - centre) / w + 0.5;
-    if (w <= 1) return (v) => (modality(v) >= centre - 0.5 ? 1 : 0);
-    return (v) => (modality(v) - (centre - 0.5)) / (w - 1) + 0.5;
+  const centre = firstNumber(ds, TAG.windowCentre);
+  const width = firstNumber(ds, TAG.windowWidth);
+  if (centre !== undefined && width !== undefined) {
+    const window = windowing(centre, Math.max(width, 1), (ds.string(TAG.voiFunction) || 'LINEAR').toUpperCase(),
+      yMin, yMax);
+    return (v) => window(modality(v));
   }
-  const ends = [low * slope + intercept, high * slope + intercept].sort((a, b) => a - b);
+  const ends = [yMin, yMax].sort((a, b) => a - b);
   return (v) => (modality(v) - ends[0]) / Math.max(ends[1] - ends[0], 1e-12);
 }
 
-/** The first VOI LUT item: entries, first mapped value, bits; the data read as dicom.py reads it. */
+/** A window attribute's first value; undefined when empty, not a number or not finite (dicom.py `_first`). */
+function firstNumber(ds, tag) {
+  const value = ds.floatString(tag, 0);
+  return Number.isFinite(value) ? value : undefined;
+}
+
+/** pydicom's `apply_windowing` (PS3.3 C.11.2.1.2-3), then back to a fraction of [yMin, yMax]. */
+function windowing(centre, width, fn, yMin, yMax) {
+  const range = yMax - yMin;
+  if (fn === 'SIGMOID') return (x) => (range / (1 + Math.exp((-4 * (x - centre)) / width)) + yMin - yMin) / range;
+  const [c, w] = fn === 'LINEAR_EXACT' ? [centre, width] : [centre - 0.5, width - 1]; // else LINEAR
+  return (x) => {
+    if (x <= c - w / 2) return 0; // (yMin - yMin) / range
+    if (x > c + w / 2) return (yMax - yMin) / range;
+    return (((x - c) / w + 0.5) * range + yMin - yMin) / range;
+  };
+}
+
+/**
+ * The first VOI LUT item, read as pydicom's `apply_voi` reads it: entries, first mapped value,
+ * bits (8 or 10-16); the data 16-bit words in the file's byte order (VR US or OW), or legacy
+ * 8-bit entries packed one a byte (OW, as many bytes as entries). The value looked up is x
+ * rounded (NumPy's rint) and clamped to the table's inputs; the result a fraction of 2^bits - 1.
+ */
 function voiLut(item, layout) {
+  const { name } = layout;
   const descriptor = item.elements[TAG.lutDescriptor];
-  const firstSigned = descriptor && (descriptor.vr ? descriptor.vr === 'SS' : layout.signed);
+  const firstSigned = descriptor.vr ? descriptor.vr === 'SS' : layout.signed;
   const entries = item.uint16(TAG.lutDescriptor, 0) || 65536;
   const first = firstSigned ? item.int16(TAG.lutDescriptor, 1) : item.uint16(TAG.lutDescriptor, 1);
   const bits = item.uint16(TAG.lutDescriptor, 2);
+  if (bits !== 8 && !(bits >= 10 && bits <= 16)) {
+    throw new ImageError(`${name}: its VOI LUT has ${bits}-bit entries; pneumoscan reads 8 and 10 to 16.`);
+  }
   const element = item.elements[TAG.lutData];
   const raw = item.byteArray.subarray(element.dataOffset, element.dataOffset + element.length);
-  const wide = !(bits <= 8 && raw.length === entries); // dicom.py: uint8, else little-endian uint16
-  const size = Math.min(entries, wide ? raw.length >> 1 : raw.length);
-  const table = Float64Array.from({ length: size }, (_, i) => (wide ? raw[2 * i] | (raw[2 * i + 1] << 8) : raw[i]));
+  const packed = element.vr !== 'US' && bits === 8 && raw.length === entries;
+  const held = packed ? raw.length : raw.length >> 1;
+  if (held < entries) {
+    throw new ImageError(`${name}: its VOI LUT holds ${held} of the ${entries} entries its descriptor says.`);
+  }
+  const [high, low] = layout.bigEndian ? [0, 1] : [1, 0];
+  const table = Float64Array.from({ length: entries },
+    (_, i) => (packed ? raw[i] : (raw[2 * i + high] << 8) | raw[2 * i + low]));
   const top = 2 ** bits - 1;
-  return (x) => table[Math.min(Math.max(rint(x) - first, 0), size - 1)] / top;
+  return (x) => table[Math.min(Math.max(rint(x), first), first + entries - 1) - first] / top;
 }
 
 /** NumPy's rint: to the nearest integer, halves to even. */
@@ -421,14 +519,20 @@ function rint(x) {
   return r - x === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }
 
+/** A code string (VR CS) as a message may quote it; '' for anything else (dicom.py `_code_string`). */
+function codeString(value) {
+  const text = (value || '').trim();
+  return /^[A-Za-z0-9 _]{1,16}$/.test(text) ? text : '';
+}
+
 /** The header facts that say this is not a frontal chest X-ray (phrases of dicom.py). */
 function headerWarnings(ds) {
   const found = [];
-  const view = (ds.string(TAG.view) || '').toUpperCase();
+  const view = codeString(ds.string(TAG.view)).toUpperCase();
   if (LATERAL_VIEWS.includes(view)) {
     found.push(`the header says the view is lateral (${view}); the model reads frontal chest X-rays`);
   }
-  const part = (ds.string(TAG.bodyPart) || '').toUpperCase();
+  const part = codeString(ds.string(TAG.bodyPart)).toUpperCase();
   if (part && !CHEST_PARTS.includes(part)) found.push(`the header says the body part is ${part}, not the chest`);
   return found;
 }

@@ -158,7 +158,9 @@ export async function decode(file, plan, decodeJpeg = decodeWithBrowser) {
     try {
       image = await decodePng(bytes);
     } catch (error) {
-      throw new ImageError(`${name}: is truncated or corrupt (${error.message}).`);
+      // The decoder's words, unless they quote the file's bytes (a damaged chunk's type).
+      const plain = /^[ -~]{1,200}$/.test(error.message) ? error.message : 'its data cannot be decoded';
+      throw new ImageError(`${name}: is truncated or corrupt (${plain}).`);
     }
   } else {
     const size = jpegSize(bytes); // the frame header may lie past HEADER_BYTES
