@@ -11,13 +11,12 @@ from PIL import Image
 import image_files
 from conftest import SAMPLES, synthetic_xray
 from image_files import exif_chunk, exif_tiff, raw_profile_chunk, upright, xmp_chunk
+from pneumoscan.file_headers import exif_block, exif_orientation
 from pneumoscan.preprocess import (
     ImageError,
     colourfulness,
     decode,
     decode_to_input,
-    exif_block,
-    exif_orientation,
     load_grayscale,
     resize,
 )

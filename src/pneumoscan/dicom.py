@@ -252,7 +252,7 @@ def _frame_size(ds, syntax: str) -> tuple[int, int] | None:
         return None
     from pydicom.encaps import generate_frames
 
-    from pneumoscan.preprocess import header_size  # the JPEG frame header, read as for JPEG files
+    from pneumoscan.file_headers import header_size  # the JPEG frame header, read as for JPEG files
 
     frame = next(generate_frames(ds.PixelData, number_of_frames=1), b"")
     if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 24:  # J2K codestream: SOC, then SIZ

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pneumoscan import dicom
+from pneumoscan.file_headers import exif_block, exif_orientation, header_size
 
 # Decompression-bomb guard: a clinical radiograph is at most ~4k x 4k (16 MP).
 MAX_PIXELS = 50_000_000
@@ -36,7 +37,6 @@ BAND_PIXELS = 1 << 20
 # Smaller than this is a thumbnail or an icon, not a radiograph.
 MIN_SIDE = 32
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # `colourfulness` looks at every s-th pixel of every s-th row, s = ceil(longer side / this).
 COLOUR_SAMPLE_SIDE = 256
@@ -46,7 +46,6 @@ LUMA_WEIGHTS_Q16 = (19595, 38470, 7471)
 # Where the orientation may come from (the module docstring has the rule); metadata.json's
 # decode step names them, and a bundle without the key means these two.
 ORIENTATION_SOURCES = ["jpeg-app1-exif", "png-exif"]
-ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transposition that shows the image upright (as `ImageOps.exif_transpose`).
 _UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -285,77 +284,6 @@ def _check_size(path: Path, width: int, height: int) -> None:
             f"{path}: {width}x{height} pixels is too small to be a chest X-ray "
             f"(at least {MIN_SIDE} px a side)."
         )
-
-
-def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
-    """(marker, start, end) of each marker segment before a JPEG's scan data (end exclusive)."""
-    position = 2
-    while position + 4 <= len(data) and data[position] == 0xFF:
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        if marker in (0xD9, 0xDA):  # end of image, start of scan
-            return
-        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-        yield marker, position, end
-        position = end
-
-
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) as stored, from a PNG's IHDR or a JPEG's first frame header, read before
-    decoding (as the page's `sniffImage` does); None when the header does not say."""
-    if data.startswith(PNG_SIGNATURE) and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data.startswith(b"\xff\xd8\xff"):
-        for marker, start, _ in _jpeg_segments(data):
-            # Start of frame: SOF0..SOF15, except DHT (C4), JPG (C8) and DAC (CC).
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and start + 9 <= len(data):
-                height, width = data[start + 5 : start + 7], data[start + 7 : start + 9]
-                return int.from_bytes(width, "big"), int.from_bytes(height, "big")
-    return None
-
-
-def exif_block(data: bytes) -> bytes | None:
-    """The TIFF structure that holds a JPEG's or PNG's EXIF, by the orientation rule: the first
-    APP1 `Exif` segment before a JPEG's scan data, the first eXIf chunk of a PNG; else None."""
-    if data.startswith(b"\xff\xd8"):
-        for marker, start, end in _jpeg_segments(data):
-            if marker == 0xE1 and data[start + 4 : start + 10] == b"Exif\0\0":
-                return data[start + 10 : end]
-        return None
-    if data.startswith(PNG_SIGNATURE):
-        position = 8
-        while position + 8 <= len(data):
-            length = int.from_bytes(data[position : position + 4], "big")
-            kind = data[position + 4 : position + 8]
-            if kind == b"eXIf":
-                return data[position + 8 : position + 8 + length]
-            if kind == b"IEND":
-                return None
-            position += 12 + length
-    return None
-
-
-def exif_orientation(tiff: bytes | None) -> int:
-    """The Orientation tag (1..8) of IFD 0 of an EXIF TIFF structure; 1 when it is absent, not
-    one SHORT, out of range, or the structure is malformed. `web/preprocess.js` mirrors it."""
-    if tiff is None or len(tiff) < 8 or tiff[:4] not in (b"II*\0", b"MM\0*"):
-        return 1
-    order = "little" if tiff[:2] == b"II" else "big"
-
-    def number(at: int, size: int) -> int:
-        return int.from_bytes(tiff[at : at + size], order)
-
-    ifd = number(4, 4)
-    if ifd + 2 > len(tiff):
-        return 1
-    for entry in range(ifd + 2, min(ifd + 2 + 12 * number(ifd, 2), len(tiff) - 11), 12):
-        if number(entry, 2) == ORIENTATION_TAG:
-            value = number(entry + 8, 2)
-            single_short = number(entry + 2, 2) == 3 and number(entry + 4, 4) == 1
-            return value if single_short and 1 <= value <= 8 else 1
-    return 1
 
 
 def _to_decoded(image: Image.Image) -> Decoded:

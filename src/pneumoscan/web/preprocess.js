@@ -93,7 +93,7 @@ const startsWith = (bytes, signature) => signature.every((b, i) => b === ANY || 
 
 /**
  * Format and size from the file's first bytes, so that a huge image is refused undecoded (as
- * preprocess.header_size does); `format` is 'png', 'jpeg' or the name of another format.
+ * file_headers.header_size does); `format` is 'png', 'jpeg' or the name of another format.
  */
 export function sniffImage(bytes) {
   if (bytes.length >= 24 && startsWith(bytes, PNG_SIGNATURE)) {
