@@ -39,8 +39,7 @@ INFERENCE_BATCH = 32  # images per forward call: predict's and evaluate's defaul
 EAGER_AT_MOST = 3
 
 
-class ModelNotFound(ValueError):
-    """No --model given and no bundled model, or the folder is not a model (exit 2)."""
+from pneumoscan.errors import ModelNotFound  # noqa: E402  (defined in errors.py since it holds them all)
 
 
 def bundled_dir() -> Path | None:

@@ -28,8 +28,7 @@ from pneumoscan.model import heatmap_spec
 FORMATS = ("keras", "saved_model", "h5", "tfjs")
 
 
-class ExportError(ValueError):
-    """The bundle cannot be written where asked (exit 2)."""
+from pneumoscan.errors import ExportError  # noqa: E402  (defined in errors.py since it holds them all)
 
 
 def export_bundle(

@@ -69,8 +69,7 @@ _OPTIONAL: dict[str, Any] = {
 TEST_TIME_COMBINE = "mean of raw outputs"
 
 
-class MetadataError(ValueError):
-    """metadata.json is missing, unreadable or does not follow the schema."""
+from pneumoscan.errors import MetadataError  # noqa: E402  (defined in errors.py since it holds them all)
 
 
 def library_versions() -> dict[str, str]:

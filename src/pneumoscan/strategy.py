@@ -24,10 +24,7 @@ from typing import Any
 import numpy as np
 
 from pneumoscan.config import PRECISIONS, STRATEGIES
-
-
-class StrategyError(ValueError):
-    """The strategy cannot run here (no TF_CONFIG, mixed precision without a GPU): exit 2."""
+from pneumoscan.errors import StrategyError
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pneumoscan.bundle import Bundle
 from pneumoscan.calibrate import describe_calibration, fit_operating_point
 from pneumoscan.config import Config
 from pneumoscan.data import DataSplits, group_ids, inputs, load_splits
+from pneumoscan.errors import RunConflict, WorkerLost
 from pneumoscan.io import (
     recover_dir,
     replace_dir_atomic,
@@ -54,14 +55,6 @@ HISTORY_FIELDS = (
     "learning_rate",
     "seconds",
 )
-
-
-class RunConflict(ValueError):
-    """RUN_DIR holds a run with another configuration or other data (exit 2)."""
-
-
-class WorkerLost(RuntimeError):
-    """A worker of a multi-worker run stopped; the others cannot go on (exit 1)."""
 
 
 @dataclass
