@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from pneumoscan import metadata as metadata_io
+from pneumoscan import run_folder
 from pneumoscan.calibrate import apply_calibration
 
 INFERENCE_BATCH = 32  # images per forward call: predict's and evaluate's default --batch-size
@@ -63,7 +64,7 @@ def find(model: str | Path | None) -> Path:
             )
         return bundled
     folder = Path(model)
-    if not (folder / "model.keras").is_file() or not (folder / metadata_io.FILE_NAME).is_file():
+    if not (folder / run_folder.MODEL).is_file() or not (folder / run_folder.METADATA).is_file():
         raise ModelNotFound(f"{folder}: not a model folder (needs model.keras and metadata.json).")
     return folder
 
@@ -92,7 +93,7 @@ class Bundle:
         metadata = metadata_io.read(folder)
         import keras
 
-        return cls(folder, keras.models.load_model(folder / "model.keras", compile=False), metadata)
+        return cls(folder, keras.models.load_model(folder / run_folder.MODEL, compile=False), metadata)
 
     @property
     def image_size(self) -> int:

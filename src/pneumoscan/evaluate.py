@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import metadata as metadata_io
+from pneumoscan import run_folder
 from pneumoscan.bundle import INFERENCE_BATCH, Bundle
 from pneumoscan.calibrate import fit_operating_point
 from pneumoscan.config import CLASS_NAMES, ThresholdRule
@@ -83,7 +84,7 @@ def _scan_notes(found) -> list[str]:
 
 def read_file_lists(model_dir: Path) -> dict | None:
     """The model folder's splits.json, or None when it has none."""
-    path = Path(model_dir) / "splits.json"
+    path = Path(model_dir) / run_folder.SPLITS
     return json.loads(path.read_text()) if path.is_file() else None
 
 
