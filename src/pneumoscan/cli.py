@@ -199,7 +199,7 @@ def _train(args: argparse.Namespace) -> int:
         ).resolved()
     except ValueError as error:
         raise UsageError(str(error)) from None
-    from pneumoscan.train import train
+    from pneumoscan.training.run import train
 
     result = train(config, args.data, args.out, overwrite=args.overwrite)
     if result.wrote_run and not result.already_finished:
