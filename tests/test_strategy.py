@@ -50,11 +50,12 @@ def _start_workers(
     scratch: Path,
     epochs: int = EPOCHS,
     options: tuple[str, ...] = (),
-    command: list[str] | None = None,
+    commands: list[list[str]] | None = None,
     chief: bool = False,
 ) -> list[subprocess.Popen]:
     """The same command on two processes, each with its TF_CONFIG (with `chief`, a chief task
-    and worker 0); worker-local files go to `scratch`. `data` may differ per process."""
+    and worker 0); worker-local files go to `scratch`. `data`, or the whole command line
+    (`commands`), may differ per process."""
     data = data if isinstance(data, list) else [data, data]
     processes = []
     for index, tf_config in enumerate(local_tf_configs(2, chief=chief)):
@@ -65,7 +66,7 @@ def _start_workers(
             TMPDIR=str(scratch),
             PYTHONUNBUFFERED="1",
         )
-        argv = command or _command(data[index], run_dir, epochs, options)
+        argv = commands[index] if commands else _command(data[index], run_dir, epochs, options)
         with open(scratch / f"worker{index}.log", "a") as log:  # the child keeps its own copy
             processes.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
     return processes
@@ -250,7 +251,7 @@ def test_the_engine_hands_the_chiefs_values_to_every_worker(chief, tmp_path):
     """Engine.broadcast, broadcast_json, gather_json and on_chief across two real processes; with
     a separate `chief` task in TF_CONFIG (issue 20 item 13) the chief is place 0."""
     command = [sys.executable, "-c", ENGINE_CHILD]
-    processes = _start_workers([], tmp_path, tmp_path, command=command, chief=chief)
+    processes = _start_workers([], tmp_path, tmp_path, commands=[command, command], chief=chief)
     assert _wait(processes, timeout=180) == [0, 0], _said(tmp_path, 1)
     said = [json.loads(_said(tmp_path, i).strip().splitlines()[-1]) for i in range(2)]
     tasks = ["chief 0", "worker 0"] if chief else ["worker 0", "worker 1"]
@@ -326,11 +327,7 @@ def test_a_worker_with_other_data_stops_every_worker_in_one_sentence(
     scratch.mkdir()
     data = [three_hundred, one_file_less if other == "less" else three_hundred]
     commands = [_command(data[0], run_dir), _command(data[1], run_dir, options=options)]
-    processes = []
-    for index, (tf_config, command) in enumerate(zip(local_tf_configs(2), commands, strict=True)):
-        env = dict(os.environ, TF_CONFIG=tf_config, PYTHONPATH=str(REPO / "src"), TMPDIR=str(scratch))
-        with open(scratch / f"worker{index}.log", "a") as log:
-            processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    processes = _start_workers(data, run_dir, scratch, commands=commands)
     assert _wait(processes, timeout=180) == [2, 2], _said(scratch, 0)
     for index in range(2):
         said = _said(scratch, index)
@@ -385,7 +382,9 @@ def test_two_workers_train_what_one_worker_trains_on_the_same_global_batch(three
     two, one = tmp_path / "two", tmp_path / "one"
     argv = [str(three_hundred), str(two), "multi-worker", "2", "1e-3", "1e-6"]
     command = [sys.executable, "-c", TRAIN_CHILD, *argv]
-    assert _wait(_start_workers([], two, scratch, command=command, chief=True)) == [0, 0], _said(scratch, 1)
+    assert _wait(_start_workers([], two, scratch, commands=[command, command], chief=True)) == [0, 0], _said(
+        scratch, 1
+    )
     alone = subprocess.run(
         [sys.executable, "-c", TRAIN_CHILD, str(three_hundred), str(one), "default", "4", "2e-3", "2e-6"],
         env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
