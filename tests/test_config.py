@@ -132,3 +132,22 @@ def test_a_run_folder_from_before_mixup_averaging_exclusions_and_copies_trains_w
     legacy = Config.from_dict(saved)
     assert (legacy.mixup, legacy.weight_average_momentum, legacy.exclude_files) == (0.0, 0.0, ())
     assert legacy.test_time_shift == 0.0 and Config().test_time_shift == 0.04
+
+
+def test_the_configuration_is_resolved_once_and_then_passed_on():
+    config = Config(arch="seed", epochs=3)
+    assert not config.is_resolved and config.epochs == 3 and config.batch_size is None
+    resolved = config.resolved()
+    assert resolved.is_resolved and resolved.batch_size == 32 and resolved.epochs == 3
+    assert resolved.resolved() is resolved  # a stage that is handed it computes nothing again
+    assert Config.from_dict(resolved.to_dict()).is_resolved  # as config.json records it
+    assert not Config(arch="nope").is_resolved
+
+
+def test_metadata_is_built_from_the_resolved_configuration_only():
+    from pneumoscan import metadata
+
+    with pytest.raises(ValueError, match="resolved configuration"):
+        metadata.build(Config(arch="seed"), {}, {})
+    built = metadata.build(Config(arch="seed", image_size=64).resolved(), {}, {})
+    assert built["input"]["height"] == 64 and built["config"]["batch_size"] == 32

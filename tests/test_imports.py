@@ -12,19 +12,30 @@ from conftest import REPO
 PACKAGE = REPO / "src" / "pneumoscan"
 
 
+def module_name(path) -> str:
+    """`training/run.py` -> "training.run"; a package's `__init__.py` -> its name."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def import_graph() -> dict[str, set[str]]:
-    """module -> the package modules it imports anywhere in its body."""
+    """module -> the package modules it imports anywhere in its body, subpackages included
+    ("training.run"); importing a module of a subpackage imports the subpackage too."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py") if module_name(path)}
     graph = {}
-    for path in PACKAGE.glob("*.py"):
+    for name, path in modules.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "pneumoscan":
-                found |= {alias.name for alias in node.names if (PACKAGE / f"{alias.name}.py").is_file()}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pneumoscan."):
-                found.add(node.module.split(".")[1])
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pneumoscan"):
+                base = node.module.removeprefix("pneumoscan").removeprefix(".")
+                found |= {base} if base else set()
+                found |= {f"{base}.{a.name}".lstrip(".") for a in node.names} & set(modules)
             elif isinstance(node, ast.Import):
-                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pneumoscan.")}
-        graph[path.stem] = found - {path.stem}
+                found |= {
+                    a.name.removeprefix("pneumoscan.") for a in node.names if a.name.startswith("pneumoscan.")
+                }
+        parents = {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 1)}
+        graph[name] = (found | parents) - {name}
     return graph
 
 
@@ -50,6 +61,23 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def test_the_graph_walks_subpackages(tmp_path, monkeypatch):
+    (tmp_path / "wing").mkdir()
+    (tmp_path / "wing" / "__init__.py").write_text("")
+    (tmp_path / "wing" / "a.py").write_text("from pneumoscan.wing import b\nfrom pneumoscan.top import x\n")
+    (tmp_path / "wing" / "b.py").write_text("import pneumoscan.wing.a\n")
+    (tmp_path / "top.py").write_text("from pneumoscan import wing\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path)
+    graph = import_graph()
+    assert graph == {
+        "wing": set(),
+        "wing.a": {"wing", "wing.b", "top"},
+        "wing.b": {"wing", "wing.a"},
+        "top": {"wing"},
+    }
+    assert find_cycle(graph) == ["wing.a", "wing.b", "wing.a"]
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
@@ -58,6 +86,8 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_no_import_cycle_in_the_package():
     graph = import_graph()
     assert {"config", "model", "bundle", "data", "train", "evaluate", "predict"} <= set(graph)
+    assert {"training", "training.run", "training.fit", "training.loop"} <= set(graph)
+    assert "training.checkpoint" in graph["training.run"] and "training" in graph["train"]
     assert find_cycle(graph) is None
 
 

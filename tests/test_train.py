@@ -310,3 +310,30 @@ def test_mixup_blends_each_image_with_its_partner_by_the_larger_share():
     np.testing.assert_allclose(mixed, expected, rtol=1e-5)
     model.optimizer.iterations.assign(1)
     assert not np.array_equal(np.array(step._mix(images)[1]), blend)  # the next step draws anew
+
+
+def test_fit_arrays_trains_arrays_with_the_schedule_and_early_stopping_of_a_run():
+    """The entry point benchmarks reuse (benchmarks/robustness/label_noise.py): a run's callbacks on a fresh
+    state, without a run folder."""
+    from pneumoscan.training.batches import Arrays
+    from pneumoscan.training.fit import fit_arrays, new_model
+    from pneumoscan.training.progress import epoch_callbacks, new_state
+    from pneumoscan.training.schedule import learning_rate_at
+    from pneumoscan.training.strategy import make_engine
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 8)
+    images = (rng.uniform(0, 60, (16, 64, 64, 1)) + 120 * labels[:, None, None, None]).astype(np.float32)
+    config = Config(**{**TINY, "epochs": 6, "early_stopping_patience": 2, "schedule": "cosine"}).resolved()
+    engine = make_engine("default")
+    keras.utils.set_random_seed(1)
+    model = new_model(config, engine)
+    before = [w.copy() for w in model.get_weights()]
+    state = new_state(config, engine.replicas)
+    arrays = Arrays(images, labels)
+    fit_arrays(model, engine, arrays, arrays, config, epoch_callbacks(config, engine.replicas, state))
+    rows = state["history"]
+    assert [row["learning_rate"] for row in rows] == [learning_rate_at(config, e) for e in range(len(rows))]
+    # Separable films: val AUC reaches 1 at once and cannot improve, so patience 2 ends it early.
+    assert state["stopped_early"] and len(rows) == state["best_epoch"] + 2 < config.epochs
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))

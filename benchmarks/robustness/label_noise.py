@@ -58,48 +58,32 @@ def out_of_fold(samples, folds: np.ndarray, image_size: int, epochs: int, seed: 
 
     import keras
 
-    from pneumoscan import loop, pipeline
     from pneumoscan.bundle import Bundle
     from pneumoscan.config import DEFAULTS
     from pneumoscan.data import inputs
-    from pneumoscan.model import build_model
-    from pneumoscan.strategy import make_engine
-    from pneumoscan.train import class_weights, compile_model, learning_rate_at
+    from pneumoscan.training.batches import Arrays
+    from pneumoscan.training.fit import fit_arrays, new_model
+    from pneumoscan.training.strategy import make_engine
 
-    config = dataclasses.replace(DEFAULTS, image_size=image_size, epochs=epochs, random_seed=seed).resolved()
+    # Every epoch kept: patience as long as the run never stops early.
+    config = dataclasses.replace(
+        DEFAULTS, image_size=image_size, epochs=epochs, random_seed=seed, early_stopping_patience=epochs
+    ).resolved()
     engine = make_engine("default")
     images, labels = inputs(samples), np.array([s.label for s in samples])
     probabilities = np.full(len(samples), np.nan)
-
-    class Schedule(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.model.optimizer.learning_rate.assign(learning_rate_at(config, epoch))
-
     for fold in range(int(folds.max()) + 1):
         start = time.perf_counter()
         keras.utils.set_random_seed(seed + fold)
         fit_on, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-        model = build_model(config)
-        compile_model(model, learning_rate_at(config, 0), config.weight_decay, config.label_smoothing)
-        steps = -(-len(fit_on) // config.batch_size)
-
-        def train_batches(context, fit_on=fit_on, fold=fold):
-            return pipeline.training_batches(
-                images[fit_on], labels[fit_on], config.batch_size, seed + fold, range(epochs), config.augment
-            )
-
-        def val_batches(context, held=held):
-            return pipeline.batches(images[held], labels[held], config.batch_size)
-
-        loop.fit(
+        model = new_model(config, engine)
+        fit_arrays(
             model,
             engine,
-            train_batches,
-            val_batches,
-            loop.Epochs(0, epochs, steps),
-            class_weights(labels[fit_on]),
-            config.label_smoothing,
-            [Schedule()],
+            Arrays(images[fit_on], labels[fit_on]),
+            Arrays(images[held], labels[held]),
+            config,
+            seed=seed + fold,
         )
         probabilities[held] = Bundle(Path("."), model, {}).forward(images[held])
         log(f"fold {fold + 1}: {len(held)} films scored in {time.perf_counter() - start:.0f} s")

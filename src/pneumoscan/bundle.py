@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pneumoscan import metadata as metadata_io
+from pneumoscan import run_folder
 from pneumoscan.decision import Decision
 
 INFERENCE_BATCH = 32  # images per forward call: predict's and evaluate's default --batch-size
@@ -40,8 +41,7 @@ INFERENCE_BATCH = 32  # images per forward call: predict's and evaluate's defaul
 EAGER_AT_MOST = 3
 
 
-class ModelNotFound(ValueError):
-    """No --model given and no bundled model, or the folder is not a model (exit 2)."""
+from pneumoscan.errors import ModelNotFound  # noqa: E402  (defined in errors.py since it holds them all)
 
 
 def bundled_dir() -> Path | None:
@@ -65,7 +65,7 @@ def find(model: str | Path | None) -> Path:
             )
         return bundled
     folder = Path(model)
-    if not (folder / "model.keras").is_file() or not (folder / metadata_io.FILE_NAME).is_file():
+    if not (folder / run_folder.MODEL).is_file() or not (folder / run_folder.METADATA).is_file():
         raise ModelNotFound(f"{folder}: not a model folder (needs model.keras and metadata.json).")
     return folder
 
@@ -97,7 +97,7 @@ class Bundle:
         decision = Decision.from_metadata(metadata, str(folder / metadata_io.FILE_NAME))  # refused here
         import keras
 
-        bundle = cls(folder, keras.models.load_model(folder / "model.keras", compile=False), metadata)
+        bundle = cls(folder, keras.models.load_model(folder / run_folder.MODEL, compile=False), metadata)
         bundle._decision = (metadata, decision)
         return bundle
 

@@ -28,6 +28,7 @@ from pneumoscan.config import (
     ThresholdRule,
     read_file_list,
 )
+from pneumoscan.errors import FAILURE, PneumoscanError, UsageError
 
 # TensorFlow's C++ log: 0 shows its start-up chatter (absl's pre-init warning, CPU features) on
 # stderr before Python logging exists; 3 shows nothing (every error reaches Python as an exception,
@@ -36,7 +37,6 @@ from pneumoscan.config import (
 QUIET_TF_LOG_LEVEL = "3"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
 
-USAGE_ERROR, FAILURE = 2, 1
 # The commands that run a model, and so import TensorFlow anyway (serve and demo never do).
 TENSORFLOW_COMMANDS = ("train", "evaluate", "threshold", "ood", "predict", "export", "explain")
 
@@ -58,10 +58,6 @@ def import_tensorflow_quietly() -> None:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-class UsageError(Exception):
-    """A mistake in the command line: exit 2."""
 
 
 HOST_HELP = (
@@ -205,7 +201,7 @@ def _train(args: argparse.Namespace) -> int:
         ).resolved()
     except ValueError as error:
         raise UsageError(str(error)) from None
-    from pneumoscan.train import train
+    from pneumoscan.training.run import train
 
     result = train(config, args.data, args.out, overwrite=args.overwrite)
     if result.wrote_run and not result.already_finished:
@@ -431,12 +427,9 @@ def _add_export(commands) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pneumoscan.export import ExportError, export_bundle
+    from pneumoscan.export import export_bundle
 
-    try:
-        info = export_bundle(args.model, args.out, quantize=args.quantize)
-    except ExportError as error:
-        raise UsageError(str(error)) from None
+    info = export_bundle(args.model, args.out, quantize=args.quantize)  # ExportError: exit 2
     print(
         f"Bundle: {args.out} ({', '.join(info['formats'])}; TF.js weights {args.quantize}, "
         f"{info['tfjs_bytes'] / 1e6:.2f} MB)"
@@ -543,21 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error_code(error: BaseException) -> int | None:
-    """Exit code for an error a person can act on; None for a bug."""
-    from pneumoscan.data import DataError
-    from pneumoscan.metadata import MetadataError
-    from pneumoscan.preprocess import ImageError
-    from pneumoscan.serve import ServeError
-    from pneumoscan.strategy import StrategyError
-
-    usage = [UsageError, DataError, bundle_module.ModelNotFound, ServeError, StrategyError]
-    failures = [MetadataError, ImageError, OSError]
-    if "pneumoscan.train" in sys.modules:
-        usage.append(sys.modules["pneumoscan.train"].RunConflict)
-        failures.append(sys.modules["pneumoscan.train"].WorkerLost)
-    if isinstance(error, tuple(usage)):
-        return USAGE_ERROR
-    if isinstance(error, tuple(failures)):
+    """Exit code for an error a person can act on (its class says which); None for a bug."""
+    if isinstance(error, PneumoscanError):
+        return error.exit_code
+    if isinstance(error, OSError):
         return FAILURE
     return None
 
@@ -600,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return FAILURE
         print(f"pneumoscan: error: {error}", file=sys.stderr)
-        if type(error).__name__ == "WorkerLost":
+        if isinstance(error, PneumoscanError) and error.exits_at_once:
             _exit_now[0] = code  # TensorFlow's broken collectives make a normal teardown spew or hang
         return code
 

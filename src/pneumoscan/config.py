@@ -367,12 +367,20 @@ class Config:
             raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
         return cls(**values)
 
+    @property
+    def is_resolved(self) -> bool:
+        """Whether every recipe field holds a value (`resolved()` made it, or it was given whole)."""
+        return self.arch in RECIPES and all(getattr(self, name) is not None for name in RECIPE_FIELDS)
+
     def resolved(self) -> Config:
-        """The same configuration with the architecture's recipe filled in.
+        """The same configuration with the architecture's recipe filled in; itself when it is
+        already resolved, so the stages that receive it never compute it again.
 
         Raises:
             ValueError: the architecture has no recipe.
         """
+        if self.is_resolved:
+            return self
         if self.arch not in RECIPES:
             raise ValueError(
                 f"unknown architecture {self.arch!r}; choose one of {', '.join(sorted(RECIPES))}"

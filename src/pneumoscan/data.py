@@ -44,8 +44,7 @@ MIN_GIVEN_VAL = 100
 SHORT_HASH = 16
 
 
-class DataError(ValueError):
-    """The data folder cannot be used; the message names the path and the problem."""
+from pneumoscan.errors import DataError  # noqa: E402  (defined in errors.py since it holds them all)
 
 
 @dataclass(frozen=True)

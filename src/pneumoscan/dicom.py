@@ -63,8 +63,7 @@ INFLATED_LIMIT = 320_000_000
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XCL")
 
 
-class DicomError(ValueError):
-    """A DICOM file that cannot be used: the message is one sentence, without patient data."""
+from pneumoscan.errors import DicomError  # noqa: E402  (defined in errors.py since it holds them all)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import metadata as metadata_io
+from pneumoscan import run_folder
 from pneumoscan.bundle import INFERENCE_BATCH, Bundle
 from pneumoscan.config import CLASS_NAMES, ThresholdRule
 from pneumoscan.data import DataError, Sample, find_layout, group_ids, inputs, rebuild_splits, scan
@@ -85,7 +86,7 @@ def _scan_notes(found) -> list[str]:
 
 def read_file_lists(model_dir: Path) -> dict | None:
     """The model folder's splits.json, or None when it has none."""
-    path = Path(model_dir) / "splits.json"
+    path = Path(model_dir) / run_folder.SPLITS
     return json.loads(path.read_text()) if path.is_file() else None
 
 

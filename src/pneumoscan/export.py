@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from pneumoscan import metadata as metadata_io
+from pneumoscan import run_folder
 from pneumoscan.bundle import Bundle, set_named_weights
 from pneumoscan.io import replace_dir_atomic
 from pneumoscan.model import heatmap_spec
@@ -28,8 +29,7 @@ from pneumoscan.model import heatmap_spec
 FORMATS = ("keras", "saved_model", "h5", "tfjs")
 
 
-class ExportError(ValueError):
-    """The bundle cannot be written where asked (exit 2)."""
+from pneumoscan.errors import ExportError  # noqa: E402  (defined in errors.py since it holds them all)
 
 
 def export_bundle(
@@ -58,13 +58,13 @@ def export_bundle(
             shutil.rmtree(build / "tfjs")
             tfjs = None
         if "keras" in formats:
-            bundle.model.save(build / "model.keras")
+            bundle.model.save(build / run_folder.MODEL)
         if "saved_model" in formats:
             bundle.model.export(str(build / "saved_model"), format="tf_saved_model", verbose=False)
         if "h5" in formats:
             bundle.model.save(build / "model.h5")
-        if (bundle.folder / "splits.json").is_file():
-            shutil.copy2(bundle.folder / "splits.json", build / "splits.json")
+        if (bundle.folder / run_folder.SPLITS).is_file():
+            shutil.copy2(bundle.folder / run_folder.SPLITS, build / run_folder.SPLITS)
         meta = {"heatmap": heatmap_spec(bundle.model), **bundle.metadata}  # runs trained before it had one
         meta["export"] = {
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -69,8 +69,7 @@ _OPTIONAL: dict[str, Any] = {
 TEST_TIME_COMBINE = "mean of raw outputs"
 
 
-class MetadataError(ValueError):
-    """metadata.json is missing, unreadable or does not follow the schema."""
+from pneumoscan.errors import MetadataError  # noqa: E402  (defined in errors.py since it holds them all)
 
 
 def library_versions() -> dict[str, str]:
@@ -107,10 +106,15 @@ def copies_block(size: int, fraction: float) -> dict[str, Any] | None:
 
 
 def build(config: Config, data_summary: dict, training: dict) -> dict[str, Any]:
-    """metadata for a freshly trained model (no calibration, threshold 0.5)."""
+    """metadata for a freshly trained model (no calibration, threshold 0.5).
+
+    Raises:
+        ValueError: `config` is not resolved (the run resolves it once; see `Config.resolved`).
+    """
     from pneumoscan import __version__
 
-    config = config.resolved()
+    if not config.is_resolved:
+        raise ValueError("metadata.build takes the run's resolved configuration (Config.resolved()).")
     test_time = copies_block(config.image_size, config.test_time_shift)
     return {
         "schema_version": SCHEMA_VERSION,

@@ -97,7 +97,7 @@ def build_model(config: Config) -> keras.Model:
     Raises:
         ValueError: the architecture is unknown.
     """
-    config = config.resolved()
+    config = config.resolved()  # itself when resolved, as a run passes it
     return ARCHITECTURES[config.arch](config.image_size, config.model)
 
 

@@ -109,8 +109,7 @@ PREPROCESSING_STEPS = [
 ]
 
 
-class ImageError(ValueError):
-    """An input file that cannot be used; the message is one sentence naming the file."""
+from pneumoscan.errors import ImageError  # noqa: E402  (defined in errors.py since it holds them all)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoscan import run_folder
 from pneumoscan.evaluate import Evaluation
 from pneumoscan.io import write_bytes_atomic, write_json_atomic
 from pneumoscan.metrics import CI_METRICS
@@ -221,7 +222,7 @@ def write_report(out_dir: Path, ev: Evaluation, data: Path) -> list[str]:
     for name, plot in plots.items():
         plot(ev, out_dir / name)
     written = ["metrics.json", *plots]
-    history = Path(context["model"]) / "history.csv"
+    history = Path(context["model"]) / run_folder.HISTORY
     if history.is_file() and _plot_history(history, out_dir / "training_curves.png"):
         written.append("training_curves.png")
     if _plot_errors(ev, out_dir / "errors.png"):

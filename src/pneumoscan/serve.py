@@ -120,8 +120,7 @@ WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::([0-9]{1,5}))?")
 
 
-class ServeError(ValueError):
-    """The bundle or the TF.js files cannot be served; the message says what to run."""
+from pneumoscan.errors import ServeError  # noqa: E402  (defined in errors.py since it holds them all)
 
 
 @dataclass(frozen=True)
