@@ -36,9 +36,9 @@ import numpy as np
 from PIL import Image
 
 from pneumoscan import perturb as ops  # the module; `perturb` below is this benchmark's own step
+from pneumoscan.atomic import replace_dir_atomic, write_json_atomic
 from pneumoscan.config import CLASS_NAMES, AugmentConfig, Config
 from pneumoscan.data import Sample, load_splits, split_digest
-from pneumoscan.io import replace_dir_atomic, write_json_atomic
 from pneumoscan.preprocess import load_grayscale
 
 # The Cell paper's publication date (2018-02-22); changing it makes a new benchmark.

@@ -39,12 +39,12 @@ EPOCHS = 12
 CHILD = """
 import os, signal, sys
 from pathlib import Path
-import pneumoscan.io as io
+import pneumoscan.atomic as atomic
 from pneumoscan.config import Config
 from pneumoscan.train import train
 mode, target_epoch, data, run_dir, epochs = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
 saves = {"n": 0}
-real_exchange, real_replace = io._exchange, os.replace
+real_exchange, real_replace = atomic._exchange, os.replace
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 def exchange(first, second):
@@ -62,7 +62,7 @@ def replace(src, dst):
         if saves["n"] == target_epoch:
             die()  # the old checkpoint moved aside, the new one not yet in place
     return real_replace(src, dst)
-io._exchange, os.replace = exchange, replace
+atomic._exchange, os.replace = exchange, replace
 config = Config(arch="seed", image_size=96, epochs=int(epochs), batch_size=2, random_seed=5,
                 early_stopping_patience=1000)
 train(config, Path(data), Path(run_dir))

@@ -28,8 +28,8 @@ from benchmarks.robustness.acquisition_shift import (
     describe_families,
     read_manifest,
 )
+from pneumoscan.atomic import write_bytes_atomic
 from pneumoscan.data import DataError
-from pneumoscan.io import write_bytes_atomic
 
 FROZEN = Path(__file__).resolve().parent / "acquisition_shift_manifest.json"
 # The committed file keeps 64-bit hash prefixes, like splits.json: enough to name a changed file.

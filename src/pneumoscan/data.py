@@ -11,7 +11,7 @@ image checks of the out-of-distribution flag (`Sample.colourfulness`, `Sample.as
 
 Two validation designs (`--val-design`): `random` fills val and internal-test with patients drawn
 in a seeded order; `acquisition` (the default) fills them, for the normals, with the films whose
-acquisition looks most like the pneumonia films' (`pneumoscan.acquisition`), the kind of normal
+acquisition looks most like the pneumonia films' (`pneumoscan.acquisition_stats`), the kind of normal
 a screening model calls sick when the hospital's set-up changes, so that selection, calibration
 and threshold are judged under that shift.
 """
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumoscan import acquisition
+from pneumoscan import acquisition_stats
 from pneumoscan.config import CLASS_NAMES, VAL_DESIGNS
 from pneumoscan.dicom import DICOM_SUFFIXES, has_dicom_preamble
 from pneumoscan.preprocess import IMAGE_SUFFIXES, ImageError, decode, resize
@@ -56,7 +56,7 @@ class Sample:
     sha256: str
     # The model input (S, S, 1) float32 in [0, 255], when the scan was given the input size.
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
-    # acquisition.FEATURES of the film, when the scan was asked for them.
+    # acquisition_stats.FEATURES of the film, when the scan was asked for them.
     statistics: np.ndarray | None = field(default=None, compare=False, repr=False)
     # The decode's image checks for the out-of-distribution flag (`preprocess.Decoded`).
     colourfulness: float = field(default=0.0, compare=False, repr=False)
@@ -174,7 +174,7 @@ def scan(split_dir: Path, image_size: int | None = None, statistics: bool = Fals
             patient=patient_id(path.name) or "",
             sha256=hashlib.sha256(data).hexdigest(),
             image=None if image_size is None else resize(decoded.luma, image_size).numpy(),
-            statistics=acquisition.statistics(decoded.luma) if statistics else None,
+            statistics=acquisition_stats.statistics(decoded.luma) if statistics else None,
             colourfulness=decoded.colourfulness,
             aspect=decoded.aspect,
         )
@@ -275,7 +275,7 @@ def acquisition_split(
     samples: list[Sample], val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, list[Sample]]:
     """The acquisition design: the normal patients whose films score highest on
-    `acquisition.out_of_fold_scores` (how pneumonia-like their acquisition looks, from a model
+    `acquisition_stats.out_of_fold_scores` (how pneumonia-like their acquisition looks, from a model
     that did not see them) fill internal-test, the next ones val; pneumonias as `split_samples`.
 
     Raises:
@@ -284,7 +284,7 @@ def acquisition_split(
     if any(sample.statistics is None for sample in samples):
         raise ValueError("the acquisition design needs samples scanned with statistics=True")
     labels = np.array([s.label for s in samples])
-    scores = acquisition.out_of_fold_scores(
+    scores = acquisition_stats.out_of_fold_scores(
         np.stack([s.statistics for s in samples]), labels, group_ids(samples), seed
     )
     by_sample = dict(zip(samples, scores, strict=True))
@@ -423,9 +423,9 @@ def load_splits(
     if design == "acquisition":
         rule["acquisition"] = {
             "normals": "highest out-of-fold acquisition score first: internal-test, then val",
-            "features": list(acquisition.FEATURES),
-            "side": acquisition.SIDE,
-            "folds": acquisition.FOLDS,
+            "features": list(acquisition_stats.FEATURES),
+            "side": acquisition_stats.SIDE,
+            "folds": acquisition_stats.FOLDS,
             "model": "class-balanced L2 logistic regression on standardised features, C=1",
         }
     return DataSplits(Path(root), splits, rule, scans, notes)

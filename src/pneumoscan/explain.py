@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoscan.atomic import write_bytes_atomic
 from pneumoscan.bundle import Bundle
-from pneumoscan.io import write_bytes_atomic
 from pneumoscan.model import heatmap_spec
 from pneumoscan.predict import expand_paths, table
 from pneumoscan.preprocess import ImageError, load_luma, resize

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from pneumoscan import metadata as metadata_io
 from pneumoscan import run_folder
+from pneumoscan.atomic import replace_dir_atomic
 from pneumoscan.bundle import Bundle, set_named_weights
-from pneumoscan.io import replace_dir_atomic
 from pneumoscan.model import heatmap_spec
 
 FORMATS = ("keras", "saved_model", "h5", "tfjs")

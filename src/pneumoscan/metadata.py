@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pneumoscan.atomic import write_json_atomic
 from pneumoscan.config import CLASS_NAMES, POSITIVE_CLASS, Config
-from pneumoscan.io import write_json_atomic
 from pneumoscan.preprocess import PREPROCESSING_STEPS
 
 SCHEMA_VERSION = 1

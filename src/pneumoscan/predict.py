@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from pneumoscan.atomic import write_bytes_atomic
 from pneumoscan.bundle import INFERENCE_BATCH, Bundle
 from pneumoscan.data import find_images
 from pneumoscan.decision import Verdict
-from pneumoscan.io import write_bytes_atomic
 
 FORMATS = ("table", "json", "csv")
 OUTPUT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl"}  # --output FILE: its format by suffix

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import run_folder
+from pneumoscan.atomic import write_bytes_atomic, write_json_atomic
 from pneumoscan.evaluate import Evaluation
-from pneumoscan.io import write_bytes_atomic, write_json_atomic
 from pneumoscan.metrics import CI_METRICS
 from pneumoscan.preprocess import ImageError, load_grayscale
 

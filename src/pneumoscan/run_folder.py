@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pneumoscan import metadata as metadata_io
+from pneumoscan.atomic import recover_dir
 from pneumoscan.config import Config
 from pneumoscan.errors import RunConflict
-from pneumoscan.io import recover_dir
 
 MODEL = "model.keras"
 METADATA = metadata_io.FILE_NAME

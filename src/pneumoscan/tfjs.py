@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from pneumoscan import __version__
-from pneumoscan.io import recover_dir, replace_dir_atomic
+from pneumoscan.atomic import recover_dir, replace_dir_atomic
 from pneumoscan.metadata import TFJS_SHARD_NAME
 
 QUANTIZE_OPTIONS = ("none", "float16", "uint8")

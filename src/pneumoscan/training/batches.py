@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from pneumoscan import acquisition, pipeline
+from pneumoscan import acquisition_stats, pipeline
 from pneumoscan.config import Config
 from pneumoscan.data import DataSplits, group_ids, inputs
 
@@ -86,7 +86,7 @@ def run_arrays(splits: DataSplits, config: Config) -> tuple[Arrays, Arrays]:
     labels = np.array([s.label for s in train])
     weights = None
     if config.acquisition_reweight > 0:
-        weights = acquisition.balancing_weights(
+        weights = acquisition_stats.balancing_weights(
             np.stack([s.statistics for s in train]),
             labels,
             group_ids(train),

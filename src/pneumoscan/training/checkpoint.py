@@ -16,8 +16,8 @@ import shutil
 import keras
 import numpy as np
 
+from pneumoscan.atomic import replace_dir_atomic
 from pneumoscan.errors import RunConflict
-from pneumoscan.io import replace_dir_atomic
 from pneumoscan.run_folder import BEST_WEIGHTS, MODEL, STATE, RunFolder
 from pneumoscan.training.loop import averaged_weights
 from pneumoscan.training.progress import write_history

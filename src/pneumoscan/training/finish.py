@@ -11,11 +11,11 @@ from collections.abc import Callable
 import keras
 
 from pneumoscan import metadata as metadata_io
+from pneumoscan.atomic import save_model_atomic
 from pneumoscan.bundle import Bundle
 from pneumoscan.config import Config
 from pneumoscan.data import DataSplits
 from pneumoscan.decision import fit_on_splits, with_decision
-from pneumoscan.io import save_model_atomic
 from pneumoscan.model import build_model, heatmap_spec
 from pneumoscan.run_folder import BEST_WEIGHTS, RunFolder
 from pneumoscan.training.batches import left_out_of_training

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import keras
 
+from pneumoscan.atomic import write_bytes_atomic
 from pneumoscan.config import Config
-from pneumoscan.io import write_bytes_atomic
 from pneumoscan.training.schedule import Schedule, learning_rate_at
 
 HISTORY_FIELDS = (

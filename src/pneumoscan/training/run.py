@@ -21,10 +21,10 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from pneumoscan.atomic import write_json_atomic
 from pneumoscan.config import Config
 from pneumoscan.data import DataSplits, load_splits
 from pneumoscan.errors import DataError, PneumoscanError, RunConflict, WorkerLost
-from pneumoscan.io import write_json_atomic
 from pneumoscan.run_folder import CONFLICT, FINISHED, RESUME, RunFolder, Verdict
 from pneumoscan.training import checkpoint
 from pneumoscan.training.batches import left_out_of_training, run_arrays

@@ -1,4 +1,4 @@
-"""pneumoscan.io: atomic writes and folder swaps, and what a crash inside a swap leaves."""
+"""pneumoscan.atomic: atomic writes and folder swaps, and what a crash inside a swap leaves."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan import io
+from pneumoscan import atomic
 
 
 def _folder(path: Path, content: str) -> Path:
@@ -19,12 +19,12 @@ def _folder(path: Path, content: str) -> Path:
 @pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
 def test_replace_dir_swaps_in_the_new_folder(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(io, "_exchange", lambda first, second: False)
+        monkeypatch.setattr(atomic, "_exchange", lambda first, second: False)
     target = _folder(tmp_path / "checkpoint", "old")
-    io.replace_dir_atomic(_folder(tmp_path / ".checkpoint.new", "new"), target)
+    atomic.replace_dir_atomic(_folder(tmp_path / ".checkpoint.new", "new"), target)
     assert (target / "state.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
-    io.replace_dir_atomic(_folder(tmp_path / "fresh", "first"), tmp_path / "absent")  # no old folder
+    atomic.replace_dir_atomic(_folder(tmp_path / "fresh", "first"), tmp_path / "absent")  # no old folder
     assert (tmp_path / "absent" / "state.json").read_text() == "first"
 
 
@@ -33,7 +33,7 @@ def test_the_exchange_swaps_two_folders_in_one_step(tmp_path):
     if os.uname().sysname != "Linux":
         pytest.skip("renameat2 is Linux's")
     first, second = _folder(tmp_path / "a", "a"), _folder(tmp_path / "b", "b")
-    assert io._exchange(first, second)
+    assert atomic._exchange(first, second)
     assert (first / "state.json").read_text() == "b" and (second / "state.json").read_text() == "a"
 
 
@@ -50,20 +50,20 @@ CRASH_CASES = [
 def test_recover_dir_puts_the_newest_complete_folder_back(tmp_path, name, left, recovered):
     for folder, content in left.items():
         _folder(tmp_path / folder, content)
-    io.recover_dir(tmp_path / "checkpoint", tmp_path / ".checkpoint.new")
+    atomic.recover_dir(tmp_path / "checkpoint", tmp_path / ".checkpoint.new")
     assert (tmp_path / "checkpoint" / "state.json").read_text() == recovered
     assert not (tmp_path / ".checkpoint.old").exists() or "checkpoint" in left
 
 
 def test_nothing_to_recover_is_a_no_op(tmp_path):
-    io.recover_dir(tmp_path / "checkpoint", tmp_path / ".checkpoint.new")
+    atomic.recover_dir(tmp_path / "checkpoint", tmp_path / ".checkpoint.new")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_write_bytes_atomic_replaces_whole_files(tmp_path):
     path = tmp_path / "sub" / "history.csv"
-    io.write_bytes_atomic(path, b"a,b\n1,2\n")
-    io.write_bytes_atomic(path, b"a,b\n")
+    atomic.write_bytes_atomic(path, b"a,b\n1,2\n")
+    atomic.write_bytes_atomic(path, b"a,b\n")
     assert path.read_bytes() == b"a,b\n"
     assert [p.name for p in path.parent.iterdir()] == ["history.csv"]  # no temporary left
     assert oct(path.stat().st_mode & 0o777) == "0o644"

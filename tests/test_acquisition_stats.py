@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import synthetic_xray, write_class_folders
-from pneumoscan import acquisition
+from pneumoscan import acquisition_stats
 from pneumoscan.config import Config
 from pneumoscan.data import DataError, load_splits, rebuild_splits, scan, split_digest
 
@@ -47,17 +47,17 @@ def _blurred(gray: np.ndarray) -> np.ndarray:
     ],
 )
 def test_statistics_table(name, image, feature, check):
-    value = acquisition.statistics(image)[acquisition.FEATURES.index(feature)]
+    value = acquisition_stats.statistics(image)[acquisition_stats.FEATURES.index(feature)]
     assert check(value), f"{name}: {feature} = {value}"
 
 
 def test_blur_lowers_sharpness_and_other_sizes_are_measured_at_224():
     sharp = synthetic_xray(3, 0, size=(224, 224))
-    lap = acquisition.FEATURES.index("lap_logvar")
-    assert acquisition.statistics(_blurred(sharp))[lap] < acquisition.statistics(sharp)[lap] - 1
+    lap = acquisition_stats.FEATURES.index("lap_logvar")
+    assert acquisition_stats.statistics(_blurred(sharp))[lap] < acquisition_stats.statistics(sharp)[lap] - 1
     big = np.asarray(Image.fromarray(sharp).resize((448, 448), Image.Resampling.NEAREST))
     np.testing.assert_allclose(
-        acquisition.statistics(big)[acquisition.FEATURES.index("mean")], sharp.mean(), atol=1
+        acquisition_stats.statistics(big)[acquisition_stats.FEATURES.index("mean")], sharp.mean(), atol=1
     )
 
 
@@ -68,10 +68,12 @@ def test_logistic_regression_matches_scikit_learn():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 4)) * [1, 5, 0.2, 3] + [0, 10, 1, -2]
     y = (x[:, 0] + 0.3 * x[:, 1] + rng.normal(size=300) > 3.5).astype(int)  # imbalanced
-    fitted = acquisition.fit_logistic(x, y)
+    fitted = acquisition_stats.fit_logistic(x, y)
     scaled = StandardScaler().fit_transform(x)
     reference = LogisticRegression(C=1.0, class_weight="balanced", tol=1e-10, max_iter=1000).fit(scaled, y)
-    np.testing.assert_allclose(acquisition.score(x, fitted), reference.predict_proba(scaled)[:, 1], atol=1e-5)
+    np.testing.assert_allclose(
+        acquisition_stats.score(x, fitted), reference.predict_proba(scaled)[:, 1], atol=1e-5
+    )
 
 
 def test_out_of_fold_scores_never_score_a_group_with_its_own_model():
@@ -82,9 +84,9 @@ def test_out_of_fold_scores_never_score_a_group_with_its_own_model():
     x[:, 0] += 3 * y
     # a memorising model would score group 0's rows by their own labels; a group is held out
     # whole, so its pair gets the same fold and the scores are those of a model without it
-    scores = acquisition.out_of_fold_scores(x, y, groups, seed=0)
+    scores = acquisition_stats.out_of_fold_scores(x, y, groups, seed=0)
     assert scores.shape == (60,) and np.all((scores > 0) & (scores < 1))
-    again = acquisition.out_of_fold_scores(x, y, groups, seed=0)
+    again = acquisition_stats.out_of_fold_scores(x, y, groups, seed=0)
     np.testing.assert_array_equal(scores, again)
     assert scores[y == 1].mean() > scores[y == 0].mean() + 0.3
 
@@ -95,11 +97,11 @@ def test_balancing_weights_stop_acquisition_from_predicting_the_label():
     x = rng.normal(size=(400, 3))
     x[:, 0] += 1.5 * y  # an acquisition statistic that follows the label
     groups = list(range(400))
-    assert np.all(acquisition.balancing_weights(x, y, groups, 0, 0.0) == 1)
-    weights = acquisition.balancing_weights(x, y, groups, 0, 1.0)
+    assert np.all(acquisition_stats.balancing_weights(x, y, groups, 0, 0.0) == 1)
+    weights = acquisition_stats.balancing_weights(x, y, groups, 0, 1.0)
     for label in (0, 1):
         assert weights[y == label].mean() == pytest.approx(1.0)
-    assert weights.max() <= acquisition.MAX_WEIGHT * 4  # clipped, then scaled within its class
+    assert weights.max() <= acquisition_stats.MAX_WEIGHT * 4  # clipped, then scaled within its class
 
     def gap(w):
         means = [np.average(x[y == label, 0], weights=w[y == label]) for label in (0, 1)]
@@ -138,7 +140,7 @@ def test_acquisition_design_holds_out_the_pneumonia_like_normals(tmp_path):
     patients = {name: {s.patient for s in members} for name, members in result.splits.items()}
     assert not patients["train"] & (patients["val"] | patients["internal-test"])
     assert result.rule["design"] == "acquisition"
-    assert result.rule["acquisition"]["features"] == list(acquisition.FEATURES)
+    assert result.rule["acquisition"]["features"] == list(acquisition_stats.FEATURES)
     again = load_splits(root, 0.1, 0.1, seed=3, design="acquisition")
     assert {n: split_digest(m) for n, m in again.splits.items()} == {
         n: split_digest(m) for n, m in result.splits.items()
@@ -202,4 +204,4 @@ def test_scan_keeps_statistics_only_when_asked(tmp_path):
     root, _ = _disguised_dataset(tmp_path / "xray")
     plain, measured = scan(root), scan(root, statistics=True)
     assert all(s.statistics is None for s in plain.samples)
-    assert all(s.statistics.shape == (len(acquisition.FEATURES),) for s in measured.samples)
+    assert all(s.statistics.shape == (len(acquisition_stats.FEATURES),) for s in measured.samples)
