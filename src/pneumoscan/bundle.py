@@ -33,7 +33,7 @@ import numpy as np
 
 from pneumoscan import metadata as metadata_io
 from pneumoscan import run_folder
-from pneumoscan.decision import Decision
+from pneumoscan.decision import Calibration, Decision
 
 INFERENCE_BATCH = 32  # images per forward call: predict's and evaluate's default --batch-size
 # Calls with this many films or fewer run eagerly: tracing and optimising the graph (about 0.3 s
@@ -169,8 +169,9 @@ class Bundle:
         return outputs, np.concatenate(features) if features else np.zeros((0,), np.float32)
 
     def calibrated(self, raw: Any) -> np.ndarray:
-        """The metadata's calibration applied to raw outputs: float64 probabilities."""
-        return self.decision.probabilities(raw)
+        """The metadata's calibration applied to raw outputs: float64 probabilities. It needs the
+        `calibration` block alone, so a hand-built bundle without a threshold can run it."""
+        return Calibration.from_block(self.metadata["calibration"]).apply(raw)
 
     def probabilities(self, images: Any, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
         """Calibrated probabilities of PNEUMONIA, float64 (n,), for model inputs."""
