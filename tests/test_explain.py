@@ -16,16 +16,14 @@ from conftest import CHECKER, SAMPLES, S, hand_built, raw_with_copies, window_re
 from pneumoscan.bundle import Bundle
 from pneumoscan.cli import main
 from pneumoscan.explain import (
-    class_activation_map,
     explain_files,
-    grad_cam,
-    heatmap_peak,
     occlusion_map,
     region_masks,
     region_shares,
     render,
     save_overlay,
 )
+from pneumoscan.heatmap import class_activation_map, grad_cam, heatmap_peak
 from pneumoscan.model import heatmap_spec
 from pneumoscan.preprocess import decode_to_input
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_node
-from pneumoscan.explain import heatmap_peak
+from pneumoscan.heatmap import heatmap_peak
 from test_explain import PEAK_CASES
 
 pytestmark = needs_node
@@ -97,7 +97,7 @@ COPY_CASES = [
 def test_copies_are_pythons(page_units, name, shifts, fill):
     """The page's batch of copies is Bundle.forward's, value for value (perturb.translate where
     the fill is black)."""
-    from pneumoscan.bundle import shifted
+    from pneumoscan.forward import shifted
     from pneumoscan.perturb import translate
 
     image = np.random.default_rng(len(shifts)).uniform(0, 255, (9, 9, 1)).astype(np.float32)

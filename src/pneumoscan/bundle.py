@@ -4,11 +4,11 @@ A model folder is a training run folder (`model.keras`, `metadata.json`, `splits
 an exported bundle (the same plus `tfjs/`, `saved_model/`, `model.h5`). `Bundle` is one loaded:
 the Keras model, its metadata (input size, class names, calibration, threshold), and
 
-- `forward`: the one batched forward pass, raw sigmoid outputs for model inputs, which predict,
-  evaluate, explain, training's calibration, the export checks and the benchmarks all call
-  (averaged over the test-time copies that metadata.json's `test_time` names, when it does);
-  `forward_features` is the same pass that also returns an inner layer's output (the
-  penultimate features of the out-of-distribution score, `pneumoscan.ood`);
+- `forward`: the one batched forward pass (`pneumoscan.forward`), raw sigmoid outputs for model
+  inputs, which predict, evaluate, explain, training's calibration, the export checks and the
+  benchmarks all call (averaged over the test-time copies that metadata.json's `test_time`
+  names, when it does); `forward_features` is the same pass that also returns an inner layer's
+  output (the features of the out-of-distribution score, `pneumoscan.ood`);
 - `decision`: the metadata's calibration, threshold, borderline band and out-of-distribution
   rule (`pneumoscan.decision`), read once; `calibrated`, `label` and `borderline` apply its parts
   to single outputs.
@@ -34,14 +34,8 @@ import numpy as np
 from pneumoscan import metadata as metadata_io
 from pneumoscan import run_folder
 from pneumoscan.decision import Calibration, Decision
-
-INFERENCE_BATCH = 32  # images per forward call: predict's and evaluate's default --batch-size
-# Calls with this many films or fewer run eagerly: tracing and optimising the graph (about 0.3 s
-# on 2 cores) costs a one-image `predict` more than it saves; larger calls run 3x faster compiled.
-EAGER_AT_MOST = 3
-
-
-from pneumoscan.errors import ModelNotFound  # noqa: E402  (defined in errors.py since it holds them all)
+from pneumoscan.errors import ModelNotFound
+from pneumoscan.forward import INFERENCE_BATCH, Forward, shifted  # noqa: F401  (shifted: older imports)
 
 
 def bundled_dir() -> Path | None:
@@ -77,8 +71,7 @@ class Bundle:
     folder: Path
     model: Any  # keras.Model
     metadata: dict
-    # Per feature layer (None: the output alone), the forward pass eager and compiled.
-    _compiled: dict = field(default_factory=dict, init=False, repr=False)
+    _forward: Forward | None = field(default=None, init=False, repr=False)  # built on first use
     _decision: tuple | None = field(default=None, init=False, repr=False)  # (metadata, Decision)
 
     @classmethod
@@ -121,7 +114,7 @@ class Bundle:
 
         `images` may be a NumPy array or a tensor. It runs `batch_size` images at a time through
         one compiled function (traced once per batch shape), in inference mode; a call with at
-        most `EAGER_AT_MOST` films runs the same operations eagerly, without the graph's start-up.
+        most `forward.EAGER_AT_MOST` films runs the same operations eagerly, without the graph's start-up.
         """
         return self.forward_features(images, batch_size)[0]
 
@@ -129,44 +122,12 @@ class Bundle:
         self, images: Any, batch_size: int = INFERENCE_BATCH, layer: str | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """`forward`, and in the same pass the output of the named inner layer: (raw outputs
-        float32 (n,), that layer's output float32 (n, ...) or None when `layer` is None). The
-        page builds the same two-output model from its TF.js layers model (`decision.feature_source`).
-
-        With a `test_time` block in the metadata each film runs with its shifted copies in one
-        call (`batch_size` films, so `batch_size` x copies inputs) and its raw output is their
-        mean; the layer's output is the film's own (the first copy, shift [0, 0])."""
-        if layer not in self._compiled:
-            import keras
-            import tensorflow as tf
-
-            outputs = [self.model.output] + ([self.model.get_layer(layer).output] if layer else [])
-            twin = keras.Model(self.model.inputs, outputs) if layer else self.model
-            block = self.metadata.get("test_time")
-            shifts = [tuple(shift) for shift in block["shifts"]] if block else [(0, 0)]
-            fill = float(block["fill"]) if block else 0.0
-
-            def run(x):
-                films = tf.shape(x)[0]
-                copies = tf.concat([shifted(x, dy, dx, fill) for dy, dx in shifts], axis=0)
-                result = twin(copies, training=False)
-                raw = result[0] if layer else result
-                mean = tf.reduce_mean(tf.reshape(raw, (len(shifts), films)), axis=0)
-                return (mean, result[1][:films]) if layer else mean
-
-            self._compiled[layer] = (run, tf.function(run, reduce_retracing=True))
-        eager, compiled = self._compiled[layer]
-        count = int(images.shape[0])
-        call = eager if count <= EAGER_AT_MOST else compiled
-        raw, features = [], []
-        for start in range(0, count, batch_size):
-            result = call(images[start : start + batch_size])
-            raw.append(np.asarray(result[0] if layer else result).reshape(-1))
-            if layer:
-                features.append(np.asarray(result[1], dtype=np.float32))
-        outputs = np.concatenate(raw).astype(np.float32) if raw else np.zeros(0, np.float32)
-        if not layer:
-            return outputs, None
-        return outputs, np.concatenate(features) if features else np.zeros((0,), np.float32)
+        float32 (n,), that layer's output float32 (n, ...) or None when `layer` is None), as
+        `forward.Forward` defines them (the page builds the same two-output model in forward.js).
+        The test-time copies are those of the metadata when the model first runs."""
+        if self._forward is None:
+            self._forward = Forward(self.model, self.metadata.get("test_time"))
+        return self._forward(images, batch_size, layer)
 
     def calibrated(self, raw: Any) -> np.ndarray:
         """The metadata's calibration applied to raw outputs: float64 probabilities. It needs the
@@ -185,21 +146,6 @@ class Bundle:
         (`calibrate.in_band`); None for a model without one."""
         band = self.decision.band
         return None if band is None else bool(band.contains(probability))
-
-
-def shifted(x: Any, dy: int, dx: int, fill: float = 0.0) -> Any:
-    """(n, S, S, c) inputs with their content moved down by dy and right by dx pixels (negative:
-    up, left), `fill` coming in (`perturb.translate` for one image; the page's `withCopies` in
-    heatmap.js); the inputs themselves for (0, 0)."""
-    if (dy, dx) == (0, 0):
-        return x
-    import tensorflow as tf
-
-    height, width = x.shape[1], x.shape[2]
-    padded = tf.pad(
-        x, [[0, 0], [max(dy, 0), max(-dy, 0)], [max(dx, 0), max(-dx, 0)], [0, 0]], constant_values=fill
-    )
-    return padded[:, max(-dy, 0) : max(-dy, 0) + height, max(-dx, 0) : max(-dx, 0) + width, :]
 
 
 def set_named_weights(model: Any, weights: dict[str, np.ndarray]) -> None:

@@ -1,13 +1,8 @@
 """`pneumoscan explain [--method cam|occlusion] [--format table|json] [--out DIR] PATH...`: where
 does the model look?
 
-Class activation maps (`cam`, the default): where the model ends in global average pooling and
-one dense unit (pneumonet), its logit is the mean over the last feature grid of each cell's
-Σ_c w_c F_c, so that grid is the exact map of its evidence (CAM); other models (the paper's CNN)
-get Grad-CAM on their last convolution block. `heatmap_peak` summarises a map as one point: the
-centre of mass of the cells where the map (less its minimum) is at least half its maximum, in
-[0, 1] coordinates of the image (x right, y down). The web page computes the same map and peak
-from the same forward pass (`heatmap_spec` in metadata.json says how).
+Class activation maps (`cam`, the default) come from `pneumoscan.heatmap`, the map and its peak
+defined once (the page computes the same from the same forward pass, `web/heatmap.js`).
 
 Occlusion saliency: each patch of the model's input is replaced by the image mean and the drop
 in the model's raw output is spread back over the patch (averaged where patches overlap).
@@ -31,7 +26,7 @@ import numpy as np
 
 from pneumoscan.atomic import write_bytes_atomic
 from pneumoscan.bundle import Bundle
-from pneumoscan.model import heatmap_spec
+from pneumoscan.heatmap import class_activation_map, heatmap_peak
 from pneumoscan.predict import expand_paths, table
 from pneumoscan.preprocess import ImageError, load_luma, resize
 from pneumoscan.robustness import CORNER_FRACTION, check_input, marker_sensitivity
@@ -96,76 +91,6 @@ def occlusion_map(
     total = cover.T @ grid @ cover  # (S, S) sum of drops of the patches over each pixel
     count = np.outer(cover.sum(axis=0), cover.sum(axis=0))
     return total / count
-
-
-def grad_cam(bundle: Bundle, x: np.ndarray) -> np.ndarray | None:
-    """Grad-CAM on the feature map entering the model's GlobalAveragePooling2D layer.
-
-    Returns:
-        float64 (S, S) in [0, 1] (bilinearly upsampled, scaled to its maximum), or None when
-        the model has no GlobalAveragePooling2D layer (e.g. the `seed` architecture).
-    """
-    import keras
-    import tensorflow as tf
-
-    image = check_input(bundle, x)
-    pools = [layer for layer in bundle.model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
-    if not pools:
-        return None
-    probe = keras.Model(bundle.model.inputs, [pools[-1].input, bundle.model.outputs[0]])
-    with tf.GradientTape() as tape:
-        features, output = probe(tf.constant(image[np.newaxis]), training=False)  # (1, h, w, c)
-    gradients = tape.gradient(output, features)
-    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)  # (1, 1, 1, c)
-    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))[0]  # (h, w, 1)
-    size = image.shape[0]
-    cam = tf.image.resize(cam, (size, size), method="bilinear").numpy()[..., 0].astype(np.float64)
-    peak = cam.max()
-    return cam / peak if peak > 0 else cam
-
-
-def class_activation_map(bundle: Bundle, x: np.ndarray) -> tuple[np.ndarray, str]:
-    """The model's evidence for PNEUMONIA over its last feature grid, and the method.
-
-    Returns:
-        float64 (h, w): exact CAM cells Σ_c w_c F_c (logit units; their mean plus the output
-        bias is the logit), or Grad-CAM's ReLU(Σ_c α_c F_c) with α_c the mean gradient of the
-        output over the grid; and "cam" or "grad-cam" (see `heatmap_spec`).
-    """
-    import keras
-    import tensorflow as tf
-
-    image = check_input(bundle, x)
-    spec = bundle.metadata.get("heatmap") or heatmap_spec(bundle.model)
-    features_layer = bundle.model.get_layer(spec["feature_layer"])
-    probe = keras.Model(bundle.model.input, [features_layer.output, bundle.model.output])
-    if spec["method"] == "cam":
-        features, _ = probe(image[np.newaxis], training=False)  # (1, h, w, c)
-        kernel = bundle.model.get_layer(spec["weights_layer"]).get_weights()[0][:, 0]  # (c,)
-        return np.asarray(features)[0].astype(np.float64) @ kernel.astype(np.float64), "cam"
-    with tf.GradientTape() as tape:
-        features, output = probe(tf.constant(image[np.newaxis]), training=False)
-    gradients = tape.gradient(output, features)
-    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)  # (1, 1, 1, c)
-    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[0]  # (h, w)
-    return np.asarray(cam, np.float64), "grad-cam"
-
-
-def heatmap_peak(grid: np.ndarray) -> list[float]:
-    """`[x, y]` in [0, 1]: the centre of mass of the cells where the map less its minimum is at
-    least half its maximum, a cell (i, j) of an (h, w) grid sitting at ((j + 0.5)/w, (i + 0.5)/h).
-    A flat map gives the centre. The page computes the same (web/heatmap.js)."""
-    values = np.asarray(grid, np.float64)
-    shifted = values - values.min()
-    top = shifted.max()
-    if top <= 0:
-        return [0.5, 0.5]
-    weights = np.where(shifted >= 0.5 * top, shifted, 0.0)
-    rows, cols = np.indices(values.shape)
-    total = weights.sum()
-    x = float(((cols + 0.5) / values.shape[1] * weights).sum() / total)
-    y = float(((rows + 0.5) / values.shape[0] * weights).sum() / total)
-    return [x, y]
 
 
 def region_masks(size: int, border: float = BORDER_FRACTION) -> dict[str, np.ndarray]:

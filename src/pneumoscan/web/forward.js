@@ -1,5 +1,5 @@
-// The model's forward pass on the page, as Bundle.forward_features runs it in Python: the film
-// and its test-time copies (metadata.json's `test_time`, made as bundle.shifted makes them) in
+// The model's forward pass on the page, as forward.Forward runs it in Python (Bundle.forward_features): the film
+// and its test-time copies (metadata.json's `test_time`, made as forward.shifted makes them) in
 // one batch, the mean of their raw outputs, and from the same pass the outputs of the inner
 // layers the heatmap (heatmap.js) and the out-of-distribution score (decision.js, ood.js) read,
 // the film's own. app.js runs one `makeForward` per model, with the map heatmap.js makes.
@@ -31,7 +31,7 @@ export function readTestTime(metadata, height, width) {
 }
 
 /** The (1, h, w, 1) input and its test-time copies as one batch, film first, as
- * bundle.shifted makes them (zero-padding by `fill`, then the window back); the input alone
+ * forward.shifted makes them (zero-padding by `fill`, then the window back); the input alone
  * when `testTime` is null. Call inside tf.tidy. */
 export function withCopies(tf, input, testTime) {
   if (testTime === null) return input;

@@ -1,5 +1,5 @@
 // Where the model looked: each image's class activation map, computed in the page as
-// pneumoscan/explain.py computes it in Python (metadata.json's `heatmap` block says how).
+// pneumoscan/heatmap.py computes it in Python (metadata.json's `heatmap` block says how).
 //
 // `cam` (pneumonet: global average pooling, then one dense unit): the cells of the feature
 // layer's output times the dense kernel, whose mean plus the bias is the logit; computed in the
@@ -9,7 +9,7 @@
 // to the features themselves; only a chain of layers is supported there (a branch or a shared
 // layer after the feature layer means no heatmap, said once on the page).
 //
-// `heatmapPeak` summarises a map as one point, as explain.heatmap_peak does; `paintHeatmap`
+// `heatmapPeak` summarises a map as one point, as heatmap.heatmap_peak does; `paintHeatmap`
 // draws it as explain.save_overlay does: less its minimum, over its maximum, stretched
 // bilinearly over the whole image (cell centres at (j + 0.5) / w), inferno colours, alpha 0.6 v.
 import { MetadataError } from './errors.js';
