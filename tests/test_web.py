@@ -1083,3 +1083,91 @@ def test_ood_and_borderline_blocks_the_page_reads(browser, tmp_path, change, ood
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---- issue 23: what a result means, wherever it is shown ----------------------------------
+
+
+def _expected_probability_text(p: float) -> str:
+    """wording.js's formatProbability, in Python: three decimals and a percentage, the ends
+    never shown as certain."""
+    if p >= 0.9995:
+        return "> 0.999 (> 99.9%)"
+    if p < 0.0005:
+        return "< 0.001 (< 0.1%)"
+    percent = 100 * p
+    shown = "> 99.9" if percent >= 99.95 else "< 0.1" if percent < 0.05 else f"{percent:.1f}"
+    return f"{p:.3f} ({shown}%)"
+
+
+def _assumed_prevalence(meta: dict) -> int:
+    """The positive share (in %) of the split the bundle's calibration was fitted on."""
+    counts = meta["data"]["splits"][meta["calibration"]["fitted_on"]]["counts"]
+    return round(100 * counts[meta["positive_class"]] / sum(counts.values()))
+
+
+def test_what_a_probability_means_and_the_band_on_the_bar(browser, bundled_server, tmp_path):
+    """Every card (bundled pneumonet, wasm): the probability never reads 100.0% or 0.0% (the
+    ends read "> 99.9%", "< 0.1%"), a sentence says what it is and the pneumonia share its
+    calibration assumes, the borderline band is drawn on the bar where metadata.json puts it,
+    and the label with its band tag comes before the bar."""
+    from pneumoscan.metadata import read
+
+    meta = read(bundled_dir())
+    band = meta["borderline"]
+    samples = sorted(SAMPLES.glob("*/*.jpeg"))
+    page = _open(browser, f"{bundled_server.url}?backend=wasm")
+    cards = _classify(page, samples)
+    assert any(card["borderline"] == "true" for card in cards.values())  # the tag is exercised
+    share = _assumed_prevalence(meta)
+    for name, card in cards.items():
+        locator = page.locator(f"[data-testid=result][data-filename='{name}']")
+        text = locator.inner_text()
+        assert "100.0%" not in text and "(0.0%)" not in text and "1.000" not in text, (name, text)
+        shown = locator.locator(".probability").inner_text()
+        assert shown == _expected_probability_text(float(card["probability"])), (name, shown)
+        meaning = " ".join(locator.locator(".probability-meaning").inner_text().split())
+        assert f"where {share}% had pneumonia" in meaning and "rarer" in meaning, meaning
+        bar = locator.locator(".bar").bounding_box()
+        drawn = locator.locator(".bar .band")
+        assert drawn.is_visible(), name
+        box = drawn.bounding_box()
+        assert box["x"] - bar["x"] == pytest.approx(band["low"] * bar["width"], abs=1.5), name
+        assert box["width"] == pytest.approx((band["high"] - band["low"]) * bar["width"], abs=1.5), name
+        tag = locator.locator(".band-tag")
+        assert tag.is_visible() == (card["borderline"] == "true"), name
+        assert locator.locator(".label").bounding_box()["y"] < bar["y"]
+        if card["borderline"] == "true":
+            assert tag.bounding_box()["y"] < bar["y"]
+    assert page.errors == []
+    page.close()
+
+
+def test_a_flagged_film_keeps_its_warning_in_the_larger_view(browser, bundled_server, tmp_path):
+    """The larger view of a photograph the rule flags says it is not a chest X-ray above the
+    image and in its caption, never a bare "PNEUMONIA"; a sample X-ray's view has no warning."""
+    nonxray = load_benchmark("trust/nonxray")
+    tmp_path.joinpath("files").mkdir()
+    photo = tmp_path / "files" / "photo.png"
+    Image.fromarray(nonxray.generate(nonxray.KINDS[0], 0)).save(photo)
+    sample = SAMPLES / "NORMAL" / "IM-0115-0001.jpeg"
+    page = _open(browser, f"{bundled_server.url}?backend=wasm")
+    cards = _classify(page, [photo, sample])
+    assert cards["photo.png"]["ood"] == "true" and cards[sample.name]["ood"] == "false"
+    for name, flagged in (("photo.png", True), (sample.name, False)):
+        page.locator(f"[data-testid=result][data-filename='{name}'] button.thumb").click()
+        assert _is_open(page)
+        warning = page.locator("#viewer-warning")
+        assert warning.is_visible() == flagged, name
+        caption = page.inner_text("#viewer-caption")
+        verdict = page.inner_text("#viewer-verdict")
+        for words in (caption, verdict):
+            assert ("does not look like a chest x-ray" in words.lower()) == flagged, (name, words)
+            assert words.startswith(cards[name]["label"])
+        if flagged:
+            assert "not meaningful" in warning.inner_text()
+            assert warning.bounding_box()["y"] < page.locator("#viewer-canvas").bounding_box()["y"]
+        page.keyboard.press("Escape")
+        assert not _is_open(page)
+    assert page.errors == []
+    page.close()

@@ -24,6 +24,7 @@ import {
   ImageError, MetadataError, aspect, preprocess, readPlan,
 } from './preprocess.js';
 import { closeBitmaps, previewBitmap, showImage, wireViewer } from './viewer.js';
+import { formatPercent, formatProbability, probabilityMeaning } from './wording.js';
 
 const tf = globalThis.tf; // the UMD builds served from /vendor/ (see index.html)
 const BACKENDS = ['webgl', 'wasm', 'cpu'];
@@ -180,13 +181,13 @@ async function classify(file) {
 function showResult(card, file, result) {
   const { metadata } = state;
   const positive = result.label === metadata.class_names[1];
-  const percent = (100 * result.probability).toFixed(1);
+  const percent = formatPercent(result.probability);
   card.classList.add(positive ? 'positive' : 'negative');
   card.querySelector('.label').textContent = result.label;
   card.querySelector('.probability-key').textContent = `Probability of ${metadata.positive_class.toLowerCase()}`;
-  card.querySelector('.bar').style.setProperty('--value', String(result.probability));
-  card.querySelector('.bar').style.setProperty('--threshold', String(metadata.threshold.value));
-  card.querySelector('.probability').textContent = `${result.probability.toFixed(3)} (${percent}%)`;
+  drawBar(card.querySelector('.bar'), result.probability, metadata.threshold.value, state.decision.band);
+  card.querySelector('.probability').textContent = formatProbability(result.probability);
+  card.querySelector('.probability-meaning').textContent = probabilityMeaning(metadata);
   card.querySelector('.threshold').textContent = metadata.threshold.value.toFixed(3);
   card.querySelector('.size').textContent = `${result.width}×${result.height} px`;
   card.querySelector('.time').textContent = `${Math.round(result.ms)} ms`;
@@ -200,7 +201,11 @@ function showResult(card, file, result) {
     card.classList.add('ood');
     card.querySelector('.ood-warning').hidden = false;
   }
-  if (result.borderline) card.querySelector('.borderline-note').hidden = false;
+  if (result.borderline) {
+    card.classList.add('borderline');
+    card.querySelector('.borderline-note').hidden = false;
+    card.querySelector('.band-tag').hidden = false;
+  }
   showImage(card, {
     ...result, name: file.name, positive: metadata.positive_class.toLowerCase(),
     describe: state.heatmap.describe, unavailable: state.heatmap.unavailable,
@@ -218,9 +223,19 @@ function showResult(card, file, result) {
   const notXray = result.ood;
   say(`${file.name}: ` +
     (notXray ? 'does not look like a chest X-ray, so this answer is not meaningful: ' : '') +
-    `${result.label}, probability of ${metadata.positive_class.toLowerCase()} ${percent}%.` +
+    `${result.label}, probability of ${metadata.positive_class.toLowerCase()} ${percent}.` +
     (result.borderline ? ' Uncertain, needs a reader.' : '') +
     (warning ? ` Warning: ${result.warnings.join('; ')}.` : ''));
+}
+
+/** The bar's fill (the probability), mark (the threshold) and, with a band, its shaded span. */
+function drawBar(bar, probability, threshold, band) {
+  bar.style.setProperty('--value', String(probability));
+  bar.style.setProperty('--threshold', String(threshold));
+  if (!band) return;
+  bar.style.setProperty('--band-low', String(band.low));
+  bar.style.setProperty('--band-high', String(band.high));
+  bar.querySelector('.band').hidden = false;
 }
 
 function showError(card, file, error) {

@@ -3,6 +3,7 @@
 // the heatmap stacked on them behind a toggle, and a larger view in a <dialog> that the
 // thumbnail (a button) opens, with the overlay and a ring at the heatmap's peak.
 import { heatmapRgba, paintHeatmap } from './heatmap.js';
+import { flagWords, formatPercent } from './wording.js';
 
 const THUMBNAIL_SIDE = 224; // canvas pixels of a card's image (shown at 6.5rem, sharp at 2x)
 const VIEW_SIDE = 768; // the larger view's
@@ -77,6 +78,13 @@ export function showImage(card, view) {
 function openViewer(view, opener) {
   Object.assign(viewer, { view, opener });
   $('#viewer-title').textContent = view.name;
+  // The label with its flags, as on the card: a flagged photograph is never just "PNEUMONIA".
+  const warning = $('#viewer-warning');
+  warning.hidden = !view.ood;
+  warning.textContent = view.ood
+    ? 'Not a chest X-ray? This does not look like a chest X-ray — the answer below is not meaningful.' : '';
+  $('#viewer-verdict').textContent = verdictLine(view);
+  $('#viewer-verdict').classList.toggle('ood', Boolean(view.ood));
   const overlay = $('#viewer-overlay');
   overlay.disabled = !view.map;
   overlay.checked = Boolean(view.map);
@@ -88,7 +96,7 @@ function drawViewer() {
   const { view } = viewer;
   const canvas = $('#viewer-canvas');
   const context = drawBitmap(canvas, view.bitmap, VIEW_SIDE);
-  let caption = `${view.label}, probability of ${view.positive} ${(100 * view.probability).toFixed(1)}%. `;
+  let caption = `${verdictLine(view)} `;
   if (view.map && $('#viewer-overlay').checked) {
     paintHeatmap(context, view.map);
     const [x, y] = view.peak;
@@ -101,6 +109,12 @@ function drawViewer() {
   }
   canvas.setAttribute('aria-label', `${view.name} as the model analysed it. ${caption}`);
   $('#viewer-caption').textContent = caption;
+}
+
+/** "LABEL, probability of pneumonia P." and the result's flags, in words. */
+function verdictLine(view) {
+  const flags = flagWords(view).map((words) => ` ${words[0].toUpperCase()}${words.slice(1)}.`).join('');
+  return `${view.label}, probability of ${view.positive} ${formatPercent(view.probability)}.${flags}`;
 }
 
 function markPeak(context, x, y) {
