@@ -259,3 +259,36 @@ def test_the_awkward_corpus_in_an_external_folder(single_folder_run, tmp_path, c
     assert result["n"] == 2 + len(AWKWARD_VALID)
     err = capsys.readouterr().err
     assert f"skipped {bad} unreadable file(s)" in err and "Traceback" not in err
+
+
+def test_intervals_hold_at_small_counts_and_the_training_warning_comes_first(trained_run, tmp_path, capsys):
+    """Issue 23: every proportion's interval takes in its Wilson interval from the confusion
+    matrix (never a point at these counts), the table and the report give n beside each, and the
+    report opens with the warning that the films were in the training split."""
+    from pneumoscan.metrics import PROPORTIONS, wilson_interval
+
+    root, run_dir = trained_run
+    out = tmp_path / "report"
+    command = ["evaluate", "--model", str(run_dir), "--data", str(root), "--split", "train"]
+    assert main([*command, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cm = result["confusion_matrix"]
+    for name, (hits, cases) in PROPORTIONS.items():
+        total = sum(cm[c] for c in cases)
+        if total == 0:
+            continue
+        low, high = wilson_interval(sum(cm[c] for c in hits), total)
+        lo, hi = result["ci95"][name]
+        assert lo <= low + 1e-12 and hi >= high - 1e-12 and lo < hi, (name, result["ci95"][name], low, high)
+    assert main([*command, "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:5] == ["metric", "value", "95%", "CI", "n"]
+    sensitivity = next(line for line in table if line.startswith("sensitivity"))
+    assert sensitivity.split()[-2] == str(cm["tp"] + cm["fn"])
+    assert any(line.startswith("95% CI: a bootstrap over patients") and "Wilson" in line for line in table)
+    page = (out / "report.html").read_text()
+    warning = page.index("were in the model&#x27;s training split")
+    assert warning < page.index("<h2>Metrics</h2>")
+    assert "<th>n</th>" in page and "Films to look at" in page
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["intervals"]["n"]["sensitivity"] == cm["tp"] + cm["fn"]
