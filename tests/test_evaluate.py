@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -292,3 +293,5 @@ def test_intervals_hold_at_small_counts_and_the_training_warning_comes_first(tra
     assert "<th>n</th>" in page and "Films to look at" in page
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["intervals"]["n"]["sensitivity"] == cm["tp"] + cm["fn"]
+    digest = hashlib.sha256((run_dir / "metadata.json").read_bytes()).hexdigest()
+    assert metrics["context"]["model_digest"] == digest and digest[:16] in page

@@ -18,6 +18,7 @@ import numpy as np
 
 from pneumoscan.evaluate import COLLAPSED, INTERVALS, Evaluation
 from pneumoscan.io import write_bytes_atomic, write_json_atomic
+from pneumoscan.metadata import digest as metadata_digest
 from pneumoscan.metrics import CI_METRICS, collapsed, interval_counts
 from pneumoscan.preprocess import ImageError, load_grayscale
 
@@ -266,6 +267,7 @@ def write_report(out_dir: Path, ev: Evaluation, data: Path) -> list[str]:
         "threshold_rule": meta["threshold"]["rule"],
         "threshold_split": meta["threshold"].get("split"),
         "calibration": meta["calibration"]["method"],
+        "model_digest": metadata_digest(ev.model_dir),  # sha256 of its metadata.json: which model
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -329,7 +331,9 @@ img{{max-width:100%}}pre{{background:#f4f6f8;padding:.8rem;overflow:auto}}
 <h1>pneumoscan evaluation</h1>
 {top}
 <p>Split <b>{html.escape(ev.split)}</b>: {r["n"]} images. Model <code>{model}</code>
-({html.escape(context["arch"])}), threshold {r["threshold"]:.4f} ({html.escape(context["threshold_rule"])},
+({html.escape(context["arch"])}, metadata.json SHA-256
+<code>{context["model_digest"][:16]}</code>), threshold {r["threshold"]:.4f}
+({html.escape(context["threshold_rule"])},
 chosen on {html.escape(str(context["threshold_split"]))}). Probabilities are calibrated
 ({html.escape(context["calibration"])}).</p>
 <p>Research software, not a medical device.</p>
