@@ -1171,3 +1171,67 @@ def test_a_flagged_film_keeps_its_warning_in_the_larger_view(browser, bundled_se
         assert not _is_open(page)
     assert page.errors == []
     page.close()
+
+
+def test_results_are_summarised_downloaded_and_printed(browser, bundled_server, tmp_path):
+    """The batch summary counts the flagged photograph apart and the borderline film; the CSV
+    download has predict's columns (flags written as predict's CSV writes them), each card's
+    numbers and the model's name and metadata.json digest; the print view keeps the summary,
+    the model line and the cards, and drops the controls."""
+    import csv
+    import hashlib
+
+    nonxray = load_benchmark("trust/nonxray")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    photo = folder / "photo.png"
+    Image.fromarray(nonxray.generate(nonxray.KINDS[0], 0)).save(photo)
+    broken = folder / "broken.png"
+    broken.write_text("not an image")
+    files = [
+        photo,
+        SAMPLES / "NORMAL" / "IM-0115-0001.jpeg",
+        SAMPLES / "NORMAL" / "IM-0393-0001.jpeg",
+        broken,
+    ]
+    page = _open(browser, f"{bundled_server.url}?backend=wasm")
+    assert page.locator("#download-csv").is_disabled() and not page.locator("#summary").is_visible()
+    cards = _classify(page, files)
+    flags = {name: (card.get("ood"), card.get("borderline")) for name, card in cards.items()}
+    assert flags["photo.png"][0] == "true" and flags["IM-0393-0001.jpeg"] == ("false", "true"), flags
+    assert flags["IM-0115-0001.jpeg"] == ("false", "false"), flags
+    sync_api.expect(page.locator("#summary")).to_have_text(
+        "4 files: 2 NORMAL (1 borderline, needing a reader); 1 flagged as not a chest X-ray, "
+        "not counted by label; 1 could not be read."
+    )
+    with page.expect_download() as info:
+        page.locator("#download-csv").click()
+    download = info.value
+    assert download.suggested_filename == "pneumoscan-results.csv"
+    rows = list(csv.DictReader(io.StringIO(Path(download.path()).read_text())))
+    from pneumoscan.predict import CSV_FIELDS
+
+    assert list(rows[0]) == [*CSV_FIELDS, "model", "model_digest"]
+    digest = hashlib.sha256((bundled_dir() / "metadata.json").read_bytes()).hexdigest()
+    threshold = json.loads((bundled_dir() / "metadata.json").read_text())["threshold"]["value"]
+    assert [row["path"] for row in rows] == [path.name for path in files]
+    for row in rows:
+        card = cards[row["path"]]
+        assert row["model"] == "pneumonet" and row["model_digest"] == digest, row
+        if "error" in card:
+            assert row["error"] == card["error"] and row["label"] == "", row
+            continue
+        assert row["label"] == card["label"] and row["probability"] == card["probability"], row
+        assert row["ood"] == card["ood"].title() and row["borderline"] == card["borderline"].title(), row
+        assert float(row["threshold"]) == threshold, row
+    page.emulate_media(media="print")
+    assert not page.locator("#drop-zone").is_visible() and not page.locator("#download-csv").is_visible()
+    assert page.locator("#summary").is_visible() and page.locator("[data-testid=result]").first.is_visible()
+    header = page.locator("#print-header")
+    assert header.is_visible() and digest[:16] in header.inner_text() and "pneumonet" in header.inner_text()
+    page.emulate_media(media="screen")
+    assert not header.is_visible()
+    page.get_by_role("button", name="Clear results").click()
+    assert page.locator("#download-csv").is_disabled() and not page.locator("#summary").is_visible()
+    assert page.errors == []
+    page.close()

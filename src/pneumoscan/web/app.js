@@ -25,6 +25,7 @@ import {
 } from './preprocess.js';
 import { closeBitmaps, previewBitmap, showImage, wireViewer } from './viewer.js';
 import { formatPercent, formatProbability, probabilityMeaning } from './wording.js';
+import { cardRecords, download, sha256Hex, summarize, toCsv } from './results.js';
 
 const tf = globalThis.tf; // the UMD builds served from /vendor/ (see index.html)
 const BACKENDS = ['webgl', 'wasm', 'cpu'];
@@ -34,7 +35,7 @@ const SOFTWARE_RENDERER = /swiftshader|llvmpipe|softpipe|software|basic render/i
 const $ = (selector) => document.querySelector(selector);
 const state = {
   model: null, forward: null, heatmap: null, metadata: null, plan: null, decision: null,
-  queue: Promise.resolve(), oodNote: '', bandNote: '',
+  queue: Promise.resolve(), oodNote: '', bandNote: '', digest: null,
 };
 
 function say(message) {
@@ -100,7 +101,9 @@ async function chooseBackend(forced) {
 async function loadMetadata() {
   const response = await fetch('model/metadata.json', { cache: 'no-cache' });
   if (!response.ok) throw new Error(`model/metadata.json: HTTP ${response.status}.`);
-  return response.json();
+  const bytes = await response.arrayBuffer();
+  state.digest = await sha256Hex(bytes); // names the model in what is saved (metadata.digest)
+  return JSON.parse(new TextDecoder().decode(bytes));
 }
 
 /** `read(...)`, or null and `{note}` when the block cannot be followed: the page then says so
@@ -263,7 +266,36 @@ async function processFile(file, card) {
     card.dataset.filename = file.name;
     card.dataset.testid = 'result';
     card.removeAttribute('aria-busy');
+    showSummary();
   }
+}
+
+// ---- the batch: summary, CSV, print -------------------------------------------------------
+
+function resultRecords() {
+  const { metadata } = state;
+  const model = { name: metadata.arch, digest: state.digest, threshold: metadata.threshold.value };
+  return cardRecords($('#results').children, model);
+}
+
+function showSummary() {
+  const records = resultRecords();
+  const summary = $('#summary');
+  summary.hidden = records.length === 0;
+  summary.textContent = records.length ? summarize(records) : '';
+  $('#download-csv').disabled = records.length === 0;
+  $('#print').disabled = records.length === 0;
+  const digest = state.digest ? `metadata.json SHA-256 ${state.digest.slice(0, 16)}` : 'digest not available here';
+  $('#print-header').textContent = `pneumoscan, model ${state.metadata.arch} (${digest}), ` +
+    `${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC. Research tool, not a diagnosis.`;
+}
+
+function wireBatch() {
+  $('#download-csv').addEventListener('click', () => {
+    download('pneumoscan-results.csv', toCsv(resultRecords()));
+    say('The results were saved as a CSV file.');
+  });
+  $('#print').addEventListener('click', () => window.print());
 }
 
 function addFiles(files) {
@@ -307,6 +339,7 @@ function wirePicker() {
   $('#clear').addEventListener('click', () => {
     closeBitmaps($('#results').children);
     $('#results').replaceChildren();
+    if (state.metadata) showSummary();
     say('Results cleared.');
   });
 }
@@ -351,4 +384,5 @@ async function main() {
 
 wirePicker();
 wireViewer();
+wireBatch();
 main();
