@@ -1235,3 +1235,61 @@ def test_results_are_summarised_downloaded_and_printed(browser, bundled_server, 
     assert page.locator("#download-csv").is_disabled() and not page.locator("#summary").is_visible()
     assert page.errors == []
     page.close()
+
+
+JARGON = ("stage3_out", "platt", "sensitivity:", "swiftshader", "grad-cam", "mahalanobis")
+
+
+def test_plain_words_first_and_the_phone_layout(browser, bundled_server, tmp_path):
+    """At 390 x 844 (a phone) the file button is above the fold with nothing wider than the
+    screen; the model panel says in plain words what runs and keeps its technical words behind
+    a disclosure that opens and closes; a long file name wraps between its parts."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(f"{bundled_server.url}?backend=wasm")
+    sync_api.expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=TIMEOUT_MS)
+    button = page.locator("label[for=files]").bounding_box()
+    assert button["y"] + button["height"] <= 844, button
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    panel = page.locator(".status").inner_text().lower()
+    assert not [word for word in JARGON if word in panel], panel
+    plain = page.inner_text("#model-plain")
+    assert plain.startswith("Ready: the pneumonet model runs in this browser (WebAssembly)"), plain
+    assert "flags images that do not look like chest X-rays" in plain
+    toggle = page.get_by_role("button", name="Technical details")
+    assert toggle.get_attribute("aria-expanded") == "false" and not page.locator("#model").is_visible()
+    toggle.click()
+    assert toggle.get_attribute("aria-expanded") == "true" and page.locator("#model").is_visible()
+    assert "stage3_out" in page.locator(".status").inner_text()
+    assert "where 74% had pneumonia" in page.inner_text("#probability-meaning")
+    toggle.click()
+    assert not page.locator("#model").is_visible()
+    long_name = tmp_path / "person1006_bacteria_2937_second_reading_of_the_same_film.jpeg"
+    shutil.copyfile(SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg", long_name)
+    cards = _classify(page, [long_name])
+    assert cards[long_name.name]["label"] in ("NORMAL", "PNEUMONIA")
+    name = page.locator("[data-testid=result] .filename")
+    assert name.text_content() == long_name.name and name.locator("wbr").count() == 9
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    # Every line of the wrapped name ends after a _ - or . (where the <wbr> are), none mid-word.
+    line_ends = name.evaluate(
+        """element => {
+          const text = element.textContent, range = document.createRange(), ends = [];
+          let offset = 0, lastTop = null;
+          for (const node of element.childNodes) {
+            if (node.nodeType !== Node.TEXT_NODE) continue;
+            for (let i = 0; i < node.length; i += 1) {
+              range.setStart(node, i); range.setEnd(node, i + 1);
+              const top = Math.round(range.getBoundingClientRect().top);
+              if (lastTop !== null && top > lastTop) ends.push(text[offset + i - 1]);
+              lastTop = top;
+            }
+            offset += node.length;
+          }
+          return ends;
+        }"""
+    )
+    assert line_ends and all(end in "_-." for end in line_ends), line_ends
+    assert page.errors == []
+    page.close()

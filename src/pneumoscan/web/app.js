@@ -156,9 +156,28 @@ function describeModel(metadata) {
 
 // ---- one file -> one card ---------------------------------------------------------------
 
+/** A file name with break opportunities after _ - . (so a narrow card wraps it between
+ * its parts, not mid-word); its text stays the name. */
+function showName(element, name) {
+  element.replaceChildren();
+  for (const part of name.split(/(?<=[_\-.])/)) {
+    if (element.childNodes.length) element.append(document.createElement('wbr'));
+    element.append(part);
+  }
+}
+
+/** The status panel's first line, in plain words (the details are behind the disclosure). */
+function plainStatus(metadata, backend) {
+  const where = { webgl: "this computer's graphics chip", wasm: 'WebAssembly', cpu: 'plain JavaScript' }[backend];
+  const checks = [state.decision.ood && 'flags images that do not look like chest X-rays',
+    state.decision.band && 'marks uncertain answers for a reader'].filter(Boolean);
+  return `Ready: the ${metadata.arch} model runs in this browser (${where})` +
+    (checks.length ? `; it ${checks.join(' and ')}.` : '.');
+}
+
 function newCard(file) {
   const card = $('#card-template').content.firstElementChild.cloneNode(true);
-  card.querySelector('.filename').textContent = file.name;
+  showName(card.querySelector('.filename'), file.name);
   card.setAttribute('aria-busy', 'true');
   $('#results').append(card);
   return card;
@@ -298,6 +317,15 @@ function wireBatch() {
   $('#print').addEventListener('click', () => window.print());
 }
 
+function wireDetails() {
+  const toggle = $('#details-toggle');
+  toggle.addEventListener('click', () => {
+    const open = toggle.getAttribute('aria-expanded') !== 'true';
+    toggle.setAttribute('aria-expanded', String(open));
+    $('#model-details').hidden = !open;
+  });
+}
+
 function addFiles(files) {
   if (!state.model) {
     say('The model is not loaded yet; add the images again once it is.');
@@ -364,6 +392,8 @@ async function main() {
     $('#heatmap-method').textContent = state.heatmap.describe || state.heatmap.unavailable;
     $('#ood-method').textContent = state.oodNote;
     $('#borderline-band').textContent = state.bandNote;
+    $('#probability-meaning').textContent = probabilityMeaning(metadata);
+    $('#model-plain').textContent = plainStatus(metadata, backend.name);
     $('#files').disabled = false;
     // Milliseconds from navigation start to a usable model (benchmarks/speed/browser_bench.py).
     document.body.dataset.readyMs = performance.now().toFixed(1);
@@ -375,6 +405,8 @@ async function main() {
     $('#load-error').textContent = `${what}: ${error.message}`;
     $('#load-error').hidden = false;
     $('#model').textContent = 'not loaded';
+    $('#model-plain').textContent = 'The model is not loaded.';
+    $('#probability-meaning').textContent = 'not loaded';
     $('#heatmap-method').textContent = 'not loaded';
     $('#ood-method').textContent = 'not loaded';
     $('#borderline-band').textContent = 'not loaded';
@@ -385,4 +417,5 @@ async function main() {
 wirePicker();
 wireViewer();
 wireBatch();
+wireDetails();
 main();
