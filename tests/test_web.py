@@ -1293,3 +1293,40 @@ def test_plain_words_first_and_the_phone_layout(browser, bundled_server, tmp_pat
     assert line_ends and all(end in "_-." for end in line_ends), line_ends
     assert page.errors == []
     page.close()
+
+
+def test_the_heatmap_has_room_a_scale_and_words_for_a_normal_answer(browser, bundled_server):
+    """At 1280 x 900 a card's image is 8rem (128 px) a side; the larger view has a colour scale
+    from the weakest (dark) to the strongest (bright) evidence, shown with the overlay only, and
+    on a NORMAL answer says that the bright areas are not findings."""
+    normal, pneumonia = (
+        SAMPLES / "NORMAL" / "IM-0115-0001.jpeg",
+        SAMPLES / "PNEUMONIA" / "person19_bacteria_61.jpeg",
+    )
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{bundled_server.url}?backend=wasm")
+    sync_api.expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=TIMEOUT_MS)
+    cards = _classify(page, [normal, pneumonia])
+    assert cards[normal.name]["label"] == "NORMAL" and cards[pneumonia.name]["label"] == "PNEUMONIA"
+    for name, is_normal in ((normal.name, True), (pneumonia.name, False)):
+        card = page.locator(f"[data-testid=result][data-filename='{name}']")
+        assert card.locator("button.thumb").bounding_box()["width"] >= 128
+        card.locator("button.thumb").click()
+        assert _is_open(page)
+        legend = page.locator("#viewer-legend")
+        assert legend.is_visible() and "strongest evidence of pneumonia" in legend.inner_text()
+        dark, bright = page.locator("#viewer-legend-scale").evaluate(
+            """canvas => {
+              const context = canvas.getContext('2d'), y = canvas.height >> 1;
+              const at = (x) => [...context.getImageData(x, y, 1, 1).data.slice(0, 3)]
+                .reduce((a, b) => a + b);
+              return [at(0), at(canvas.width - 1)];
+            }"""
+        )
+        assert dark < 30 and bright > 300, (dark, bright)
+        caption = page.inner_text("#viewer-caption")
+        assert ("the bright areas are not findings" in caption) == is_normal, caption
+        page.locator("#viewer-overlay").uncheck()
+        assert not legend.is_visible()
+        page.keyboard.press("Escape")
+    page.close()

@@ -5,7 +5,7 @@
 import { heatmapRgba, paintHeatmap } from './heatmap.js';
 import { flagWords, formatPercent } from './wording.js';
 
-const THUMBNAIL_SIDE = 224; // canvas pixels of a card's image (shown at 6.5rem, sharp at 2x)
+const THUMBNAIL_SIDE = 256; // canvas pixels of a card's image (shown at 8rem, sharp at 2x)
 const VIEW_SIDE = 768; // the larger view's
 const views = new WeakMap(); // card -> what it shows
 const viewer = { view: null, opener: null }; // what the dialog shows, and who opened it
@@ -104,9 +104,14 @@ function drawViewer() {
     caption += `Heatmap: the ${view.describe}, brighter where the model found more evidence of ` +
       `${view.positive}; the ring marks its peak, ${Math.round(100 * x)}% from the left and ` +
       `${Math.round(100 * y)}% from the top.`;
+    if (view.label.toLowerCase() !== view.positive) {
+      caption += ` On a ${view.label} answer the map still shows where that evidence was strongest, ` +
+        'but it was too weak to pass the threshold: the bright areas are not findings.';
+    }
   } else {
     caption += view.map ? 'Heatmap hidden.' : `The page has ${view.unavailable}.`;
   }
+  $('#viewer-legend').hidden = !(view.map && $('#viewer-overlay').checked);
   canvas.setAttribute('aria-label', `${view.name} as the model analysed it. ${caption}`);
   $('#viewer-caption').textContent = caption;
 }
@@ -129,8 +134,20 @@ function markPeak(context, x, y) {
 }
 
 /** The dialog's controls: Close, the overlay checkbox; Escape closes it (the browser's). */
+/** The legend's colour scale: the map's colours from its weakest to its strongest value,
+ * over black as on a film. */
+function drawLegend() {
+  const canvas = $('#viewer-legend-scale');
+  const context = canvas.getContext('2d');
+  context.fillStyle = '#000';
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  const grid = Float64Array.from({ length: canvas.width }, (_, i) => i);
+  paintHeatmap(context, { grid, gridHeight: 1, gridWidth: canvas.width });
+}
+
 export function wireViewer() {
   const dialog = $('#viewer');
+  drawLegend();
   $('#viewer-close').addEventListener('click', () => dialog.close());
   $('#viewer-overlay').addEventListener('change', drawViewer);
   dialog.addEventListener('close', () => {
