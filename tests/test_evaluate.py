@@ -295,3 +295,37 @@ def test_intervals_hold_at_small_counts_and_the_training_warning_comes_first(tra
     assert metrics["intervals"]["n"]["sensitivity"] == cm["tp"] + cm["fn"]
     digest = hashlib.sha256((run_dir / "metadata.json").read_bytes()).hexdigest()
     assert metrics["context"]["model_digest"] == digest and digest[:16] in page
+
+
+def test_the_report_lists_flagged_wrong_and_borderline_films_with_thumbnails(tmp_path, capsys):
+    """The bundled model on two samples of each class and a photograph filed as NORMAL: the
+    report's list puts the photograph first as flagged, then the errors and borderline films,
+    each with its thumbnail."""
+    from PIL import Image
+
+    from conftest import load_benchmark
+
+    nonxray = load_benchmark("trust/nonxray")
+    data = tmp_path / "data"
+    for label, names in {
+        "NORMAL": ["IM-0115-0001.jpeg", "IM-0393-0001.jpeg"],
+        "PNEUMONIA": ["person391_bacteria_1782.jpeg", "person19_bacteria_61.jpeg"],
+    }.items():
+        (data / label).mkdir(parents=True)
+        for name in names:
+            shutil.copyfile(SAMPLES / label / name, data / label / name)
+    Image.fromarray(nonxray.generate(nonxray.KINDS[0], 0)).save(data / "NORMAL" / "photo.png")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--data", str(data), "--out", str(out)]) == 0
+    capsys.readouterr()
+    page = (out / "report.html").read_text()
+    listed = page[page.index("<h2>Films to look at</h2>") : page.index("<h2>Notes</h2>")]
+    rows = re.findall(
+        r"<tr><td>(.*?)</td><td>(.*?)</td><td>(\w+)</td><td>([\d.]+)</td><td>(.*?)</td></tr>", listed
+    )
+    assert rows[0][1] == "NORMAL/photo.png" and rows[0][4] == "flagged: not a chest X-ray?", rows
+    whys = {(file, why) for _, file, _, _, why in rows}
+    # person391 (p 0.41) is a false negative and borderline; IM-0393 (p 0.51) borderline only.
+    assert ("PNEUMONIA/person391_bacteria_1782.jpeg", "false negative") in whys
+    assert ("NORMAL/IM-0393-0001.jpeg", "borderline") in whys
+    assert all(thumbnail.startswith("<img") for thumbnail, *_ in rows)

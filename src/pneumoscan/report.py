@@ -12,6 +12,7 @@ import contextlib
 import csv
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -208,10 +209,23 @@ def _ci(result: dict, name: str) -> str:
     return f"[{_fmt(lo)}, {_fmt(hi)}]" + ("*" if collapsed(result["ci95"].get(name)) else "")
 
 
-def films_to_look_at(ev: Evaluation) -> list[tuple[int, str]]:
-    """(index, why) of the films a reader should see: the errors at the model's threshold,
-    most confident first, then the borderline ones (inside the model's band), FILMS_LISTED of
-    each at most."""
+def flagged_films(ev: Evaluation) -> list[int]:
+    """Indices of the films the model's out-of-distribution rule flags, by `predict`'s verdict
+    on each (a second pass over the films, for the report only); none for a model without
+    the rule."""
+    if not ev.metadata.get("ood"):
+        return []
+    from pneumoscan.bundle import Bundle
+    from pneumoscan.predict import verdicts
+
+    found = verdicts(Bundle.load(ev.model_dir), [sample.path for sample in ev.samples])
+    return [i for i, (_, error, _, verdict) in enumerate(found) if not error and verdict.ood]
+
+
+def films_to_look_at(ev: Evaluation, flagged: Sequence[int] = ()) -> list[tuple[int, str]]:
+    """(index, why) of the films a reader should see: those `flagged` as not chest X-rays,
+    the errors at the model's threshold, most confident first, then the borderline ones
+    (inside the model's band), FILMS_LISTED of each at most."""
     from pneumoscan.calibrate import in_band
 
     threshold, p, y = ev.result["threshold"], ev.probabilities, ev.labels
@@ -223,7 +237,8 @@ def films_to_look_at(ev: Evaluation) -> list[tuple[int, str]]:
         if not band
         else [(int(i), "borderline") for i in np.argsort(p) if in_band(p[i], band["low"], band["high"])]
     )
-    return fp[:FILMS_LISTED] + fn[:FILMS_LISTED] + inside[:FILMS_LISTED]
+    ood = [(int(i), "flagged: not a chest X-ray?") for i in flagged]
+    return ood[:FILMS_LISTED] + fp[:FILMS_LISTED] + fn[:FILMS_LISTED] + inside[:FILMS_LISTED]
 
 
 def _thumbnail(path: Path, side: int = 96) -> str:
@@ -248,10 +263,10 @@ def _films_html(ev: Evaluation) -> str:
     rows = "".join(
         f"<tr><td>{_thumbnail(ev.samples[i].path)}</td><td>{html.escape(ev.samples[i].relpath)}</td>"
         f"<td>{names[int(ev.labels[i])]}</td><td>{ev.probabilities[i]:.3f}</td><td>{why}</td></tr>"
-        for i, why in films_to_look_at(ev)
+        for i, why in films_to_look_at(ev, flagged_films(ev))
     )
     if not rows:
-        return "<p>No errors and no borderline films at the model's threshold.</p>"
+        return "<p>No flagged, wrong or borderline films at the model's threshold.</p>"
     header = "".join(f"<th>{name}</th>" for name in ("film", "file", "truth", "p(pneumonia)", "why"))
     return f"<table><tr>{header}</tr>{rows}</table>"
 
