@@ -17,6 +17,12 @@
 //   precision), and with its `borderline` block data-borderline ("true"/"false"), all set with
 //   the probability; absent for a bundle without the block, or one the page cannot follow
 //   (#ood-method / #borderline-band then say so).
+// What a result means (issue 23, tests/test_web.py): a card's .verdict holds .label and, when
+//   borderline, .band-tag; .bar .band is the borderline band (shown with the bundle's block);
+//   .probability never reads 100.0% or 0.0% (wording.js), .probability-meaning says what it is.
+//   The dialog repeats the flags (#viewer-verdict, #viewer-warning) and the map's scale
+//   (#viewer-legend). #summary, #download-csv, #print and #print-header are the batch's
+//   (results.js); #model-plain leads the model panel, whose details #details-toggle shows.
 import { readBorderline, readDecision, readOod, verdict } from './decision.js';
 import { makeForward, readTestTime } from './forward.js';
 import { heatmapPeak, heatmapSpec, makeMap } from './heatmap.js';
