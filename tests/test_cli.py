@@ -144,3 +144,15 @@ def test_tensorflow_start_up_chatter_is_silenced_unless_debug(tmp_path):
     quiet, chatty = stderr(), stderr("--debug")
     assert quiet.splitlines() == ["1 image(s) predicted (1 NORMAL); 0 failed."]
     assert "absl::InitializeLog" in chatty  # the noise is real, and --debug keeps it
+
+
+def test_every_cli_flag_has_help_that_gives_its_default():
+    """Issue 23: `serve`/`demo` --host/--port and every --batch-size lacked help and defaults."""
+    missing, no_default = [], []
+    for key, action in _cli_flags().items():
+        words = action.help or ""
+        if not words.strip() or words == argparse.SUPPRESS:
+            missing.append(key)
+        elif action.default not in (None, False, argparse.SUPPRESS) and "default" not in words:
+            no_default.append(key)
+    assert missing == [] and no_default == [], (missing, no_default)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -259,3 +260,72 @@ def test_the_awkward_corpus_in_an_external_folder(single_folder_run, tmp_path, c
     assert result["n"] == 2 + len(AWKWARD_VALID)
     err = capsys.readouterr().err
     assert f"skipped {bad} unreadable file(s)" in err and "Traceback" not in err
+
+
+def test_intervals_hold_at_small_counts_and_the_training_warning_comes_first(trained_run, tmp_path, capsys):
+    """Issue 23: every proportion's interval takes in its Wilson interval from the confusion
+    matrix (never a point at these counts), the table and the report give n beside each, and the
+    report opens with the warning that the films were in the training split."""
+    from pneumoscan.metrics import PROPORTIONS, wilson_interval
+
+    root, run_dir = trained_run
+    out = tmp_path / "report"
+    command = ["evaluate", "--model", str(run_dir), "--data", str(root), "--split", "train"]
+    assert main([*command, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cm = result["confusion_matrix"]
+    for name, (hits, cases) in PROPORTIONS.items():
+        total = sum(cm[c] for c in cases)
+        if total == 0:
+            continue
+        low, high = wilson_interval(sum(cm[c] for c in hits), total)
+        lo, hi = result["ci95"][name]
+        assert lo <= low + 1e-12 and hi >= high - 1e-12 and lo < hi, (name, result["ci95"][name], low, high)
+    assert main([*command, "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:5] == ["metric", "value", "95%", "CI", "n"]
+    sensitivity = next(line for line in table if line.startswith("sensitivity"))
+    assert sensitivity.split()[-2] == str(cm["tp"] + cm["fn"])
+    assert any(line.startswith("95% CI: a bootstrap over patients") and "Wilson" in line for line in table)
+    page = (out / "report.html").read_text()
+    warning = page.index("were in the model&#x27;s training split")
+    assert warning < page.index("<h2>Metrics</h2>")
+    assert "<th>n</th>" in page and "Films to look at" in page
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["intervals"]["n"]["sensitivity"] == cm["tp"] + cm["fn"]
+    digest = hashlib.sha256((run_dir / "metadata.json").read_bytes()).hexdigest()
+    assert metrics["context"]["model_digest"] == digest and digest[:16] in page
+
+
+def test_the_report_lists_flagged_wrong_and_borderline_films_with_thumbnails(tmp_path, capsys):
+    """The bundled model on two samples of each class and a photograph filed as NORMAL: the
+    report's list puts the photograph first as flagged, then the errors and borderline films,
+    each with its thumbnail."""
+    from PIL import Image
+
+    from conftest import load_benchmark
+
+    nonxray = load_benchmark("trust/nonxray")
+    data = tmp_path / "data"
+    for label, names in {
+        "NORMAL": ["IM-0115-0001.jpeg", "IM-0393-0001.jpeg"],
+        "PNEUMONIA": ["person391_bacteria_1782.jpeg", "person19_bacteria_61.jpeg"],
+    }.items():
+        (data / label).mkdir(parents=True)
+        for name in names:
+            shutil.copyfile(SAMPLES / label / name, data / label / name)
+    Image.fromarray(nonxray.generate(nonxray.KINDS[0], 0)).save(data / "NORMAL" / "photo.png")
+    out = tmp_path / "report"
+    assert main(["evaluate", "--data", str(data), "--out", str(out)]) == 0
+    capsys.readouterr()
+    page = (out / "report.html").read_text()
+    listed = page[page.index("<h2>Films to look at</h2>") : page.index("<h2>Notes</h2>")]
+    rows = re.findall(
+        r"<tr><td>(.*?)</td><td>(.*?)</td><td>(\w+)</td><td>([\d.]+)</td><td>(.*?)</td></tr>", listed
+    )
+    assert rows[0][1] == "NORMAL/photo.png" and rows[0][4] == "flagged: not a chest X-ray?", rows
+    whys = {(file, why) for _, file, _, _, why in rows}
+    # person391 (p 0.41) is a false negative and borderline; IM-0393 (p 0.51) borderline only.
+    assert ("PNEUMONIA/person391_bacteria_1782.jpeg", "false negative") in whys
+    assert ("NORMAL/IM-0393-0001.jpeg", "borderline") in whys
+    assert all(thumbnail.startswith("<img") for thumbnail, *_ in rows)

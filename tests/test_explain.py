@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CHECKER, SAMPLES, S, hand_built, raw_with_copies, window_reader
+from conftest import CHECKER, SAMPLES, S, hand_built, load_benchmark, raw_with_copies, window_reader
 from pneumoscan.bundle import Bundle
 from pneumoscan.cli import main
 from pneumoscan.explain import (
@@ -323,3 +323,28 @@ def test_an_overlay_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         save_overlay(np.zeros((40, 40), np.uint8), np.ones((5, 5)), png)
     assert png.read_bytes() == b"the earlier overlay"
     assert [p.name for p in tmp_path.iterdir()] == ["x_cam.png"]
+
+
+def test_explain_carries_the_flags_of_its_label(tmp_path, capsys):
+    """Issue 23: a photograph the bundled model's rule flags gets `ood`, `borderline` and
+    `threshold` in explain's JSON, as predict gives them, and its overlay's title and the table
+    say it; the keys explain had are all still there."""
+    from pneumoscan.predict import predict_files
+
+    nonxray = load_benchmark("trust/nonxray")
+    photo, xray = tmp_path / "photo.png", SAMPLES / "NORMAL" / "IM-0115-0001.jpeg"
+    Image.fromarray(nonxray.generate(nonxray.KINDS[0], 0)).save(photo)
+    out = tmp_path / "maps"
+    assert main(["explain", "--format", "json", "--out", str(out), str(photo), str(xray)]) == 0
+    records = json.loads(capsys.readouterr().out)
+    predicted = predict_files(None, [photo, xray])
+    for record, expected in zip(records, predicted, strict=True):
+        assert set(record) >= {"path", "probability", "label", "heatmap_peak", "heatmap_png", "png"}
+        assert set(record) >= {"centre_share", "border_share", "corner_share", "marker_sensitivity"}
+        for key in ("threshold", "borderline", "ood"):
+            assert record[key] == expected[key], (key, record, expected)
+        assert record["ood_score"] == pytest.approx(expected["ood_score"], rel=1e-6)
+    assert records[0]["ood"] is True and records[1]["ood"] is False
+    assert main(["explain", "--out", str(out), str(photo), str(xray)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "NOT A CHEST X-RAY?" in table[1] and "NOT A CHEST X-RAY?" not in table[2]

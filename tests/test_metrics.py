@@ -398,3 +398,57 @@ def test_percentile_interval_by_hand(values, level, expected):
     from pneumoscan.metrics import percentile_interval
 
     np.testing.assert_allclose(percentile_interval(values, level), expected)
+
+
+# ---- intervals that hold at small counts (issue 23) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "successes, total, expected",
+    [
+        # Hand-computed with the Wilson formula, z = 1.959964; the exact (Clopper-Pearson)
+        # interval for 8/8 is [0.631, 1], the percentile bootstrap's [1, 1].
+        (8, 8, [0.675592, 1.0]),
+        (0, 8, [0.0, 0.324408]),
+        (7, 8, [0.529112, 0.977583]),
+        (50, 100, [0.403832, 0.596168]),
+    ],
+)
+def test_wilson_interval_against_hand_computed_values(successes, total, expected):
+    assert metrics.wilson_interval(successes, total) == pytest.approx(expected, abs=1e-6)
+
+
+def test_wilson_interval_refuses_impossible_counts_and_has_none_for_no_cases():
+    with pytest.raises(ValueError, match="9 of 8"):
+        metrics.wilson_interval(9, 8)
+    assert all(math.isnan(v) for v in metrics.wilson_interval(0, 0))
+
+
+def test_a_collapsed_bootstrap_is_widened_for_proportions_and_counted():
+    """8 of 8 right in each class: the percentile bootstrap says [1, 1]; the proportions take in
+    their Wilson interval, balanced accuracy the mean of its parts', and n is each denominator."""
+    cm = {"tn": 8, "fp": 0, "fn": 0, "tp": 8}
+    labels = np.array([0] * 8 + [1] * 8)
+    probs = np.where(labels == 1, 0.9, 0.1)
+    bootstrap = metrics.bootstrap_ci(labels, probs, 0.5, groups=np.arange(16), n_resamples=200)
+    assert bootstrap["sensitivity"] == [1.0, 1.0]  # what the issue saw
+    intervals = metrics.small_sample_intervals(bootstrap, cm)
+    for name in ("sensitivity", "specificity", "precision", "npv"):
+        assert intervals[name] == pytest.approx([0.675592, 1.0], abs=1e-6), name
+    assert intervals["accuracy"] == pytest.approx(metrics.wilson_interval(16, 16), abs=1e-12)
+    assert intervals["balanced_accuracy"] == pytest.approx([0.675592, 1.0], abs=1e-6)
+    assert metrics.collapsed(intervals["roc_auc"]) and not metrics.collapsed(intervals["accuracy"])
+    counts = metrics.interval_counts({"tn": 5, "fp": 3, "fn": 1, "tp": 7})
+    assert counts == {
+        "accuracy": 16,
+        "sensitivity": 8,
+        "specificity": 8,
+        "precision": 10,
+        "npv": 6,
+        "f1": 16,
+        "balanced_accuracy": 16,
+        "roc_auc": 16,
+        "pr_auc": 16,
+    }
+    wide = {name: [0.0, 1.0] for name in metrics.CI_METRICS}  # a wider bootstrap is kept
+    assert metrics.small_sample_intervals(wide, cm)["sensitivity"] == [0.0, 1.0]

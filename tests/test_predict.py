@@ -402,3 +402,45 @@ def test_the_shard_key_is_nfc_and_the_same_for_relative_and_absolute_arguments(t
 def test_a_bad_shard_is_a_usage_error(shard, capsys):
     assert main(["predict", f"--shard={shard}", str(SAMPLES)]) == 2
     assert "shard must be K/N with 0 <= K < N" in capsys.readouterr().err
+
+
+# ---- issue 23: the flags wherever a label is shown ---------------------------------------
+
+FLAGGED = [
+    {"path": "photo.png", "label": "PNEUMONIA", "probability": 0.996, "threshold": 0.9, "borderline": False}
+    | {"ood": True, "ood_score": 3.2},
+    {"path": "xray.jpeg", "label": "PNEUMONIA", "probability": 0.99999, "threshold": 0.9, "borderline": False}
+    | {"ood": False, "ood_score": 0.2},
+    {"path": "unsure.jpeg", "label": "NORMAL", "probability": 0.5, "threshold": 0.9, "borderline": True}
+    | {"ood": False, "ood_score": 0.4},
+    {"path": "broken.png", "error": "broken.png: is not an image."},
+]
+
+
+def test_the_summary_counts_flagged_films_apart_from_their_label():
+    from pneumoscan.predict import Tally
+
+    tally = Tally()
+    for record in FLAGGED:
+        tally.add(record)
+    assert tally.line() == (
+        "3 image(s) predicted (1 NORMAL, 1 PNEUMONIA; 1 of them borderline, needing a reader; "
+        "1 flagged as not chest X-rays, not counted by label); 1 failed."
+    )
+    only_photos = Tally()
+    only_photos.add(FLAGGED[0])
+    flagged_only = "1 image(s) predicted (1 flagged as not chest X-rays, not counted by label); 0 failed."
+    assert only_photos.line() == flagged_only
+
+
+def test_the_table_says_each_flag_in_words_and_never_prints_certainty():
+    from pneumoscan.predict import render
+
+    lines = render(FLAGGED, "table").splitlines()
+    header = ["path", "label", "p(pneumonia)", "threshold", "borderline", "ood"]
+    assert lines[0].split() == header
+    photo, xray, unsure = lines[1:4]
+    assert "NOT A CHEST X-RAY? the label is not meaningful" in photo
+    assert "<-" not in xray and ">0.9999" in xray and "1.0000" not in xray
+    assert "borderline: uncertain, needs a reader" in unsure and "NOT A CHEST" not in unsure
+    assert all(line.split()[4] in ("yes", "no") and line.split()[5] in ("yes", "no") for line in lines[1:4])

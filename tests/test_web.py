@@ -1083,3 +1083,250 @@ def test_ood_and_borderline_blocks_the_page_reads(browser, tmp_path, change, ood
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---- issue 23: what a result means, wherever it is shown ----------------------------------
+
+
+def _expected_probability_text(p: float) -> str:
+    """wording.js's formatProbability, in Python: three decimals and a percentage, the ends
+    never shown as certain."""
+    if p >= 0.9995:
+        return "> 0.999 (> 99.9%)"
+    if p < 0.0005:
+        return "< 0.001 (< 0.1%)"
+    percent = 100 * p
+    shown = "> 99.9" if percent >= 99.95 else "< 0.1" if percent < 0.05 else f"{percent:.1f}"
+    return f"{p:.3f} ({shown}%)"
+
+
+def _assumed_prevalence(meta: dict) -> int:
+    """The positive share (in %) of the split the bundle's calibration was fitted on."""
+    counts = meta["data"]["splits"][meta["calibration"]["fitted_on"]]["counts"]
+    return round(100 * counts[meta["positive_class"]] / sum(counts.values()))
+
+
+def test_what_a_probability_means_and_the_band_on_the_bar(browser, bundled_server, tmp_path):
+    """Every card (bundled pneumonet, wasm): the probability never reads 100.0% or 0.0% (the
+    ends read "> 99.9%", "< 0.1%"), a sentence says what it is and the pneumonia share its
+    calibration assumes, the borderline band is drawn on the bar where metadata.json puts it,
+    and the label with its band tag comes before the bar."""
+    from pneumoscan.metadata import read
+
+    meta = read(bundled_dir())
+    band = meta["borderline"]
+    samples = sorted(SAMPLES.glob("*/*.jpeg"))
+    page = _open(browser, f"{bundled_server.url}?backend=wasm")
+    cards = _classify(page, samples)
+    assert any(card["borderline"] == "true" for card in cards.values())  # the tag is exercised
+    share = _assumed_prevalence(meta)
+    for name, card in cards.items():
+        locator = page.locator(f"[data-testid=result][data-filename='{name}']")
+        text = locator.inner_text()
+        assert "100.0%" not in text and "(0.0%)" not in text and "1.000" not in text, (name, text)
+        shown = locator.locator(".probability").inner_text()
+        assert shown == _expected_probability_text(float(card["probability"])), (name, shown)
+        meaning = " ".join(locator.locator(".probability-meaning").inner_text().split())
+        assert f"where {share}% had pneumonia" in meaning and "rarer" in meaning, meaning
+        bar = locator.locator(".bar").bounding_box()
+        drawn = locator.locator(".bar .band")
+        assert drawn.is_visible(), name
+        box = drawn.bounding_box()
+        assert box["x"] - bar["x"] == pytest.approx(band["low"] * bar["width"], abs=1.5), name
+        assert box["width"] == pytest.approx((band["high"] - band["low"]) * bar["width"], abs=1.5), name
+        tag = locator.locator(".band-tag")
+        assert tag.is_visible() == (card["borderline"] == "true"), name
+        assert locator.locator(".label").bounding_box()["y"] < bar["y"]
+        if card["borderline"] == "true":
+            assert tag.bounding_box()["y"] < bar["y"]
+    assert page.errors == []
+    page.close()
+
+
+def test_a_flagged_film_keeps_its_warning_in_the_larger_view(browser, bundled_server, tmp_path):
+    """The larger view of a photograph the rule flags says it is not a chest X-ray above the
+    image and in its caption, never a bare "PNEUMONIA"; a sample X-ray's view has no warning."""
+    nonxray = load_benchmark("trust/nonxray")
+    tmp_path.joinpath("files").mkdir()
+    photo = tmp_path / "files" / "photo.png"
+    Image.fromarray(nonxray.generate(nonxray.KINDS[0], 0)).save(photo)
+    sample = SAMPLES / "NORMAL" / "IM-0115-0001.jpeg"
+    page = _open(browser, f"{bundled_server.url}?backend=wasm")
+    cards = _classify(page, [photo, sample])
+    assert cards["photo.png"]["ood"] == "true" and cards[sample.name]["ood"] == "false"
+    for name, flagged in (("photo.png", True), (sample.name, False)):
+        page.locator(f"[data-testid=result][data-filename='{name}'] button.thumb").click()
+        assert _is_open(page)
+        warning = page.locator("#viewer-warning")
+        assert warning.is_visible() == flagged, name
+        caption = page.inner_text("#viewer-caption")
+        verdict = page.inner_text("#viewer-verdict")
+        for words in (caption, verdict):
+            assert ("does not look like a chest x-ray" in words.lower()) == flagged, (name, words)
+            assert words.startswith(cards[name]["label"])
+        if flagged:
+            assert "not meaningful" in warning.inner_text()
+            assert warning.bounding_box()["y"] < page.locator("#viewer-canvas").bounding_box()["y"]
+        page.keyboard.press("Escape")
+        assert not _is_open(page)
+    assert page.errors == []
+    page.close()
+
+
+def test_results_are_summarised_downloaded_and_printed(browser, bundled_server, tmp_path):
+    """The batch summary counts the flagged photograph apart and the borderline film; the CSV
+    download has predict's columns (flags written as predict's CSV writes them), each card's
+    numbers and the model's name and metadata.json digest; the print view keeps the summary,
+    the model line and the cards, and drops the controls."""
+    import csv
+    import hashlib
+
+    nonxray = load_benchmark("trust/nonxray")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    photo = folder / "photo.png"
+    Image.fromarray(nonxray.generate(nonxray.KINDS[0], 0)).save(photo)
+    broken = folder / "broken.png"
+    broken.write_text("not an image")
+    files = [
+        photo,
+        SAMPLES / "NORMAL" / "IM-0115-0001.jpeg",
+        SAMPLES / "NORMAL" / "IM-0393-0001.jpeg",
+        broken,
+    ]
+    page = _open(browser, f"{bundled_server.url}?backend=wasm")
+    assert page.locator("#download-csv").is_disabled() and not page.locator("#summary").is_visible()
+    cards = _classify(page, files)
+    flags = {name: (card.get("ood"), card.get("borderline")) for name, card in cards.items()}
+    assert flags["photo.png"][0] == "true" and flags["IM-0393-0001.jpeg"] == ("false", "true"), flags
+    assert flags["IM-0115-0001.jpeg"] == ("false", "false"), flags
+    sync_api.expect(page.locator("#summary")).to_have_text(
+        "4 files: 2 NORMAL (1 borderline, needing a reader); 1 flagged as not a chest X-ray, "
+        "not counted by label; 1 could not be read."
+    )
+    with page.expect_download() as info:
+        page.locator("#download-csv").click()
+    download = info.value
+    assert download.suggested_filename == "pneumoscan-results.csv"
+    rows = list(csv.DictReader(io.StringIO(Path(download.path()).read_text())))
+    from pneumoscan.predict import CSV_FIELDS
+
+    assert list(rows[0]) == [*CSV_FIELDS, "model", "model_digest"]
+    digest = hashlib.sha256((bundled_dir() / "metadata.json").read_bytes()).hexdigest()
+    threshold = json.loads((bundled_dir() / "metadata.json").read_text())["threshold"]["value"]
+    assert [row["path"] for row in rows] == [path.name for path in files]
+    for row in rows:
+        card = cards[row["path"]]
+        assert row["model"] == "pneumonet" and row["model_digest"] == digest, row
+        if "error" in card:
+            assert row["error"] == card["error"] and row["label"] == "", row
+            continue
+        assert row["label"] == card["label"] and row["probability"] == card["probability"], row
+        assert row["ood"] == card["ood"].title() and row["borderline"] == card["borderline"].title(), row
+        assert float(row["threshold"]) == threshold, row
+    page.emulate_media(media="print")
+    assert not page.locator("#drop-zone").is_visible() and not page.locator("#download-csv").is_visible()
+    assert page.locator("#summary").is_visible() and page.locator("[data-testid=result]").first.is_visible()
+    header = page.locator("#print-header")
+    assert header.is_visible() and digest[:16] in header.inner_text() and "pneumonet" in header.inner_text()
+    page.emulate_media(media="screen")
+    assert not header.is_visible()
+    page.get_by_role("button", name="Clear results").click()
+    assert page.locator("#download-csv").is_disabled() and not page.locator("#summary").is_visible()
+    assert page.errors == []
+    page.close()
+
+
+JARGON = ("stage3_out", "platt", "sensitivity:", "swiftshader", "grad-cam", "mahalanobis")
+
+
+def test_plain_words_first_and_the_phone_layout(browser, bundled_server, tmp_path):
+    """At 390 x 844 (a phone) the file button is above the fold with nothing wider than the
+    screen; the model panel says in plain words what runs and keeps its technical words behind
+    a disclosure that opens and closes; a long file name wraps between its parts."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(f"{bundled_server.url}?backend=wasm")
+    sync_api.expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=TIMEOUT_MS)
+    button = page.locator("label[for=files]").bounding_box()
+    assert button["y"] + button["height"] <= 844, button
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    panel = page.locator(".status").inner_text().lower()
+    assert not [word for word in JARGON if word in panel], panel
+    plain = page.inner_text("#model-plain")
+    assert plain.startswith("Ready: the pneumonet model runs in this browser (WebAssembly)"), plain
+    assert "flags images that do not look like chest X-rays" in plain
+    toggle = page.get_by_role("button", name="Technical details")
+    assert toggle.get_attribute("aria-expanded") == "false" and not page.locator("#model").is_visible()
+    toggle.click()
+    assert toggle.get_attribute("aria-expanded") == "true" and page.locator("#model").is_visible()
+    assert "stage3_out" in page.locator(".status").inner_text()
+    assert "where 74% had pneumonia" in page.inner_text("#probability-meaning")
+    toggle.click()
+    assert not page.locator("#model").is_visible()
+    long_name = tmp_path / "person1006_bacteria_2937_second_reading_of_the_same_film.jpeg"
+    shutil.copyfile(SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg", long_name)
+    cards = _classify(page, [long_name])
+    assert cards[long_name.name]["label"] in ("NORMAL", "PNEUMONIA")
+    name = page.locator("[data-testid=result] .filename")
+    assert name.text_content() == long_name.name and name.locator("wbr").count() == 9
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    # Every line of the wrapped name ends after a _ - or . (where the <wbr> are), none mid-word.
+    line_ends = name.evaluate(
+        """element => {
+          const text = element.textContent, range = document.createRange(), ends = [];
+          let offset = 0, lastTop = null;
+          for (const node of element.childNodes) {
+            if (node.nodeType !== Node.TEXT_NODE) continue;
+            for (let i = 0; i < node.length; i += 1) {
+              range.setStart(node, i); range.setEnd(node, i + 1);
+              const top = Math.round(range.getBoundingClientRect().top);
+              if (lastTop !== null && top > lastTop) ends.push(text[offset + i - 1]);
+              lastTop = top;
+            }
+            offset += node.length;
+          }
+          return ends;
+        }"""
+    )
+    assert line_ends and all(end in "_-." for end in line_ends), line_ends
+    assert page.errors == []
+    page.close()
+
+
+def test_the_heatmap_has_room_a_scale_and_words_for_a_normal_answer(browser, bundled_server):
+    """At 1280 x 900 a card's image is 8rem (128 px) a side; the larger view has a colour scale
+    from the weakest (dark) to the strongest (bright) evidence, shown with the overlay only, and
+    on a NORMAL answer says that the bright areas are not findings."""
+    normal, pneumonia = (
+        SAMPLES / "NORMAL" / "IM-0115-0001.jpeg",
+        SAMPLES / "PNEUMONIA" / "person19_bacteria_61.jpeg",
+    )
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{bundled_server.url}?backend=wasm")
+    sync_api.expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=TIMEOUT_MS)
+    cards = _classify(page, [normal, pneumonia])
+    assert cards[normal.name]["label"] == "NORMAL" and cards[pneumonia.name]["label"] == "PNEUMONIA"
+    for name, is_normal in ((normal.name, True), (pneumonia.name, False)):
+        card = page.locator(f"[data-testid=result][data-filename='{name}']")
+        assert card.locator("button.thumb").bounding_box()["width"] >= 128
+        card.locator("button.thumb").click()
+        assert _is_open(page)
+        legend = page.locator("#viewer-legend")
+        assert legend.is_visible() and "strongest evidence of pneumonia" in legend.inner_text()
+        dark, bright = page.locator("#viewer-legend-scale").evaluate(
+            """canvas => {
+              const context = canvas.getContext('2d'), y = canvas.height >> 1;
+              const at = (x) => [...context.getImageData(x, y, 1, 1).data.slice(0, 3)]
+                .reduce((a, b) => a + b);
+              return [at(0), at(canvas.width - 1)];
+            }"""
+        )
+        assert dark < 30 and bright > 300, (dark, bright)
+        caption = page.inner_text("#viewer-caption")
+        assert ("the bright areas are not findings" in caption) == is_normal, caption
+        page.locator("#viewer-overlay").uncheck()
+        assert not legend.is_visible()
+        page.keyboard.press("Escape")
+    page.close()

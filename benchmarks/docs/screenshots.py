@@ -3,8 +3,9 @@
     .venv/bin/python -m benchmarks.docs.screenshots [--model BUNDLE] [--out docs]
 
 Writes `screenshot.png` (the page with a pneumonia and a normal sample), `heatmap.png` (the two
-cards, the pneumonia's heatmap shown) and `ood.png` (a photograph beside the pneumonia film), so
-that the threshold, probabilities and model line they show are the shipped model's own. Needs
+cards, the pneumonia's heatmap shown), `ood.png` (a photograph beside the pneumonia film) and
+`phone.png` (the page as a 390 x 844 phone first shows it), so that the threshold,
+probabilities and model line they show are the shipped model's own. Needs
 Debian's chromium and the npm packages (`make setup`); the page picks its backend itself.
 """
 
@@ -22,6 +23,8 @@ SAMPLES = REPO / "samples" / "chest_xray"
 PNEUMONIA = SAMPLES / "PNEUMONIA" / "person1006_bacteria_2937.jpeg"
 NORMAL = SAMPLES / "NORMAL" / "IM-0115-0001.jpeg"
 TIMEOUT_MS = 120_000
+DESKTOP = {"width": 1100, "height": 880}
+PHONE = {"width": 390, "height": 844}
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
 
@@ -63,17 +66,19 @@ def take(model: Path | None, out: Path) -> list[Path]:
             visible = cards.nth(0).locator("canvas[data-testid=heatmap]:not([hidden])")
             sync_api.expect(visible).to_have_count(1, timeout=TIMEOUT_MS)
             _clip(page, cards, out / "heatmap.png")
+            page = _open(browser, url, scale=1, viewport=PHONE)
+            page.screenshot(path=str(out / "phone.png"))  # what is above the fold
             browser.close()
     finally:
         server.shutdown()
         server.server_close()
-    return [out / name for name in ("screenshot.png", "heatmap.png", "ood.png")]
+    return [out / name for name in ("screenshot.png", "heatmap.png", "ood.png", "phone.png")]
 
 
-def _open(browser, url: str, scale: int):
+def _open(browser, url: str, scale: int, viewport: dict | None = None):
     from playwright import sync_api
 
-    page = browser.new_page(viewport={"width": 1100, "height": 880}, device_scale_factor=scale)
+    page = browser.new_page(viewport=viewport or DESKTOP, device_scale_factor=scale)
     page.goto(url)
     sync_api.expect(page.locator("body[data-ready=true]")).to_have_count(1, timeout=TIMEOUT_MS)
     return page

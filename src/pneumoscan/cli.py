@@ -64,6 +64,8 @@ HOST_HELP = (
     "address to listen on (default 127.0.0.1); requests must name it, 127.0.0.1, localhost or ::1 "
     "as their Host (any IP address too with 0.0.0.0 or ::)"
 )
+PORT_HELP = "TCP port to listen on, 0 for any free one (default 8000)"
+BATCH_HELP = "images per forward pass: more is faster and takes more memory (default %(default)s)"
 
 
 def _port(text: str) -> int:
@@ -97,7 +99,12 @@ def _add_train(commands) -> None:
         + f" (default: {DEFAULTS.arch})",
     )
     parser.add_argument("--epochs", type=int, default=None, help="(default: the architecture's recipe)")
-    parser.add_argument("--batch-size", type=int, default=None, help="(default: the architecture's recipe)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per training step (default: the architecture's recipe)",
+    )
     parser.add_argument(
         "--image-size",
         type=int,
@@ -111,9 +118,14 @@ def _add_train(commands) -> None:
         "--seed",
         type=int,
         default=DEFAULTS.random_seed,
-        help="seeds the split, weights, order and augmentation",
+        help="seeds the split, weights, order and augmentation (default %(default)s)",
     )
-    parser.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction)
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULTS.val_fraction,
+        help="share of the training films held out for val, whole patients at a time (default %(default)s)",
+    )
     parser.add_argument(
         "--val-design",
         choices=VAL_DESIGNS,
@@ -173,7 +185,10 @@ def _add_train(commands) -> None:
         "--batch-size is per replica",
     )
     parser.add_argument(
-        "--precision", choices=PRECISIONS, default=DEFAULTS.precision, help="mixed_float16 needs a GPU"
+        "--precision",
+        choices=PRECISIONS,
+        default=DEFAULTS.precision,
+        help="mixed_float16 needs a GPU (default %(default)s)",
     )
     parser.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
     parser.set_defaults(handler=_train)
@@ -233,7 +248,7 @@ def _add_evaluate(commands) -> None:
         "--out", type=Path, default=None, help="REPORT_DIR for metrics.json, plots, report.html"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH)
+    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH, help=BATCH_HELP)
     parser.set_defaults(handler=_evaluate)
 
 
@@ -286,7 +301,7 @@ def _add_ood(commands) -> None:
     )
     parser.add_argument("--model", type=Path, required=True, help="run folder or bundle to update")
     parser.add_argument("--data", required=True, type=Path, help="the dataset the model was trained on")
-    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH)
+    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH, help=BATCH_HELP)
     parser.set_defaults(handler=_ood)
 
 
@@ -308,9 +323,12 @@ def _add_predict(commands) -> None:
         "--model", type=Path, default=None, help="run folder or bundle (default: the bundled model)"
     )
     parser.add_argument(
-        "--format", choices=("table", "json", "csv"), default=None, help="what stdout gets (default: table)"
+        "--format",
+        choices=("table", "json", "csv"),
+        default=None,
+        help="what stdout gets (default: table); csv writes the flags as True/False, json as true/false",
     )
-    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH)
+    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH, help=BATCH_HELP)
     parser.add_argument(
         "--output",
         type=Path,
@@ -447,14 +465,14 @@ def _add_serve(commands) -> None:
         help="bundle made by pneumoscan export (default: the bundled model)",
     )
     parser.add_argument("--host", default="127.0.0.1", help=HOST_HELP)
-    parser.add_argument("--port", type=_port, default=8000)
+    parser.add_argument("--port", type=_port, default=8000, help=PORT_HELP)
     parser.set_defaults(handler=_serve)
 
 
 def _add_demo(commands) -> None:
     parser = commands.add_parser("demo", help="serve the web app with the bundled model")
     parser.add_argument("--host", default="127.0.0.1", help=HOST_HELP)
-    parser.add_argument("--port", type=_port, default=8000)
+    parser.add_argument("--port", type=_port, default=8000, help=PORT_HELP)
     parser.set_defaults(handler=_serve, model=None)
 
 
@@ -471,7 +489,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_explain(commands) -> None:
-    parser = commands.add_parser("explain", help="heatmaps and marker checks: where does the model look?")
+    parser = commands.add_parser(
+        "explain",
+        help="heatmaps and marker checks: where does the model look?",
+        description="Where the model looks, per image: peak (x, y) is the heatmap's centre of mass, in "
+        "fractions of the image's width and height from its top-left corner (0 to 1); centre, border and "
+        "corners are the shares of the map on the central box (the middle of the chest: lungs and "
+        "mediastinum), the border band and the corner squares where R/L markers sit; marker is the largest "
+        "change of the calibrated probability (0 to 1) when a bright marker is pasted into a corner or the "
+        "corners are blacked out, near 0 for a model that ignores them. With --format json, png repeats "
+        "heatmap_png under its earlier name.",
+    )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     parser.add_argument(
         "--model", type=Path, default=None, help="run folder or bundle (default: the bundled model)"
@@ -489,7 +517,7 @@ def _add_explain(commands) -> None:
         default=Path("explanations"),
         help="folder for the overlays, <stem>_<method>.png (default: ./explanations)",
     )
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="(default: table)")
     parser.set_defaults(handler=_explain)
 
 

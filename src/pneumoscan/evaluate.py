@@ -26,7 +26,15 @@ from pneumoscan.bundle import INFERENCE_BATCH, Bundle
 from pneumoscan.config import CLASS_NAMES, ThresholdRule
 from pneumoscan.data import DataError, Sample, find_layout, group_ids, inputs, rebuild_splits, scan
 from pneumoscan.decision import fit_on_splits, with_decision
-from pneumoscan.metrics import CI_METRICS, bootstrap_ci, summarize, to_json_safe
+from pneumoscan.metrics import (
+    CI_METRICS,
+    bootstrap_ci,
+    collapsed,
+    interval_counts,
+    small_sample_intervals,
+    summarize,
+    to_json_safe,
+)
 
 SPLITS = ("test", "val", "internal-test", "train")
 
@@ -155,13 +163,14 @@ def evaluate(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = summarize(labels, probabilities, threshold)
-        result["ci95"] = bootstrap_ci(
+        bootstrap = bootstrap_ci(
             labels,
             probabilities,
             threshold,
             groups=np.array(group_ids(samples)),
             n_resamples=n_resamples,
         )
+        result["ci95"] = small_sample_intervals(bootstrap, result["confusion_matrix"])
         at_half = summarize(labels, probabilities, 0.5)
     notes.extend(sorted({f"warning: {w.message}" for w in caught}))
     result["at_0_5"] = {k: v for k, v in at_half.items() if k != "threshold"}
@@ -171,19 +180,35 @@ def evaluate(
 
 
 def format_table(evaluation: Evaluation) -> str:
-    """The metrics for people: value and 95% interval, then the confusion matrix."""
+    """The metrics for people: value, 95% interval and the n it rests on, then the confusion
+    matrix and what the intervals are."""
     r = evaluation.result
+    counts = interval_counts(r["confusion_matrix"])
     lines = [
         f"{evaluation.split}: {r['n']} images, threshold {r['threshold']:.4f}",
-        f"{'metric':<18}{'value':>8}   95% CI (patients)   at 0.5",
+        f"{'metric':<18}{'value':>8}   95% CI               {'n':>6}  at 0.5",
     ]
     for name in (*CI_METRICS, "brier", "ece"):
         lo, hi = r["ci95"].get(name, [None, None])
-        interval = f"[{_num(lo)}, {_num(hi)}]" if name in r["ci95"] else ""
-        lines.append(f"{name:<18}{_num(r[name]):>8}   {interval:<19} {_num(r['at_0_5'][name]):>7}")
+        mark = "*" if collapsed(r["ci95"].get(name)) else " "
+        interval = f"[{_num(lo)}, {_num(hi)}]{mark}" if name in r["ci95"] else ""
+        n = str(counts[name]) if name in counts else ""
+        lines.append(f"{name:<18}{_num(r[name]):>8}   {interval:<20} {n:>6} {_num(r['at_0_5'][name]):>7}")
     cm = r["confusion_matrix"]
     lines.append(f"confusion matrix: TN {cm['tn']}  FP {cm['fp']}  FN {cm['fn']}  TP {cm['tp']}")
+    lines.append(INTERVALS)
+    if any(collapsed(r["ci95"].get(name)) for name in CI_METRICS):
+        lines.append(COLLAPSED)
     return "\n".join(lines)
+
+
+# What the intervals are, said under the table and in the report.
+INTERVALS = (
+    "95% CI: a bootstrap over patients, widened for proportions (accuracy, sensitivity, specificity, "
+    "precision, npv, and their mean, balanced accuracy) to take in the Wilson interval, which holds at "
+    "small counts; n is the number of films each rests on."
+)
+COLLAPSED = "* a single point: too few films, or all alike, for the bootstrap to say how uncertain it is."
 
 
 def _num(value) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 from pneumoscan.atomic import write_bytes_atomic
 from pneumoscan.bundle import Bundle
 from pneumoscan.heatmap import class_activation_map, heatmap_peak
-from pneumoscan.predict import expand_paths, table
+from pneumoscan.predict import expand_paths, flag_words, table
 from pneumoscan.preprocess import ImageError, load_luma, resize
 from pneumoscan.robustness import CORNER_FRACTION, check_input, marker_sensitivity
 
@@ -158,9 +158,11 @@ def explain_files(
     Returns:
         One record per image, in input order: `{path, probability, label, heatmap_peak,
         heatmap_png, corner_share, border_share, centre_share, marker_sensitivity, png}` (`png`
-        is `heatmap_png` under its earlier name), plus `warning` (a sentence, as `predict`'s)
-        when a DICOM header speaks against the image; or `{path, error}` for a file that cannot
-        be used (the others go on). Each overlay is written whole or not at all.
+        is `heatmap_png` under its earlier name) and the flags that go with the label, as
+        `predict` gives them: `threshold`, then `borderline` and `ood`, `ood_score` for a
+        model with those blocks; plus `warning` (a sentence, as `predict`'s) when a DICOM header
+        speaks against the image; or `{path, error}` for a file that cannot be used (the others
+        go on). Each overlay is written whole or not at all.
 
     Raises:
         ValueError: an unknown method.
@@ -172,7 +174,9 @@ def explain_files(
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     taken: set[str] = set()
-    for item in expand_paths(paths):
+    items = expand_paths(paths)
+    flags = _flags(bundle, items)
+    for item in items:
         if isinstance(item, dict):
             records.append(item)
             continue
@@ -182,11 +186,25 @@ def explain_files(
             records.append({"path": str(item), "error": str(error)})
             continue
         png = out / _png_name(item.stem, method, taken)
-        record = _explain_one(bundle, shown, item, png, method)
+        record = _explain_one(bundle, shown, item, png, method, flags.get(str(item), {}))
         if warnings:  # what the DICOM header says against the image, as `predict` says it
             record["warning"] = f"{item}: {'; '.join(warnings)}."
         records.append(record)
     return records
+
+
+def _flags(bundle: Bundle, items: list) -> dict[str, dict]:
+    """{path: `{threshold, borderline, ood, ood_score}`} of each file `predict` can read, from
+    its verdict (the same decode, colour and shape checks), so that a label here carries the
+    flags it carries there."""
+    from pneumoscan.predict import verdicts
+
+    paths = [item for item in items if isinstance(item, Path)]
+    return {
+        path: {k: v for k, v in verdict.record().items() if k not in ("label", "probability")}
+        for path, error, _, verdict in verdicts(bundle, paths)
+        if not error
+    }
 
 
 def render(records: list[dict]) -> str:
@@ -199,6 +217,7 @@ def render(records: list[dict]) -> str:
             f"({r['heatmap_peak'][0]:.2f}, {r['heatmap_peak'][1]:.2f})  "
             f"{r['centre_share']:>6.0%}  {r['border_share']:>6.0%}  "
             f"{r['corner_share']:>7.0%}  {r['marker_sensitivity']:>6.3f}"
+            + "".join(f"  <- {words}" for words in flag_words(r))
         ),
     )
 
@@ -214,9 +233,11 @@ def save_overlay(shown: np.ndarray, heatmap: np.ndarray, path: str | Path, title
     gray = np.asarray(shown)
     gray = gray[..., 0] if gray.ndim == 3 else gray
     height, width = gray.shape
-    figure = Figure(figsize=(3.2, 3.55), dpi=100)  # 320 x 355 px: the image and two title lines
+    lines = title.count("\n") + 1
+    inches = 3.2 + 0.12 * lines  # 320 px wide: the image, then 12 px a title line
+    figure = Figure(figsize=(3.2, inches), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.add_axes((0.0, 0.0, 1.0, 3.2 / 3.55))
+    axes = figure.add_axes((0.0, 0.0, 1.0, 3.2 / inches))
     axes.imshow(gray, cmap="gray", vmin=0, vmax=255)
     heat = np.asarray(heatmap, np.float64) - np.min(heatmap)
     if heat.max() > 0:
@@ -260,29 +281,38 @@ def save_overlay(shown: np.ndarray, heatmap: np.ndarray, path: str | Path, title
     write_bytes_atomic(Path(path), png.getvalue())  # never a half-written overlay at `path`
 
 
-def _explain_one(bundle: Bundle, shown: np.ndarray, path: Path, png: Path, method: str) -> dict:
-    """One image's record: `shown` is the image as displayed (decoded, oriented, luma)."""
+def _explain_one(
+    bundle: Bundle, shown: np.ndarray, path: Path, png: Path, method: str, flags: dict | None = None
+) -> dict:
+    """One image's record: `shown` is the image as displayed (decoded, oriented, luma); `flags`
+    its threshold, borderline and ood fields (`_flags`), added to the record and said in the
+    overlay's title."""
     x = resize(shown, bundle.image_size).numpy()
     probability = float(bundle.probabilities(x[np.newaxis])[0])
     grid = occlusion_map(bundle, x) if method == "occlusion" else class_activation_map(bundle, x)[0]
     full = _upsample(grid, bundle.image_size)  # on the model input, for the region shares
     shares = region_shares(full)
+    label, flags = bundle.label(probability), {"threshold": bundle.threshold, **(flags or {})}
+    said = "".join(f"\n{words}" for words in flag_words(flags))  # a line each, as wide as the map
     save_overlay(
         shown,
         grid,
         png,
-        title=f"{path.name}\np(pneumonia) {probability:.3f} ({method}): centre "
-        f"{shares['centre_share']:.0%}, corners {shares['corner_share']:.0%}",
+        title=f"{path.name}\n{label}, p(pneumonia) {probability:.3f}, threshold {flags['threshold']:.3f}"
+        f"{said}\n"
+        f"{method}: centre box (cyan) {shares['centre_share']:.0%}, "
+        f"corners (green) {shares['corner_share']:.0%}",
     )
     return {
         "path": str(path),
         "probability": probability,
-        "label": bundle.label(probability),
+        "label": label,
         "heatmap_peak": heatmap_peak(grid),
         "heatmap_png": str(png),
         **shares,
         "marker_sensitivity": marker_sensitivity(bundle, x),
         "png": str(png),
+        **flags,
     }
 
 

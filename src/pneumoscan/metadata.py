@@ -211,3 +211,12 @@ def read(model_dir: Path) -> dict[str, Any]:
 def write(model_dir: Path, metadata: dict[str, Any]) -> None:
     validate(metadata)
     write_json_atomic(Path(model_dir) / FILE_NAME, metadata)
+
+
+def digest(model_dir: Path) -> str:
+    """The SHA-256 (hex) of the model's metadata.json bytes: names one model for an audit trail
+    (its export time, calibration and threshold are in it); the web page computes the same
+    digest of the file it fetched."""
+    import hashlib
+
+    return hashlib.sha256((Path(model_dir) / FILE_NAME).read_bytes()).hexdigest()

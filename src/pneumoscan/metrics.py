@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -396,6 +397,79 @@ def percentile_interval(values: Any, level: float = 0.95) -> list[float]:
         return [float("nan"), float("nan")]
     tail = 50.0 * (1.0 - level)
     return [float(v) for v in np.percentile(defined, [tail, 100.0 - tail])]
+
+
+# The count metrics that are proportions: (the confusion cells that count, the cells of the
+# denominator). Their intervals must hold at small counts, where a bootstrap collapses.
+PROPORTIONS = {
+    "accuracy": (("tp", "tn"), ("tp", "tn", "fp", "fn")),
+    "sensitivity": (("tp",), ("tp", "fn")),
+    "specificity": (("tn",), ("tn", "fp")),
+    "precision": (("tp",), ("tp", "fp")),
+    "npv": (("tn",), ("tn", "fn")),
+}
+
+
+def wilson_interval(successes: int, total: int, level: float = 0.95) -> list[float]:
+    """The Wilson score interval of a proportion `successes / total`: unlike a percentile
+    bootstrap it does not collapse to a point when every case is right (8 of 8 gives
+    [0.676, 1.0], not [1.0, 1.0]); `[nan, nan]` when `total` is 0.
+
+    Raises:
+        ValueError: counts that are not 0 <= successes <= total, or a level outside (0, 1).
+    """
+    if not 0 <= successes <= total:
+        raise ValueError(f"need 0 <= successes <= total; got {successes} of {total}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie strictly between 0 and 1; got {level!r}")
+    if total == 0:
+        return [float("nan"), float("nan")]
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p, shrink = successes / total, 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / shrink
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / shrink
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == total else min(1.0, centre + half)
+    return [low, high]
+
+
+def interval_counts(cm: dict[str, int]) -> dict[str, int]:
+    """n beside each interval: the cases each `CI_METRICS` metric is a proportion of (its
+    denominator), or all cases for the others."""
+    n = sum(cm.values())
+    return {
+        name: sum(cm[c] for c in PROPORTIONS[name][1]) if name in PROPORTIONS else n for name in CI_METRICS
+    }
+
+
+def small_sample_intervals(
+    bootstrap: dict[str, list[float]], cm: dict[str, int], level: float = 0.95
+) -> dict[str, list[float]]:
+    """`bootstrap`'s intervals with each proportion's widened to take in its Wilson interval:
+    the patient bootstrap keeps a patient's images together (wider when they agree), the
+    Wilson interval holds at small counts (where the bootstrap shrinks to a point)."""
+    intervals = dict(bootstrap)
+    for name, (hits, cases) in PROPORTIONS.items():
+        total = sum(cm[c] for c in cases)
+        wilson = wilson_interval(sum(cm[c] for c in hits), total, level)
+        low, high = bootstrap.get(name, [float("nan")] * 2)
+        if total:
+            intervals[name] = [float(np.nanmin([low, wilson[0]])), float(np.nanmax([high, wilson[1]]))]
+    # Balanced accuracy is the mean of sensitivity and specificity: at least as wide as the
+    # mean of their intervals.
+    if all(
+        intervals.get(name) and not np.isnan(intervals[name]).any() for name in ("sensitivity", "specificity")
+    ):
+        mean = [(a + b) / 2 for a, b in zip(intervals["sensitivity"], intervals["specificity"], strict=True)]
+        low, high = bootstrap.get("balanced_accuracy", [float("nan")] * 2)
+        intervals["balanced_accuracy"] = [float(np.nanmin([low, mean[0]])), float(np.nanmax([high, mean[1]]))]
+    return intervals
+
+
+def collapsed(interval: list[float] | None) -> bool:
+    """Whether an interval is a single point (a bootstrap over too few or too uniform cases):
+    it says nothing of the uncertainty, and the report says so."""
+    return bool(interval) and interval[0] is not None and interval[0] == interval[1]
 
 
 def to_json_safe(obj: Any) -> Any:

@@ -181,15 +181,38 @@ class RecordWriter:
 
 def _cells(record: dict) -> str:
     """A record's table cells: label, probability, threshold, borderline (yes, no, or - for a
-    model without a band) and ood (yes or no with the score, or -)."""
+    model without a band) and ood (yes or no with the score, or -), then the flags in words
+    (`flag_words`), so that a flagged label is never read alone."""
     borderline = {True: "yes", False: "no"}.get(record.get("borderline"), "-")
     ood_cell = "-"
     if "ood" in record:
         ood_cell = f"{'yes' if record['ood'] else 'no'} ({record['ood_score']:.2f})"
+    flags = "; ".join(flag_words(record))
     return (
-        f"{record['label']:<10} {record['probability']:>12.4f}  {record['threshold']:.4f}     "
-        f"{borderline:<10}  {ood_cell}"
-    )
+        f"{record['label']:<10} {probability_cell(record['probability']):>12}  {record['threshold']:.4f}     "
+        f"{borderline:<10}  {ood_cell:<11}" + (f"  <- {flags}" if flags else "")
+    ).rstrip()
+
+
+def probability_cell(probability: float) -> str:
+    """A probability to four decimals for people, never 1.0000 or 0.0000 (an estimate is never
+    certain): the ends read >0.9999 and <0.0001. Records keep the full number."""
+    if probability >= 0.99995:
+        return ">0.9999"
+    if probability < 0.00005:
+        return "<0.0001"
+    return f"{probability:.4f}"
+
+
+def flag_words(record: dict) -> list[str]:
+    """What a record's flags mean, most serious first: the words the table and the summary use
+    beside a label (the page's wording.js says the same)."""
+    words = []
+    if record.get("ood"):
+        words.append("NOT A CHEST X-RAY? the label is not meaningful")
+    if record.get("borderline"):
+        words.append("borderline: uncertain, needs a reader")
+    return words
 
 
 def csv_fields(path: Path) -> tuple[str, ...]:
@@ -338,24 +361,33 @@ def table(records: list[dict], header: str, cells: Callable[[dict], str]) -> str
 
 
 class Tally:
-    """Counts of records as they pass, for the summary line (nothing else is kept)."""
+    """Counts of records as they pass, for the summary line (nothing else is kept). Films the
+    out-of-distribution rule flags are counted apart, not under their label: a photograph called
+    PNEUMONIA is not a pneumonia."""
 
     def __init__(self) -> None:
         self.labels: dict[str, int] = {}
-        self.failed = 0
+        self.failed = self.flagged = self.borderline = 0
 
     def add(self, record: dict) -> None:
         if "error" in record:
             self.failed += 1
+        elif record.get("ood"):
+            self.flagged += 1
         else:
             self.labels[record["label"]] = self.labels.get(record["label"], 0) + 1
+            self.borderline += bool(record.get("borderline"))
 
     def line(self, skipped: int = 0) -> str:
         parts = ", ".join(f"{n} {label}" for label, n in sorted(self.labels.items()))
+        if self.borderline:
+            parts += f"; {self.borderline} of them borderline, needing a reader"
+        if self.flagged:
+            flagged = f"{self.flagged} flagged as not chest X-rays, not counted by label"
+            parts = f"{parts}; {flagged}" if parts else flagged
         done = f"; {skipped} already in the output file, skipped" if skipped else ""
-        return (
-            f"{sum(self.labels.values())} image(s) predicted ({parts or 'none'}); {self.failed} failed{done}."
-        )
+        predicted = sum(self.labels.values()) + self.flagged
+        return f"{predicted} image(s) predicted ({parts or 'none'}); {self.failed} failed{done}."
 
 
 def item_path(item: Path | dict) -> str:

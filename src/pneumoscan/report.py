@@ -12,17 +12,20 @@ import contextlib
 import csv
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pneumoscan import run_folder
 from pneumoscan.atomic import write_bytes_atomic, write_json_atomic
-from pneumoscan.evaluate import Evaluation
-from pneumoscan.metrics import CI_METRICS
+from pneumoscan.evaluate import COLLAPSED, INTERVALS, Evaluation
+from pneumoscan.metadata import digest as metadata_digest
+from pneumoscan.metrics import CI_METRICS, collapsed, interval_counts
 from pneumoscan.preprocess import ImageError, load_grayscale
 
 ERRORS_PER_KIND = 8
+FILMS_LISTED = 24  # of each kind in the report's list of films to look at
 
 
 def _figure():
@@ -118,19 +121,28 @@ def _plot_reliability(ev: Evaluation, path: Path, bins: int = 15) -> None:
     for b in range(bins):
         members = index == b
         if members.any():
+            fraction = ev.labels[members].mean()
             ax.bar(
                 edges[b],
-                ev.labels[members].mean(),
+                fraction,
                 width=1 / bins,
                 align="edge",
                 alpha=0.6,
                 edgecolor="k",
                 color="tab:blue",
             )
+            # How many films each bar rests on: a bar of 2 films says little.
+            ax.text(
+                edges[b] + 0.5 / bins,
+                min(fraction, 0.93) + 0.015,
+                str(int(members.sum())),
+                ha="center",
+                fontsize=6,
+            )
     ax.set(
         xlabel="calibrated probability of pneumonia",
         ylabel="fraction with pneumonia",
-        title=f"Reliability (ECE {_fmt(ev.result['ece'])})",
+        title=f"Reliability (ECE {_fmt(ev.result['ece'])}; films per bar above it)",
         xlim=(0, 1),
         ylim=(0, 1),
     )
@@ -195,7 +207,69 @@ def _fmt(value) -> str:
 
 def _ci(result: dict, name: str) -> str:
     lo, hi = result["ci95"].get(name, [None, None])
-    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+    return f"[{_fmt(lo)}, {_fmt(hi)}]" + ("*" if collapsed(result["ci95"].get(name)) else "")
+
+
+def flagged_films(ev: Evaluation) -> list[int]:
+    """Indices of the films the model's out-of-distribution rule flags, by `predict`'s verdict
+    on each (a second pass over the films, for the report only); none for a model without
+    the rule."""
+    if not ev.metadata.get("ood"):
+        return []
+    from pneumoscan.bundle import Bundle
+    from pneumoscan.predict import verdicts
+
+    found = verdicts(Bundle.load(ev.model_dir), [sample.path for sample in ev.samples])
+    return [i for i, (_, error, _, verdict) in enumerate(found) if not error and verdict.ood]
+
+
+def films_to_look_at(ev: Evaluation, flagged: Sequence[int] = ()) -> list[tuple[int, str]]:
+    """(index, why) of the films a reader should see: those `flagged` as not chest X-rays,
+    the errors at the model's threshold, most confident first, then the borderline ones
+    (inside the model's band), FILMS_LISTED of each at most."""
+    from pneumoscan.calibrate import in_band
+
+    threshold, p, y = ev.result["threshold"], ev.probabilities, ev.labels
+    fp = [(int(i), "false positive") for i in np.argsort(-p) if y[i] == 0 and p[i] >= threshold]
+    fn = [(int(i), "false negative") for i in np.argsort(p) if y[i] == 1 and p[i] < threshold]
+    band = ev.metadata.get("borderline")
+    inside = (
+        []
+        if not band
+        else [(int(i), "borderline") for i in np.argsort(p) if in_band(p[i], band["low"], band["high"])]
+    )
+    ood = [(int(i), "flagged: not a chest X-ray?") for i in flagged]
+    return ood[:FILMS_LISTED] + fp[:FILMS_LISTED] + fn[:FILMS_LISTED] + inside[:FILMS_LISTED]
+
+
+def _thumbnail(path: Path, side: int = 96) -> str:
+    """A film as an inline PNG of `side` pixels on its longer side; "" when it cannot be read."""
+    import io
+
+    from PIL import Image
+
+    try:
+        image = Image.fromarray(load_grayscale(path))
+    except ImageError:
+        return ""
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f"<img alt='' width='{image.width}' src='data:image/png;base64,{data}'>"
+
+
+def _films_html(ev: Evaluation) -> str:
+    names = ev.metadata["class_names"]
+    rows = "".join(
+        f"<tr><td>{_thumbnail(ev.samples[i].path)}</td><td>{html.escape(ev.samples[i].relpath)}</td>"
+        f"<td>{names[int(ev.labels[i])]}</td><td>{ev.probabilities[i]:.3f}</td><td>{why}</td></tr>"
+        for i, why in films_to_look_at(ev, flagged_films(ev))
+    )
+    if not rows:
+        return "<p>No flagged, wrong or borderline films at the model's threshold.</p>"
+    header = "".join(f"<th>{name}</th>" for name in ("film", "file", "truth", "p(pneumonia)", "why"))
+    return f"<table><tr>{header}</tr>{rows}</table>"
 
 
 def write_report(out_dir: Path, ev: Evaluation, data: Path) -> list[str]:
@@ -209,10 +283,14 @@ def write_report(out_dir: Path, ev: Evaluation, data: Path) -> list[str]:
         "threshold_rule": meta["threshold"]["rule"],
         "threshold_split": meta["threshold"].get("split"),
         "calibration": meta["calibration"]["method"],
+        "model_digest": metadata_digest(ev.model_dir),  # sha256 of its metadata.json: which model
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "metrics.json", {**ev.result, "context": context, "notes": ev.notes})
+    intervals = {"method": INTERVALS, "n": interval_counts(ev.result["confusion_matrix"])}
+    write_json_atomic(
+        out_dir / "metrics.json", {**ev.result, "context": context, "notes": ev.notes, "intervals": intervals}
+    )
     plots = {
         "roc.png": _plot_roc,
         "pr.png": _plot_pr,
@@ -242,13 +320,19 @@ def _figure_html(png: Path) -> str:
 
 def _html(out_dir: Path, ev: Evaluation, context: dict, files: list[str]) -> str:
     r = ev.result
+    counts = interval_counts(r["confusion_matrix"])
     rows = "".join(
         f"<tr><td>{name}</td><td>{_fmt(r[name])}</td><td>{_ci(r, name) if name in r['ci95'] else ''}</td>"
-        f"<td>{_fmt(r['at_0_5'][name])}</td></tr>"
+        f"<td>{counts.get(name, '')}</td><td>{_fmt(r['at_0_5'][name])}</td></tr>"
         for name in (*CI_METRICS, "brier", "ece")
     )
     images = "".join(_figure_html(out_dir / name) for name in files if name.endswith(".png"))
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in ev.notes) or "<li>none</li>"
+    # What makes every figure optimistic (films seen in training, a threshold chosen on them)
+    # comes first, above the table; the other notes follow it.
+    warned = [n for n in ev.notes if n.startswith("warning:")]
+    top = "".join(f"<p class='warning'><b>{html.escape(n)}</b></p>" for n in warned)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in ev.notes if n not in warned) or "<li>none</li>"
+    collapsed_note = f"<p>{html.escape(COLLAPSED)}</p>" if "*" in rows else ""
     cm = r["confusion_matrix"]
     model = html.escape(str(context["model"]))
     viewport = '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -258,16 +342,22 @@ def _html(out_dir: Path, ev: Evaluation, context: dict, files: list[str]) -> str
 <style>body{{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#1b1f24}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccd;padding:.3rem .6rem;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}figure{{display:inline-block;margin:.5rem}}
-img{{max-width:100%}}pre{{background:#f4f6f8;padding:.8rem;overflow:auto}}</style></head><body>
+img{{max-width:100%}}pre{{background:#f4f6f8;padding:.8rem;overflow:auto}}
+.warning{{background:#fff8e6;border-left:6px solid #e0b100;padding:.5rem .8rem}}</style></head><body>
 <h1>pneumoscan evaluation</h1>
+{top}
 <p>Split <b>{html.escape(ev.split)}</b>: {r["n"]} images. Model <code>{model}</code>
-({html.escape(context["arch"])}), threshold {r["threshold"]:.4f} ({html.escape(context["threshold_rule"])},
+({html.escape(context["arch"])}, metadata.json SHA-256
+<code>{context["model_digest"][:16]}</code>), threshold {r["threshold"]:.4f}
+({html.escape(context["threshold_rule"])},
 chosen on {html.escape(str(context["threshold_split"]))}). Probabilities are calibrated
-({html.escape(context["calibration"])}). Intervals: 95% percentile bootstrap over patients.</p>
+({html.escape(context["calibration"])}).</p>
 <p>Research software, not a medical device.</p>
 <h2>Metrics</h2>
-<table><tr><th>metric</th><th>value</th><th>95% CI</th><th>at 0.5</th></tr>{rows}</table>
+<table><tr><th>metric</th><th>value</th><th>95% CI</th><th>n</th><th>at 0.5</th></tr>{rows}</table>
+<p>{html.escape(INTERVALS)}</p>{collapsed_note}
 <p>Confusion matrix: TN {cm["tn"]}, FP {cm["fp"]}, FN {cm["fn"]}, TP {cm["tp"]}.</p>
+<h2>Films to look at</h2>{_films_html(ev)}
 <h2>Notes</h2><ul>{notes}</ul>
 <h2>Plots</h2>{images}
 <h2>metrics.json</h2><pre>{html.escape(json.dumps(r, indent=1))}</pre>

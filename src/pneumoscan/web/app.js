@@ -17,6 +17,12 @@
 //   precision), and with its `borderline` block data-borderline ("true"/"false"), all set with
 //   the probability; absent for a bundle without the block, or one the page cannot follow
 //   (#ood-method / #borderline-band then say so).
+// What a result means (issue 23, tests/test_web.py): a card's .verdict holds .label and, when
+//   borderline, .band-tag; .bar .band is the borderline band (shown with the bundle's block);
+//   .probability never reads 100.0% or 0.0% (wording.js), .probability-meaning says what it is.
+//   The dialog repeats the flags (#viewer-verdict, #viewer-warning) and the map's scale
+//   (#viewer-legend). #summary, #download-csv, #print and #print-header are the batch's
+//   (results.js); #model-plain leads the model panel, whose details #details-toggle shows.
 import { readBorderline, readDecision, readOod, verdict } from './decision.js';
 import { makeForward, readTestTime } from './forward.js';
 import { heatmapPeak, heatmapSpec, makeMap } from './heatmap.js';
@@ -24,6 +30,8 @@ import {
   ImageError, MetadataError, aspect, preprocess, readPlan,
 } from './preprocess.js';
 import { closeBitmaps, previewBitmap, showImage, wireViewer } from './viewer.js';
+import { formatPercent, formatProbability, probabilityMeaning } from './wording.js';
+import { cardRecords, download, sha256Hex, summarize, toCsv } from './results.js';
 
 const tf = globalThis.tf; // the UMD builds served from /vendor/ (see index.html)
 const BACKENDS = ['webgl', 'wasm', 'cpu'];
@@ -33,7 +41,7 @@ const SOFTWARE_RENDERER = /swiftshader|llvmpipe|softpipe|software|basic render/i
 const $ = (selector) => document.querySelector(selector);
 const state = {
   model: null, forward: null, heatmap: null, metadata: null, plan: null, decision: null,
-  queue: Promise.resolve(), oodNote: '', bandNote: '',
+  queue: Promise.resolve(), oodNote: '', bandNote: '', digest: null,
 };
 
 function say(message) {
@@ -99,7 +107,9 @@ async function chooseBackend(forced) {
 async function loadMetadata() {
   const response = await fetch('model/metadata.json', { cache: 'no-cache' });
   if (!response.ok) throw new Error(`model/metadata.json: HTTP ${response.status}.`);
-  return response.json();
+  const bytes = await response.arrayBuffer();
+  state.digest = await sha256Hex(bytes); // names the model in what is saved (metadata.digest)
+  return JSON.parse(new TextDecoder().decode(bytes));
 }
 
 /** `read(...)`, or null and `{note}` when the block cannot be followed: the page then says so
@@ -152,9 +162,28 @@ function describeModel(metadata) {
 
 // ---- one file -> one card ---------------------------------------------------------------
 
+/** A file name with break opportunities after _ - . (so a narrow card wraps it between
+ * its parts, not mid-word); its text stays the name. */
+function showName(element, name) {
+  element.replaceChildren();
+  for (const part of name.split(/(?<=[_\-.])/)) {
+    if (element.childNodes.length) element.append(document.createElement('wbr'));
+    element.append(part);
+  }
+}
+
+/** The status panel's first line, in plain words (the details are behind the disclosure). */
+function plainStatus(metadata, backend) {
+  const where = { webgl: "this computer's graphics chip", wasm: 'WebAssembly', cpu: 'plain JavaScript' }[backend];
+  const checks = [state.decision.ood && 'flags images that do not look like chest X-rays',
+    state.decision.band && 'marks uncertain answers for a reader'].filter(Boolean);
+  return `Ready: the ${metadata.arch} model runs in this browser (${where})` +
+    (checks.length ? `; it ${checks.join(' and ')}.` : '.');
+}
+
 function newCard(file) {
   const card = $('#card-template').content.firstElementChild.cloneNode(true);
-  card.querySelector('.filename').textContent = file.name;
+  showName(card.querySelector('.filename'), file.name);
   card.setAttribute('aria-busy', 'true');
   $('#results').append(card);
   return card;
@@ -180,13 +209,13 @@ async function classify(file) {
 function showResult(card, file, result) {
   const { metadata } = state;
   const positive = result.label === metadata.class_names[1];
-  const percent = (100 * result.probability).toFixed(1);
+  const percent = formatPercent(result.probability);
   card.classList.add(positive ? 'positive' : 'negative');
   card.querySelector('.label').textContent = result.label;
   card.querySelector('.probability-key').textContent = `Probability of ${metadata.positive_class.toLowerCase()}`;
-  card.querySelector('.bar').style.setProperty('--value', String(result.probability));
-  card.querySelector('.bar').style.setProperty('--threshold', String(metadata.threshold.value));
-  card.querySelector('.probability').textContent = `${result.probability.toFixed(3)} (${percent}%)`;
+  drawBar(card.querySelector('.bar'), result.probability, metadata.threshold.value, state.decision.band);
+  card.querySelector('.probability').textContent = formatProbability(result.probability);
+  card.querySelector('.probability-meaning').textContent = probabilityMeaning(metadata);
   card.querySelector('.threshold').textContent = metadata.threshold.value.toFixed(3);
   card.querySelector('.size').textContent = `${result.width}×${result.height} px`;
   card.querySelector('.time').textContent = `${Math.round(result.ms)} ms`;
@@ -200,7 +229,11 @@ function showResult(card, file, result) {
     card.classList.add('ood');
     card.querySelector('.ood-warning').hidden = false;
   }
-  if (result.borderline) card.querySelector('.borderline-note').hidden = false;
+  if (result.borderline) {
+    card.classList.add('borderline');
+    card.querySelector('.borderline-note').hidden = false;
+    card.querySelector('.band-tag').hidden = false;
+  }
   showImage(card, {
     ...result, name: file.name, positive: metadata.positive_class.toLowerCase(),
     describe: state.heatmap.describe, unavailable: state.heatmap.unavailable,
@@ -218,9 +251,19 @@ function showResult(card, file, result) {
   const notXray = result.ood;
   say(`${file.name}: ` +
     (notXray ? 'does not look like a chest X-ray, so this answer is not meaningful: ' : '') +
-    `${result.label}, probability of ${metadata.positive_class.toLowerCase()} ${percent}%.` +
+    `${result.label}, probability of ${metadata.positive_class.toLowerCase()} ${percent}.` +
     (result.borderline ? ' Uncertain, needs a reader.' : '') +
     (warning ? ` Warning: ${result.warnings.join('; ')}.` : ''));
+}
+
+/** The bar's fill (the probability), mark (the threshold) and, with a band, its shaded span. */
+function drawBar(bar, probability, threshold, band) {
+  bar.style.setProperty('--value', String(probability));
+  bar.style.setProperty('--threshold', String(threshold));
+  if (!band) return;
+  bar.style.setProperty('--band-low', String(band.low));
+  bar.style.setProperty('--band-high', String(band.high));
+  bar.querySelector('.band').hidden = false;
 }
 
 function showError(card, file, error) {
@@ -249,7 +292,45 @@ async function processFile(file, card) {
     card.dataset.filename = file.name;
     card.dataset.testid = 'result';
     card.removeAttribute('aria-busy');
+    showSummary();
   }
+}
+
+// ---- the batch: summary, CSV, print -------------------------------------------------------
+
+function resultRecords() {
+  const { metadata } = state;
+  const model = { name: metadata.arch, digest: state.digest, threshold: metadata.threshold.value };
+  return cardRecords($('#results').children, model);
+}
+
+function showSummary() {
+  const records = resultRecords();
+  const summary = $('#summary');
+  summary.hidden = records.length === 0;
+  summary.textContent = records.length ? summarize(records) : '';
+  $('#download-csv').disabled = records.length === 0;
+  $('#print').disabled = records.length === 0;
+  const digest = state.digest ? `metadata.json SHA-256 ${state.digest.slice(0, 16)}` : 'digest not available here';
+  $('#print-header').textContent = `pneumoscan, model ${state.metadata.arch} (${digest}), ` +
+    `${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC. Research tool, not a diagnosis.`;
+}
+
+function wireBatch() {
+  $('#download-csv').addEventListener('click', () => {
+    download('pneumoscan-results.csv', toCsv(resultRecords()));
+    say('The results were saved as a CSV file.');
+  });
+  $('#print').addEventListener('click', () => window.print());
+}
+
+function wireDetails() {
+  const toggle = $('#details-toggle');
+  toggle.addEventListener('click', () => {
+    const open = toggle.getAttribute('aria-expanded') !== 'true';
+    toggle.setAttribute('aria-expanded', String(open));
+    $('#model-details').hidden = !open;
+  });
 }
 
 function addFiles(files) {
@@ -293,6 +374,7 @@ function wirePicker() {
   $('#clear').addEventListener('click', () => {
     closeBitmaps($('#results').children);
     $('#results').replaceChildren();
+    if (state.metadata) showSummary();
     say('Results cleared.');
   });
 }
@@ -317,6 +399,8 @@ async function main() {
     $('#heatmap-method').textContent = state.heatmap.describe || state.heatmap.unavailable;
     $('#ood-method').textContent = state.oodNote;
     $('#borderline-band').textContent = state.bandNote;
+    $('#probability-meaning').textContent = probabilityMeaning(metadata);
+    $('#model-plain').textContent = plainStatus(metadata, backend.name);
     $('#files').disabled = false;
     // Milliseconds from navigation start to a usable model (benchmarks/speed/browser_bench.py).
     document.body.dataset.readyMs = performance.now().toFixed(1);
@@ -328,6 +412,8 @@ async function main() {
     $('#load-error').textContent = `${what}: ${error.message}`;
     $('#load-error').hidden = false;
     $('#model').textContent = 'not loaded';
+    $('#model-plain').textContent = 'The model is not loaded.';
+    $('#probability-meaning').textContent = 'not loaded';
     $('#heatmap-method').textContent = 'not loaded';
     $('#ood-method').textContent = 'not loaded';
     $('#borderline-band').textContent = 'not loaded';
@@ -337,4 +423,6 @@ async function main() {
 
 wirePicker();
 wireViewer();
+wireBatch();
+wireDetails();
 main();

@@ -3,8 +3,9 @@
 // the heatmap stacked on them behind a toggle, and a larger view in a <dialog> that the
 // thumbnail (a button) opens, with the overlay and a ring at the heatmap's peak.
 import { heatmapRgba, paintHeatmap } from './heatmap.js';
+import { flagWords, formatPercent } from './wording.js';
 
-const THUMBNAIL_SIDE = 224; // canvas pixels of a card's image (shown at 6.5rem, sharp at 2x)
+const THUMBNAIL_SIDE = 256; // canvas pixels of a card's image (shown at 8rem, sharp at 2x)
 const VIEW_SIDE = 768; // the larger view's
 const views = new WeakMap(); // card -> what it shows
 const viewer = { view: null, opener: null }; // what the dialog shows, and who opened it
@@ -77,6 +78,13 @@ export function showImage(card, view) {
 function openViewer(view, opener) {
   Object.assign(viewer, { view, opener });
   $('#viewer-title').textContent = view.name;
+  // The label with its flags, as on the card: a flagged photograph is never just "PNEUMONIA".
+  const warning = $('#viewer-warning');
+  warning.hidden = !view.ood;
+  warning.textContent = view.ood
+    ? 'Not a chest X-ray? This does not look like a chest X-ray — the answer below is not meaningful.' : '';
+  $('#viewer-verdict').textContent = verdictLine(view);
+  $('#viewer-verdict').classList.toggle('ood', Boolean(view.ood));
   const overlay = $('#viewer-overlay');
   overlay.disabled = !view.map;
   overlay.checked = Boolean(view.map);
@@ -88,7 +96,7 @@ function drawViewer() {
   const { view } = viewer;
   const canvas = $('#viewer-canvas');
   const context = drawBitmap(canvas, view.bitmap, VIEW_SIDE);
-  let caption = `${view.label}, probability of ${view.positive} ${(100 * view.probability).toFixed(1)}%. `;
+  let caption = `${verdictLine(view)} `;
   if (view.map && $('#viewer-overlay').checked) {
     paintHeatmap(context, view.map);
     const [x, y] = view.peak;
@@ -96,11 +104,22 @@ function drawViewer() {
     caption += `Heatmap: the ${view.describe}, brighter where the model found more evidence of ` +
       `${view.positive}; the ring marks its peak, ${Math.round(100 * x)}% from the left and ` +
       `${Math.round(100 * y)}% from the top.`;
+    if (view.label.toLowerCase() !== view.positive) {
+      caption += ` On a ${view.label} answer the map still shows where that evidence was strongest, ` +
+        'but it was too weak to pass the threshold: the bright areas are not findings.';
+    }
   } else {
     caption += view.map ? 'Heatmap hidden.' : `The page has ${view.unavailable}.`;
   }
+  $('#viewer-legend').hidden = !(view.map && $('#viewer-overlay').checked);
   canvas.setAttribute('aria-label', `${view.name} as the model analysed it. ${caption}`);
   $('#viewer-caption').textContent = caption;
+}
+
+/** "LABEL, probability of pneumonia P." and the result's flags, in words. */
+function verdictLine(view) {
+  const flags = flagWords(view).map((words) => ` ${words[0].toUpperCase()}${words.slice(1)}.`).join('');
+  return `${view.label}, probability of ${view.positive} ${formatPercent(view.probability)}.${flags}`;
 }
 
 function markPeak(context, x, y) {
@@ -115,8 +134,20 @@ function markPeak(context, x, y) {
 }
 
 /** The dialog's controls: Close, the overlay checkbox; Escape closes it (the browser's). */
+/** The legend's colour scale: the map's colours from its weakest to its strongest value,
+ * over black as on a film. */
+function drawLegend() {
+  const canvas = $('#viewer-legend-scale');
+  const context = canvas.getContext('2d');
+  context.fillStyle = '#000';
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  const grid = Float64Array.from({ length: canvas.width }, (_, i) => i);
+  paintHeatmap(context, { grid, gridHeight: 1, gridWidth: canvas.width });
+}
+
 export function wireViewer() {
   const dialog = $('#viewer');
+  drawLegend();
   $('#viewer-close').addEventListener('click', () => dialog.close());
   $('#viewer-overlay').addEventListener('change', drawViewer);
   dialog.addEventListener('close', () => {
