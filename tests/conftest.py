@@ -261,11 +261,14 @@ AWKWARD_VALID = {
 AWKWARD_BAD = {
     "empty.jpeg": (lambda p: p.write_bytes(b""), "the file is empty"),
     os.fsdecode(b"d\xe9fect-latin1-name.png"): (lambda p: p.write_bytes(b""), "the file is empty"),
-    "notes.png": (lambda p: p.write_text("hello"), "is not a JPEG or PNG image"),
-    "text-named.jpeg": (lambda p: p.write_text("This is a text file.\n"), "is not a JPEG or PNG image"),
+    "notes.png": (lambda p: p.write_text("hello"), "is not a JPEG, PNG or DICOM image"),
+    "text-named.jpeg": (
+        lambda p: p.write_text("This is a text file.\n"),
+        "is not a JPEG, PNG or DICOM image",
+    ),
     "random-bytes.png": (
         lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
-        "is not a JPEG or PNG",
+        "is not a JPEG, PNG or DICOM",
     ),
     "truncated.jpeg": (lambda p: p.write_bytes(_SAMPLE_JPEG.read_bytes()[:700]), "truncated or corrupt"),
     "bomb.png": (lambda p: _save(p, Image.new("L", (9000, 6000))), "over the 50 MP limit"),

@@ -201,7 +201,7 @@ def test_explain_files_writes_overlays_and_error_records(trained_run, tmp_path):
     assert [r["path"] for r in records] == [str(p) for p in paths]
     assert [("error" in r) for r in records] == [False, True, False, True, False, True]
     assert "the file is empty" in records[1]["error"] and str(paths[1]) in records[1]["error"]
-    assert "no such file" in records[3]["error"] and "not a JPEG or PNG" in records[5]["error"]
+    assert "no such file" in records[3]["error"] and "not a JPEG, PNG or DICOM" in records[5]["error"]
     pngs = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert pngs == ["IM-0115-0001_occlusion.png", "same-2_occlusion.png", "same_occlusion.png"]
     bundle = Bundle.load(run_dir)

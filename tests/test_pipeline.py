@@ -80,7 +80,7 @@ def test_images_stream_flags_bad_files(tmp_path):
     ]
     assert [r[1] == "" for r in rows] == [True, False, True]
     assert rows[1][0] == str(bad)
-    assert rows[1][1] == f"{bad}: is not a JPEG or PNG image."  # the decode's own sentence
+    assert rows[1][1] == f"{bad}: is not a JPEG, PNG or DICOM image."  # the decode's own sentence
     assert all(r[2].shape == (64, 64, 1) for r in rows)
     np.testing.assert_allclose(rows[2][2], decode_to_input(PATHS[1], 64), atol=1e-4)
     # The out-of-distribution image checks ride along: [colourfulness, aspect].

@@ -160,7 +160,7 @@ def _huge_header(fmt: str, width: int, height: int) -> bytes:
     "name, data, message",
     [
         ("empty.png", b"", "the file is empty"),
-        ("notes.jpeg", b"this is a text file, not an image\n", "is not a JPEG or PNG image"),
+        ("notes.jpeg", b"this is a text file, not an image\n", "is not a JPEG, PNG or DICOM image"),
         ("truncated.png", _encode(Image.fromarray(GRAY), "PNG")[:300], "truncated or corrupt"),
         ("truncated.jpeg", _encode(Image.fromarray(GRAY), "JPEG")[:400], "truncated or corrupt"),
         ("icon.png", _encode(Image.new("L", (16, 16)), "PNG"), "too small to be a chest X-ray"),

@@ -333,7 +333,7 @@ def test_page_matches_python(browser, server, workspace, backend):
         width, height = thumbnail.evaluate("canvas => [canvas.width, canvas.height]")
         card = cards[rotated]
         assert abs(width / height - int(card["width"]) / int(card["height"])) < 0.01, (rotated, width, height)
-    assert "not a JPEG or PNG" in cards["not-an-image.jpeg"]["error"]
+    assert "not a JPEG, PNG or DICOM" in cards["not-an-image.jpeg"]["error"]
     assert "too small" in cards["too-small.png"]["error"]
     # EXIF orientation applied: the upright image is wider than high, as in Python.
     for rotated in ("exif-rotated.jpeg", "palette-exif.png"):

@@ -232,7 +232,7 @@ def _decode(path: Path, data: bytes | None) -> Decoded:
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: is not a JPEG or PNG image.") from None
+        raise ImageError(f"{path}: is not a JPEG, PNG or DICOM image.") from None
     except Image.DecompressionBombError:
         raise ImageError(f"{path}: is over the {MAX_PIXELS // 1_000_000} MP pixel limit.") from None
     except (OSError, SyntaxError, ValueError) as error:

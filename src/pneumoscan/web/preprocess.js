@@ -147,7 +147,7 @@ export async function decode(file, plan, decodeJpeg = decodeWithBrowser) {
     return decodeDicom(new Uint8Array(await file.arrayBuffer()), name, plan, { checkSize, decodeJpeg: jpegFrame });
   }
   const sniffed = sniffImage(head);
-  if (sniffed === null) throw new ImageError(`${name}: is not a JPEG or PNG image.`);
+  if (sniffed === null) throw new ImageError(`${name}: is not a JPEG, PNG or DICOM image.`);
   if (sniffed.format !== 'png' && sniffed.format !== 'jpeg') {
     throw new ImageError(`${name}: is a ${sniffed.format} image; only JPEG and PNG are supported.`);
   }
