@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import pytest
 
 from conftest import AWKWARD_BAD, AWKWARD_VALID, SAMPLES, raw_with_copies, write_awkward
 from pneumoscan import bundle as bundle_module
+from pneumoscan.bundle import Bundle
 from pneumoscan.calibrate import apply_calibration
 from pneumoscan.cli import main
 from pneumoscan.metadata import read
@@ -112,6 +114,13 @@ def test_formats(trained_run, capsys):
         "borderline",
         "ood",
         "ood_score",
+        "model",
+        "model_digest",
+    }
+    # Which model answered, for an audit trail: its architecture and its metadata.json's SHA-256.
+    expected = hashlib.sha256((run_dir / "metadata.json").read_bytes()).hexdigest()
+    assert {(r["model"], r["model_digest"]) for r in rows} == {
+        (Bundle.load(run_dir).metadata["arch"], expected)
     }
     assert {rows[0]["ood"], rows[0]["borderline"]} <= {"True", "False"} and float(rows[0]["ood_score"]) > 0
     assert main(["predict", "--model", str(run_dir), *files]) == 0
@@ -269,7 +278,7 @@ def test_resume_tries_error_records_again(trained_run, tmp_path, capsys, suffix)
     failed = str(SAMPLE_FILES[1])
     error = {"path": failed, "error": f"{failed}: file is truncated."}
     if suffix == ".csv":
-        lines[2] = f"{failed},,,,{error['error']},,,,\n"
+        lines[2] = ",".join([failed, "", "", "", error["error"], *[""] * (len(CSV_FIELDS) - 5)]) + "\n"
     else:
         lines[1] = json.dumps(error) + "\n"
     output.write_text("".join(lines))

@@ -106,6 +106,14 @@ class Bundle:
         return self._decision[1]
 
     @property
+    def digest(self) -> str:
+        """`metadata.digest` of the model's folder (the SHA-256 of its metadata.json), or "" for
+        a bundle built in memory without one."""
+        if not (self.folder / metadata_io.FILE_NAME).is_file():
+            return ""
+        return metadata_io.digest(self.folder)
+
+    @property
     def threshold(self) -> float:
         return self.decision.threshold
 

@@ -30,6 +30,7 @@ OUTPUT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl"}  # --output FILE: its forma
 CSV_FIELDS = (
     *("path", "label", "probability", "threshold", "error", "warning"),
     *("borderline", "ood", "ood_score"),
+    *("model", "model_digest"),  # which model answered, for an audit trail (`metadata.digest`)
 )
 
 
@@ -99,18 +100,21 @@ def iter_predictions(
     """One record per item of `expand_paths`, in order, as each batch is done: `{path, label,
     probability, threshold}`, then `borderline` and `ood`, `ood_score` when the model's metadata
     has those blocks (and `warning`, a sentence, when a DICOM header speaks against the image),
-    or `{path, error}`. Nothing is kept, so memory stays flat."""
+    or `{path, error}`; every record ends with `model` (the architecture's name) and
+    `model_digest` (`metadata.digest`, "" for a model without a metadata.json file), as the
+    page's CSV download does. Nothing is kept, so memory stays flat."""
+    audit = {"model": bundle.metadata["arch"], "model_digest": bundle.digest}
     outputs = verdicts(bundle, [item for item in items if isinstance(item, Path)], batch_size)
     for item in items:
         if isinstance(item, dict):
-            yield item
+            yield {**item, **audit}
             continue
         path, error, warning, verdict = next(outputs)
         if error:
-            yield {"path": path, "error": error}
+            yield {"path": path, "error": error, **audit}
             continue
         record = {"path": path, **verdict.record()}
-        yield {**record, "warning": f"{path}: {warning}."} if warning else record
+        yield {**record, "warning": f"{path}: {warning}.", **audit} if warning else {**record, **audit}
 
 
 def predict_files(
