@@ -113,6 +113,14 @@ class Bundle:
             return ""
         return metadata_io.digest(self.folder)
 
+    def check_input(self, x: Any) -> np.ndarray:
+        """`x` as float32, or ValueError unless it is one (S, S, 1) input of this model."""
+        image = np.asarray(x, dtype=np.float32)
+        size = self.image_size
+        if image.shape != (size, size, 1):
+            raise ValueError(f"expected one ({size}, {size}, 1) model input; got shape {image.shape}")
+        return image
+
     @property
     def threshold(self) -> float:
         return self.decision.threshold

@@ -29,7 +29,7 @@ from pneumoscan.bundle import Bundle
 from pneumoscan.heatmap import class_activation_map, heatmap_peak
 from pneumoscan.predict import expand_paths, flag_words, table
 from pneumoscan.preprocess import ImageError, load_luma, resize
-from pneumoscan.robustness import CORNER_FRACTION, check_input, marker_sensitivity
+from pneumoscan.robustness import CORNER_FRACTION, marker_sensitivity
 
 BATCH_SIZE = 64  # occluded copies made at a time
 FILLS = ("mean", "zero")  # what an occluded patch is filled with
@@ -65,7 +65,7 @@ def occlusion_map(
     Raises:
         ValueError: wrong input shape, patch or stride out of range, or unknown fill.
     """
-    image = check_input(bundle, x)
+    image = bundle.check_input(x)
     size = image.shape[0]
     patch = max(1, size // 8) if patch is None else patch
     stride = max(1, patch // 2) if stride is None else stride

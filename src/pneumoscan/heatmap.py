@@ -12,11 +12,14 @@ to compute the same map and peak from the same forward pass. `pneumoscan explain
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from pneumoscan.bundle import Bundle
 from pneumoscan.model import heatmap_spec
-from pneumoscan.robustness import check_input
+
+if TYPE_CHECKING:  # the type only: heatmap sits below the bundle that carries the model
+    from pneumoscan.bundle import Bundle
 
 
 def grad_cam(bundle: Bundle, x: np.ndarray) -> np.ndarray | None:
@@ -29,7 +32,7 @@ def grad_cam(bundle: Bundle, x: np.ndarray) -> np.ndarray | None:
     import keras
     import tensorflow as tf
 
-    image = check_input(bundle, x)
+    image = bundle.check_input(x)
     pools = [layer for layer in bundle.model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
     if not pools:
         return None
@@ -56,7 +59,7 @@ def class_activation_map(bundle: Bundle, x: np.ndarray) -> tuple[np.ndarray, str
     import keras
     import tensorflow as tf
 
-    image = check_input(bundle, x)
+    image = bundle.check_input(x)
     spec = bundle.metadata.get("heatmap") or heatmap_spec(bundle.model)
     features_layer = bundle.model.get_layer(spec["feature_layer"])
     probe = keras.Model(bundle.model.input, [features_layer.output, bundle.model.output])

@@ -33,15 +33,6 @@ TRANSLATION_FRACTION = 0.04  # in each direction, zero (black) fill
 CROP_FRACTION = 0.05  # cut from each side, then resized back to S
 
 
-def check_input(bundle: Bundle, x: np.ndarray) -> np.ndarray:
-    """`x` as float32, or ValueError unless it is one (S, S, 1) input of this model."""
-    image = np.asarray(x, dtype=np.float32)
-    size = bundle.image_size
-    if image.shape != (size, size, 1):
-        raise ValueError(f"expected one ({size}, {size}, 1) model input; got shape {image.shape}")
-    return image
-
-
 def corners(size: int, height: int, width: int, margin: int) -> dict[str, tuple[int, int]]:
     """(top, left) of a height x width box `margin` pixels in from each corner of an S x S image."""
     return {c: perturb.corner_origin((size, size), (height, width), c, margin) for c in perturb.CORNERS}
@@ -121,7 +112,7 @@ def with_copies(
         The input's probability, and per group of `copies` (e.g. `translation_variants(x)`) a
         float64 array of its copies' probabilities, in the group's order.
     """
-    image = check_input(bundle, x)
+    image = bundle.check_input(x)
     probabilities = bundle.probabilities(np.stack([image, *(v for group in copies for v in group.values())]))
     ends = np.cumsum([len(group) for group in copies])
     return float(probabilities[0]), np.split(probabilities[1:], ends[:-1])
@@ -129,7 +120,7 @@ def with_copies(
 
 def marker_effects(bundle: Bundle, x: np.ndarray) -> dict[str, float]:
     """Calibrated probability of each `marker_variants` copy minus that of the input."""
-    variants = marker_variants(check_input(bundle, x))
+    variants = marker_variants(bundle.check_input(x))
     base, (probabilities,) = with_copies(bundle, x, variants)
     return {name: float(p - base) for name, p in zip(variants, probabilities, strict=True)}
 
@@ -147,7 +138,7 @@ def stability(bundle: Bundle, x: np.ndarray) -> dict[str, float]:
         `{probability, translation, crop, max}`: the input's calibrated probability, the
         largest change over `translation_variants`, over `crop_variants`, and over both.
     """
-    image = check_input(bundle, x)
+    image = bundle.check_input(x)
     base, (moved, cropped) = with_copies(bundle, image, translation_variants(image), crop_variants(image))
     translation, crop = float(np.abs(moved - base).max()), float(np.abs(cropped - base).max())
     return {"probability": base, "translation": translation, "crop": crop, "max": max(translation, crop)}
