@@ -1330,3 +1330,30 @@ def test_the_heatmap_has_room_a_scale_and_words_for_a_normal_answer(browser, bun
         assert not legend.is_visible()
         page.keyboard.press("Escape")
     page.close()
+
+
+def test_an_adapted_bundle_says_so_on_the_model_line(browser, bundled_server, tmp_path):
+    """A bundle `pneumoscan adapt` wrote is served as it is, and the page's first line and model
+    details name the site, its films and the date; the bundled model's line names none."""
+    from conftest import write_class_folders
+    from pneumoscan.cli import main
+
+    patients = {f"IM-{700 + i:04d}": 0 for i in range(10)}
+    patients.update({f"person{700 + i}": 1 for i in range(10)})
+    site = write_class_folders(tmp_path / "site", patients, seed=11)
+    out = tmp_path / "adapted"
+    assert main(["adapt", "--data", str(site), "--out", str(out), "--site", "Ward 7", "--folds", "2"]) == 0
+    date = json.loads((out / "metadata.json").read_text())["adaptation"]["date"]
+    server = _serve(out)
+    try:
+        page = _open(browser, f"{server.url}?backend=wasm")
+        words = f"adapted to Ward 7 on 40 films ({date})"
+        sync_api.expect(page.locator("#model-plain")).to_contain_text(words)
+        assert words in page.text_content("#model") and page.errors == []
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    page = _open(browser, f"{bundled_server.url}?backend=wasm")
+    assert "adapted" not in page.text_content("#model-plain") + page.text_content("#model")
+    page.close()

@@ -38,7 +38,7 @@ QUIET_TF_LOG_LEVEL = "3"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
 
 # The commands that run a model, and so import TensorFlow anyway (serve and demo never do).
-TENSORFLOW_COMMANDS = ("train", "evaluate", "threshold", "ood", "predict", "export", "explain")
+TENSORFLOW_COMMANDS = ("train", "evaluate", "threshold", "ood", "adapt", "predict", "export", "explain")
 
 
 def import_tensorflow_quietly() -> None:
@@ -316,6 +316,59 @@ def _ood(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_adapt(commands) -> None:
+    parser = commands.add_parser(
+        "adapt", help="fit a model's decision to a hospital's own films, with a cross-fitted estimate"
+    )
+    parser.add_argument("--data", required=True, type=Path, help="the site's films: NORMAL/ and PNEUMONIA/")
+    parser.add_argument("--out", required=True, type=Path, help="the adapted bundle to write")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="run folder or bundle to adapt (default: the bundled model)"
+    )
+    parser.add_argument(
+        "--method",
+        choices=("recalibrate",),
+        default="recalibrate",
+        help="recalibrate: the weights stay; calibration, threshold and band are refitted "
+        "(default %(default)s)",
+    )
+    parser.add_argument("--rule", default=None, help="threshold rule (default: the model's own)")
+    parser.add_argument("--site", default=None, help="the site's name (default: the --data folder's name)")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="patient folds of the cross-fitted estimate (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="how patients are dealt into folds (default %(default)s)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH, help=BATCH_HELP)
+    parser.set_defaults(handler=_adapt)
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {args.batch_size}")
+    from pneumoscan.adapt import adapt
+
+    adapt(
+        args.model,
+        args.data,
+        args.out,
+        method=args.method,
+        rule=args.rule,
+        site=args.site,
+        folds=args.folds,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    return 0
+
+
 def _add_predict(commands) -> None:
     parser = commands.add_parser("predict", help="predict files and folders (recursively)")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
@@ -555,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_predict(commands)
     _add_threshold(commands)
+    _add_adapt(commands)
     _add_ood(commands)
     _add_export(commands)
     _add_explain(commands)

@@ -65,6 +65,16 @@ _OPTIONAL: dict[str, Any] = {
     },
     "borderline": {"low": (int, float), "high": (int, float)},
     "test_time": {"shifts": list, "fill": (int, float), "combine": str},
+    "adaptation": {
+        "parent": {"arch": str, "digest": str},
+        "site": str,
+        "method": str,
+        "films": dict,
+        "patients": dict,
+        "date": str,
+        "rule": str,
+        "estimate": {"folds": int, "before": dict, "after": dict},
+    },
 }
 TEST_TIME_COMBINE = "mean of raw outputs"
 

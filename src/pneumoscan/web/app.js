@@ -156,7 +156,7 @@ function describeModel(metadata) {
   const calibrated = calibration.method === 'none' ? 'uncalibrated' : `${calibration.method} calibration`;
   const copies = metadata.test_time ? metadata.test_time.shifts.length - 1 : 0;
   const averaged = copies > 0 ? `, each image averaged with ${copies} shifted ${copies === 1 ? 'copy' : 'copies'}` : '';
-  return `${arch}, ${input.width}×${input.height} grayscale input${averaged}, ${calibrated}, ` +
+  return `${arch}${adaptedTo(metadata) || ","} ${input.width}×${input.height} grayscale input${averaged}, ${calibrated}, ` +
     `threshold ${threshold.value.toFixed(3)} (${threshold.rule})`;
 }
 
@@ -177,8 +177,16 @@ function plainStatus(metadata, backend) {
   const where = { webgl: "this computer's graphics chip", wasm: 'WebAssembly', cpu: 'plain JavaScript' }[backend];
   const checks = [state.decision.ood && 'flags images that do not look like chest X-rays',
     state.decision.band && 'marks uncertain answers for a reader'].filter(Boolean);
-  return `Ready: the ${metadata.arch} model runs in this browser (${where})` +
+  return `Ready: the ${metadata.arch} model${adaptedTo(metadata)} runs in this browser (${where})` +
     (checks.length ? `; it ${checks.join(' and ')}.` : '.');
+}
+
+/** ", adapted to SITE on N films (DATE)," for a bundle `pneumoscan adapt` wrote, else "". */
+function adaptedTo(metadata) {
+  const block = metadata.adaptation;
+  if (!block) return '';
+  const films = Object.values(block.films).reduce((sum, n) => sum + n, 0);
+  return `, adapted to ${block.site} on ${films} films (${block.date}),`;
 }
 
 function newCard(file) {

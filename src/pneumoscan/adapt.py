@@ -1,0 +1,240 @@
+"""`pneumoscan adapt --data SITE_DIR --out BUNDLE_DIR`: fit a model's decision to a hospital's
+own films, and say honestly what that gains.
+
+`SITE_DIR` holds `NORMAL/` and `PNEUMONIA/` (the layout `evaluate` reads: JPEG, PNG, DICOM).
+The method `recalibrate` keeps the weights and refits the decision on the site's films with
+`decision.fit_decision`, the function training uses: Platt calibration, the threshold by the
+model's own rule (or `--rule`) and the borderline band around it; the out-of-distribution rule
+stays the parent's (its statistics come from the training X-rays, which a site does not have).
+
+The estimate is cross-fitted: the films are split by patient into K folds, each fold is scored
+by a decision fitted without it, and the pooled out-of-fold answers give the site's accuracy,
+sensitivity, specificity and ROC AUC with 95% intervals (bootstrap over patients), beside the
+parent model's own answers on the same films. The bundle written is then fitted on all the
+films: an ordinary bundle (the parent's files, metadata.json with the new decision and an
+`adaptation` block), which predict, evaluate, explain, serve and the page use unchanged.
+
+Films byte-identical to a film of the parent's own splits are left out (they would flatter the
+estimate), unreadable films are listed and left out, and a class with fewer than
+`MIN_FILMS` films or `MIN_PATIENTS` patients is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumoscan import metadata as metadata_io
+from pneumoscan import metrics
+from pneumoscan.atomic import replace_dir_atomic
+from pneumoscan.bundle import INFERENCE_BATCH, Bundle
+from pneumoscan.config import CLASS_NAMES, ThresholdRule
+from pneumoscan.data import Sample, group_ids, inputs, scan
+from pneumoscan.decision import Decision, fit_decision, with_decision
+from pneumoscan.errors import DataError, UsageError
+from pneumoscan.evaluate import read_file_lists
+
+METHODS = ("recalibrate",)
+MIN_FILMS, MIN_PATIENTS = 20, 10  # per class
+DEFAULT_FOLDS = 5
+ESTIMATE_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+
+def adapt(
+    model: str | Path | Bundle | None,
+    data_dir: Path,
+    out: Path,
+    *,
+    method: str = "recalibrate",
+    rule: str | None = None,
+    site: str | None = None,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    overwrite: bool = False,
+    batch_size: int = INFERENCE_BATCH,
+    n_resamples: int = 1000,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Write the adapted bundle to `out` and return its `adaptation` block.
+
+    Raises:
+        UsageError: an unknown method or rule, fewer than 2 folds, or `out` exists without
+            `overwrite` (nothing written).
+        DataError: not the NORMAL/ + PNEUMONIA/ layout, or too few films or patients in a class
+            (nothing written).
+    """
+    data_dir, out = Path(data_dir), Path(out)
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if folds < 2:
+        raise UsageError(f"--folds must be at least 2, got {folds}.")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out}: already exists; choose another --out or pass --overwrite.")
+    missing = [name for name in CLASS_NAMES if not (data_dir / name).is_dir()]
+    if missing:
+        raise DataError(
+            f"{data_dir}: needs the folders {' and '.join(CLASS_NAMES)} (missing: {', '.join(missing)})."
+        )
+    bundle = Bundle.load(model)
+    parent = bundle.decision
+    try:
+        threshold_rule = ThresholdRule.parse(rule or parent.threshold_block["rule"])
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+    samples = site_films(bundle, data_dir, log)
+    labels = np.array([s.label for s in samples])
+    groups = np.array(group_ids(samples))
+    _check_counts(data_dir, labels, groups)
+    log(f"Scoring {len(samples)} films with the parent model.")
+    raw = bundle.forward(inputs(samples), batch_size)
+
+    before_probability = parent.probabilities(raw)
+    before_positive = before_probability >= parent.threshold
+    before = _estimate(labels, before_probability, before_positive, groups, n_resamples)
+    oof_probability, oof_positive = cross_fit(labels, raw, groups, threshold_rule, parent, folds, seed, log)
+    after = _estimate(labels, oof_probability, oof_positive, groups, n_resamples)
+
+    decision, site_metrics = fit_decision(labels, raw, threshold_rule, current=parent, split="site")
+    block = {
+        "parent": {"arch": bundle.metadata["arch"], "digest": bundle.digest},
+        "site": site or data_dir.resolve().name,
+        "method": method,
+        "films": {name: int((labels == k).sum()) for k, name in enumerate(CLASS_NAMES)},
+        "patients": {name: len(set(groups[labels == k])) for k, name in enumerate(CLASS_NAMES)},
+        "date": dt.date.today().isoformat(),
+        "rule": threshold_rule.text,
+        "estimate": {"folds": folds, "seed": seed, "before": before, "after": after},
+    }
+    meta = {**with_decision(bundle.metadata, decision, site_metrics), "adaptation": block}
+    _write_bundle(bundle.folder, meta, out)
+    log(f"Wrote {out}: {describe(block)}")
+    return block
+
+
+def site_films(bundle: Bundle, data_dir: Path, log: Callable[[str], None]) -> list[Sample]:
+    """The site's readable films at the model's input size, less those whose bytes are a film of
+    one of the parent's own splits (listed in its splits.json)."""
+    found = scan(data_dir, bundle.image_size)
+    for reason in found.unreadable:
+        log(f"warning: left out, unreadable: {reason}")
+    seen = _parent_digests(bundle.folder)
+    kept = [s for s in found.samples if not any(s.sha256[:n] in hashes for n, hashes in seen)]
+    if len(kept) < len(found.samples):
+        log(
+            f"warning: left out {len(found.samples) - len(kept)} film(s) byte-identical to films the "
+            "parent model was trained or tuned on (they would flatter the estimate)."
+        )
+    return kept
+
+
+def cross_fit(
+    labels: np.ndarray,
+    raw: np.ndarray,
+    groups: np.ndarray,
+    rule: ThresholdRule,
+    parent: Decision,
+    folds: int,
+    seed: int,
+    log: Callable[[str], None] = print,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold (probability, positive) of every film: the patients are dealt into `folds`
+    folds at random (`seed`), and each fold gets the decision fitted on the others."""
+    fold_of = patient_folds(groups, folds, seed)
+    probability, positive = np.zeros(len(labels)), np.zeros(len(labels), dtype=bool)
+    for k in range(folds):
+        held = fold_of == k
+        decision, _ = fit_decision(labels[~held], raw[~held], rule, current=parent, split="site")
+        probability[held] = decision.probabilities(raw[held])
+        positive[held] = probability[held] >= decision.threshold
+        log(f"Fold {k + 1}/{folds}: {int(held.sum())} films held out, threshold {decision.threshold:.4f}.")
+    return probability, positive
+
+
+def patient_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Per film, its fold in [0, folds): whole patient groups, dealt in a random order."""
+    unique = np.unique(groups)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fold_of_group = {int(unique[i]): rank % folds for rank, i in enumerate(order)}
+    return np.array([fold_of_group[int(g)] for g in groups])
+
+
+def describe(block: dict[str, Any]) -> str:
+    """One paragraph: the site, its films, and the cross-fitted estimate before -> after."""
+    films = ", ".join(f"{n} {name}" for name, n in block["films"].items())
+    lines = [
+        f"{block['method']} to {block['site']} on {films} ({block['date']}); "
+        f"cross-fitted over {block['estimate']['folds']} folds by patient:",
+        f"{'':<12} {'before':>26} {'after':>26}",
+    ]
+    for name in ESTIMATE_METRICS:
+        cells = []
+        for when in ("before", "after"):
+            value, (low, high) = block["estimate"][when][name], block["estimate"][when][f"{name}_ci95"]
+            cells.append(f"{value:.3f} [{low:.3f}, {high:.3f}]")
+        lines.append(f"{name:<12} {cells[0]:>26} {cells[1]:>26}")
+    return "\n".join(lines)
+
+
+def _estimate(
+    labels: np.ndarray, probability: np.ndarray, positive: np.ndarray, groups: np.ndarray, n_resamples: int
+) -> dict[str, Any]:
+    """Accuracy, sensitivity, specificity (of `positive`) and ROC AUC (of `probability`), each
+    with its 95% interval from a bootstrap over patient groups."""
+
+    def values(index: np.ndarray) -> list[float]:
+        y, p, yes = labels[index], probability[index], positive[index].astype(int)
+        if len(set(y.tolist())) < 2:
+            return [float("nan")] * len(ESTIMATE_METRICS)
+        rates = (metrics.accuracy(y, yes), metrics.sensitivity(y, yes), metrics.specificity(y, yes))
+        return [*rates, metrics.roc_auc(y, p)]
+
+    result: dict[str, Any] = dict(zip(ESTIMATE_METRICS, values(np.arange(len(labels))), strict=True))
+    members = {int(g): np.flatnonzero(groups == g) for g in np.unique(groups)}
+    keys = np.array(list(members))
+    rng = np.random.default_rng(0)
+    resamples = (rng.choice(keys, len(keys)) for _ in range(n_resamples))
+    draws = np.array([values(np.concatenate([members[int(g)] for g in drawn])) for drawn in resamples])
+    for i, name in enumerate(ESTIMATE_METRICS):
+        result[f"{name}_ci95"] = metrics.percentile_interval(draws[:, i])
+    result["n"] = len(labels)
+    return result
+
+
+def _check_counts(data_dir: Path, labels: np.ndarray, groups: np.ndarray) -> None:
+    for k, name in enumerate(CLASS_NAMES):
+        films, patients = int((labels == k).sum()), len(set(groups[labels == k].tolist()))
+        if films < MIN_FILMS or patients < MIN_PATIENTS:
+            raise DataError(
+                f"{data_dir / name}: {films} usable film(s) of {patients} patient(s); adapting needs at "
+                f"least {MIN_FILMS} films and {MIN_PATIENTS} patients per class."
+            )
+
+
+def _parent_digests(folder: Path) -> list[tuple[int, set[str]]]:
+    """(prefix length, digests) of the files of each of the parent's splits (its splits.json)."""
+    lists = read_file_lists(folder)
+    found = []
+    for files in (lists or {"splits": {}})["splits"].values():
+        hashes = {short for _, short in files}
+        if hashes:
+            found.append((len(next(iter(hashes))), hashes))
+    return found
+
+
+def _write_bundle(parent: Path, meta: dict[str, Any], out: Path) -> None:
+    """The parent's files with the new metadata.json, swapped in at `out` whole or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copytree(parent, build, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", ".*"))
+        metadata_io.write(build, meta)
+        replace_dir_atomic(build, out)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)

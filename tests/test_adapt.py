@@ -1,0 +1,128 @@
+"""pneumoscan adapt: refusals before anything is written, the cross-fitted estimate, and a bundle
+that every other command reads as it is."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from conftest import write_class_folders
+from pneumoscan.adapt import patient_folds
+from pneumoscan.cli import main
+from pneumoscan.decision import Decision
+
+
+def _site(root, per_class=12, seed=7, images=2):
+    patients = {f"IM-{500 + i:04d}": 0 for i in range(per_class)}
+    patients.update({f"person{900 + i}": 1 for i in range(per_class)})
+    return write_class_folders(root, patients, images_per_patient=images, seed=seed)
+
+
+def test_adapt_writes_a_bundle_the_other_commands_read(trained_run, tmp_path, capsys):
+    _, run_dir = trained_run
+    site, out = _site(tmp_path / "site"), tmp_path / "adapted"
+    assert (
+        main(["adapt", "--model", str(run_dir), "--data", str(site), "--out", str(out), "--site", "Ward 7"])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "Fold 5/5" in err and "before" in err and "after" in err
+    meta = json.loads((out / "metadata.json").read_text())
+    block = meta["adaptation"]
+    parent_meta = (run_dir / "metadata.json").read_bytes()
+    assert block["parent"] == {"arch": "seed", "digest": hashlib.sha256(parent_meta).hexdigest()}
+    assert (block["site"], block["method"], block["rule"]) == (
+        "Ward 7",
+        "recalibrate",
+        meta["threshold"]["rule"],
+    )
+    assert block["films"] == {"NORMAL": 24, "PNEUMONIA": 24}
+    assert block["patients"] == {"NORMAL": 12, "PNEUMONIA": 12}
+    assert meta["threshold"]["split"] == "site" and meta["calibration"]["fitted_on"] == "site"
+    for when in ("before", "after"):
+        for name in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+            low, high = block["estimate"][when][f"{name}_ci95"]
+            assert low <= block["estimate"][when][name] <= high, (when, name)
+    # The weights stay; the decision is the one metadata.json now holds.
+    assert (out / "model.keras").read_bytes() == (run_dir / "model.keras").read_bytes()
+    Decision.from_metadata(meta)
+    # "before" is the parent model on the same films: what `evaluate` measures independently.
+    assert main(["evaluate", "--model", str(run_dir), "--data", str(site), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    for name in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+        assert block["estimate"]["before"][name] == pytest.approx(measured[name], abs=1e-9), name
+    # predict reads the adapted bundle and names it.
+    assert main(["predict", "--model", str(out), "--format", "json", str(site / "NORMAL")]) == 0
+    records = json.loads(capsys.readouterr().out)
+    digest = hashlib.sha256((out / "metadata.json").read_bytes()).hexdigest()
+    assert len(records) == 24 and {r["model_digest"] for r in records} == {digest}
+    assert {r["threshold"] for r in records} == {meta["threshold"]["value"]}
+
+
+REFUSALS = [
+    # name, how the site and --out are made, extra flags, words of the one sentence
+    ("out exists", lambda tmp: (_site(tmp / "site"), (tmp / "out").mkdir()), [], "already exists"),
+    (
+        "no PNEUMONIA folder",
+        lambda tmp: (_site(tmp / "site"), _drop(tmp / "site" / "PNEUMONIA")),
+        [],
+        "missing: PNEUMONIA",
+    ),
+    (
+        "too few patients",
+        lambda tmp: (_site(tmp / "site", per_class=8, images=3),),
+        [],
+        "at least 20 films and 10 patients",
+    ),
+    ("unknown rule", lambda tmp: (_site(tmp / "site"),), ["--rule", "median"], "not understood"),
+    ("one fold", lambda tmp: (_site(tmp / "site"),), ["--folds", "1"], "at least 2"),
+]
+
+
+def _drop(folder):
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+
+
+@pytest.mark.parametrize("name, make, extra, words", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_bad_input_is_one_sentence_and_nothing_written(
+    trained_run, tmp_path, capsys, name, make, extra, words
+):
+    _, run_dir = trained_run
+    make(tmp_path)
+    out = tmp_path / "out"
+    existed = out.exists()
+    code = main(
+        ["adapt", "--model", str(run_dir), "--data", str(tmp_path / "site"), "--out", str(out), *extra]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err
+    assert out.exists() == existed and (not existed or not any(out.iterdir()))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no half-built bundle
+
+
+def test_films_of_the_parents_own_splits_are_left_out(trained_run, tmp_path, capsys):
+    """The training films' own bytes would flatter the estimate: a copy of them is left out
+    (and then too few remain)."""
+    root, run_dir = trained_run
+    site = tmp_path / "site"
+    for name in ("NORMAL", "PNEUMONIA"):
+        (site / name).mkdir(parents=True)
+        for path in (root / "train" / name).iterdir():
+            (site / name / path.name).write_bytes(path.read_bytes())
+    assert main(["adapt", "--model", str(run_dir), "--data", str(site), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "left out 60 film(s) byte-identical" in err and "0 usable film(s)" in err
+
+
+@pytest.mark.parametrize("folds", [2, 5])
+def test_patient_folds_keep_each_patient_whole(folds):
+    groups = np.repeat(np.arange(23), [1, 2, 3] * 7 + [2, 2])
+    fold_of = patient_folds(groups, folds, seed=3)
+    for group in np.unique(groups):
+        assert len(set(fold_of[groups == group])) == 1, group
+    assert set(fold_of) == set(range(folds))
+    assert np.array_equal(fold_of, patient_folds(groups, folds, seed=3))
+    assert not np.array_equal(fold_of, patient_folds(groups, folds, seed=4))
