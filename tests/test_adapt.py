@@ -4,6 +4,7 @@ that every other command reads as it is."""
 import hashlib
 import json
 
+import keras
 import numpy as np
 import pytest
 
@@ -19,13 +20,12 @@ def _site(root, per_class=12, seed=7, images=2):
     return write_class_folders(root, patients, images_per_patient=images, seed=seed)
 
 
-def test_adapt_writes_a_bundle_the_other_commands_read(trained_run, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["finetune", "recalibrate"])
+def test_adapt_writes_a_bundle_the_other_commands_read(trained_run, tmp_path, capsys, method):
     _, run_dir = trained_run
     site, out = _site(tmp_path / "site"), tmp_path / "adapted"
-    assert (
-        main(["adapt", "--model", str(run_dir), "--data", str(site), "--out", str(out), "--site", "Ward 7"])
-        == 0
-    )
+    flags = ["--site", "Ward 7", "--method", method]
+    assert main(["adapt", "--model", str(run_dir), "--data", str(site), "--out", str(out), *flags]) == 0
     err = capsys.readouterr().err
     assert "Fold 5/5" in err and "before" in err and "after" in err
     meta = json.loads((out / "metadata.json").read_text())
@@ -34,7 +34,7 @@ def test_adapt_writes_a_bundle_the_other_commands_read(trained_run, tmp_path, ca
     assert block["parent"] == {"arch": "seed", "digest": hashlib.sha256(parent_meta).hexdigest()}
     assert (block["site"], block["method"], block["rule"]) == (
         "Ward 7",
-        "recalibrate",
+        method,
         meta["threshold"]["rule"],
     )
     assert block["films"] == {"NORMAL": 24, "PNEUMONIA": 24}
@@ -44,8 +44,14 @@ def test_adapt_writes_a_bundle_the_other_commands_read(trained_run, tmp_path, ca
         for name in ("accuracy", "sensitivity", "specificity", "roc_auc"):
             low, high = block["estimate"][when][f"{name}_ci95"]
             assert low <= block["estimate"][when][name] <= high, (when, name)
-    # The weights stay; the decision is the one metadata.json now holds.
-    assert (out / "model.keras").read_bytes() == (run_dir / "model.keras").read_bytes()
+    # recalibrate keeps the weights; finetune moves them, but not far from the parent's (L2-SP).
+    if method == "recalibrate":
+        assert (out / "model.keras").read_bytes() == (run_dir / "model.keras").read_bytes()
+    else:
+        parent, tuned = (keras.models.load_model(d / "model.keras", compile=False) for d in (run_dir, out))
+        before, after = (np.concatenate([w.ravel() for w in m.get_weights()]) for m in (parent, tuned))
+        moved = np.linalg.norm(after - before) / np.linalg.norm(before)  # of all the weights together
+        assert 0.001 < moved < 0.2, moved
     Decision.from_metadata(meta)
     # "before" is the parent model on the same films: what `evaluate` measures independently.
     assert main(["evaluate", "--model", str(run_dir), "--data", str(site), "--json"]) == 0

@@ -4,8 +4,12 @@ own films, and say honestly what that gains.
 `SITE_DIR` holds `NORMAL/` and `PNEUMONIA/` (the layout `evaluate` reads: JPEG, PNG, DICOM).
 The method `recalibrate` keeps the weights and refits the decision on the site's films with
 `decision.fit_decision`, the function training uses: Platt calibration, the threshold by the
-model's own rule (or `--rule`) and the borderline band around it; the out-of-distribution rule
-stays the parent's (its statistics come from the training X-rays, which a site does not have).
+model's own rule (or `--rule`) and the borderline band around it. `finetune` (the default) first
+fits the weights to the site's films (`finetune`: a few epochs at a low rate with training's
+augmentation and class weights, pulled toward the parent's weights, L2-SP), then refits the
+decision the same way. The out-of-distribution rule stays the parent's either way (its
+statistics come from the training X-rays, which a site does not have); BENCHMARKS.md, "Adapting
+to a site", gives what it flags with fine-tuned weights.
 
 The estimate is cross-fitted: the films are split by patient into K folds, each fold is scored
 by a decision fitted without it, and the pooled out-of-fold answers give the site's accuracy,
@@ -31,18 +35,21 @@ from typing import Any
 import numpy as np
 
 from pneumoscan import metadata as metadata_io
-from pneumoscan import metrics
+from pneumoscan import metrics, run_folder
 from pneumoscan.atomic import replace_dir_atomic
 from pneumoscan.bundle import INFERENCE_BATCH, Bundle
 from pneumoscan.config import CLASS_NAMES, ThresholdRule
 from pneumoscan.data import Sample, group_ids, inputs, scan
-from pneumoscan.decision import Decision, fit_decision, with_decision
+from pneumoscan.decision import fit_decision, with_decision
 from pneumoscan.errors import DataError, UsageError
 from pneumoscan.evaluate import read_file_lists
 
-METHODS = ("recalibrate",)
+METHODS = ("recalibrate", "finetune")
 MIN_FILMS, MIN_PATIENTS = 20, 10  # per class
 DEFAULT_FOLDS = 5
+# finetune: a few epochs at a low rate, pulled toward the parent's weights (L2-SP), with
+# training's augmentation and class weights.
+FINETUNE_EPOCHS, FINETUNE_RATE, FINETUNE_BATCH, L2SP = 6, 1e-4, 16, 1e-3
 ESTIMATE_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 
 
@@ -51,7 +58,7 @@ def adapt(
     data_dir: Path,
     out: Path,
     *,
-    method: str = "recalibrate",
+    method: str = "finetune",
     rule: str | None = None,
     site: str | None = None,
     folds: int = DEFAULT_FOLDS,
@@ -93,15 +100,18 @@ def adapt(
     groups = np.array(group_ids(samples))
     _check_counts(data_dir, labels, groups)
     log(f"Scoring {len(samples)} films with the parent model.")
-    raw = bundle.forward(inputs(samples), batch_size)
+    x = inputs(samples)
+    raw = bundle.forward(x, batch_size)
 
     before_probability = parent.probabilities(raw)
     before_positive = before_probability >= parent.threshold
     before = _estimate(labels, before_probability, before_positive, groups, n_resamples)
-    oof_probability, oof_positive = cross_fit(labels, raw, groups, threshold_rule, parent, folds, seed, log)
+    fit = _fitter(method, bundle, x, labels, raw, threshold_rule, seed, batch_size, log)
+    oof_probability, oof_positive = cross_fit(labels, groups, fit, folds, seed, log)
     after = _estimate(labels, oof_probability, oof_positive, groups, n_resamples)
 
-    decision, site_metrics = fit_decision(labels, raw, threshold_rule, current=parent, split="site")
+    log(f"Adapting on all {len(samples)} films.")
+    model, decision, site_metrics = fit(np.arange(len(samples)))
     block = {
         "parent": {"arch": bundle.metadata["arch"], "digest": bundle.digest},
         "site": site or data_dir.resolve().name,
@@ -113,7 +123,7 @@ def adapt(
         "estimate": {"folds": folds, "seed": seed, "before": before, "after": after},
     }
     meta = {**with_decision(bundle.metadata, decision, site_metrics), "adaptation": block}
-    _write_bundle(bundle.folder, meta, out)
+    _write_bundle(bundle.folder, meta, out, model)
     log(f"Wrote {out}: {describe(block)}")
     return block
 
@@ -136,25 +146,96 @@ def site_films(bundle: Bundle, data_dir: Path, log: Callable[[str], None]) -> li
 
 def cross_fit(
     labels: np.ndarray,
-    raw: np.ndarray,
     groups: np.ndarray,
-    rule: ThresholdRule,
-    parent: Decision,
+    fit: Callable,
     folds: int,
     seed: int,
     log: Callable[[str], None] = print,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold (probability, positive) of every film: the patients are dealt into `folds`
-    folds at random (`seed`), and each fold gets the decision fitted on the others."""
+    folds at random (`seed`), and each fold is scored by what `fit` made of the others."""
     fold_of = patient_folds(groups, folds, seed)
     probability, positive = np.zeros(len(labels)), np.zeros(len(labels), dtype=bool)
     for k in range(folds):
-        held = fold_of == k
-        decision, _ = fit_decision(labels[~held], raw[~held], rule, current=parent, split="site")
-        probability[held] = decision.probabilities(raw[held])
+        held = np.flatnonzero(fold_of == k)
+        _, decision, _, raw_of = fit(np.flatnonzero(fold_of != k), scorer=True)
+        probability[held] = decision.probabilities(raw_of(held))
         positive[held] = probability[held] >= decision.threshold
-        log(f"Fold {k + 1}/{folds}: {int(held.sum())} films held out, threshold {decision.threshold:.4f}.")
+        log(f"Fold {k + 1}/{folds}: {len(held)} films held out, threshold {decision.threshold:.4f}.")
     return probability, positive
+
+
+def _fitter(
+    method: str,
+    bundle: Bundle,
+    x: np.ndarray,
+    labels: np.ndarray,
+    raw: np.ndarray,
+    rule: ThresholdRule,
+    seed: int,
+    batch_size: int,
+    log: Callable[[str], None],
+) -> Callable:
+    """fit(index) -> (the weights, None when they stay; the decision; its metrics), fitted on the
+    films at `index`; with scorer=True also raw_of(index), the raw outputs of the model it made."""
+    parent = bundle.decision
+
+    def fit(index: np.ndarray, scorer: bool = False):
+        model, raw_of = None, lambda i: raw[i]
+        if method == "finetune":
+            model = finetune(bundle, x[index], labels[index], seed, log)
+            tuned = Bundle(bundle.folder, model, bundle.metadata)
+            raw_of = lambda i: tuned.forward(x[i], batch_size)  # noqa: E731
+        decision, metrics_ = fit_decision(labels[index], raw_of(index), rule, current=parent, split="site")
+        return (model, decision, metrics_, raw_of) if scorer else (model, decision, metrics_)
+
+    return fit
+
+
+def finetune(bundle: Bundle, x: np.ndarray, labels: np.ndarray, seed: int, log: Callable[[str], None]):
+    """A copy of the bundle's model fitted to (x, labels): `FINETUNE_EPOCHS` epochs of Adam at
+    `FINETUNE_RATE`, training's augmentation for the architecture, class-weighted cross-entropy
+    plus `L2SP` times the squared distance of the weights from the parent's (L2-SP)."""
+    import keras
+    import tensorflow as tf
+
+    from pneumoscan.augment import AUGMENT_DRAWS, augment_batch
+    from pneumoscan.config import RECIPES
+
+    model = keras.models.clone_model(bundle.model)
+    model.set_weights(bundle.model.get_weights())
+    anchors = [tf.constant(w.numpy()) for w in model.trainable_weights]
+    recipe = RECIPES.get(bundle.metadata["arch"])
+    counts = np.bincount(labels, minlength=2)
+    class_weight = tf.constant([len(labels) / (2 * max(c, 1)) for c in counts], tf.float32)
+    optimizer = keras.optimizers.Adam(FINETUNE_RATE)
+    rng = np.random.default_rng(seed)
+
+    @tf.function(reduce_retracing=True)
+    def step(images, targets, draws):
+        if recipe is not None:
+            images = augment_batch(images, draws, recipe.augment)
+        with tf.GradientTape() as tape:
+            predicted = tf.reshape(model(images, training=True), [-1])
+            eps = keras.backend.epsilon()
+            predicted = tf.clip_by_value(predicted, eps, 1 - eps)
+            loss = -(targets * tf.math.log(predicted) + (1 - targets) * tf.math.log(1 - predicted))
+            loss = tf.reduce_mean(loss * tf.gather(class_weight, tf.cast(targets, tf.int32)))
+            pairs = zip(model.trainable_weights, anchors, strict=True)
+            pull = tf.add_n([tf.reduce_sum(tf.square(w - a)) for w, a in pairs])
+            total = loss + L2SP * pull
+        gradients = tape.gradient(total, model.trainable_weights)
+        optimizer.apply_gradients(zip(gradients, model.trainable_weights, strict=True))
+        return loss
+
+    for epoch in range(FINETUNE_EPOCHS):
+        order, losses = rng.permutation(len(labels)), []
+        for start in range(0, len(order), FINETUNE_BATCH):
+            batch = order[start : start + FINETUNE_BATCH]
+            draws = rng.random((len(batch), AUGMENT_DRAWS)).astype(np.float32)
+            losses.append(float(step(tf.constant(x[batch]), tf.constant(labels[batch], tf.float32), draws)))
+        log(f"  fine-tune epoch {epoch + 1}/{FINETUNE_EPOCHS}: loss {np.mean(losses):.4f}")
+    return model
 
 
 def patient_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -228,12 +309,21 @@ def _parent_digests(folder: Path) -> list[tuple[int, set[str]]]:
     return found
 
 
-def _write_bundle(parent: Path, meta: dict[str, Any], out: Path) -> None:
-    """The parent's files with the new metadata.json, swapped in at `out` whole or not at all."""
+def _write_bundle(parent: Path, meta: dict[str, Any], out: Path, model: Any = None) -> None:
+    """The parent's files with the new metadata.json (and, for new weights, the new model.keras
+    and TF.js files), swapped in at `out` whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         shutil.copytree(parent, build, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", ".*"))
+        if model is not None:
+            from pneumoscan.atomic import save_model_atomic
+            from pneumoscan.tfjs import write_tfjs
+
+            save_model_atomic(model, build / run_folder.MODEL)
+            if (build / "tfjs").is_dir():
+                shutil.rmtree(build / "tfjs")
+                write_tfjs(model, build / "tfjs")
         metadata_io.write(build, meta)
         replace_dir_atomic(build, out)
     finally:

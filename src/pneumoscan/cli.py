@@ -327,10 +327,10 @@ def _add_adapt(commands) -> None:
     )
     parser.add_argument(
         "--method",
-        choices=("recalibrate",),
-        default="recalibrate",
-        help="recalibrate: the weights stay; calibration, threshold and band are refitted "
-        "(default %(default)s)",
+        choices=("finetune", "recalibrate"),
+        default="finetune",
+        help="finetune: the weights are fitted to the site's films, then calibration, threshold and "
+        "band; recalibrate: the weights stay (default %(default)s)",
     )
     parser.add_argument("--rule", default=None, help="threshold rule (default: the model's own)")
     parser.add_argument("--site", default=None, help="the site's name (default: the --data folder's name)")
