@@ -106,7 +106,7 @@ def adapt(
     before_probability = parent.probabilities(raw)
     before_positive = before_probability >= parent.threshold
     before = _estimate(labels, before_probability, before_positive, groups, n_resamples)
-    fit = _fitter(method, bundle, x, labels, raw, threshold_rule, seed, batch_size, log)
+    fit = fitter(method, bundle, x, labels, raw, threshold_rule, seed, batch_size, log)
     oof_probability, oof_positive = cross_fit(labels, groups, fit, folds, seed, log)
     after = _estimate(labels, oof_probability, oof_positive, groups, n_resamples)
 
@@ -165,7 +165,7 @@ def cross_fit(
     return probability, positive
 
 
-def _fitter(
+def fitter(
     method: str,
     bundle: Bundle,
     x: np.ndarray,
