@@ -42,7 +42,7 @@ from pneumoscan.config import CLASS_NAMES, ThresholdRule
 from pneumoscan.data import Sample, group_ids, inputs, scan
 from pneumoscan.decision import fit_decision, with_decision
 from pneumoscan.errors import DataError, UsageError
-from pneumoscan.evaluate import read_file_lists
+from pneumoscan.evaluate import split_members
 
 METHODS = ("recalibrate", "finetune")
 MIN_FILMS, MIN_PATIENTS = 20, 10  # per class
@@ -134,8 +134,8 @@ def site_films(bundle: Bundle, data_dir: Path, log: Callable[[str], None]) -> li
     found = scan(data_dir, bundle.image_size)
     for reason in found.unreadable:
         log(f"warning: left out, unreadable: {reason}")
-    seen = _parent_digests(bundle.folder)
-    kept = [s for s in found.samples if not any(s.sha256[:n] in hashes for n, hashes in seen)]
+    members = split_members(bundle.folder, found.samples).values()
+    kept = [s for i, s in enumerate(found.samples) if not any(inside[i] for inside in members)]
     if len(kept) < len(found.samples):
         log(
             f"warning: left out {len(found.samples) - len(kept)} film(s) byte-identical to films the "
@@ -296,17 +296,6 @@ def _check_counts(data_dir: Path, labels: np.ndarray, groups: np.ndarray) -> Non
                 f"{data_dir / name}: {films} usable film(s) of {patients} patient(s); adapting needs at "
                 f"least {MIN_FILMS} films and {MIN_PATIENTS} patients per class."
             )
-
-
-def _parent_digests(folder: Path) -> list[tuple[int, set[str]]]:
-    """(prefix length, digests) of the files of each of the parent's splits (its splits.json)."""
-    lists = read_file_lists(folder)
-    found = []
-    for files in (lists or {"splits": {}})["splits"].values():
-        hashes = {short for _, short in files}
-        if hashes:
-            found.append((len(next(iter(hashes))), hashes))
-    return found
 
 
 def _write_bundle(parent: Path, meta: dict[str, Any], out: Path, model: Any = None) -> None:

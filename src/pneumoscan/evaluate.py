@@ -98,19 +98,24 @@ def read_file_lists(model_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def split_overlap(model_dir: Path, samples: list[Sample]) -> dict[str, int]:
-    """Per split of the model (`splits.json`), how many of `samples` have the bytes of one of its
+def split_members(model_dir: Path, samples: list[Sample]) -> dict[str, list[bool]]:
+    """Per split of the model (`splits.json`), which of `samples` have the bytes of one of its
     files; empty when the model folder has no splits.json. Bytes, not patient ids: ids are not
     comparable across datasets."""
     file_lists = read_file_lists(model_dir)
     if file_lists is None:
         return {}
-    overlap = {}
+    members = {}
     for name, files in file_lists["splits"].items():
         hashes = {short for _, short in files}
         length = len(next(iter(hashes), ""))
-        overlap[name] = sum(s.sha256[:length] in hashes for s in samples)
-    return overlap
+        members[name] = [s.sha256[:length] in hashes for s in samples]
+    return members
+
+
+def split_overlap(model_dir: Path, samples: list[Sample]) -> dict[str, int]:
+    """Per split of the model, how many of `samples` are one of its files (`split_members`)."""
+    return {name: sum(inside) for name, inside in split_members(model_dir, samples).items()}
 
 
 def _warnings(metadata: dict, split: str, overlap: dict[str, int], n: int) -> list[str]:
