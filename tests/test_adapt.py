@@ -132,3 +132,25 @@ def test_patient_folds_keep_each_patient_whole(folds):
     assert set(fold_of) == set(range(folds))
     assert np.array_equal(fold_of, patient_folds(groups, folds, seed=3))
     assert not np.array_equal(fold_of, patient_folds(groups, folds, seed=4))
+
+
+def test_a_fine_tuned_bundle_is_exported_as_its_parent_was(tmp_path, capsys):
+    """The bundled model ships float16-rounded weights in Keras and TF.js: the fine-tuned bundle
+    carries its new weights rounded the same way (before the decision is fitted), in the parent's
+    formats, with an export block that describes them, not the parent's."""
+    from pneumoscan.bundle import bundled_dir
+
+    parent = json.loads((bundled_dir() / "metadata.json").read_text())["export"]
+    out = tmp_path / "adapted"
+    assert (
+        main(["adapt", "--data", str(_site(tmp_path / "site", seed=11)), "--out", str(out), "--folds", "2"])
+        == 0
+    )
+    capsys.readouterr()
+    export = json.loads((out / "metadata.json").read_text())["export"]
+    assert (export["quantize"], export["formats"]) == (parent["quantize"], parent["formats"])
+    assert export["source"].endswith(", adapted") and export["tfjs_bytes"] > 0
+    tuned = keras.models.load_model(out / "model.keras", compile=False).get_weights()
+    shipped = keras.models.load_model(bundled_dir() / "model.keras", compile=False).get_weights()
+    assert all(np.array_equal(w, w.astype(np.float16).astype(np.float32)) for w in tuned)
+    assert any(not np.array_equal(a, b) for a, b in zip(tuned, shipped, strict=True))

@@ -43,6 +43,7 @@ from pneumoscan.data import Sample, group_ids, inputs, scan
 from pneumoscan.decision import fit_decision, with_decision
 from pneumoscan.errors import DataError, UsageError
 from pneumoscan.evaluate import split_members
+from pneumoscan.export import FORMATS, export_bundle, round_as_shipped
 
 METHODS = ("recalibrate", "finetune")
 MIN_FILMS, MIN_PATIENTS = 20, 10  # per class
@@ -184,6 +185,7 @@ def fitter(
         model, raw_of = None, lambda i: raw[i]
         if method == "finetune":
             model = finetune(bundle, x[index], labels[index], seed, log)
+            round_as_shipped(model, shipped_quantize(bundle.metadata))  # the decision must hold for it
             tuned = Bundle(bundle.folder, model, bundle.metadata)
             raw_of = lambda i: tuned.forward(x[i], batch_size)  # noqa: E731
         decision, metrics_ = fit_decision(labels[index], raw_of(index), rule, current=parent, split="site")
@@ -298,22 +300,30 @@ def _check_counts(data_dir: Path, labels: np.ndarray, groups: np.ndarray) -> Non
             )
 
 
+def shipped_quantize(metadata: dict[str, Any]) -> str:
+    """How the model's weights are stored when it is a bundle (`export`'s `--quantize`)."""
+    return metadata.get("export", {}).get("quantize", "none")
+
+
 def _write_bundle(parent: Path, meta: dict[str, Any], out: Path, model: Any = None) -> None:
-    """The parent's files with the new metadata.json (and, for new weights, the new model.keras
-    and TF.js files), swapped in at `out` whole or not at all."""
+    """`out`, swapped in whole or not at all: for weights that stay, the parent's files with the
+    new metadata.json; for new weights, `export_bundle` of them, in the parent's formats and
+    weight storage (or every format, float32, for a run folder)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        shutil.copytree(parent, build, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", ".*"))
-        if model is not None:
-            from pneumoscan.atomic import save_model_atomic
-            from pneumoscan.tfjs import write_tfjs
-
-            save_model_atomic(model, build / run_folder.MODEL)
-            if (build / "tfjs").is_dir():
-                shutil.rmtree(build / "tfjs")
-                write_tfjs(model, build / "tfjs")
+        if model is None:
+            shutil.copytree(
+                parent, build, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", ".*")
+            )
+            metadata_io.write(build, meta)
+            replace_dir_atomic(build, out)
+            return
+        model.save(build / run_folder.MODEL)
         metadata_io.write(build, meta)
-        replace_dir_atomic(build, out)
+        if (parent / run_folder.SPLITS).is_file():
+            shutil.copy2(parent / run_folder.SPLITS, build / run_folder.SPLITS)
+        formats = tuple(meta.get("export", {}).get("formats", FORMATS))
+        export_bundle(build, out, shipped_quantize(meta), formats, source=f"{parent}, adapted")
     finally:
         shutil.rmtree(build, ignore_errors=True)

@@ -33,9 +33,14 @@ from pneumoscan.errors import ExportError  # noqa: E402  (defined in errors.py s
 
 
 def export_bundle(
-    run_dir: Path, out_dir: Path, quantize: str = "none", formats: tuple[str, ...] = FORMATS
+    run_dir: Path,
+    out_dir: Path,
+    quantize: str = "none",
+    formats: tuple[str, ...] = FORMATS,
+    source: str | None = None,
 ) -> dict:
-    """Export the model of `run_dir` to `out_dir`; returns the `export` block of its metadata.
+    """Export the model of `run_dir` to `out_dir`; returns the `export` block of its metadata,
+    whose `source` is `run_dir` unless `source` names where the model came from.
 
     Raises:
         ExportError: `out_dir` exists, is not a bundle and is not empty.
@@ -68,7 +73,7 @@ def export_bundle(
         meta = {"heatmap": heatmap_spec(bundle.model), **bundle.metadata}  # runs trained before it had one
         meta["export"] = {
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "source": str(bundle.folder),
+            "source": source or str(bundle.folder),
             "quantize": quantize,
             "weights": "float32" if quantize == "none" else f"{quantize}-rounded in every format",
             "formats": [f for f in FORMATS if f in formats],
@@ -81,3 +86,17 @@ def export_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     replace_dir_atomic(build, out_dir)
     return meta["export"]
+
+
+def round_as_shipped(model, quantize: str) -> None:
+    """Set `model`'s weights to those a bundle exported with `quantize` carries in every format
+    (what TF.js loads); nothing for `none`. A decision fitted after it holds for the bundle."""
+    if quantize == "none":
+        return
+    import tempfile
+
+    from pneumoscan.tfjs import read_weights, write_tfjs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tfjs(model, Path(tmp) / "tfjs", quantize=quantize)
+        set_named_weights(model, read_weights(Path(tmp) / "tfjs"))
