@@ -203,13 +203,14 @@ def finetune(bundle: Bundle, x: np.ndarray, labels: np.ndarray, seed: int, log: 
 
     from pneumoscan.augment import AUGMENT_DRAWS, augment_batch
     from pneumoscan.config import RECIPES
+    from pneumoscan.training.fit import class_weights
 
     model = keras.models.clone_model(bundle.model)
     model.set_weights(bundle.model.get_weights())
     anchors = [tf.constant(w.numpy()) for w in model.trainable_weights]
     recipe = RECIPES.get(bundle.metadata["arch"])
-    counts = np.bincount(labels, minlength=2)
-    class_weight = tf.constant([len(labels) / (2 * max(c, 1)) for c in counts], tf.float32)
+    weights = class_weights(labels)  # training's: each class weighs as much in the loss
+    class_weight = tf.constant([weights.get(c, 0.0) for c in range(2)], tf.float32)
     optimizer = keras.optimizers.Adam(FINETUNE_RATE)
     rng = np.random.default_rng(seed)
 
