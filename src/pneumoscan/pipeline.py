@@ -67,7 +67,9 @@ def images(paths: Sequence[str | Path], image_size: int) -> tf.data.Dataset:
     def load(path: tf.Tensor):
         luma, error, warning, checks = _decode(path)
         safe = tf.cond(tf.size(luma) > 0, lambda: luma, lambda: tf.zeros((image_size, image_size), tf.uint8))
-        return path, error, warning, resize(safe, image_size), checks
+        image = tf.numpy_function(lambda gray: resize(gray, image_size), [safe], tf.float32, stateful=False)
+        image.set_shape([image_size, image_size, 1])
+        return path, error, warning, image, checks
 
     return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
 

@@ -327,20 +327,50 @@ def _bands(pixels: np.ndarray, convert) -> np.ndarray:
     return out
 
 
-def resize(gray, size: int):
+class ModelInput(np.ndarray):
+    """A float32 NumPy array that also answers `.numpy()` (itself), as the tensor `resize`
+    returned before it was NumPy, so callers written for that keep working."""
+
+    def numpy(self) -> np.ndarray:
+        return self.view(np.ndarray)
+
+
+def resize(gray, size: int) -> ModelInput:
     """(height, width) or (height, width, 1) uint8 -> (size, size, 1) float32 in [0, 255].
 
-    Works on NumPy arrays and on tensors inside `tf.data` (graph mode).
+    Bilinear with half-pixel centres, no antialias: the numbers of `tf.image.resize(...,
+    'bilinear', antialias=False)` (TensorFlow's ResizeBilinear kernel, whose float32 steps it
+    repeats in the same order) and of the page's `tf.image.resizeBilinear(x, [h, w], false,
+    true)`, in NumPy alone, so inference needs no TensorFlow. Only the two source rows and columns
+    around each output pixel are read, so a large film costs little more than a small one.
     """
-    import tensorflow as tf
+    image = np.asarray(gray)
+    if image.ndim == 3:
+        image = image[..., 0]
+    rows, row_lerp = _taps(image.shape[0], size)
+    cols, col_lerp = _taps(image.shape[1], size)
+    top = image[rows[0]].astype(np.float32)  # (size, width): the source rows above and below
+    bottom = image[rows[1]].astype(np.float32)
+    top_left, top_right = top[:, cols[0]], top[:, cols[1]]
+    bottom_left, bottom_right = bottom[:, cols[0]], bottom[:, cols[1]]
+    upper = top_left + (top_right - top_left) * col_lerp
+    lower = bottom_left + (bottom_right - bottom_left) * col_lerp
+    out = upper + (lower - upper) * row_lerp[:, np.newaxis]
+    return out[..., np.newaxis].astype(np.float32, copy=False).view(ModelInput)
 
-    image = tf.convert_to_tensor(gray)
-    if image.shape.rank == 2:
-        image = image[..., tf.newaxis]
-    image = tf.cast(image, tf.float32)
-    return tf.image.resize(image, (size, size), method="bilinear", antialias=False)
+
+def _taps(length: int, size: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """((lower, upper) source indices, float32 weight of the upper) for each of `size` outputs
+    along an axis of `length` pixels: centre (i + 0.5) * length / size - 0.5, both indices
+    clamped to the image, as TensorFlow's `compute_interpolation_weights` computes them."""
+    scale = np.float32(length) / np.float32(size)
+    centre = (np.arange(size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(centre)
+    lower = np.maximum(floor.astype(np.int64), 0)
+    upper = np.minimum(np.ceil(centre).astype(np.int64), length - 1)
+    return (lower, upper), (centre - floor).astype(np.float32)
 
 
 def decode_to_input(path: str | Path, size: int) -> np.ndarray:
     """One file -> the model's (size, size, 1) float32 input."""
-    return resize(load_grayscale(path), size).numpy()
+    return np.asarray(resize(load_grayscale(path), size))
