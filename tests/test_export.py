@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import keras
@@ -12,9 +15,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SAMPLES
+from conftest import SAMPLES, raw_with_copies
+from pneumoscan.bundle import Bundle
 from pneumoscan.cli import main
-from pneumoscan.metadata import read
+from pneumoscan.metadata import read, write
 from pneumoscan.preprocess import decode_to_input
 from pneumoscan.tfjs import named_weights, read_weights
 
@@ -44,13 +48,14 @@ def test_bundle_holds_every_format(bundle):
         "saved_model",
         "model.h5",
         "tfjs",
+        "model.tflite",
         "metadata.json",
         "splits.json",
     }
     assert sorted(p.name for p in (out / "tfjs").iterdir()) == ["group1-shard1of1.bin", "model.json"]
     meta = read(out)
     assert meta["export"]["quantize"] == "none"
-    assert meta["export"]["formats"] == ["keras", "saved_model", "h5", "tfjs"]
+    assert meta["export"]["formats"] == ["keras", "saved_model", "h5", "tfjs", "tflite"]
     assert meta["export"]["tfjs_bytes"] == sum(p.stat().st_size for p in (out / "tfjs").iterdir())
 
 
@@ -66,6 +71,18 @@ def test_every_format_gives_the_same_outputs(bundle):
         assert "model_weights" in handle
     for got in (from_keras, from_h5, from_saved):
         np.testing.assert_allclose(got, expected, atol=1e-6)
+    # The LiteRT flatbuffer: its raw output, and the inner layers metadata.json's export block names.
+    from ai_edge_litert.interpreter import Interpreter
+
+    block = read(out)["export"]["litert"]
+    runner = Interpreter(model_path=str(out / block["file"])).get_signature_runner(block["signature"])
+    outputs = runner(**{block["input"]: x})
+    assert set(outputs) == set(block["outputs"]) and "raw" in outputs
+    np.testing.assert_allclose(outputs["raw"], expected.reshape(-1), atol=1e-5)
+    model = keras.models.load_model(run_dir / "model.keras")
+    for name in set(block["outputs"]) - {"raw", "cam"}:
+        inner = keras.Model(model.inputs, model.get_layer(name).output).predict(x, verbose=0)
+        np.testing.assert_allclose(outputs[name], inner, atol=1e-5)
 
 
 @pytest.mark.parametrize("quantize, nbytes_ratio", [("float16", 0.5), ("uint8", 0.25)])
@@ -92,6 +109,39 @@ def test_quantized_exports_shrink_the_weights(bundle, tmp_path, quantize, nbytes
     for name, variable in named_weights(rounded):
         np.testing.assert_array_equal(variable.numpy(), weights[name])
     assert read(small)["export"]["weights"] == f"{quantize}-rounded in every format"
+    # ... and so does the LiteRT flatbuffer (float32 storage of the rounded values).
+    x = np.stack([decode_to_input(p, 64) for p in IMAGES])
+    litert = Bundle.load(small, runtime="litert").forward(x)
+    np.testing.assert_allclose(litert, raw_with_copies(rounded, x, read(small)), atol=1e-5)
+
+
+def test_add_litert_gives_an_older_bundle_its_flatbuffer_and_changes_nothing_else(bundle, tmp_path, capsys):
+    _, out = bundle
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    (older / "model.tflite").unlink()
+    meta = read(older)
+    del meta["export"]["litert"]
+    write(older, meta)
+    assert Bundle.load(older).runtime is None  # made before: Keras runs it
+    before = {p.relative_to(older): p.read_bytes() for p in older.rglob("*") if p.is_file()}
+    assert main(["export", "--model", str(older), "--out", str(older), "--add-litert"]) == 0
+    after = {p.relative_to(older): p.read_bytes() for p in older.rglob("*") if p.is_file()}
+    assert set(after) - set(before) == {Path("model.tflite")}
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {Path("metadata.json")}
+    new = read(older)
+    assert new["export"]["litert"]["sha256"] == hashlib.sha256(after[Path("model.tflite")]).hexdigest()
+    del new["export"]["litert"]
+    assert new == {"heatmap": meta.get("heatmap", new.get("heatmap")), **meta}  # nothing else changed
+    assert Bundle.load(older).runtime is not None
+
+
+def test_add_litert_refuses_a_run_folder(trained_run, tmp_path, capsys):
+    _, run_dir = trained_run
+    assert main(["export", "--model", str(run_dir), "--out", str(tmp_path / "b"), "--add-litert"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a run folder, not an exported bundle" in err and "\n" not in err
 
 
 def test_export_refuses_a_folder_that_is_not_a_bundle(trained_run, tmp_path, capsys):

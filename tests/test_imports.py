@@ -4,8 +4,13 @@ commands stay light (no TensorFlow just to read metadata or parse a command line
 from __future__ import annotations
 
 import ast
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
@@ -100,12 +105,19 @@ def test_config_and_the_cli_parser_import_no_tensorflow():
     assert out.split() == ["False", "False"]
 
 
-def test_a_command_does_without_scikit_learn():
+@pytest.mark.parametrize("runtime", ["keras", "litert"])
+def test_a_command_does_without_scikit_learn(runtime, tmp_path):
     """Keras imports scikit-learn (a test dependency here) whenever it can; the command's own
-    process never needs it, and loads a model and predicts without it."""
+    process never needs it, and loads a model and predicts without it: on Keras (a bundle
+    without its LiteRT flatbuffer), and on LiteRT (the bundled model), which imports no Keras."""
     from conftest import SAMPLES
+    from pneumoscan.bundle import bundled_dir
 
     image = str(next(SAMPLES.rglob("*.jpeg")))
+    model = bundled_dir()
+    if runtime == "keras":
+        model = Path(shutil.copytree(model, tmp_path / "bundle"))
+        (model / "model.tflite").unlink()
     done = subprocess.run(
         # --debug: without it, TensorFlow's import (and the import-time lines of Keras inside
         # it) writes to /dev/null (cli.import_tensorflow_quietly).
@@ -117,6 +129,8 @@ def test_a_command_does_without_scikit_learn():
             "pneumoscan",
             "--debug",
             "predict",
+            "--model",
+            str(model),
             "--format",
             "csv",
             image,
@@ -125,6 +139,11 @@ def test_a_command_does_without_scikit_learn():
         text=True,
         check=True,
     )
-    # Keras still asks for it (a line of `sklearn`, a few microseconds, refused), loads none of it.
-    assert "keras.src.wrappers" in done.stderr and "sklearn." not in done.stderr
+    if runtime == "keras":
+        # Keras still asks for it (a line of `sklearn`, a few microseconds, refused), loads none of it.
+        assert "keras.src.wrappers" in done.stderr and "sklearn." not in done.stderr
+    else:
+        imported = set(re.findall(r"^import time:.*\|\s+([\w.]+)$", done.stderr, re.M))
+        assert "ai_edge_litert" in imported and "numpy" in imported  # the lines were read
+        assert not {"keras", "tensorflow"} & imported and not any("sklearn" in m for m in imported)
     assert done.stdout.count("\n") == 2 and image in done.stdout

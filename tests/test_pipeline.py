@@ -1,5 +1,5 @@
-"""pneumoscan.pipeline: tf.data shapes, dtypes, ranges; augmentation on training only; the
-prediction stream carries each bad file's reason."""
+"""pneumoscan.pipeline: tf.data shapes, dtypes, ranges; augmentation on training only. (The
+prediction stream over files is tests/test_stream.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 from conftest import SAMPLES
 from pneumoscan.config import AugmentConfig
 from pneumoscan.data import inputs, scan
-from pneumoscan.pipeline import batches, images, training_batches
-from pneumoscan.preprocess import decode, decode_to_input
+from pneumoscan.pipeline import batches, training_batches
+from pneumoscan.preprocess import decode_to_input
 
 PATHS = sorted(SAMPLES.rglob("*.jpeg"))[:6]
 LABELS = [int(p.parent.name == "PNEUMONIA") for p in PATHS]
@@ -70,25 +70,6 @@ def test_every_acquisition_augmentation_runs_inside_the_pipeline():
     assert x.shape == (6, 64, 64, 1) and x.min() >= 0 and x.max() <= 255
 
 
-def test_images_stream_flags_bad_files(tmp_path):
-    bad = tmp_path / "bad.jpeg"
-    bad.write_bytes(b"not an image")
-    rows = [
-        (p.numpy().decode(), e.numpy().decode(), x.numpy(), c.numpy())
-        for p, e, w, x, c in images([PATHS[0], bad, PATHS[1]], 64)
-        if w.numpy() == b""  # no DICOM header here to warn about
-    ]
-    assert [r[1] == "" for r in rows] == [True, False, True]
-    assert rows[1][0] == str(bad)
-    assert rows[1][1] == f"{bad}: is not a JPEG, PNG or DICOM image."  # the decode's own sentence
-    assert all(r[2].shape == (64, 64, 1) for r in rows)
-    np.testing.assert_allclose(rows[2][2], decode_to_input(PATHS[1], 64), atol=1e-4)
-    # The out-of-distribution image checks ride along: [colourfulness, aspect].
-    expected = decode(PATHS[1])
-    np.testing.assert_array_equal(rows[2][3], [expected.colourfulness, expected.aspect])
-    np.testing.assert_array_equal(rows[1][3], [0.0, 1.0])
-
-
 def test_augmentation_with_zero_strength_is_the_identity():
     import tensorflow as tf
 
@@ -141,19 +122,3 @@ def test_replicas_share_each_global_batch_and_augment_it_alike():
         np.testing.assert_array_equal(xw[0::2], x0)
         np.testing.assert_array_equal(xw[1::2], x1)
         np.testing.assert_array_equal(np.concatenate([y0, y1]), np.concatenate([yw[0::2], yw[1::2]]))
-
-
-def test_any_exception_while_decoding_costs_only_that_files_record(monkeypatch):
-    """An exception that is not an ImageError inside tf.numpy_function would end the dataset:
-    it is the file's one sentence (its type, not its text), and the files after it still come."""
-    import pneumoscan.pipeline
-
-    def flaky(path):
-        if path == str(PATHS[1]):
-            raise RuntimeError("raw header bytes b'Doe^Jane'")
-        return decode(path)
-
-    monkeypatch.setattr(pneumoscan.pipeline, "decode", flaky)
-    rows = [(p.numpy().decode(), e.numpy().decode()) for p, e, _, _, _ in images(PATHS[:3], 32)]
-    assert [path for path, _ in rows] == [str(p) for p in PATHS[:3]]
-    assert [error for _, error in rows] == ["", f"{PATHS[1]}: could not be decoded (RuntimeError).", ""]

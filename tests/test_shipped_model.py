@@ -3,6 +3,7 @@ TF.js as in Keras, and keeping its labels under small shifts, crops and corner m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -55,10 +56,13 @@ def test_bundle_files_and_metadata(bundled):
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("__")) == [
         "metadata.json",
         "model.keras",
+        "model.tflite",
         "splits.json",
         "tfjs",
     ]
     meta = read(folder)
+    litert = meta["export"]["litert"]  # the flatbuffer is the one its metadata names
+    assert hashlib.sha256((folder / litert["file"]).read_bytes()).hexdigest() == litert["sha256"]
     assert meta["arch"] == "pneumonet"
     assert meta["calibration"]["fitted_on"] == "val" and meta["threshold"]["split"] == "val"
     assert sum(meta["data"]["splits"]["train"]["counts"].values()) > 4000  # the full training data

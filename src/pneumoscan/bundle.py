@@ -16,15 +16,17 @@ the Keras model, its metadata (input size, class names, calibration, threshold),
 `tfjs_weights` puts the weights of a TF.js export (dequantized exactly as TF.js reads them) into
 a Keras model, so Python can compute what the browser computes.
 
-Keras and TensorFlow are imported only when a model is loaded or run, so commands that only
-read metadata (`serve`) start fast.
+A bundle exported with its LiteRT flatbuffer (`model.tflite`, `pneumoscan.litert`) runs the
+forward pass there when `ai_edge_litert` imports: then Keras and TensorFlow are imported only
+when something asks for `Bundle.model` (training, export, Grad-CAM, occlusion on a model without
+CAM, a layer the flatbuffer lacks), so predict, evaluate and explain --method cam never do.
+Otherwise they are imported when the model is loaded, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from pneumoscan import metadata as metadata_io
 from pneumoscan import run_folder
 from pneumoscan.decision import Calibration, Decision
 from pneumoscan.errors import ModelNotFound
-from pneumoscan.forward import INFERENCE_BATCH, Forward, shifted  # noqa: F401  (shifted: older imports)
+from pneumoscan.forward import INFERENCE_BATCH, Forward, import_tensorflow, shifted  # noqa: F401  (shifted: older imports)
 
 
 def bundled_dir() -> Path | None:
@@ -64,33 +66,71 @@ def find(model: str | Path | None) -> Path:
     return folder
 
 
-@dataclass
 class Bundle:
-    """A loaded model folder: the Keras model and its metadata.json."""
+    """A loaded model folder: its metadata.json, the Keras model (loaded when first needed), and
+    the LiteRT runtime of its `model.tflite` when it has one and LiteRT imports."""
 
-    folder: Path
-    model: Any  # keras.Model
-    metadata: dict
-    _forward: Forward | None = field(default=None, init=False, repr=False)  # built on first use
-    _decision: tuple | None = field(default=None, init=False, repr=False)  # (metadata, Decision)
+    def __init__(self, folder: Path, model: Any, metadata: dict, runtime: Any = None):
+        """`model`: a Keras model, or None to load the folder's model.keras on first use;
+        `runtime`: a `litert.Runtime` that runs the forward pass instead of Keras, or None."""
+        self.folder, self._model, self.metadata = Path(folder), model, metadata
+        self.runtime = runtime
+        self._forward: Forward | None = None  # built on first use
+        self._decision: tuple | None = None  # (metadata, Decision)
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.folder)!r}, runtime={'litert' if self.runtime else 'keras'})"
+
+    @property
+    def model(self) -> Any:
+        """The Keras model (keras.Model), loaded from the folder's model.keras the first time
+        something asks for it (training, export, Grad-CAM, a layer the flatbuffer lacks)."""
+        if self._model is None:
+            import_tensorflow()
+            import keras
+
+            self._model = keras.models.load_model(self.folder / run_folder.MODEL, compile=False)
+        return self._model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        self._model, self._forward = model, None
 
     @classmethod
-    def load(cls, model: str | Path | Bundle | None = None) -> Bundle:
+    def load(cls, model: str | Path | Bundle | None = None, runtime: str = "auto") -> Bundle:
         """A folder (`find` rules; None is the bundled model), or a Bundle as it is.
 
+        `runtime`: "auto" runs the forward pass on the folder's LiteRT flatbuffer when
+        metadata.json names one (`export.litert`), the file is there and `ai_edge_litert`
+        imports, else on Keras; "keras" always on Keras; "litert" on LiteRT or ModelNotFound.
+
         Raises:
-            ModelNotFound: see `find`.
+            ModelNotFound: see `find`; or `runtime="litert"` and no flatbuffer or no LiteRT.
             MetadataError: metadata.json is missing, breaks the schema, or holds a calibration or
-                borderline band that cannot be applied.
+                borderline band that cannot be applied; or the flatbuffer's SHA-256 is not the
+                one metadata.json records.
         """
         if isinstance(model, Bundle):
             return model
         folder = find(model)
         metadata = metadata_io.read(folder)
         decision = Decision.from_metadata(metadata, str(folder / metadata_io.FILE_NAME))  # refused here
-        import keras
+        engine = None
+        if runtime != "keras":
+            from pneumoscan import litert
 
-        bundle = cls(folder, keras.models.load_model(folder / run_folder.MODEL, compile=False), metadata)
+            block = metadata.get("export", {}).get("litert")
+            usable = block is not None and (folder / block["file"]).is_file() and litert.available()
+            if usable:
+                engine = litert.Runtime(folder, block, metadata.get("test_time"))
+            elif runtime == "litert":
+                raise ModelNotFound(
+                    f"{folder}: cannot run on LiteRT (no model.tflite named in its metadata.json, "
+                    "or ai-edge-litert is not installed)."
+                )
+        bundle = cls(folder, None, metadata, engine)
+        if engine is None:
+            bundle.model  # noqa: B018  (loaded now, as before: a broken model.keras fails here)
         bundle._decision = (metadata, decision)
         return bundle
 
@@ -141,6 +181,8 @@ class Bundle:
         float32 (n,), that layer's output float32 (n, ...) or None when `layer` is None), as
         `forward.Forward` defines them (the page builds the same two-output model in forward.js).
         The test-time copies are those of the metadata when the model first runs."""
+        if self.runtime is not None and self.runtime.has(layer):
+            return self.runtime(images, batch_size, layer)
         if self._forward is None:
             self._forward = Forward(self.model, self.metadata.get("test_time"))
         return self._forward(images, batch_size, layer)

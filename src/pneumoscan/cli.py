@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pneumoscan import bundle as bundle_module
+from pneumoscan import forward
 from pneumoscan.bundle import INFERENCE_BATCH
 from pneumoscan.config import (
     ARCH_ALIASES,
@@ -29,6 +30,7 @@ from pneumoscan.config import (
     read_file_list,
 )
 from pneumoscan.errors import FAILURE, PneumoscanError, UsageError
+from pneumoscan.forward import quiet_stderr
 
 # TensorFlow's C++ log: 0 shows its start-up chatter (absl's pre-init warning, CPU features) on
 # stderr before Python logging exists; 3 shows nothing (every error reaches Python as an exception,
@@ -37,8 +39,10 @@ from pneumoscan.errors import FAILURE, PneumoscanError, UsageError
 QUIET_TF_LOG_LEVEL = "3"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
 
-# The commands that run a model, and so import TensorFlow anyway (serve and demo never do).
-TENSORFLOW_COMMANDS = ("train", "evaluate", "threshold", "ood", "adapt", "predict", "export", "explain")
+# The commands that import TensorFlow whatever the model (serve and demo never do). The others
+# that run a model (evaluate, threshold, predict, explain) run it on LiteRT when the bundle has its
+# flatbuffer, and import TensorFlow (quietly, `forward.import_tensorflow`) only if Keras must run.
+TENSORFLOW_COMMANDS = ("train", "ood", "adapt", "export")
 
 
 def import_tensorflow_quietly() -> None:
@@ -49,15 +53,8 @@ def import_tensorflow_quietly() -> None:
     that they are. A failed import still raises (and --debug, which skips this, shows the lines);
     later logs follow the level set above.
     """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as sink:
-            os.dup2(sink.fileno(), 2)
-            import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with quiet_stderr():
+        import tensorflow  # noqa: F401
 
 
 HOST_HELP = (
@@ -485,7 +482,9 @@ def _progress(total: int):
 
 
 def _add_export(commands) -> None:
-    parser = commands.add_parser("export", help="write a model bundle: Keras, SavedModel, HDF5 and TF.js")
+    parser = commands.add_parser(
+        "export", help="write a model bundle: Keras, SavedModel, HDF5, TF.js and LiteRT"
+    )
     parser.add_argument("--model", type=Path, required=True, help="run folder made by pneumoscan train")
     parser.add_argument("--out", type=Path, required=True, help="BUNDLE_DIR to create or replace")
     parser.add_argument(
@@ -494,12 +493,24 @@ def _add_export(commands) -> None:
         default="none",
         help="TF.js weight storage (default: none = float32)",
     )
+    parser.add_argument(
+        "--add-litert",
+        action="store_true",
+        help="--model is a bundle: copy its files unchanged to --out (may be the same folder) and "
+        "add the LiteRT flatbuffer model.tflite and its metadata key",
+    )
     parser.set_defaults(handler=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pneumoscan.export import export_bundle
+    from pneumoscan.export import add_litert, export_bundle
 
+    if args.add_litert:
+        block = add_litert(args.model, args.out)  # ExportError: exit 2
+        print(
+            f"Bundle: {args.out} (+ {block['file']}, {block['bytes'] / 1e6:.2f} MB, sha256 {block['sha256']})"
+        )
+        return 0
     info = export_bundle(args.model, args.out, quantize=args.quantize)  # ExportError: exit 2
     print(
         f"Bundle: {args.out} ({', '.join(info['formats'])}; TF.js weights {args.quantize}, "
@@ -638,9 +649,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command in TENSORFLOW_COMMANDS:
                 import_tensorflow_quietly()
         # Keras's advice through absl (e.g. "HDF5 is legacy" on export) is not the user's concern.
-        import absl.logging  # cheap, and TensorFlow's own dependency
+        with contextlib.suppress(ImportError):  # cheap, and TensorFlow's own dependency
+            import absl.logging
 
-        absl.logging.set_verbosity(absl.logging.ERROR)
+            absl.logging.set_verbosity(absl.logging.ERROR)
+    forward.QUIET_IMPORT[0] = not args.debug
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints as \udcXX
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

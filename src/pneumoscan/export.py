@@ -5,11 +5,13 @@ BUNDLE_DIR/
     saved_model/     TensorFlow SavedModel (serving signature `serve`)
     model.h5         HDF5 (legacy Keras format)
     tfjs/            model.json + group1-shard*of*.bin for tf.loadLayersModel (TF.js 4.22)
+    model.tflite     LiteRT flatbuffer with the outputs inference reads (`pneumoscan.litert`):
+                     `predict`, `evaluate`, `explain --method cam`, ... run it without TensorFlow
     metadata.json    the run's metadata plus an `export` block
     splits.json      the run's file lists, when it has them (lets `evaluate` flag training files)
 
 With `--quantize float16|uint8`, every format carries the quantized weights (dequantized to
-float32 for Keras, SavedModel and HDF5), so `pneumoscan predict` and the web page run the
+float32 for Keras, SavedModel, HDF5 and LiteRT), so `pneumoscan predict` and the web page run the
 same numbers. The folder is written under a temporary name and swapped in whole, so a reader
 never sees a half-written bundle.
 """
@@ -20,13 +22,13 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
+from pneumoscan import litert, run_folder
 from pneumoscan import metadata as metadata_io
-from pneumoscan import run_folder
 from pneumoscan.atomic import replace_dir_atomic
 from pneumoscan.bundle import Bundle, set_named_weights
 from pneumoscan.model import heatmap_spec
 
-FORMATS = ("keras", "saved_model", "h5", "tfjs")
+FORMATS = ("keras", "saved_model", "h5", "tfjs", "tflite")
 
 
 from pneumoscan.errors import ExportError  # noqa: E402  (defined in errors.py since it holds them all)
@@ -49,9 +51,8 @@ def export_bundle(
     from pneumoscan.tfjs import read_weights, write_tfjs
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / metadata_io.FILE_NAME).exists():
-        raise ExportError(f"{out_dir}: folder is not empty and holds no model bundle; choose another --out.")
-    bundle = Bundle.load(run_dir)
+    _refuse_foreign(out_dir)
+    bundle = Bundle.load(run_dir, runtime="keras")
     build = out_dir.with_name(f".{out_dir.name}.export")
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
@@ -79,6 +80,8 @@ def export_bundle(
             "formats": [f for f in FORMATS if f in formats],
             "tfjs_bytes": tfjs["total_bytes"] if tfjs else None,
         }
+        if "tflite" in formats:
+            meta["export"]["litert"] = litert.write(bundle.model, build / litert.FILE_NAME, meta)
         metadata_io.write(build, meta)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
@@ -86,6 +89,50 @@ def export_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     replace_dir_atomic(build, out_dir)
     return meta["export"]
+
+
+def add_litert(bundle_dir: Path, out_dir: Path) -> dict:
+    """`bundle_dir`'s files as they are, plus `model.tflite` converted from its model.keras and
+    the `export.litert` block that names it, written to `out_dir` (which may be `bundle_dir`
+    itself) and swapped in whole: `pneumoscan export --add-litert`, for a bundle exported before
+    the flatbuffer. Its weights are taken as the bundle stores them (already rounded as shipped),
+    and no other file changes. Returns the `litert` block.
+
+    Raises:
+        ExportError: `bundle_dir` is not an exported bundle, or `out_dir` is another folder
+            that exists and holds no bundle.
+    """
+    import tempfile
+
+    bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
+    bundle = Bundle.load(bundle_dir, runtime="keras")
+    if "export" not in bundle.metadata:
+        raise ExportError(
+            f"{bundle_dir}: is a run folder, not an exported bundle; export it without --add-litert."
+        )
+    _refuse_foreign(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shutil.copytree(
+            bundle_dir, build, dirs_exist_ok=True, ignore=shutil.ignore_patterns(litert.FILE_NAME)
+        )
+        meta = {"heatmap": heatmap_spec(bundle.model), **bundle.metadata}
+        meta["export"] = {
+            **meta["export"],
+            "litert": litert.write(bundle.model, build / litert.FILE_NAME, meta),
+        }
+        metadata_io.write(build, meta)
+        replace_dir_atomic(build, out_dir)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return meta["export"]["litert"]
+
+
+def _refuse_foreign(out_dir: Path) -> None:
+    """ExportError unless `out_dir` is absent, empty or a bundle (which the export replaces)."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / metadata_io.FILE_NAME).exists():
+        raise ExportError(f"{out_dir}: folder is not empty and holds no model bundle; choose another --out.")
 
 
 def round_as_shipped(model, quantize: str) -> None:

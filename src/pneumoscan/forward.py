@@ -3,11 +3,16 @@ output, averaged over the test-time copies that metadata.json's `test_time` bloc
 the same pass the output of one inner layer (the out-of-distribution score's features, the class
 activation map's grid). `Bundle.forward` and `Bundle.forward_features` run it for every stage.
 
-TensorFlow is imported only when a model runs, so commands that only read metadata start fast.
+TensorFlow is imported only when a model runs, so commands that only read metadata start fast;
+a bundle with its LiteRT flatbuffer runs the same pass there (`pneumoscan.litert`) without it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,6 +21,34 @@ INFERENCE_BATCH = 32  # images per forward call: predict's and evaluate's defaul
 # Calls with this many films or fewer run eagerly: tracing and optimising the graph (about 0.3 s
 # on 2 cores) costs a one-image `predict` more than it saves; larger calls run 3x faster compiled.
 EAGER_AT_MOST = 3
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """The process's stderr (file descriptor 2) sent to /dev/null inside the block: the C++
+    start-up lines of TensorFlow (absl's pre-init warning, oneDNN's notice) and of LiteRT (its
+    XNNPACK delegate's INFO line) ignore the log levels. Errors still reach Python as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# Whether a first import of TensorFlow goes through `quiet_stderr` (the CLI clears it for --debug).
+QUIET_IMPORT = [True]
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow (and so Keras' backend) once, quietly unless `QUIET_IMPORT` says not."""
+    if "tensorflow" in sys.modules:
+        return
+    with quiet_stderr() if QUIET_IMPORT[0] else contextlib.nullcontext():
+        import tensorflow  # noqa: F401
 
 
 class Forward:

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pneumoscan.model import heatmap_spec
-
 if TYPE_CHECKING:  # the type only: heatmap sits below the bundle that carries the model
     from pneumoscan.bundle import Bundle
 
@@ -56,10 +54,20 @@ def class_activation_map(bundle: Bundle, x: np.ndarray) -> tuple[np.ndarray, str
         bias is the logit), or Grad-CAM's ReLU(Σ_c α_c F_c) with α_c the mean gradient of the
         output over the grid; and "cam" or "grad-cam" (see `heatmap_spec`).
     """
+    image = bundle.check_input(x)
+    runtime = bundle.runtime
+    if (
+        bundle.metadata.get("heatmap", {}).get("method") == "cam"
+        and runtime is not None
+        and runtime.has("cam")
+    ):
+        _, cells = runtime(image[np.newaxis], 1, "cam")  # the flatbuffer's `cam` output (litert.CAM)
+        return cells[0].astype(np.float64), "cam"
     import keras
     import tensorflow as tf
 
-    image = bundle.check_input(x)
+    from pneumoscan.model import heatmap_spec
+
     spec = bundle.metadata.get("heatmap") or heatmap_spec(bundle.model)
     features_layer = bundle.model.get_layer(spec["feature_layer"])
     probe = keras.Model(bundle.model.input, [features_layer.output, bundle.model.output])

@@ -1,77 +1,22 @@
-"""tf.data input pipelines: `pneumoscan train` over decoded model inputs, `predict` over files.
+"""tf.data input pipelines of `pneumoscan train` over decoded model inputs.
 
 Training: model inputs (decoded once by `data.scan`) -> per epoch, a permutation -> batch ->
 augment -> prefetch, all drawn from (seed, epoch, batch) so a resumed run repeats them exactly.
-Prediction: path -> decode -> grayscale -> resize (pneumoscan.preprocess) with the decode's error,
-if any, carried along as text, so a bad file becomes a record and the stream goes on, and the
-image checks of the out-of-distribution flag (colourfulness before luma, aspect) beside it.
-`num_parallel_calls=AUTOTUNE` on every map.
+`num_parallel_calls=AUTOTUNE` on every map. (`predict`'s stream over files, which needs no
+TensorFlow, is `pneumoscan.stream`.)
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from pneumoscan.augment import AUGMENT_DRAWS, augment_batch
 from pneumoscan.config import AugmentConfig
-from pneumoscan.preprocess import ImageError, decode, resize, unusable
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-def _decode(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """tf.data wrapper around `preprocess.decode`: (luma, error, warning, checks). A file that
-    cannot be used gives a 0x0 image and the decoder's one-sentence reason; a good one an empty
-    reason, and the phrases of its DICOM header's warnings, if any, joined by "; ". `checks` is
-    float64 [colourfulness, aspect] (the image checks of `pneumoscan.ood`), [0, 1] on error."""
-
-    def load(raw: bytes) -> tuple[np.ndarray, bytes, bytes, np.ndarray]:
-        # Whatever escapes here would end the whole dataset (tf.numpy_function turns it into an
-        # InvalidArgumentError): every exception is this file's one sentence instead.
-        try:
-            decoded = decode(os.fsdecode(raw))
-        except Exception as error:
-            text = str(error) if isinstance(error, ImageError) else unusable(os.fsdecode(raw), error)
-            return (
-                np.zeros((0, 0), np.uint8),
-                text.encode(errors="surrogateescape"),
-                b"",
-                np.array([0.0, 1.0]),
-            )
-        checks = np.array([decoded.colourfulness, decoded.aspect])
-        return decoded.luma, b"", "; ".join(decoded.warnings).encode(), checks
-
-    image, error, warning, checks = tf.numpy_function(
-        load, [path], (tf.uint8, tf.string, tf.string, tf.float64), stateful=False
-    )
-    image.set_shape([None, None])
-    error.set_shape([])
-    warning.set_shape([])
-    checks.set_shape([2])
-    return image, error, warning, checks
-
-
-def images(paths: Sequence[str | Path], image_size: int) -> tf.data.Dataset:
-    """(path, error, warning, image, checks) for every path, in order; `error` is b"" when the
-    file decoded, else the reason it did not (and `image` is then zeros); `warning` what its
-    DICOM header says against it, or b""; `checks` [colourfulness, aspect] of the decoded image.
-    Used by `predict`. Paths travel as the file system's bytes (`os.fsencode`), so names that are
-    not UTF-8 work too."""
-    dataset = tf.data.Dataset.from_tensor_slices([os.fsencode(p) for p in paths])
-
-    def load(path: tf.Tensor):
-        luma, error, warning, checks = _decode(path)
-        safe = tf.cond(tf.size(luma) > 0, lambda: luma, lambda: tf.zeros((image_size, image_size), tf.uint8))
-        image = tf.numpy_function(lambda gray: resize(gray, image_size), [safe], tf.float32, stateful=False)
-        image.set_shape([image_size, image_size, 1])
-        return path, error, warning, image, checks
-
-    return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
 def batches(

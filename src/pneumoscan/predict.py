@@ -1,8 +1,9 @@
 """Run a model over files and folders: `pneumoscan predict [--model MODEL] PATH...`.
 
-Images stream through tf.data in batches (memory stays flat however many there are) and the
-bundle's one forward pass (`Bundle.forward`); a file that cannot be used becomes a
-`{path, error}` record carrying the sentence of its one decode, and the others are still
+Images stream in batches, decoded on a few threads while the model runs (`pneumoscan.stream`;
+memory stays flat however many there are), through the bundle's one forward pass
+(`Bundle.forward`: LiteRT when the bundle has its flatbuffer, else Keras); a file that cannot be
+used becomes a `{path, error}` record carrying the sentence of its one decode, and the others are still
 predicted. The same decode/resize (pneumoscan.preprocess), calibration and threshold
 (metadata.json) serve `evaluate` and the web page. This module owns paths, records and rendering.
 """
@@ -42,22 +43,16 @@ def verdicts(
     `warning` what a DICOM header says against the image, or ""; the verdict is the model's
     decision (`pneumoscan.decision`) on the batch's forward pass, whose feature layer feeds the
     out-of-distribution score when the model has one."""
-    import tensorflow as tf
-
-    from pneumoscan.pipeline import images
+    from pneumoscan.stream import batches
 
     if not paths:
         return
     decision = bundle.decision
     layer = decision.feature_layer
-    dataset = images(paths, bundle.image_size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    for batch_paths, errors, warnings, x, checks in dataset:
-        outputs, features = bundle.forward_features(x, batch_size, layer)
-        batch = decision.apply(outputs, features, checks.numpy())
-        for path, error, warning, verdict in zip(
-            batch_paths.numpy(), errors.numpy(), warnings.numpy(), batch, strict=True
-        ):
-            yield os.fsdecode(path), error.decode(errors="surrogateescape"), warning.decode(), verdict
+    for batch in batches(paths, bundle.image_size, batch_size):
+        outputs, features = bundle.forward_features(batch.images, batch_size, layer)
+        for film, verdict in zip(batch.films, decision.apply(outputs, features, batch.checks), strict=True):
+            yield film.path, film.error, film.warning, verdict
 
 
 def expand_paths(inputs: Iterable[str | Path], shard: tuple[int, int] | None = None) -> list[Path | dict]:

@@ -1,0 +1,160 @@
+"""The bundle's LiteRT flatbuffer (`model.tflite`): written by `export`, run by `Bundle.forward`
+without TensorFlow.
+
+`write` converts a Keras model (TensorFlow's own converter, float32 weights as the bundle rounds
+them) into one signature whose input is (n, S, S, 1) float32 in [0, 255], any n, and whose
+outputs are named: `raw`, the model's output (n,); one output per inner layer that
+inference reads, under the layer's name (the out-of-distribution score's `ood.feature_layer`,
+the heatmap's `heatmap.feature_layer`); and `cam`, the class activation map's cells (n, h, w)
+= that layer's output times `heatmap.weights_layer`'s kernel, when the heatmap's method is
+`cam`. metadata.json's `export.litert` block names the file, its outputs and its SHA-256.
+
+`Runtime` is the flatbuffer loaded in `ai_edge_litert`'s interpreter (on every core), after its
+digest is checked: the same forward pass as `forward.Forward` (the test-time copies made in
+NumPy, each film's raw output their mean, the layer's output the film's own), which
+`Bundle.forward` and `Bundle.forward_features` run when the bundle has the file and LiteRT
+imports. A layer the flatbuffer lacks is for Keras to run (`has`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumoscan.errors import MetadataError
+
+FILE_NAME = "model.tflite"
+RAW = "raw"
+CAM = "cam"
+
+
+def available() -> bool:
+    """Whether the LiteRT interpreter imports here (a wheel exists for this platform)."""
+    try:
+        from ai_edge_litert import interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def inner_layers(metadata: dict) -> list[str]:
+    """The inner layers whose output inference reads, in a fixed order: the out-of-distribution
+    features' layer, then the heatmap's, once each."""
+    names = [metadata.get("ood", {}).get("feature_layer"), metadata.get("heatmap", {}).get("feature_layer")]
+    return list(dict.fromkeys(name for name in names if name))
+
+
+def write(model: Any, path: Path, metadata: dict) -> dict:
+    """Convert `model` (its weights as they are now) to `path`; returns the `export.litert`
+    block: `file`, `signature`, `input`, `outputs` (name -> what it is), `weights`, `bytes`,
+    `sha256`."""
+    import contextlib
+    import io
+
+    import keras
+    import tensorflow as tf
+
+    layers = inner_layers(metadata)
+    heatmap = metadata.get("heatmap") or {}
+    outputs = {RAW: keras.ops.reshape(model.output, [-1])}
+    outputs.update((name, model.get_layer(name).output) for name in layers)
+    described = {RAW: "the model's output (n,), before the test-time copies are averaged"}
+    described.update((name, f"layer {name}'s output") for name in layers)
+    if heatmap.get("method") == "cam":
+        kernel = model.get_layer(heatmap["weights_layer"]).get_weights()[0][:, 0]
+        outputs[CAM] = keras.ops.tensordot(outputs[heatmap["feature_layer"]], kernel, axes=[[3], [0]])
+        described[CAM] = (
+            f"class activation map cells (n, h, w): {heatmap['feature_layer']}'s output times "
+            f"{heatmap['weights_layer']}'s kernel"
+        )
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its SavedModel's endpoints
+        data = tf.lite.TFLiteConverter.from_keras_model(keras.Model(model.inputs, outputs)).convert()
+    path.write_bytes(data)
+    from ai_edge_litert.interpreter import Interpreter
+
+    signature, names = next(iter(Interpreter(model_content=data).get_signature_list().items()))
+    return {
+        "file": FILE_NAME,
+        "signature": signature,
+        "input": names["inputs"][0],
+        "outputs": described,
+        "weights": "float32, the values the bundle's other formats carry",
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+class Runtime:
+    """A bundle's `model.tflite` in the LiteRT interpreter: `forward.Forward`'s pass without
+    TensorFlow."""
+
+    def __init__(self, folder: Path, block: dict, test_time: dict | None = None, threads: int | None = None):
+        """Raises:
+        MetadataError: the file is missing, or its SHA-256 is not the one metadata.json names.
+        """
+        path = Path(folder) / block.get("file", FILE_NAME)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise MetadataError(
+                f"{path}: missing, though metadata.json's export block names it; re-export the bundle."
+            ) from None
+        if hashlib.sha256(data).hexdigest() != block["sha256"]:
+            raise MetadataError(
+                f"{path}: its SHA-256 is not the one metadata.json records, so it is not the model "
+                "exported with this bundle; re-export the bundle (pneumoscan export)."
+            )
+        from ai_edge_litert.interpreter import Interpreter
+
+        from pneumoscan.forward import quiet_stderr
+
+        self.interpreter = Interpreter(model_content=data, num_threads=threads or os.cpu_count() or 1)
+        self.runner = self.interpreter.get_signature_runner(block["signature"])
+        self.input = block["input"]
+        self.outputs = set(self.runner.get_output_details())
+        shape = self.runner.get_input_details()[self.input]["shape"]
+        with quiet_stderr():  # its first run prints that it made the XNNPACK delegate
+            self.runner(**{self.input: np.zeros((1, *shape[1:]), np.float32)})
+        self.shifts = [tuple(shift) for shift in test_time["shifts"]] if test_time else [(0, 0)]
+        self.fill = float(test_time["fill"]) if test_time else 0.0
+
+    def has(self, layer: str | None) -> bool:
+        """Whether the flatbuffer outputs `layer` (None: the raw output alone, always)."""
+        return layer is None or layer in self.outputs
+
+    def __call__(
+        self, images: Any, batch_size: int, layer: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`forward.Forward.__call__` on the flatbuffer: (raw outputs float32 (n,), the named
+        output float32 (n, ...) or None)."""
+        images = np.asarray(images, dtype=np.float32)
+        raw, features = [], []
+        for start in range(0, images.shape[0], batch_size):
+            films = images[start : start + batch_size]
+            copies = np.concatenate([shifted(films, dy, dx, self.fill) for dy, dx in self.shifts])
+            result = self.runner(**{self.input: copies})
+            count = films.shape[0]
+            raw.append(result[RAW].reshape(len(self.shifts), count).mean(axis=0, dtype=np.float32))
+            if layer:
+                features.append(np.array(result[layer][:count], dtype=np.float32))
+        outputs = np.concatenate(raw).astype(np.float32) if raw else np.zeros(0, np.float32)
+        if not layer:
+            return outputs, None
+        return outputs, np.concatenate(features) if features else np.zeros((0,), np.float32)
+
+
+def shifted(x: np.ndarray, dy: int, dx: int, fill: float = 0.0) -> np.ndarray:
+    """`forward.shifted` in NumPy: (n, S, S, c) with the content moved down by dy and right by
+    dx pixels, `fill` coming in; `x` itself for (0, 0)."""
+    if (dy, dx) == (0, 0):
+        return x
+    out = np.full_like(x, fill)
+    height, width = x.shape[1], x.shape[2]
+    out[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = x[
+        :, max(-dy, 0) : height - max(dy, 0), max(-dx, 0) : width - max(dx, 0)
+    ]
+    return out

@@ -1,0 +1,158 @@
+"""pneumoscan.litert: the bundle's LiteRT flatbuffer gives the records Keras gives (raw outputs
+within 1e-5; the same labels, flags and JSON keys) over the samples and the awkward corpus, with
+and without the test-time copies; predict then runs without importing TensorFlow; a bundle
+without the flatbuffer still runs on Keras, and a flatbuffer that is not the exported one is
+refused in one sentence."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CHECKER, REPO, SAMPLES, S, raw_with_copies, window_reader, write_awkward
+from pneumoscan import litert
+from pneumoscan.bundle import Bundle, bundled_dir
+from pneumoscan.cli import main
+from pneumoscan.heatmap import class_activation_map
+from pneumoscan.metadata import TEST_TIME_COMBINE, read, write
+from pneumoscan.predict import expand_paths, iter_predictions
+from pneumoscan.preprocess import decode_to_input
+
+RAW_TOLERANCE = 1e-5  # issue 22: LiteRT = Keras within 1e-5
+SAMPLE_PATHS = sorted(SAMPLES.rglob("*.jpeg"))
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """The bundled model twice: on its flatbuffer, and on Keras."""
+    on_litert, on_keras = Bundle.load(None), Bundle.load(None, runtime="keras")
+    assert on_litert.runtime is not None and on_keras.runtime is None
+    return on_litert, on_keras
+
+
+def _without_copies(bundle: Bundle) -> Bundle:
+    metadata = {k: v for k, v in bundle.metadata.items() if k != "test_time"}
+    if bundle.runtime is None:
+        return Bundle(bundle.folder, bundle.model, metadata)
+    return Bundle(bundle.folder, None, metadata, litert.Runtime(bundle.folder, metadata["export"]["litert"]))
+
+
+def _corpus(name: str, tmp_path: Path) -> list:
+    folder = SAMPLES if name == "samples" else write_awkward(tmp_path / "corpus")
+    return expand_paths([folder])
+
+
+@pytest.mark.parametrize("copies", ["shipped", "none"])
+@pytest.mark.parametrize("corpus", ["samples", "awkward"])
+def test_litert_and_keras_give_the_same_records(engines, corpus, copies, tmp_path):
+    on_litert, on_keras = engines if copies == "shipped" else map(_without_copies, engines)
+    assert ("test_time" in on_litert.metadata) == (copies == "shipped")
+    items = _corpus(corpus, tmp_path)
+    ours = list(iter_predictions(on_litert, items, batch_size=5))
+    theirs = list(iter_predictions(on_keras, items, batch_size=5))
+    assert len(ours) == len(theirs) == len(items) and sum("error" not in r for r in ours) >= 9
+    for mine, keras_record in zip(ours, theirs, strict=True):
+        assert list(mine) == list(keras_record)  # the same JSON keys, in the same order
+        for key in mine.keys() - {"probability", "ood_score"}:
+            assert mine[key] == keras_record[key], (mine["path"], key)
+        for key in mine.keys() & {"probability", "ood_score"}:
+            assert mine[key] == pytest.approx(keras_record[key], abs=1e-4), (mine["path"], key)
+    # The raw outputs and the feature layer themselves, on the decoded films.
+    x = np.stack([decode_to_input(p, on_keras.image_size) for p in SAMPLE_PATHS])
+    layer = on_keras.decision.feature_layer
+    raw, features = on_litert.forward_features(x, 7, layer)
+    keras_raw, keras_features = on_keras.forward_features(x, 7, layer)
+    np.testing.assert_allclose(raw, keras_raw, rtol=0, atol=RAW_TOLERANCE)
+    np.testing.assert_allclose(features, keras_features, rtol=0, atol=1e-4 * np.abs(keras_features).max())
+
+
+def test_the_class_activation_map_is_the_flatbuffers_cam_output(engines):
+    on_litert, on_keras = engines
+    for path in SAMPLE_PATHS[::4]:
+        x = decode_to_input(path, on_keras.image_size)
+        grid, method = class_activation_map(on_litert, x)
+        keras_grid, keras_method = class_activation_map(on_keras, x)
+        assert method == keras_method == "cam" and grid.shape == keras_grid.shape
+        np.testing.assert_allclose(grid, keras_grid, rtol=0, atol=1e-4 * np.abs(keras_grid).max())
+
+
+@pytest.mark.parametrize(("count", "batch_size"), [(1, 32), (5, 2), (7, 7), (6, 4)])
+def test_the_copies_are_shifted_in_numpy_as_keras_shifts_them(count, batch_size, tmp_path):
+    """A model that reads the top-left corner sees each copy differently: the flatbuffer's mean
+    over the NumPy copies is the mean over perturb.translate's (conftest.raw_with_copies)."""
+    plain = window_reader(slice(0, 10), slice(0, 10))
+    block = litert.write(plain.model, tmp_path / litert.FILE_NAME, {})
+    test_time = {"shifts": [[0, 0], [-3, -3], [3, 3], [2, -5]], "fill": 0, "combine": TEST_TIME_COMBINE}
+    runtime = litert.Runtime(tmp_path, block, test_time)
+    rng = np.random.default_rng(count)
+    films = np.stack(
+        [np.roll(CHECKER, tuple(int(v) for v in rng.integers(0, S, 2)), (0, 1)) for _ in range(count)]
+    )
+    expected = raw_with_copies(plain.model, films.astype(np.float32), {"test_time": test_time})
+    raw, _ = runtime(films, batch_size)
+    assert raw.shape == (count,) and raw.dtype == np.float32
+    np.testing.assert_allclose(raw, expected, rtol=0, atol=RAW_TOLERANCE)
+
+
+def test_predict_imports_no_tensorflow(tmp_path):
+    """`pneumoscan predict` on the samples with the bundled model (which has its flatbuffer)
+    never imports TensorFlow or Keras."""
+    code = (
+        "import sys\n"
+        "from pneumoscan.cli import main\n"
+        f"out = {str(tmp_path / 'out.jsonl')!r}\n"
+        f"code = main(['predict', '--output', out, {str(SAMPLES)!r}])\n"
+        "print(code, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.stdout.strip().splitlines()[-1] == "0 []", result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(records) == len(SAMPLE_PATHS) and all("label" in r for r in records)
+    assert "XNNPACK" not in result.stderr  # the interpreter's start-up line stays off the user's screen
+
+
+@pytest.fixture
+def copy_of_bundled(tmp_path) -> Path:
+    folder = tmp_path / "bundle"
+    shutil.copytree(bundled_dir(), folder)
+    return folder
+
+
+@pytest.mark.parametrize("made", ["file removed", "made before the flatbuffer"])
+def test_a_bundle_without_the_flatbuffer_predicts_through_keras(copy_of_bundled, made, capsys, engines):
+    (copy_of_bundled / litert.FILE_NAME).unlink()
+    if made == "made before the flatbuffer":
+        meta = read(copy_of_bundled)
+        del meta["export"]["litert"]
+        write(copy_of_bundled, meta)
+    bundle = Bundle.load(copy_of_bundled)
+    assert bundle.runtime is None
+    assert main(["predict", "--model", str(copy_of_bundled), "--format", "json", str(SAMPLES)]) == 0
+    records = json.loads(capsys.readouterr().out)
+    expected = list(iter_predictions(engines[0], expand_paths([SAMPLES])))
+    assert [r["label"] for r in records] == [r["label"] for r in expected]
+    with pytest.raises(Exception, match="cannot run on LiteRT"):
+        Bundle.load(copy_of_bundled, runtime="litert")
+
+
+def test_a_tampered_flatbuffer_is_refused_in_one_sentence(copy_of_bundled, capsys):
+    path = copy_of_bundled / litert.FILE_NAME
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one weight's byte
+    path.write_bytes(bytes(data))
+    assert main(["predict", "--model", str(copy_of_bundled), "--format", "json", str(SAMPLES)]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("pneumoscan: error: ") and str(path) in err, err
+    assert "SHA-256" in err and err.count(".") >= 1 and "\n" not in err and "Traceback" not in err
+    assert captured.out == ""
