@@ -11,6 +11,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP_VERSION := 26.3
+# The editable install's build with the venv's setuptools needs wheel's bdist_wheel (the full set
+# also brings it, through astunparse; the light set does not).
+WHEEL_VERSION := 0.48.0
 
 .PHONY: demo test lint stress serve-load setup venv venv-demo node browser clean
 
@@ -52,7 +55,7 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 
 define install_lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) "pip==$(PIP_VERSION)"
+	$(PIP_INSTALL) "pip==$(PIP_VERSION)" "wheel==$(WHEEL_VERSION)"
 	$(PIP_INSTALL) $(2) -r $(1)
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	@touch $@
