@@ -2,16 +2,23 @@
 #   make demo   set up, then serve the web app with the bundled model on http://127.0.0.1:8000
 #   make test   set up, then run the whole test suite (browser tests included)
 # Each target installs what it needs by itself: .venv (pinned wheels), npm packages, Chromium.
+# `make demo` installs the light set only (requirements-demo.lock: inference and the page, no
+# TensorFlow); every other target the whole set (requirements.lock: training and the tests too).
+# The light lock is a subset of the full one with the same pins (tests/test_locks.py), so either
+# order works in one checkout: test after demo adds what is missing, demo after test changes nothing.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP_VERSION := 26.3
+# The editable install's build with the venv's setuptools needs wheel's bdist_wheel (the full set
+# also brings it, through astunparse; the light set does not).
+WHEEL_VERSION := 0.48.0
 
-.PHONY: demo test lint stress serve-load setup venv node browser clean
+.PHONY: demo test lint stress serve-load setup venv venv-demo node browser clean
 
 # Serves the page with the bundled model; the URL is printed. Ctrl-C stops it.
-demo: venv node
+demo: venv-demo node
 	$(PY) -m pneumoscan demo
 
 # With PNEUMOSCAN_REQUIRE_BROWSER=1 a browser or Node test that finds Chromium, Playwright or
@@ -38,13 +45,27 @@ setup: venv node browser
 
 venv: $(VENV)/.installed
 
-# Rebuilt whenever the pins or the package metadata change.
-$(VENV)/.installed: requirements.lock pyproject.toml
+venv-demo: $(VENV)/.installed-demo
+
+# Each rebuilt whenever its pins or the package metadata change: a venv, pip, the lock, the
+# package itself (editable). The light set is installed with --no-compile: Python compiles the
+# modules a command imports when it first imports them, instead of pip compiling every file of
+# every package beforehand.
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
+
+define install_lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PIP_INSTALL) "pip==$(PIP_VERSION)" "wheel==$(WHEEL_VERSION)"
+	$(PIP_INSTALL) $(2) -r $(1)
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	@touch $@
+endef
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(call install_lock,requirements.lock,)
+
+$(VENV)/.installed-demo: requirements-demo.lock pyproject.toml
+	$(call install_lock,requirements-demo.lock,--no-compile)
 
 node: node_modules/.installed
 

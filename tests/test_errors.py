@@ -35,6 +35,8 @@ OLD_HOMES = {
     "RunConflict": "train",
     "WorkerLost": "train",
 }
+# The errors added since, defined in errors.py only.
+NEW = ["MissingExtra"]
 # The exit codes the CLI gave before (usage 2, failure 1): a contract of the command.
 EXIT_CODES = {
     "UsageError": 2,
@@ -48,6 +50,7 @@ EXIT_CODES = {
     "DicomError": 1,
     "MetadataError": 1,
     "WorkerLost": 1,
+    "MissingExtra": 1,
 }
 
 
@@ -63,7 +66,7 @@ def test_every_error_of_the_package_is_defined_in_errors_py():
             ):
                 elsewhere.append(f"{path.relative_to(PACKAGE)}:{node.name}")
     assert elsewhere == []
-    assert sorted(cls.__name__ for cls in CLASSES) == sorted(OLD_HOMES)
+    assert sorted(cls.__name__ for cls in CLASSES) == sorted([*OLD_HOMES, *NEW])
 
 
 @pytest.mark.parametrize("name", sorted(OLD_HOMES))
@@ -91,7 +94,7 @@ def test_a_bug_and_an_os_error_keep_their_codes():
 def test_errors_that_were_value_errors_still_are():
     # Callers catch ValueError around config parsing and file reading.
     for cls in CLASSES:
-        if cls not in (errors.UsageError, errors.WorkerLost):
+        if cls.__name__ in OLD_HOMES and cls not in (errors.UsageError, errors.WorkerLost):
             assert issubclass(cls, ValueError), cls
     assert issubclass(errors.WorkerLost, RuntimeError)
 
@@ -113,3 +116,41 @@ def test_the_page_errors_have_python_twins_of_the_same_name():
     page = (PACKAGE / "web" / "errors.js").read_text()
     names = re.findall(r"export class (\w+) extends Error", page)
     assert names and all(hasattr(errors, name) for name in names)
+
+
+@pytest.mark.parametrize(
+    ("module", "package"),
+    [
+        ("tensorflow", "TensorFlow"),
+        ("tensorflow.python.framework", "TensorFlow"),
+        ("keras", "Keras"),
+        ("matplotlib.pyplot", "matplotlib"),
+        ("absl", "TensorFlow"),
+        ("h5py", "h5py"),
+        ("tensorboard", "TensorBoard"),
+    ],
+)
+def test_a_missing_training_package_is_one_sentence_naming_the_extra(module, package, monkeypatch, capsys):
+    def handler(args):
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+    monkeypatch.setattr(cli, "_serve", handler)  # `demo` runs it
+    assert cli.main(["demo"]) == 1
+    assert capsys.readouterr().err == (
+        f"pneumoscan: error: pneumoscan demo needs {package}, which this installation lacks; install "
+        "the training dependencies with pip install 'pneumoscan[train]' (or make test in a checkout).\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ModuleNotFoundError("No module named 'yaml'", name="yaml"),
+        ModuleNotFoundError("No module named 'tensorflowjs'", name="tensorflowjs"),
+        ModuleNotFoundError("no name"),
+        ImportError("cannot import name 'x' from 'keras'", name="keras"),
+        ValueError("tensorflow"),
+    ],
+)
+def test_other_errors_are_not_a_missing_extra(error):
+    assert errors.MissingExtra.of(error, "train") is None

@@ -29,7 +29,7 @@ from pneumoscan.config import (
     ThresholdRule,
     read_file_list,
 )
-from pneumoscan.errors import FAILURE, PneumoscanError, UsageError
+from pneumoscan.errors import FAILURE, MissingExtra, PneumoscanError, UsageError
 from pneumoscan.forward import quiet_stderr
 
 # TensorFlow's C++ log: 0 shows its start-up chatter (absl's pre-init warning, CPU features) on
@@ -643,21 +643,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    if not args.debug:
-        if "tensorflow" not in sys.modules:
-            os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
-            if args.command in TENSORFLOW_COMMANDS:
-                import_tensorflow_quietly()
-        # Keras's advice through absl (e.g. "HDF5 is legacy" on export) is not the user's concern.
-        with contextlib.suppress(ImportError):  # cheap, and TensorFlow's own dependency
-            import absl.logging
-
-            absl.logging.set_verbosity(absl.logging.ERROR)
     forward.QUIET_IMPORT[0] = not args.debug
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints as \udcXX
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
+        if not args.debug:
+            _quiet_tensorflow(args.command)
         return args.handler(args)
     except KeyboardInterrupt:
         print("pneumoscan: interrupted; the same command resumes where it stopped.", file=sys.stderr)
@@ -668,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             traceback.print_exc()
+        error = MissingExtra.of(error, args.command) or error  # the light install: one sentence
         code = _error_code(error)
         if code is None:
             print(
@@ -680,6 +673,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, PneumoscanError) and error.exits_at_once:
             _exit_now[0] = code  # TensorFlow's broken collectives make a normal teardown spew or hang
         return code
+
+
+def _quiet_tensorflow(command: str) -> None:
+    """TensorFlow's start-up and Keras's advice kept off stderr; TensorFlow imported here by the
+    commands that run a model. absl (TensorFlow's dependency) is absent from the light install."""
+    if "tensorflow" not in sys.modules:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
+        if command in TENSORFLOW_COMMANDS:
+            import_tensorflow_quietly()
+    # Keras's advice through absl (e.g. "HDF5 is legacy" on export) is not the user's concern.
+    with contextlib.suppress(ModuleNotFoundError):
+        import absl.logging  # cheap, and TensorFlow's own dependency
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
 
 
 _exit_now: list[int | None] = [None]

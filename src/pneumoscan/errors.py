@@ -89,3 +89,34 @@ class WorkerLost(PneumoscanError, RuntimeError):
 
     exit_code = FAILURE
     exits_at_once = True
+
+
+# The packages that only `pip install 'pneumoscan[train]'` installs, by import name, as a person
+# knows them (absl and h5py come with TensorFlow and Keras).
+TRAINING_PACKAGES = {
+    "tensorflow": "TensorFlow",
+    "keras": "Keras",
+    "absl": "TensorFlow",
+    "h5py": "h5py",
+    "tensorboard": "TensorBoard",
+    "matplotlib": "matplotlib",
+}
+
+
+class MissingExtra(PneumoscanError):
+    """A command needs a package of the training extra, and this installation has the light set
+    only (`pip install pneumoscan`, `make demo`)."""
+
+    exit_code = FAILURE
+
+    @classmethod
+    def of(cls, error: BaseException, command: str) -> MissingExtra | None:
+        """The one sentence for `error` when it says a training package is not installed, else None."""
+        name = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+        package = TRAINING_PACKAGES.get((name or "").partition(".")[0])
+        if package is None:
+            return None
+        return cls(
+            f"pneumoscan {command} needs {package}, which this installation lacks; install the "
+            "training dependencies with pip install 'pneumoscan[train]' (or make test in a checkout)."
+        )
