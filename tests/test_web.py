@@ -40,7 +40,13 @@ import image_files
 from conftest import REQUIRE_BROWSER, load_benchmark, require_or_skip, write_dicom
 from pneumoscan.bundle import bundled_dir
 from pneumoscan.preprocess import load_grayscale
-from pneumoscan.serve import VENDOR_FILES, make_server, node_modules_dir, start_in_thread
+from pneumoscan.serve import (
+    CONTENT_SECURITY_POLICY,
+    VENDOR_FILES,
+    make_server,
+    node_modules_dir,
+    start_in_thread,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -105,6 +111,7 @@ DICOM_TOLERANCE = 0.02  # |DICOM - the JPEG it was written from|, calibrated pro
 # the same stored numbers; the features differ by float32 rounding between TF.js and Keras,
 # which the Mahalanobis part (small residual variance) magnifies: 4e-6 measured on pneumonet.
 OOD_TOLERANCE = 1e-3  # and absolute 1e-6 below a score of 1e-3 (the test model's are ~1e-8)
+WASM_MAX_THREADS = 8  # the web workers of TF.js' threaded wasm build (app.js)
 
 
 # ---- the model bundle and the Python reference -----------------------------------------
@@ -558,6 +565,71 @@ def test_automatic_backend_avoids_software_webgl(browser, server):
     if "software-rendered" in why:  # --disable-gpu: SwiftShader
         assert backend == "wasm"
     page.close()
+
+
+def test_wasm_runs_on_every_core_the_browser_reports(browser, server, workspace):
+    """serve's COOP/COEP make the page cross-origin isolated, so TF.js loads its threaded wasm;
+    the page asks for a thread per logical core (TF.js 4.22 alone would give half, 1 on two
+    cores), shows the count TF.js reports, and leaves navigator as the browser made it."""
+    page = _open(browser, f"{server.url}?backend=wasm")
+    facts = page.evaluate(
+        """() => ({isolated: crossOriginIsolated, cores: navigator.hardwareConcurrency,
+        own: Object.getOwnPropertyNames(navigator), tfThreads: tf.wasm.getThreadsCount()})"""
+    )
+    assert facts["isolated"] is True
+    expected = min(WASM_MAX_THREADS, facts["cores"])
+    assert page.evaluate("document.body.dataset.backend") == "wasm"
+    assert page.evaluate("document.body.dataset.threads") == str(expected) == str(facts["tfThreads"])
+    threads = f"{expected} thread{'' if expected == 1 else 's'}"
+    assert page.text_content("#backend") == f"wasm, {threads}"
+    assert f"asked for {threads}: the logical cores" in page.text_content("#backend-why")
+    assert facts["own"] == []  # hardwareConcurrency is Navigator's own getter again
+    # The threads compute what Python computes (test_page_matches_python checks every file).
+    name = "IM-0115-0001.jpeg"
+    card = _classify(page, [path for path in workspace["files"] if path.name == name])[name]
+    assert abs(float(card["probability"]) - workspace["reference"][name]["probability"]) <= FLOAT32_TOLERANCE
+    assert page.errors == []
+    page.close()
+
+
+@pytest.mark.parametrize(
+    "isolated, policy, why",
+    [
+        (False, None, "not cross-origin isolated"),
+        # A policy without blob: scripts (the one before issue 22): no worker starts at all.
+        (True, CONTENT_SECURITY_POLICY.replace(" blob:;", ";", 1), "forbids the threads' blob: scripts"),
+        # Workers from blob: allowed, but not the script each imports: without the page's
+        # check, TF.js' threaded build would wait for its workers for ever.
+        (
+            True,
+            CONTENT_SECURITY_POLICY.replace(" blob:;", "; worker-src blob:;", 1),
+            "forbids the threads' blob: scripts",
+        ),
+    ],
+)
+def test_wasm_falls_back_to_one_thread(browser, workspace, isolated, policy, why):
+    server = make_server(workspace["bundle"], port=0, quiet=True, cross_origin_isolated=isolated)
+    if policy is not None:
+        server.response_headers["Content-Security-Policy"] = policy
+    start_in_thread(server)
+    try:
+        page = _open(browser, server.url)
+        assert page.evaluate("document.body.dataset.ready") == "true", page.inner_text("#load-error")
+        assert page.evaluate("crossOriginIsolated") is isolated
+        assert page.evaluate("document.body.dataset.backend") == "wasm"
+        assert page.evaluate("document.body.dataset.threads") == "1"
+        assert page.evaluate("tf.wasm.getThreadsCount()") == 1
+        assert page.text_content("#backend") == "wasm, 1 thread"
+        assert why in page.text_content("#backend-why")
+        name = "person19_bacteria_61.jpeg"
+        card = _classify(page, [path for path in workspace["files"] if path.name == name])[name]
+        assert (
+            abs(float(card["probability"]) - workspace["reference"][name]["probability"]) <= FLOAT32_TOLERANCE
+        )
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_page_text_and_controls(browser, server):

@@ -7,6 +7,8 @@
 //
 // Test hooks (a contract with tests/test_web.py and benchmarks/speed/browser_bench.py):
 //   <body data-backend="webgl|wasm|cpu" data-ready="true">  once the model is loaded;
+//   <body data-threads> the CPU threads the backend computes on (wasm: TF.js' count, cpu: 1;
+//   absent for webgl), set with data-backend, and shown on the #backend line ("wasm, 2 threads");
 //   every processed file: [data-testid=result][data-filename] with data-label,
 //   data-probability (full precision) and data-heatmap-peak ("x,y", set with the probability;
 //   absent where the model's map cannot be computed), data-warning when a DICOM header speaks
@@ -37,11 +39,13 @@ const tf = globalThis.tf; // the UMD builds served from /vendor/ (see index.html
 const BACKENDS = ['webgl', 'wasm', 'cpu'];
 // Renderer strings of software WebGL: about 10x slower than WebAssembly for these models.
 const SOFTWARE_RENDERER = /swiftshader|llvmpipe|softpipe|software|basic render/i;
+// Web workers TF.js' threaded wasm build starts (its pthread pool): the most threads it can use.
+const WASM_MAX_THREADS = 8;
 
 const $ = (selector) => document.querySelector(selector);
 const state = {
   model: null, forward: null, heatmap: null, metadata: null, plan: null, decision: null,
-  queue: Promise.resolve(), oodNote: '', bandNote: '', digest: null,
+  queue: Promise.resolve(), oodNote: '', bandNote: '', digest: null, threadsWhy: '',
 };
 
 function say(message) {
@@ -63,9 +67,90 @@ function webglRenderer() {
   return renderer;
 }
 
+/** Whether a worker started from a blob: URL may import a script from another blob: URL, as each
+ * thread of TF.js' threaded wasm build does. A Content-Security-Policy without blob: in
+ * script-src forbids it, and that build would then wait for its workers for ever. */
+function blobWorkersRun(timeoutMs = 5000) {
+  const urls = [];
+  const blobUrl = (code) => {
+    urls.push(URL.createObjectURL(new Blob([code], { type: 'text/javascript' })));
+    return urls[urls.length - 1];
+  };
+  return new Promise((resolve) => {
+    let worker = null;
+    const done = (works) => {
+      clearTimeout(timer);
+      if (worker) worker.terminate();
+      urls.forEach((url) => URL.revokeObjectURL(url));
+      resolve(works);
+    };
+    const timer = setTimeout(() => done(false), timeoutMs);
+    try {
+      worker = new Worker(blobUrl(`importScripts(${JSON.stringify(blobUrl('self.imported = true;'))}); postMessage(self.imported === true);`));
+      worker.onmessage = (event) => done(event.data === true);
+      worker.onerror = (event) => {
+        event.preventDefault();
+        done(false);
+      };
+    } catch (error) {
+      done(false);
+    }
+  });
+}
+
+/** Threads for the wasm backend, and why: every logical core the browser reports (up to the
+ * workers TF.js' threaded build starts) when the page is cross-origin isolated (serve's COOP and
+ * COEP; sharing memory with workers needs it) and may start those workers; else 1, and TF.js
+ * loads its single-threaded SIMD build. */
+async function wasmThreads() {
+  if (!globalThis.crossOriginIsolated) {
+    return { threads: 1, why: 'one thread: the page is not cross-origin isolated (COOP/COEP headers)' };
+  }
+  if (!(await blobWorkersRun())) {
+    tf.env().set('WASM_HAS_MULTITHREAD_SUPPORT', false);
+    return { threads: 1, why: "one thread: this page's Content-Security-Policy forbids the threads' blob: scripts" };
+  }
+  const cores = navigator.hardwareConcurrency || 1;
+  const threads = Math.max(1, Math.min(WASM_MAX_THREADS, cores));
+  const plural = threads === 1 ? '' : 's';
+  return { threads, why: `asked for ${threads} thread${plural}: the logical cores this browser reports (${cores}), at most ${WASM_MAX_THREADS}` };
+}
+
+/** `tf.setBackend('wasm')` with `threads` threads (TF.js' threaded build). TF.js 4.22 caps the
+ * count it is given at half of navigator.hardwareConcurrency, read once as its module starts (it
+ * assumes two logical cores per physical one), so a 2-core machine would get 1 thread whatever
+ * it asks: the count is shown to it doubled for the start, then the browser's own is back. */
+async function startThreadedWasm(threads) {
+  tf.wasm.setThreadsCount(threads);
+  Object.defineProperty(navigator, 'hardwareConcurrency', { value: 2 * threads, configurable: true });
+  try {
+    return await tf.setBackend('wasm');
+  } finally {
+    delete navigator.hardwareConcurrency; // the own property: Navigator.prototype's getter is back
+  }
+}
+
+/** `tf.setBackend(name)`; for wasm, with the threads `wasmThreads` allows (the reason kept for
+ * the model details). TF.js picks its threaded build where the browser can share memory with
+ * workers, unless `wasmThreads` turned that off. */
+async function startBackend(name) {
+  if (name !== 'wasm') return tf.setBackend(name);
+  const { threads, why } = await wasmThreads();
+  state.threadsWhy = why;
+  const threaded = await tf.env().getAsync('WASM_HAS_MULTITHREAD_SUPPORT');
+  return threaded ? startThreadedWasm(threads) : tf.setBackend('wasm');
+}
+
+/** The CPU threads `backend` computes on: TF.js' own count for wasm, 1 for cpu (this page's
+ * thread), null for webgl (the graphics chip). */
+function backendThreads(backend) {
+  if (backend === 'wasm') return tf.wasm.getThreadsCount();
+  return backend === 'cpu' ? 1 : null;
+}
+
 async function tryBackend(name) {
   try {
-    if (!(await tf.setBackend(name))) return false;
+    if (!(await startBackend(name))) return false;
     await tf.ready();
     const probe = tf.tidy(() => tf.add(tf.scalar(1), tf.scalar(1)));
     const works = (await probe.data())[0] === 2;
@@ -398,10 +483,12 @@ async function main() {
     state.metadata = metadata;
     state.plan = readPlan(metadata);
     const decision = readDecision(metadata);
-    $('#backend').textContent = backend.name;
-    $('#backend-why').textContent = backend.why;
+    const threads = backendThreads(tf.getBackend());
+    $('#backend').textContent = backend.name + (threads ? `, ${threads} thread${threads === 1 ? '' : 's'}` : '');
+    $('#backend-why').textContent = backend.why + (state.threadsWhy && tf.getBackend() === 'wasm' ? `; ${state.threadsWhy}` : '');
     if (backend.renderer) $('#backend-why').title = `WebGL renderer: ${backend.renderer}`;
     document.body.dataset.backend = tf.getBackend();
+    if (threads) document.body.dataset.threads = String(threads);
     Object.assign(state, await loadModel(metadata, state.plan, decision));
     $('#model').textContent = describeModel(metadata);
     $('#heatmap-method').textContent = state.heatmap.describe || state.heatmap.unavailable;
