@@ -567,22 +567,20 @@ def test_automatic_backend_avoids_software_webgl(browser, server):
     page.close()
 
 
-def test_wasm_runs_on_every_core_the_browser_reports(browser, server, workspace):
-    """serve's COOP/COEP make the page cross-origin isolated, so TF.js loads its threaded wasm;
-    the page asks for a thread per logical core (TF.js 4.22 alone would give half, 1 on two
-    cores), shows the count TF.js reports, and leaves navigator as the browser made it."""
-    page = _open(browser, f"{server.url}?backend=wasm")
+def test_wasm_runs_the_threads_asked_for(browser, server, workspace):
+    """serve's COOP/COEP make the page cross-origin isolated, so TF.js loads its threaded wasm and
+    runs the threads ?threads= asks for (TF.js 4.22 alone caps them at half the logical cores:
+    1 on two), the page shows the count TF.js reports, and navigator is left as it was."""
+    page = _open(browser, f"{server.url}?backend=wasm&threads=2")
     facts = page.evaluate(
-        """() => ({isolated: crossOriginIsolated, cores: navigator.hardwareConcurrency,
-        own: Object.getOwnPropertyNames(navigator), tfThreads: tf.wasm.getThreadsCount()})"""
+        """() => ({isolated: crossOriginIsolated, own: Object.getOwnPropertyNames(navigator),
+        tfThreads: tf.wasm.getThreadsCount()})"""
     )
     assert facts["isolated"] is True
-    expected = min(WASM_MAX_THREADS, facts["cores"])
     assert page.evaluate("document.body.dataset.backend") == "wasm"
-    assert page.evaluate("document.body.dataset.threads") == str(expected) == str(facts["tfThreads"])
-    threads = f"{expected} thread{'' if expected == 1 else 's'}"
-    assert page.text_content("#backend") == f"wasm, {threads}"
-    assert f"asked for {threads}: the logical cores" in page.text_content("#backend-why")
+    assert page.evaluate("document.body.dataset.threads") == "2" and facts["tfThreads"] == 2
+    assert page.text_content("#backend") == "wasm, 2 threads"
+    assert "2 threads: chosen in the address (?threads=)" in page.text_content("#backend-why")
     assert facts["own"] == []  # hardwareConcurrency is Navigator's own getter again
     # The threads compute what Python computes (test_page_matches_python checks every file).
     name = "IM-0115-0001.jpeg"
@@ -592,18 +590,48 @@ def test_wasm_runs_on_every_core_the_browser_reports(browser, server, workspace)
     page.close()
 
 
+def test_wasm_threads_by_default(browser, server):
+    """Automatic: every logical core (up to TF.js' 8 workers) where the browser reports more than
+    2, one thread where 2 or fewer (a second one measured slower on 2 cores)."""
+    page = _open(browser, f"{server.url}?backend=wasm")
+    cores = page.evaluate("navigator.hardwareConcurrency")
+    expected = min(WASM_MAX_THREADS, cores) if cores > 2 else 1
+    assert page.evaluate("document.body.dataset.threads") == str(expected)
+    assert page.evaluate("tf.wasm.getThreadsCount()") == expected
+    assert page.text_content("#backend") == f"wasm, {expected} thread{'' if expected == 1 else 's'}"
+    reason = (
+        "one per logical core this browser reports"
+        if cores > 2
+        else f"this browser reports {cores} logical core"
+    )
+    assert reason in page.text_content("#backend-why")
+    page.close()
+
+
+@pytest.mark.parametrize("threads", ["0", "9", "two", "1.5"])
+def test_a_thread_count_the_page_cannot_run_is_refused_clearly(browser, server, threads):
+    page = _open(browser, f"{server.url}?backend=wasm&threads={threads}")
+    assert page.evaluate("document.body.dataset.ready") == "false"
+    assert f"?threads={threads} is not a whole number from 1 to 8." in page.inner_text("#load-error")
+    page.close()
+
+
 @pytest.mark.parametrize(
     "isolated, policy, why",
     [
-        (False, None, "not cross-origin isolated"),
+        (False, None, "the page is not cross-origin isolated"),
         # A policy without blob: scripts (the one before issue 22): no worker starts at all.
-        (True, CONTENT_SECURITY_POLICY.replace(" blob:;", ";", 1), "forbids the threads' blob: scripts"),
+        (
+            True,
+            CONTENT_SECURITY_POLICY.replace(" blob:;", ";", 1),
+            "this page's Content-Security-Policy forbids the threads' blob: scripts",
+        ),
         # Workers from blob: allowed, but not the script each imports: without the page's
         # check, TF.js' threaded build would wait for its workers for ever.
         (
             True,
             CONTENT_SECURITY_POLICY.replace(" blob:;", "; worker-src blob:;", 1),
-            "forbids the threads' blob: scripts",
+            "this page's Content-Security-Policy forbids the threads' blob: scripts",
         ),
     ],
 )
@@ -613,14 +641,15 @@ def test_wasm_falls_back_to_one_thread(browser, workspace, isolated, policy, why
         server.response_headers["Content-Security-Policy"] = policy
     start_in_thread(server)
     try:
-        page = _open(browser, server.url)
+        page = _open(browser, f"{server.url}?threads=2")
         assert page.evaluate("document.body.dataset.ready") == "true", page.inner_text("#load-error")
         assert page.evaluate("crossOriginIsolated") is isolated
         assert page.evaluate("document.body.dataset.backend") == "wasm"
         assert page.evaluate("document.body.dataset.threads") == "1"
         assert page.evaluate("tf.wasm.getThreadsCount()") == 1
         assert page.text_content("#backend") == "wasm, 1 thread"
-        assert why in page.text_content("#backend-why")
+        assert f"one thread: {why}" in page.text_content("#backend-why")
+        assert "; asked for 2 threads: chosen in the address (?threads=)" in page.text_content("#backend-why")
         name = "person19_bacteria_61.jpeg"
         card = _classify(page, [path for path in workspace["files"] if path.name == name])[name]
         assert (
