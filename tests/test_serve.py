@@ -14,6 +14,7 @@ import http.client
 import json
 import select
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -202,6 +203,40 @@ def test_a_server_without_isolation_leaves_out_coep_only(tmp_path):
     assert response.getheader("Cross-Origin-Embedder-Policy") is None
     assert response.getheader("Cross-Origin-Opener-Policy") == "same-origin"
     assert "blob:" in response.getheader("Content-Security-Policy")
+
+
+def test_demo_serves_the_isolation_headers(tmp_path, monkeypatch, capsys):
+    """`pneumoscan demo` (and `serve`) answer one request with the headers the page's threads need."""
+    from pneumoscan import serve as serve_module
+    from pneumoscan.cli import main
+
+    answered = {}
+
+    def serve_one(self):  # instead of serve_forever: one request, then back to the command
+        self.handle_request()
+
+    def ask(server):
+        response, _ = request(server, "/")
+        answered.update(response.getheaders())
+
+    monkeypatch.setenv("PNEUMOSCAN_NODE_MODULES", str(write_node_modules(tmp_path)))
+    monkeypatch.setattr(serve_module.Server, "serve_forever", serve_one)
+    original = serve_module.make_server
+
+    asking = []
+
+    def make_and_ask(*args, **kwargs):
+        server = original(*args, **kwargs)
+        asking.append(threading.Thread(target=ask, args=[server]))
+        asking[0].start()
+        return server
+
+    monkeypatch.setattr(serve_module, "make_server", make_and_ask)
+    assert main(["demo", "--port", "0"]) == 0
+    asking[0].join(10)
+    assert answered["Cross-Origin-Opener-Policy"] == "same-origin"
+    assert answered["Cross-Origin-Embedder-Policy"] == "require-corp"
+    assert "blob:" in answered["Content-Security-Policy"]
 
 
 def test_healthz(server):
