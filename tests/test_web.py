@@ -305,10 +305,12 @@ def _classify(page, files: list[Path]) -> dict[str, dict]:
 # ---- tests -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["wasm", "cpu"])
-def test_page_matches_python(browser, server, workspace, backend):
-    page = _open(browser, f"{server.url}?backend={backend}")
+@pytest.mark.parametrize("backend, threads", [("wasm", None), ("cpu", None), ("wasm", 2)])
+def test_page_matches_python(browser, server, workspace, backend, threads):
+    page = _open(browser, f"{server.url}?backend={backend}" + (f"&threads={threads}" if threads else ""))
     assert page.evaluate("document.body.dataset.backend") == backend
+    if threads:  # TF.js' threaded wasm build, on the threads asked for
+        assert page.evaluate("document.body.dataset.threads") == str(threads)
     cards = _classify(page, workspace["files"])
     reference = workspace["reference"]
     assert set(cards) == set(reference)
