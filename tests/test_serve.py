@@ -14,6 +14,7 @@ import http.client
 import json
 import select
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -173,6 +174,69 @@ def test_security_headers_on_every_answer(server, path):
     assert "'unsafe-eval'" not in policy and "'unsafe-inline'" not in policy
     assert "frame-ancestors 'none'" in policy
     assert "Python" not in response.getheader("Server")
+    # Cross-origin isolation: what lets TF.js' wasm threads share memory (issue 22).
+    assert response.getheader("Cross-Origin-Opener-Policy") == "same-origin"
+    assert response.getheader("Cross-Origin-Embedder-Policy") == "require-corp"
+    assert response.getheader("Cross-Origin-Resource-Policy") == "same-origin"
+
+
+def test_the_policy_allows_blob_scripts_for_wasm_threads_and_nothing_wider(server):
+    """TF.js' threaded wasm build starts its workers from blob: URLs and imports its code into
+    them from another (the worker inherits the page's policy): script-src needs blob:, and no
+    directive may open anything else (no data: or remote scripts, no other origin anywhere)."""
+    policy = request(server, "/")[0].getheader("Content-Security-Policy")
+    directives = dict(part.strip().split(" ", 1) for part in policy.split(";"))
+    assert directives["script-src"].split() == ["'self'", "'wasm-unsafe-eval'", "blob:"]
+    assert "worker-src" not in directives and "child-src" not in directives  # script-src rules
+    for name, sources in directives.items():
+        allowed = set(sources.split()) - {"'self'", "'none'", "'wasm-unsafe-eval'", "blob:", "data:"}
+        assert not allowed, (name, allowed)
+        if name != "img-src":
+            assert "data:" not in sources.split(), name
+
+
+def test_a_server_without_isolation_leaves_out_coep_only(tmp_path):
+    """browser_bench's single-threaded baseline: the same answers without COEP."""
+    with running(tmp_path, cross_origin_isolated=False) as server:
+        response, _ = request(server, "/")
+    assert response.status == 200
+    assert response.getheader("Cross-Origin-Embedder-Policy") is None
+    assert response.getheader("Cross-Origin-Opener-Policy") == "same-origin"
+    assert "blob:" in response.getheader("Content-Security-Policy")
+
+
+def test_demo_serves_the_isolation_headers(tmp_path, monkeypatch, capsys):
+    """`pneumoscan demo` (and `serve`) answer one request with the headers the page's threads need."""
+    from pneumoscan import serve as serve_module
+    from pneumoscan.cli import main
+
+    answered = {}
+
+    def serve_one(self):  # instead of serve_forever: one request, then back to the command
+        self.handle_request()
+
+    def ask(server):
+        response, _ = request(server, "/")
+        answered.update(response.getheaders())
+
+    monkeypatch.setenv("PNEUMOSCAN_NODE_MODULES", str(write_node_modules(tmp_path)))
+    monkeypatch.setattr(serve_module.Server, "serve_forever", serve_one)
+    original = serve_module.make_server
+
+    asking = []
+
+    def make_and_ask(*args, **kwargs):
+        server = original(*args, **kwargs)
+        asking.append(threading.Thread(target=ask, args=[server]))
+        asking[0].start()
+        return server
+
+    monkeypatch.setattr(serve_module, "make_server", make_and_ask)
+    assert main(["demo", "--port", "0"]) == 0
+    asking[0].join(10)
+    assert answered["Cross-Origin-Opener-Policy"] == "same-origin"
+    assert answered["Cross-Origin-Embedder-Policy"] == "require-corp"
+    assert "blob:" in answered["Content-Security-Policy"]
 
 
 def test_healthz(server):
@@ -441,7 +505,10 @@ def test_connections_beyond_the_cap_get_503_and_the_rest_are_served(tmp_path):
         held = [socket.create_connection(address, timeout=10) for _ in range(2)]  # silent: a thread each
         try:
             extra = socket.create_connection(address, timeout=10)
-            assert _read_all(extra).startswith(b"HTTP/1.1 503 Service Unavailable")
+            busy = _read_all(extra)
+            assert busy.startswith(b"HTTP/1.1 503 Service Unavailable")
+            assert b"\r\nCross-Origin-Embedder-Policy: require-corp\r\n" in busy  # every answer
+            assert busy.endswith(b"\r\n\r\n503 server busy\n")
             extra.close()
             held.pop().close()  # frees a slot once the server sees the end of the stream
             deadline, status = time.monotonic() + 5, None

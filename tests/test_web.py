@@ -40,7 +40,13 @@ import image_files
 from conftest import REQUIRE_BROWSER, load_benchmark, require_or_skip, write_dicom
 from pneumoscan.bundle import bundled_dir
 from pneumoscan.preprocess import load_grayscale
-from pneumoscan.serve import VENDOR_FILES, make_server, node_modules_dir, start_in_thread
+from pneumoscan.serve import (
+    CONTENT_SECURITY_POLICY,
+    VENDOR_FILES,
+    make_server,
+    node_modules_dir,
+    start_in_thread,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -105,6 +111,7 @@ DICOM_TOLERANCE = 0.02  # |DICOM - the JPEG it was written from|, calibrated pro
 # the same stored numbers; the features differ by float32 rounding between TF.js and Keras,
 # which the Mahalanobis part (small residual variance) magnifies: 4e-6 measured on pneumonet.
 OOD_TOLERANCE = 1e-3  # and absolute 1e-6 below a score of 1e-3 (the test model's are ~1e-8)
+WASM_MAX_THREADS = 8  # the web workers of TF.js' threaded wasm build (app.js)
 
 
 # ---- the model bundle and the Python reference -----------------------------------------
@@ -298,10 +305,12 @@ def _classify(page, files: list[Path]) -> dict[str, dict]:
 # ---- tests -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["wasm", "cpu"])
-def test_page_matches_python(browser, server, workspace, backend):
-    page = _open(browser, f"{server.url}?backend={backend}")
+@pytest.mark.parametrize("backend, threads", [("wasm", None), ("cpu", None), ("wasm", 2)])
+def test_page_matches_python(browser, server, workspace, backend, threads):
+    page = _open(browser, f"{server.url}?backend={backend}" + (f"&threads={threads}" if threads else ""))
     assert page.evaluate("document.body.dataset.backend") == backend
+    if threads:  # TF.js' threaded wasm build, on the threads asked for
+        assert page.evaluate("document.body.dataset.threads") == str(threads)
     cards = _classify(page, workspace["files"])
     reference = workspace["reference"]
     assert set(cards) == set(reference)
@@ -558,6 +567,100 @@ def test_automatic_backend_avoids_software_webgl(browser, server):
     if "software-rendered" in why:  # --disable-gpu: SwiftShader
         assert backend == "wasm"
     page.close()
+
+
+def test_wasm_runs_the_threads_asked_for(browser, server, workspace):
+    """serve's COOP/COEP make the page cross-origin isolated, so TF.js loads its threaded wasm and
+    runs the threads ?threads= asks for (TF.js 4.22 alone caps them at half the logical cores:
+    1 on two), the page shows the count TF.js reports, and navigator is left as it was."""
+    page = _open(browser, f"{server.url}?backend=wasm&threads=2")
+    facts = page.evaluate(
+        """() => ({isolated: crossOriginIsolated, own: Object.getOwnPropertyNames(navigator),
+        tfThreads: tf.wasm.getThreadsCount()})"""
+    )
+    assert facts["isolated"] is True
+    assert page.evaluate("document.body.dataset.backend") == "wasm"
+    assert page.evaluate("document.body.dataset.threads") == "2" and facts["tfThreads"] == 2
+    assert page.text_content("#backend") == "wasm, 2 threads"
+    assert "2 threads: chosen in the address (?threads=)" in page.text_content("#backend-why")
+    assert facts["own"] == []  # hardwareConcurrency is Navigator's own getter again
+    # The threads compute what Python computes (test_page_matches_python checks every file).
+    name = "IM-0115-0001.jpeg"
+    card = _classify(page, [path for path in workspace["files"] if path.name == name])[name]
+    assert abs(float(card["probability"]) - workspace["reference"][name]["probability"]) <= FLOAT32_TOLERANCE
+    assert page.errors == []
+    page.close()
+
+
+def test_wasm_threads_by_default(browser, server):
+    """Automatic: every logical core (up to TF.js' 8 workers) where the browser reports more than
+    2, one thread where 2 or fewer (a second one measured slower on 2 cores)."""
+    page = _open(browser, f"{server.url}?backend=wasm")
+    cores = page.evaluate("navigator.hardwareConcurrency")
+    expected = min(WASM_MAX_THREADS, cores) if cores > 2 else 1
+    assert page.evaluate("document.body.dataset.threads") == str(expected)
+    assert page.evaluate("tf.wasm.getThreadsCount()") == expected
+    assert page.text_content("#backend") == f"wasm, {expected} thread{'' if expected == 1 else 's'}"
+    reason = (
+        "one per logical core this browser reports"
+        if cores > 2
+        else f"this browser reports {cores} logical core"
+    )
+    assert reason in page.text_content("#backend-why")
+    page.close()
+
+
+@pytest.mark.parametrize("threads", ["0", "9", "two", "1.5"])
+def test_a_thread_count_the_page_cannot_run_is_refused_clearly(browser, server, threads):
+    page = _open(browser, f"{server.url}?backend=wasm&threads={threads}")
+    assert page.evaluate("document.body.dataset.ready") == "false"
+    assert f"?threads={threads} is not a whole number from 1 to 8." in page.inner_text("#load-error")
+    page.close()
+
+
+@pytest.mark.parametrize(
+    "isolated, policy, why",
+    [
+        (False, None, "the page is not cross-origin isolated"),
+        # A policy without blob: scripts (the one before issue 22): no worker starts at all.
+        (
+            True,
+            CONTENT_SECURITY_POLICY.replace(" blob:;", ";", 1),
+            "this page's Content-Security-Policy forbids the threads' blob: scripts",
+        ),
+        # Workers from blob: allowed, but not the script each imports: without the page's
+        # check, TF.js' threaded build would wait for its workers for ever.
+        (
+            True,
+            CONTENT_SECURITY_POLICY.replace(" blob:;", "; worker-src blob:;", 1),
+            "this page's Content-Security-Policy forbids the threads' blob: scripts",
+        ),
+    ],
+)
+def test_wasm_falls_back_to_one_thread(browser, workspace, isolated, policy, why):
+    server = make_server(workspace["bundle"], port=0, quiet=True, cross_origin_isolated=isolated)
+    if policy is not None:
+        server.response_headers["Content-Security-Policy"] = policy
+    start_in_thread(server)
+    try:
+        page = _open(browser, f"{server.url}?threads=2")
+        assert page.evaluate("document.body.dataset.ready") == "true", page.inner_text("#load-error")
+        assert page.evaluate("crossOriginIsolated") is isolated
+        assert page.evaluate("document.body.dataset.backend") == "wasm"
+        assert page.evaluate("document.body.dataset.threads") == "1"
+        assert page.evaluate("tf.wasm.getThreadsCount()") == 1
+        assert page.text_content("#backend") == "wasm, 1 thread"
+        assert f"one thread: {why}" in page.text_content("#backend-why")
+        assert "; asked for 2 threads: chosen in the address (?threads=)" in page.text_content("#backend-why")
+        name = "person19_bacteria_61.jpeg"
+        card = _classify(page, [path for path in workspace["files"] if path.name == name])[name]
+        assert (
+            abs(float(card["probability"]) - workspace["reference"][name]["probability"]) <= FLOAT32_TOLERANCE
+        )
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_page_text_and_controls(browser, server):

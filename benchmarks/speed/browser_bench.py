@@ -7,7 +7,16 @@ prints a Markdown table:
 - load: navigation start to `<body data-ready="true">` (scripts, backend start, model fetch
   and a warm-up prediction), median of `--loads` cold loads (a fresh browser context each);
 - per image: median over `--images` files of the card's `data-ms` (decode, grayscale,
-  resize, predict, calibrate) and `data-infer-ms` (the predict call alone).
+  resize, predict, calibrate) and `data-infer-ms` (the predict call alone);
+- threads: the page's `data-threads` (TF.js' wasm threads; 1 for cpu).
+
+`--compare-threads ROUNDS` then times the wasm backend threaded against single-threaded, as
+pages on two servers: `serve`'s own at `?threads=` `--threads` (cross-origin isolated: TF.js'
+threaded SIMD build; default a thread per CPU, at most 8) and one without COEP (not isolated:
+the single-threaded SIMD build the page ran before issue 22). Each round loads both cold and
+gives each the same `--count` images, in alternating order (ABBA), so a load on the machine
+falls on both; it prints each round's per-image medians and their ratio, then the ratios'
+median and range. `--threads 1` makes it an A/A comparison: the spread that is noise.
 
 It runs the model at full speed on the CPU: do not run it on a large model while a training
 shares the machine.
@@ -76,17 +85,13 @@ def page_bytes(browser, url: str) -> int:
     return sum(sizes)
 
 
-def measure(browser, base_url: str, backend: str, files: list[Path], loads: int) -> dict:
-    url = f"{base_url}?backend={backend}"
-    load_ms = []
-    for _ in range(loads):
-        context, page = open_ready(browser, url)
-        load_ms.append(float(page.evaluate("document.body.dataset.readyMs")))
-        context.close()
+def classify(browser, url: str, backend: str, files: list[Path]) -> dict:
+    """A cold page at `url` on `backend` given `files`: its threads and per-image medians (ms)."""
     context, page = open_ready(browser, url)
     in_use = page.evaluate("document.body.dataset.backend")
     if in_use != backend:
         raise SystemExit(f"browser_bench: asked for {backend}, the page runs on {in_use}")
+    threads = page.evaluate("document.body.dataset.threads")
     page.set_input_files("input[type=file]", [str(path) for path in files])
     cards = page.locator("[data-testid=result]")
     expect(cards).to_have_count(len(files), timeout=TIMEOUT_MS)
@@ -96,12 +101,68 @@ def measure(browser, base_url: str, backend: str, files: list[Path], loads: int)
     if failed:
         raise SystemExit(f"browser_bench: {failed[0]['error']}")
     return {
-        "backend": backend,
-        "page_bytes": page_bytes(browser, url),
-        "load_ms": statistics.median(load_ms),
+        "threads": int(threads) if threads else None,
         "image_ms": statistics.median(float(card["ms"]) for card in data),
         "infer_ms": statistics.median(float(card["inferMs"]) for card in data),
     }
+
+
+def measure(browser, base_url: str, backend: str, files: list[Path], loads: int) -> dict:
+    url = f"{base_url}?backend={backend}"
+    load_ms = []
+    for _ in range(loads):
+        context, page = open_ready(browser, url)
+        load_ms.append(float(page.evaluate("document.body.dataset.readyMs")))
+        context.close()
+    return {
+        "backend": backend,
+        "page_bytes": page_bytes(browser, url),
+        "load_ms": statistics.median(load_ms),
+        **classify(browser, url, backend, files),
+    }
+
+
+def compare_threads(
+    browser, threaded_url: str, single_url: str, threads: int, files: list[Path], rounds: int
+) -> list[dict]:
+    """Per round, the wasm page on `threads` threads and single-threaded, in ABBA order."""
+    order = [
+        ("threaded", f"{threaded_url}?backend=wasm&threads={threads}"),
+        ("single", f"{single_url}?backend=wasm"),
+    ]
+    results = []
+    for index in range(rounds):
+        row = {}
+        for name, url in order if index % 2 == 0 else order[::-1]:
+            row[name] = classify(browser, url, "wasm", files)
+        if row["single"]["threads"] != 1:
+            raise SystemExit(
+                f"browser_bench: the single-threaded page runs {row['single']['threads']} threads"
+            )
+        results.append(row)
+    return results
+
+
+def print_comparison(results: list[dict]) -> None:
+    print(
+        "\n| round | threads | per image, threaded / single (ms, median) | ratio "
+        "| predict only, threaded / single (ms, median) | ratio |"
+    )
+    print("|---:|---|---:|---:|---:|---:|")
+    ratios = {"image_ms": [], "infer_ms": []}
+    for index, row in enumerate(results, 1):
+        threaded, single = row["threaded"], row["single"]
+        cells = []
+        for key in ratios:
+            ratios[key].append(threaded[key] / single[key])
+            cells.append(f"{threaded[key]:.1f} / {single[key]:.1f} | {ratios[key][-1]:.2f}")
+        print(f"| {index} | {threaded['threads']} vs {single['threads']} | {' | '.join(cells)} |")
+    for key, words in (("image_ms", "per image"), ("infer_ms", "predict only")):
+        values = ratios[key]
+        print(
+            f"\n{words}, threaded / single-threaded: median {statistics.median(values):.2f} "
+            f"(range {min(values):.2f}-{max(values):.2f} over {len(values)} rounds)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,40 +176,71 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--count", type=int, default=20, help="images per backend (default 20)")
     parser.add_argument("--loads", type=int, default=3, help="page loads per backend (default 3)")
-    parser.add_argument("--backends", default="wasm,cpu", help="comma-separated (default wasm,cpu)")
+    parser.add_argument(
+        "--backends", default="wasm,cpu", help="comma-separated (default wasm,cpu; '' for none)"
+    )
+    parser.add_argument(
+        "--compare-threads",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="then time wasm threaded against single-threaded, ROUNDS interleaved rounds (default 0: not)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="the threaded side's ?threads= (default a thread per CPU, at most 8)",
+    )
     parser.add_argument("--chromium", default=os.environ.get("CHROMIUM") or shutil.which("chromium"))
     args = parser.parse_args(argv)
     if not args.chromium:
         raise SystemExit("browser_bench: no Chromium found; install `chromium` or pass --chromium")
+    if args.compare_threads < 0:
+        raise SystemExit(f"browser_bench: --compare-threads must be 0 or more, not {args.compare_threads}")
+    if not 1 <= args.threads <= 8:
+        raise SystemExit(f"browser_bench: --threads must be from 1 to 8, not {args.threads}")
 
     server = make_server(args.model, port=0, quiet=True)
-    start_in_thread(server)
+    single = make_server(args.model, port=0, quiet=True, cross_origin_isolated=False)
+    for each in (server, single):
+        start_in_thread(each)
     files = image_files(args.images, args.count)
-    rows = []
+    rows, comparison = [], []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
-        for backend in args.backends.split(","):
-            rows.append(measure(browser, server.url, backend.strip(), files, args.loads))
+        backends = [backend.strip() for backend in args.backends.split(",") if backend.strip()]
+        for backend in backends:
+            rows.append(measure(browser, server.url, backend, files, args.loads))
+        if args.compare_threads:
+            comparison = compare_threads(
+                browser, server.url, single.url, args.threads, files, args.compare_threads
+            )
         version = browser.version
         browser.close()
-    server.shutdown()
-    server.server_close()
+    for each in (server, single):
+        each.shutdown()
+        each.server_close()
 
     size = bundle_bytes(args.model)
     print(
         f"Model bundle {args.model}: {size:,} bytes to download (tfjs/ + metadata.json); "
         f"Chromium {version} headless, {os.cpu_count()} CPUs; {len(files)} images from {args.images}.\n"
     )
-    print(
-        f"| backend | first load, all files (bytes) | load to ready (ms, median of {args.loads}) "
-        "| per image, total (ms, median) | per image, predict only (ms, median) |"
-    )
-    print("|---|---:|---:|---:|---:|")
+    if rows:
+        print(
+            "| backend | threads | first load, all files (bytes) "
+            f"| load to ready (ms, median of {args.loads}) "
+            "| per image, total (ms, median) | per image, predict only (ms, median) |"
+        )
+        print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {row['backend']} | {row['page_bytes']:,} | {row['load_ms']:.0f} "
+            f"| {row['backend']} | {row['threads'] or '-'} | {row['page_bytes']:,} | {row['load_ms']:.0f} "
             f"| {row['image_ms']:.1f} | {row['infer_ms']:.1f} |"
         )
+    if comparison:
+        print_comparison(comparison)
     return 0
 
 

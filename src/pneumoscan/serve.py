@@ -12,8 +12,11 @@ files, so no image ever reaches it. Every URL is an explicit route to one file:
     /healthz                          {"status": "ok", "model": arch, ...}
 
 Anything else is 404 (400 for a path that tries to climb out), only GET and HEAD are allowed,
-and every answer carries `X-Content-Type-Options: nosniff` and a Content-Security-Policy that
-allows nothing but this origin, WebAssembly compilation and blob:/data: image previews.
+and every answer carries `X-Content-Type-Options: nosniff`, a Content-Security-Policy that
+allows nothing but this origin, WebAssembly compilation, blob:/data: image previews and the
+blob: scripts of TF.js' wasm threads, and the cross-origin isolation headers
+(`Cross-Origin-Opener-Policy: same-origin`, `Cross-Origin-Embedder-Policy: require-corp`) that
+let those threads share memory.
 
 Only the host names the server was started for are answered (`Host`: 127.0.0.1, localhost, ::1
 or `--host`, with any port, since a tunnel or container may publish another; any IP address as
@@ -73,10 +76,14 @@ MIME_TYPES = {
 }
 # The page needs its own scripts, WebAssembly compilation (tfjs-backend-wasm), fetches to
 # this origin, and blob:/data: images for previews. Nothing may frame it or post from it.
+# blob: scripts are TF.js' wasm threads: its threaded build starts each worker from a blob: URL
+# and the worker (which inherits this policy) imports the backend's code from another; both are
+# made by the page's own scripts from the files above, and no page can create a blob: URL of
+# another origin. Without blob: the page runs one thread (app.js checks before it starts).
 CONTENT_SECURITY_POLICY = "; ".join(
     [
         "default-src 'none'",
-        "script-src 'self' 'wasm-unsafe-eval'",
+        "script-src 'self' 'wasm-unsafe-eval' blob:",
         "style-src 'self'",
         "img-src 'self' blob: data:",
         "connect-src 'self'",
@@ -90,9 +97,26 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
     "Cross-Origin-Resource-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
+# COOP same-origin with COEP require-corp makes the page cross-origin isolated: it may then
+# share memory with workers (SharedArrayBuffer), which TF.js' threaded wasm build needs. Every
+# file the page loads is from this origin, so COEP blocks nothing it uses.
+ISOLATION_HEADER = "Cross-Origin-Embedder-Policy"
+
+
+def response_headers(cross_origin_isolated: bool = True) -> dict[str, str]:
+    """The headers on every answer; without COEP when `cross_origin_isolated` is False (the
+    page then runs TF.js' single-threaded wasm: benchmarks/speed/browser_bench.py's baseline)."""
+    return {
+        name: value
+        for name, value in SECURITY_HEADERS.items()
+        if cross_origin_isolated or name != ISOLATION_HEADER
+    }
+
+
 # Page, metadata and model change with each export or release: revalidate every time (ETag).
 # Vendor files are fixed by package-lock.json: cache them for a week.
 NO_CACHE = "no-cache"
@@ -112,7 +136,9 @@ REQUEST_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 100
 BUSY_ANSWER = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: 16\r\nRetry-After: 1\r\nConnection: close\r\n\r\n503 server busy\n"
+    b"Content-Length: 16\r\nRetry-After: 1\r\nConnection: close\r\n"
+    + "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS.items()).encode("ascii")
+    + b"\r\n503 server busy\n"
 )
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -312,7 +338,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_text_body("method not allowed\n", send_body=True, close=True)
 
     def end_headers(self) -> None:
-        for name, value in SECURITY_HEADERS.items():
+        for name, value in self.server.response_headers.items():
             self.send_header(name, value)
         super().end_headers()
 
@@ -414,8 +440,10 @@ class Server(http.server.ThreadingHTTPServer):
         idle_timeout: float = IDLE_TIMEOUT_S,
         request_timeout: float = REQUEST_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        cross_origin_isolated: bool = True,
     ):
         self.routes, self.health, self.quiet, self.idle_timeout = routes, health, quiet, idle_timeout
+        self.response_headers = response_headers(cross_origin_isolated)
         self.request_timeout = request_timeout
         self.slots = threading.BoundedSemaphore(max_connections)
         if ":" in address[0]:
@@ -465,11 +493,13 @@ def make_server(
     idle_timeout: float = IDLE_TIMEOUT_S,
     request_timeout: float = REQUEST_TIMEOUT_S,
     max_connections: int = MAX_CONNECTIONS,
+    cross_origin_isolated: bool = True,
 ) -> Server:
     """A server for `bundle`, bound but not yet serving (`port=0` picks a free port); a
     keep-alive connection silent for `idle_timeout` seconds is closed, and so is one whose
     request is not read `request_timeout` seconds after its first byte; at most
-    `max_connections` are served at once.
+    `max_connections` are served at once. `cross_origin_isolated=False` leaves out COEP (the
+    single-threaded baseline of benchmarks/speed/browser_bench.py; `serve` always sends it).
 
     Raises:
         ServeError: for a bundle without tfjs/model.json, missing TF.js npm files, or an
@@ -487,7 +517,16 @@ def make_server(
         "threshold": metadata["threshold"]["value"],
     }
     try:
-        return Server((host, port), routes, health, quiet, idle_timeout, request_timeout, max_connections)
+        return Server(
+            (host, port),
+            routes,
+            health,
+            quiet,
+            idle_timeout,
+            request_timeout,
+            max_connections,
+            cross_origin_isolated,
+        )
     except OSError as error:  # port taken, address not on this machine, no permission
         raise ServeError(
             f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port or --host."

@@ -7,6 +7,9 @@
 //
 // Test hooks (a contract with tests/test_web.py and benchmarks/speed/browser_bench.py):
 //   <body data-backend="webgl|wasm|cpu" data-ready="true">  once the model is loaded;
+//   <body data-threads> the CPU threads the backend computes on (wasm: TF.js' count, cpu: 1;
+//   absent for webgl), set with data-backend, and shown on the #backend line ("wasm, 2 threads");
+//   ?threads=N (1 to 8) asks wasm for N threads instead of the automatic choice;
 //   every processed file: [data-testid=result][data-filename] with data-label,
 //   data-probability (full precision) and data-heatmap-peak ("x,y", set with the probability;
 //   absent where the model's map cannot be computed), data-warning when a DICOM header speaks
@@ -37,11 +40,13 @@ const tf = globalThis.tf; // the UMD builds served from /vendor/ (see index.html
 const BACKENDS = ['webgl', 'wasm', 'cpu'];
 // Renderer strings of software WebGL: about 10x slower than WebAssembly for these models.
 const SOFTWARE_RENDERER = /swiftshader|llvmpipe|softpipe|software|basic render/i;
+// Web workers TF.js' threaded wasm build starts (its pthread pool): the most threads it can use.
+const WASM_MAX_THREADS = 8;
 
 const $ = (selector) => document.querySelector(selector);
 const state = {
   model: null, forward: null, heatmap: null, metadata: null, plan: null, decision: null,
-  queue: Promise.resolve(), oodNote: '', bandNote: '', digest: null,
+  queue: Promise.resolve(), oodNote: '', bandNote: '', digest: null, threadsWhy: '',
 };
 
 function say(message) {
@@ -63,9 +68,105 @@ function webglRenderer() {
   return renderer;
 }
 
-async function tryBackend(name) {
+/** Whether a worker started from a blob: URL may import a script from another blob: URL, as each
+ * thread of TF.js' threaded wasm build does. A Content-Security-Policy without blob: in
+ * script-src forbids it, and that build would then wait for its workers for ever. */
+function blobWorkersRun(timeoutMs = 5000) {
+  const urls = [];
+  const blobUrl = (code) => {
+    urls.push(URL.createObjectURL(new Blob([code], { type: 'text/javascript' })));
+    return urls[urls.length - 1];
+  };
+  return new Promise((resolve) => {
+    let worker = null;
+    const done = (works) => {
+      clearTimeout(timer);
+      if (worker) worker.terminate();
+      urls.forEach((url) => URL.revokeObjectURL(url));
+      resolve(works);
+    };
+    const timer = setTimeout(() => done(false), timeoutMs);
+    try {
+      worker = new Worker(blobUrl(`importScripts(${JSON.stringify(blobUrl('self.imported = true;'))}); postMessage(self.imported === true);`));
+      worker.onmessage = (event) => done(event.data === true);
+      worker.onerror = (event) => {
+        event.preventDefault();
+        done(false);
+      };
+    } catch (error) {
+      done(false);
+    }
+  });
+}
+
+/** `?threads=` as a number of threads, or null (automatic). */
+function readThreads(text) {
+  if (text === null || text === '') return null;
+  const threads = Number(text);
+  if (!Number.isInteger(threads) || threads < 1 || threads > WASM_MAX_THREADS) {
+    throw new Error(`?threads=${text} is not a whole number from 1 to ${WASM_MAX_THREADS}.`);
+  }
+  return threads;
+}
+
+/** Threads for the wasm backend, and why: `forced` (?threads=) or, automatically, every logical
+ * core the browser reports (up to the workers TF.js' threaded build starts) where it reports more
+ * than 2, and 1 where it reports 2 or fewer: on the project's 2-core machine a second thread made
+ * each film slower, not faster (BENCHMARKS.md, "The page on every core"). More than one needs
+ * the page cross-origin isolated (serve's COOP and COEP: sharing memory with workers) and allowed
+ * to start the workers' blob: scripts. With one, TF.js loads its single-threaded SIMD build. */
+async function wasmThreads(forced) {
+  const cores = navigator.hardwareConcurrency || 1;
+  const wanted = forced || (cores > 2 ? Math.min(WASM_MAX_THREADS, cores) : 1);
+  const why = `${wanted} thread${wanted === 1 ? '' : 's'}: ` + (forced ? 'chosen in the address (?threads=)'
+    : cores > 2 ? `one per logical core this browser reports (${cores}), at most ${WASM_MAX_THREADS}`
+      : `this browser reports ${cores} logical core${cores === 1 ? '' : 's'}, where a second thread measured slower`);
+  let reason = null;
+  if (wanted > 1 && !globalThis.crossOriginIsolated) {
+    reason = 'the page is not cross-origin isolated (COOP/COEP headers)';
+  } else if (wanted > 1 && !(await blobWorkersRun())) {
+    reason = "this page's Content-Security-Policy forbids the threads' blob: scripts";
+  }
+  return reason ? { threads: 1, why: `one thread: ${reason}; asked for ${why}` } : { threads: wanted, why };
+}
+
+/** `tf.setBackend('wasm')` with `threads` threads (TF.js' threaded build). TF.js 4.22 caps the
+ * count it is given at half of navigator.hardwareConcurrency, read once as its module starts (it
+ * assumes two logical cores per physical one), so a 2-core machine would get 1 thread whatever
+ * it asks: the count is shown to it doubled for the start, then the browser's own is back. */
+async function startThreadedWasm(threads) {
+  tf.wasm.setThreadsCount(threads);
+  Object.defineProperty(navigator, 'hardwareConcurrency', { value: 2 * threads, configurable: true });
   try {
-    if (!(await tf.setBackend(name))) return false;
+    return await tf.setBackend('wasm');
+  } finally {
+    delete navigator.hardwareConcurrency; // the own property: Navigator.prototype's getter is back
+  }
+}
+
+/** `tf.setBackend(name)`; for wasm, with the threads `wasmThreads` chooses (the reason kept for
+ * the model details): TF.js' threaded build for more than one, else its single-threaded one. */
+async function startBackend(name, threads) {
+  if (name !== 'wasm') return tf.setBackend(name);
+  const chosen = await wasmThreads(threads);
+  state.threadsWhy = chosen.why;
+  if (chosen.threads === 1) {
+    tf.env().set('WASM_HAS_MULTITHREAD_SUPPORT', false); // the build the page ran before threads
+    return tf.setBackend('wasm');
+  }
+  return startThreadedWasm(chosen.threads);
+}
+
+/** The CPU threads `backend` computes on: TF.js' own count for wasm, 1 for cpu (this page's
+ * thread), null for webgl (the graphics chip). */
+function backendThreads(backend) {
+  if (backend === 'wasm') return tf.wasm.getThreadsCount();
+  return backend === 'cpu' ? 1 : null;
+}
+
+async function tryBackend(name, threads) {
+  try {
+    if (!(await startBackend(name, threads))) return false;
     await tf.ready();
     const probe = tf.tidy(() => tf.add(tf.scalar(1), tf.scalar(1)));
     const works = (await probe.data())[0] === 2;
@@ -77,13 +178,14 @@ async function tryBackend(name) {
   }
 }
 
-/** Forced by ?backend=, else the first that works of webgl, wasm, cpu (wasm first on software GL). */
-async function chooseBackend(forced) {
+/** Forced by ?backend=, else the first that works of webgl, wasm, cpu (wasm first on software GL);
+ * wasm with `threads` (?threads=; null: automatic). */
+async function chooseBackend(forced, threads) {
   if (forced) {
     if (!BACKENDS.includes(forced)) {
       throw new Error(`?backend=${forced} is not one of ${BACKENDS.join(', ')}.`);
     }
-    if (!(await tryBackend(forced))) throw new Error(`The ${forced} backend does not work in this browser.`);
+    if (!(await tryBackend(forced, threads))) throw new Error(`The ${forced} backend does not work in this browser.`);
     return { name: forced, why: 'chosen in the address (?backend=)', renderer: null };
   }
   const renderer = webglRenderer();
@@ -97,7 +199,7 @@ async function chooseBackend(forced) {
       'so WebAssembly is faster';
   }
   for (const name of order) {
-    if (await tryBackend(name)) return { name, why, renderer };
+    if (await tryBackend(name, threads)) return { name, why, renderer };
   }
   throw new Error('No TensorFlow.js backend works in this browser.');
 }
@@ -388,20 +490,24 @@ function wirePicker() {
 }
 
 async function main() {
-  const forced = new URLSearchParams(location.search).get('backend');
+  const params = new URLSearchParams(location.search);
+  const forced = params.get('backend');
   const select = $('#backend-choice');
   select.value = BACKENDS.includes(forced) ? forced : '';
   try {
     if (!tf || !tf.wasm) throw new Error('the TensorFlow.js scripts did not load from /vendor/.');
     tf.wasm.setWasmPaths('/vendor/'); // before any backend starts
-    const [metadata, backend] = await Promise.all([loadMetadata(), chooseBackend(forced)]);
+    const threads = readThreads(params.get('threads'));
+    const [metadata, backend] = await Promise.all([loadMetadata(), chooseBackend(forced, threads)]);
     state.metadata = metadata;
     state.plan = readPlan(metadata);
     const decision = readDecision(metadata);
-    $('#backend').textContent = backend.name;
-    $('#backend-why').textContent = backend.why;
+    const running = backendThreads(tf.getBackend());
+    $('#backend').textContent = backend.name + (running ? `, ${running} thread${running === 1 ? '' : 's'}` : '');
+    $('#backend-why').textContent = backend.why + (state.threadsWhy && tf.getBackend() === 'wasm' ? `; ${state.threadsWhy}` : '');
     if (backend.renderer) $('#backend-why').title = `WebGL renderer: ${backend.renderer}`;
     document.body.dataset.backend = tf.getBackend();
+    if (running) document.body.dataset.threads = String(running);
     Object.assign(state, await loadModel(metadata, state.plan, decision));
     $('#model').textContent = describeModel(metadata);
     $('#heatmap-method').textContent = state.heatmap.describe || state.heatmap.unavailable;
