@@ -66,7 +66,17 @@ for turn in range(3):
         start = time.perf_counter()
         count = run(bundles[name], paths)
         times[name].append(time.perf_counter() - start)
-print(json.dumps({"n": count, **{name: sorted(t)[1] for name, t in times.items()}}))
+import numpy as np
+from pneumoscan.preprocess import decode_to_input
+x = np.stack([decode_to_input(p, loaded.image_size) for p in paths[:256]])
+forward = {name: [] for name in bundles}
+for turn in range(3):  # the forward pass alone, on the decoded films
+    for name, bundle in bundles.items():
+        start = time.perf_counter()
+        bundle.forward(x, batch)
+        forward[name].append(time.perf_counter() - start)
+print(json.dumps({"n": count, **{name: sorted(t)[1] for name, t in times.items()},
+                  **{f"forward_{name}": len(x) / sorted(t)[1] for name, t in forward.items()}}))
 """
 
 STAGES = r"""
@@ -188,6 +198,12 @@ def main() -> None:
         print(
             f"| end to end over {n} films, {label} (median of 3) | {n / litert[name]:.0f} films/s | "
             f"{n / keras[name]:.0f} films/s | {keras[name] / litert[name]:.2f}x |"
+        )
+    for name, label in (("copies", "with the copies (3 inputs a film)"), ("none", "without copies")):
+        key = f"forward_{name}"
+        print(
+            f"| forward pass alone, {label}, 256 decoded films | {litert[key]:.0f} films/s | "
+            f"{keras[key]:.0f} films/s | {litert[key] / keras[key]:.2f}x |"
         )
     print(f"\n`pneumoscan --help`, whole process (median of {args.runs}): {cold['help']:.2f} s\n")
     print("Where the time goes (LiteRT, each stage alone, one Python thread; ms per film):\n")
