@@ -78,7 +78,7 @@ def test_every_format_gives_the_same_outputs(bundle):
     runner = Interpreter(model_path=str(out / block["file"])).get_signature_runner(block["signature"])
     outputs = runner(**{block["input"]: x})
     assert set(outputs) == set(block["outputs"]) and "raw" in outputs
-    np.testing.assert_allclose(outputs["raw"], expected.reshape(-1), atol=1e-5)
+    np.testing.assert_allclose(outputs["raw"], expected, atol=1e-5)
     model = keras.models.load_model(run_dir / "model.keras")
     for name in set(block["outputs"]) - {"raw", "cam"}:
         inner = keras.Model(model.inputs, model.get_layer(name).output).predict(x, verbose=0)

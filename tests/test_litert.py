@@ -156,3 +156,35 @@ def test_a_tampered_flatbuffer_is_refused_in_one_sentence(copy_of_bundled, capsy
     assert err.startswith("pneumoscan: error: ") and str(path) in err, err
     assert "SHA-256" in err and err.count(".") >= 1 and "\n" not in err and "Traceback" not in err
     assert captured.out == ""
+
+
+def test_evaluate_and_threshold_run_on_litert_without_tensorflow(trained_run, tmp_path, capsys):
+    """An exported bundle: `evaluate` and `threshold` run on its flatbuffer in a process that never
+    imports TensorFlow, and evaluate's figures are those of the same bundle on Keras."""
+    root, run_dir = trained_run
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--model", str(run_dir), "--out", str(bundle)]) == 0
+    keras_only = shutil.copytree(bundle, tmp_path / "keras", ignore=shutil.ignore_patterns("*.tflite"))
+    code = (
+        "import json, sys\n"
+        "from pneumoscan.cli import main\n"
+        f"model, data = {str(bundle)!r}, {str(root)!r}\n"
+        "codes = [main(['evaluate', '--model', model, '--data', data, '--split', 'val', '--json']),\n"
+        "         main(['threshold', '--model', model, '--data', data, '--rule', 'youden'])]\n"
+        "print(json.dumps([codes, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+    )
+    lines = result.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == [[0, 0], []], result.stderr[-2000:]
+    ours = json.loads(lines[0])
+    capsys.readouterr()
+    command = ["evaluate", "--model", str(keras_only), "--data", str(root), "--split", "val", "--json"]
+    assert main(command) == 0
+    theirs = json.loads(capsys.readouterr().out)
+    assert list(ours) == list(theirs) and ours["confusion_matrix"] == theirs["confusion_matrix"]
+    for key in ("roc_auc", "brier", "sensitivity", "specificity"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+    assert read(bundle)["threshold"]["rule"] == "youden"  # threshold wrote its choice

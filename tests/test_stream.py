@@ -15,7 +15,7 @@ from pneumoscan.preprocess import decode, decode_to_input
 PATHS = sorted(SAMPLES.rglob("*.jpeg"))[:6]
 
 
-def _films(paths, size, batch_size=4, workers=stream.WORKERS):
+def _films(paths, size, batch_size=4, workers=None):
     return [film for batch in stream.batches(paths, size, batch_size, workers) for film in batch.films]
 
 

@@ -41,8 +41,9 @@ model_dir, batch, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 bundle = Bundle.load(model_dir)
 # The same model without the out-of-distribution flag and borderline band (issue 11), run in
 # turn with it, so that the flag's cost is measured under the same load.
-plain = Bundle(bundle.folder, bundle.model,
-               {k: v for k, v in bundle.metadata.items() if k not in ("ood", "borderline")})
+# On the same runtime (LiteRT when the bundle has its flatbuffer, else Keras).
+plain = Bundle(bundle.folder, None if bundle.runtime else bundle.model,
+               {k: v for k, v in bundle.metadata.items() if k not in ("ood", "borderline")}, bundle.runtime)
 for b in (bundle, plain):  # warm-up: traces the graphs, the last short batch's too
     predict_files(b, paths[:batch], batch_size=batch)
     predict_files(b, paths[:batch + batch // 2], batch_size=batch)

@@ -15,9 +15,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from pneumoscan import bundle as bundle_module
 from pneumoscan import forward
-from pneumoscan.bundle import INFERENCE_BATCH
 from pneumoscan.config import (
     ARCH_ALIASES,
     DEFAULTS,
@@ -30,7 +28,7 @@ from pneumoscan.config import (
     read_file_list,
 )
 from pneumoscan.errors import FAILURE, MissingExtra, PneumoscanError, UsageError
-from pneumoscan.forward import quiet_stderr
+from pneumoscan.forward import INFERENCE_BATCH, quiet_stderr
 
 # TensorFlow's C++ log: 0 shows its start-up chatter (absl's pre-init warning, CPU features) on
 # stderr before Python logging exists; 3 shows nothing (every error reaches Python as an exception,
@@ -413,7 +411,9 @@ def _predict(args: argparse.Namespace) -> int:
             items, skipped = resume(args.output, items)
         except ValueError as error:
             raise UsageError(str(error)) from None
-    bundle = bundle_module.Bundle.load(args.model)
+    from pneumoscan.bundle import Bundle
+
+    bundle = Bundle.load(args.model)
     if args.output is None:
         return _predict_to(sys.stdout, fmt or "table", bundle, items, args.batch_size, header=True)
     fresh = not args.output.exists() or args.output.stat().st_size == 0
@@ -541,9 +541,10 @@ def _add_demo(commands) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pneumoscan.bundle import bundled_dir
     from pneumoscan.serve import serve
 
-    bundle = args.model or bundle_module.bundled_dir()
+    bundle = args.model or bundled_dir()
     if bundle is None:
         raise UsageError(
             "this installation has no bundled model; pass --model BUNDLE (made by pneumoscan export)."

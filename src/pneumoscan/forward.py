@@ -13,9 +13,10 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # NumPy is imported where a model runs: `pneumoscan --help` starts without it
+    import numpy as np
 
 INFERENCE_BATCH = 32  # images per forward call: predict's and evaluate's default --batch-size
 # Calls with this many films or fewer run eagerly: tracing and optimising the graph (about 0.3 s
@@ -69,6 +70,8 @@ class Forward:
         Each film runs with its copies in one call (`batch_size` films, so `batch_size` x copies
         inputs) and its raw output is their mean; the layer's output is the film's own (the first
         copy, shift [0, 0]). A call with at most `EAGER_AT_MOST` films runs eagerly."""
+        import numpy as np
+
         eager, compiled = self._build(layer)
         count = int(images.shape[0])
         call = eager if count <= EAGER_AT_MOST else compiled

@@ -67,11 +67,12 @@ def load(path: str | Path, image_size: int) -> Film:
 
 
 def batches(
-    paths: Sequence[str | Path], image_size: int, batch_size: int, workers: int = WORKERS
+    paths: Sequence[str | Path], image_size: int, batch_size: int, workers: int | None = None
 ) -> Iterator[Batch]:
     """Batches of `batch_size` films (the last shorter) in the order of `paths`, decoded on
     `workers` threads while the caller works on the batch before; at most two batches and a film
-    a worker are in flight."""
+    a worker are in flight. `workers`: `WORKERS` unless given."""
+    workers = workers or WORKERS
     ahead = 2 * batch_size + workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending: deque[Future] = deque()
