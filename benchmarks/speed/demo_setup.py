@@ -9,7 +9,8 @@ the baseline (commit --baseline, by default the last one before the light instal
 runs `make venv-demo node`: requirements-demo.lock). An arm times `make TARGETS` (the set-up),
 then starts `.venv/bin/python -m pneumoscan demo --port 0` as `make demo` does and times until
 its /healthz answers 200 ("serving"); the clone itself is not timed. Then `du` of .venv, once
-right after the set-up and once after serving (Python writes the bytecode of what it imported).
+right after the set-up and once after serving (Python writes the bytecode of what it imported;
+the script runs make and the server without PYTHONDONTWRITEBYTECODE, as Python runs by default).
 
 Both arms share the machine's pip and npm caches and its package index, as a person's second
 checkout would. Prints one line per arm and round, and the ratio HEAD / baseline of the time to
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -31,6 +33,8 @@ from pathlib import Path
 
 BASELINE = "94df8fc"
 START_TIMEOUT_S = 300
+# Python's default: it writes the bytecode of what it imports (a session may have turned that off).
+ENVIRONMENT = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
 
 
 def du(path: Path) -> dict[str, object]:
@@ -46,6 +50,7 @@ def serve_until_healthy(clone: Path) -> float:
     process = subprocess.Popen(
         [str(clone / ".venv" / "bin" / "python"), "-m", "pneumoscan", "demo", "--port", "0"],
         cwd=clone,
+        env=ENVIRONMENT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -70,8 +75,12 @@ def run_arm(repo: Path, rev: str, targets: list[str], workdir: Path) -> dict[str
     subprocess.run(["git", "clone", "--quiet", str(repo), str(clone)], check=True)
     subprocess.run(["git", "-C", str(clone), "checkout", "--quiet", rev], check=True)
     start = time.monotonic()
-    subprocess.run(["make", "-C", str(clone), *targets], check=True, capture_output=True)
+    made = subprocess.run(
+        ["make", "-C", str(clone), *targets], env=ENVIRONMENT, capture_output=True, text=True
+    )
     setup_s = time.monotonic() - start
+    if made.returncode != 0:
+        raise SystemExit(f"make {' '.join(targets)} failed at {rev}:\n{(made.stdout + made.stderr)[-3000:]}")
     installed = du(clone / ".venv")
     serve_s = serve_until_healthy(clone)
     record = {
