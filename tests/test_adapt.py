@@ -8,10 +8,13 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import write_class_folders
+from conftest import SAMPLES, load_benchmark, write_class_folders
+from pneumoscan import ood
 from pneumoscan.adapt import ADAPT_RULE, patient_folds
 from pneumoscan.cli import main
 from pneumoscan.decision import Decision
+
+nonxray = load_benchmark("trust/nonxray")
 
 
 def _site(root, per_class=12, seed=7, images=2):
@@ -139,20 +142,53 @@ def test_patient_folds_keep_each_patient_whole(folds):
     assert not np.array_equal(fold_of, patient_folds(groups, folds, seed=4))
 
 
+def _real_site(root, copies=3):
+    """A site of real X-rays: each committed sample film, cropped `copies` ways and saved as PNG
+    under a patient of its own (byte-different from the films the bundled model saw)."""
+    from PIL import Image
+
+    n = 0
+    for path in sorted(SAMPLES.rglob("*.jpeg")):
+        image = Image.open(path).convert("L")
+        folder = root / path.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(copies):
+            inset = 4 + 6 * k
+            crop = image.crop((inset, inset, image.width - inset, image.height - inset))
+            name = (
+                f"IM-{7000 + n:04d}-0001.png"
+                if path.parent.name == "NORMAL"
+                else f"person{7000 + n}_virus_1.png"
+            )
+            crop.save(folder / name)
+            n += 1
+    return root
+
+
 def test_a_fine_tuned_bundle_is_exported_as_its_parent_was(tmp_path, capsys):
     """The bundled model ships float16-rounded weights in Keras and TF.js: the fine-tuned bundle
     carries its new weights rounded the same way (before the decision is fitted), in the parent's
-    formats, with an export block that describes them, not the parent's."""
-    from pneumoscan.bundle import bundled_dir
+    formats, with an export block that describes them, not the parent's. Its out-of-distribution
+    threshold is refitted for the new weights on the site's real X-rays, no lower than the
+    parent's: the site's films pass, and images that are not X-rays are still flagged."""
+    from pneumoscan.bundle import Bundle, bundled_dir
+    from pneumoscan.predict import predict_files
 
-    parent = json.loads((bundled_dir() / "metadata.json").read_text())["export"]
-    out = tmp_path / "adapted"
-    assert (
-        main(["adapt", "--data", str(_site(tmp_path / "site", seed=11)), "--out", str(out), "--folds", "2"])
-        == 0
-    )
-    capsys.readouterr()
-    export = json.loads((out / "metadata.json").read_text())["export"]
+    parent_meta = json.loads((bundled_dir() / "metadata.json").read_text())
+    parent = parent_meta["export"]
+    out, site = tmp_path / "adapted", _real_site(tmp_path / "site")
+    assert main(["adapt", "--data", str(site), "--out", str(out), "--folds", "2"]) == 0
+    assert "Out-of-distribution threshold for the fine-tuned weights" in capsys.readouterr().err
+    meta = json.loads((out / "metadata.json").read_text())
+    refitted, before = meta["ood"]["mahalanobis"], parent_meta["ood"]["mahalanobis"]["threshold"]
+    assert refitted["threshold"] >= before and refitted["site"]["n"] == 48
+    assert refitted["threshold"] == max(before, ood.MARGIN * refitted["site"]["quantile"])
+    adapted = Bundle.load(out)
+    assert not any(r["ood"] for r in predict_files(adapted, [site]))
+    written = nonxray.write_set(tmp_path / "nonxray", 4, seed=11)
+    records = predict_files(adapted, [path for paths in written.values() for path in paths])
+    assert sum(r["ood"] for r in records) >= 0.9 * len(records) == 18
+    export = meta["export"]
     assert (export["quantize"], export["formats"]) == (parent["quantize"], parent["formats"])
     assert export["source"].endswith(", adapted") and export["tfjs_bytes"] > 0
     tuned = keras.models.load_model(out / "model.keras", compile=False).get_weights()

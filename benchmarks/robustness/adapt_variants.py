@@ -126,8 +126,10 @@ def main() -> None:
         for kind in kinds:
             saved[f"seed{seed}_{kind}"] = np.array(raws[kind])
         saved[f"seed{seed}_folds"] = fold_of
-    if args.save:
-        np.savez(args.save, labels=labels, groups=groups, raw=raw, **saved)
+        if args.save:  # after each fold seed, so that a run cut short keeps what it did
+            np.savez(args.save, labels=labels, groups=groups, raw=raw, **saved)
+        for (kind, rule), values in results.items():
+            print(f"seed {seed}: {kind} {rule}: {' '.join(f'{v:.3f}' for v in values[-1])}", flush=True)
 
     chosen = [("--freeze-bn", args.freeze_bn), ("--stratified", args.stratified)]
     flags = " ".join(flag for flag, on in chosen if on)

@@ -181,9 +181,10 @@ def cross_fit(
     seed: int,
     log: Callable[[str], None] = print,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold (probability, positive) of every film: the patients are dealt into `folds`
-    folds at random (`seed`), and each fold is scored by what `fit` made of the others."""
-    fold_of = patient_folds(groups, folds, seed)
+    """Out-of-fold (probability, positive) of every film: the patients of each class are dealt
+    into `folds` folds at random (`seed`), and each fold is scored by what `fit` made of the
+    others."""
+    fold_of = patient_folds(groups, folds, seed, labels)
     probability, positive = np.zeros(len(labels)), np.zeros(len(labels), dtype=bool)
     for k in range(folds):
         held = np.flatnonzero(fold_of == k)
