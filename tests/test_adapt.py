@@ -8,10 +8,13 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import write_class_folders
-from pneumoscan.adapt import patient_folds
+from conftest import SAMPLES, load_benchmark, write_class_folders
+from pneumoscan import ood
+from pneumoscan.adapt import ADAPT_RULE, patient_folds
 from pneumoscan.cli import main
 from pneumoscan.decision import Decision
+
+nonxray = load_benchmark("trust/nonxray")
 
 
 def _site(root, per_class=12, seed=7, images=2):
@@ -36,6 +39,11 @@ def test_adapt_writes_a_bundle_the_other_commands_read(trained_run, tmp_path, ca
         "Ward 7",
         method,
         meta["threshold"]["rule"],
+    )
+    assert (
+        block["rule"]
+        == ADAPT_RULE
+        != json.loads((run_dir / "metadata.json").read_text())["threshold"]["rule"]
     )
     assert block["films"] == {"NORMAL": 24, "PNEUMONIA": 24}
     assert block["patients"] == {"NORMAL": 12, "PNEUMONIA": 12}
@@ -134,23 +142,126 @@ def test_patient_folds_keep_each_patient_whole(folds):
     assert not np.array_equal(fold_of, patient_folds(groups, folds, seed=4))
 
 
+def _real_site(root, copies=3):
+    """A site of real X-rays: each committed sample film, cropped `copies` ways and saved as PNG
+    under a patient of its own (byte-different from the films the bundled model saw)."""
+    from PIL import Image
+
+    n = 0
+    for path in sorted(SAMPLES.rglob("*.jpeg")):
+        image = Image.open(path).convert("L")
+        folder = root / path.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(copies):
+            inset = 4 + 6 * k
+            crop = image.crop((inset, inset, image.width - inset, image.height - inset))
+            name = (
+                f"IM-{7000 + n:04d}-0001.png"
+                if path.parent.name == "NORMAL"
+                else f"person{7000 + n}_virus_1.png"
+            )
+            crop.save(folder / name)
+            n += 1
+    return root
+
+
 def test_a_fine_tuned_bundle_is_exported_as_its_parent_was(tmp_path, capsys):
     """The bundled model ships float16-rounded weights in Keras and TF.js: the fine-tuned bundle
     carries its new weights rounded the same way (before the decision is fitted), in the parent's
-    formats, with an export block that describes them, not the parent's."""
-    from pneumoscan.bundle import bundled_dir
+    formats, with an export block that describes them, not the parent's. Its out-of-distribution
+    threshold is refitted for the new weights on the site's real X-rays, no lower than the
+    parent's: the site's films pass, and images that are not X-rays are still flagged."""
+    from pneumoscan.bundle import Bundle, bundled_dir
+    from pneumoscan.predict import predict_files
 
-    parent = json.loads((bundled_dir() / "metadata.json").read_text())["export"]
-    out = tmp_path / "adapted"
-    assert (
-        main(["adapt", "--data", str(_site(tmp_path / "site", seed=11)), "--out", str(out), "--folds", "2"])
-        == 0
-    )
-    capsys.readouterr()
-    export = json.loads((out / "metadata.json").read_text())["export"]
+    parent_meta = json.loads((bundled_dir() / "metadata.json").read_text())
+    parent = parent_meta["export"]
+    out, site = tmp_path / "adapted", _real_site(tmp_path / "site")
+    assert main(["adapt", "--data", str(site), "--out", str(out), "--folds", "2"]) == 0
+    assert "Out-of-distribution threshold for the fine-tuned weights" in capsys.readouterr().err
+    meta = json.loads((out / "metadata.json").read_text())
+    refitted, before = meta["ood"]["mahalanobis"], parent_meta["ood"]["mahalanobis"]["threshold"]
+    assert refitted["threshold"] >= before and refitted["site"]["n"] == 48
+    assert refitted["threshold"] == max(before, ood.MARGIN * refitted["site"]["quantile"])
+    adapted = Bundle.load(out)
+    assert not any(r["ood"] for r in predict_files(adapted, [site]))
+    written = nonxray.write_set(tmp_path / "nonxray", 4, seed=11)
+    records = predict_files(adapted, [path for paths in written.values() for path in paths])
+    assert sum(r["ood"] for r in records) >= 0.9 * len(records) == 18
+    export = meta["export"]
     assert (export["quantize"], export["formats"]) == (parent["quantize"], parent["formats"])
     assert export["source"].endswith(", adapted") and export["tfjs_bytes"] > 0
     tuned = keras.models.load_model(out / "model.keras", compile=False).get_weights()
     shipped = keras.models.load_model(bundled_dir() / "model.keras", compile=False).get_weights()
     assert all(np.array_equal(w, w.astype(np.float16).astype(np.float32)) for w in tuned)
     assert any(not np.array_equal(a, b) for a, b in zip(tuned, shipped, strict=True))
+
+
+@pytest.mark.parametrize("folds", [2, 5])
+def test_stratified_patient_folds_deal_each_class_evenly(folds):
+    """Class-stratified: each fold holds, of each class, the same number of patients give or take
+    one, while every patient stays whole."""
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(40), rng.integers(1, 4, 40))
+    labels = (groups >= 29).astype(int)  # 29 patients of one class, 11 of the other
+    fold_of = patient_folds(groups, folds, seed=3, labels=labels)
+    for group in np.unique(groups):
+        assert len(set(fold_of[groups == group])) == 1, group
+    for c in (0, 1):
+        patients = [len(set(groups[(fold_of == k) & (labels == c)])) for k in range(folds)]
+        assert max(patients) - min(patients) <= 1, (c, patients)
+    assert not np.array_equal(fold_of, patient_folds(groups, folds, seed=4, labels=labels))
+
+
+def _bn_weights(model):
+    return [
+        w.numpy().copy()
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+        for w in layer.weights
+    ]
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_finetune_keeps_batch_norm_in_inference_mode_when_asked(freeze_bn):
+    """Frozen: the batch-norm layers' moving statistics, scale and offset stay the parent's while
+    the convolutions move; updated: they move too."""
+    from pneumoscan.adapt import finetune
+    from pneumoscan.bundle import Bundle
+
+    bundle = Bundle.load(None)
+    size = bundle.image_size
+    x = np.random.default_rng(0).uniform(0, 255, (8, size, size, 1)).astype(np.float32)
+    labels = np.array([0, 1] * 4)
+    tuned = finetune(bundle, x, labels, 0, lambda _: None, epochs=1, freeze_bn=freeze_bn)
+    kept = [np.array_equal(a, b) for a, b in zip(_bn_weights(bundle.model), _bn_weights(tuned), strict=True)]
+    assert kept and (all(kept) if freeze_bn else not any(kept))
+    assert not np.array_equal(bundle.model.get_weights()[0], tuned.get_weights()[0])
+
+
+def test_replay_films_are_drawn_half_of_each_class(tmp_path):
+    from pneumoscan.adapt import _replay_draw, load_replay
+    from pneumoscan.bundle import Bundle
+
+    labels = np.array([0] * 30 + [1] * 90)
+    picked = _replay_draw(labels, 40, np.random.default_rng(1))
+    assert len(set(picked.tolist())) == 40 and labels[picked].sum() == 20
+    assert labels[_replay_draw(labels, 100, np.random.default_rng(1))].tolist().count(0) == 30  # all it has
+    root = _site(tmp_path / "data" / "train", per_class=6)  # a data root whose train/ holds them
+    x, y = load_replay(Bundle.load(None), tmp_path / "data", lambda _: None)
+    assert x.shape == (24, 160, 160, 1) and y.tolist().count(1) == 12 and root.is_dir()
+
+
+def test_replay_mixes_training_films_into_the_fine_tune(trained_run, tmp_path, capsys):
+    root, run_dir = trained_run
+    out = tmp_path / "adapted"
+    site = _site(tmp_path / "site", seed=23)
+    assert main(["adapt", "--model", str(run_dir), "--data", str(site), "--out", str(out), "--folds", "2",
+                 "--replay", str(root)]) == 0  # fmt: skip
+    assert "Replay: 60 films" in capsys.readouterr().err
+    block = json.loads((out / "metadata.json").read_text())["adaptation"]
+    assert block["replay"] == {"folder": str(root), "films": 60}
+    code = main(["adapt", "--model", str(run_dir), "--data", str(site), "--out", str(tmp_path / "o2"),
+                 "--method", "recalibrate", "--replay", str(root)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "needs --method finetune" in err and not (tmp_path / "o2").exists()

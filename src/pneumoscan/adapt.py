@@ -25,6 +25,7 @@ estimate), unreadable films are listed and left out, and a class with fewer than
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 import tempfile
@@ -40,7 +41,7 @@ from pneumoscan.atomic import replace_dir_atomic
 from pneumoscan.bundle import INFERENCE_BATCH, Bundle
 from pneumoscan.config import CLASS_NAMES, ThresholdRule
 from pneumoscan.data import Sample, group_ids, inputs, scan
-from pneumoscan.decision import fit_decision, with_decision
+from pneumoscan.decision import Decision, OodRule, fit_decision, with_decision
 from pneumoscan.errors import DataError, UsageError
 from pneumoscan.evaluate import split_members
 from pneumoscan.export import FORMATS, export_bundle, round_as_shipped
@@ -48,9 +49,16 @@ from pneumoscan.export import FORMATS, export_bundle, round_as_shipped
 METHODS = ("recalibrate", "finetune")
 MIN_FILMS, MIN_PATIENTS = 20, 10  # per class
 DEFAULT_FOLDS = 5
+# The threshold rule when --rule is not given: fitted on a site's films, a rule holds its
+# sensitivity only roughly out of fold (sensitivity:0.95 gave 0.94 cross-fitted on the dev films);
+# 0.97 is the lowest that kept 0.95 or more there (BENCHMARKS.md, "Adapting to a site").
+ADAPT_RULE = "sensitivity:0.97"
 # finetune: a few epochs at a low rate, pulled toward the parent's weights (L2-SP), with
 # training's augmentation and class weights.
 FINETUNE_EPOCHS, FINETUNE_RATE, FINETUNE_BATCH, L2SP = 6, 1e-4, 16, 1e-3
+REPLAY_FILMS, REPLAY_SHARE = 400, 0.5  # --replay: films kept in memory; mixed in per site film
+EPOCH_CHOICES, INNER_FOLDS = (3, 6, 10, 15), 4  # epochs None: chosen on one inner fold of 4
+FREEZE_BN = False  # batch-norm layers updated (moving statistics and scale/offset) while fine-tuning
 ESTIMATE_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 
 
@@ -66,6 +74,7 @@ def adapt(
     seed: int = 0,
     overwrite: bool = False,
     batch_size: int = INFERENCE_BATCH,
+    replay: Path | None = None,
     n_resamples: int = 1000,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -92,10 +101,12 @@ def adapt(
     bundle = Bundle.load(model)
     parent = bundle.decision
     try:
-        threshold_rule = ThresholdRule.parse(rule or parent.threshold_block["rule"])
+        threshold_rule = ThresholdRule.parse(rule or ADAPT_RULE)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
+    if replay is not None and method != "finetune":
+        raise UsageError("--replay mixes training films into the fine-tune; it needs --method finetune.")
     samples = site_films(bundle, data_dir, log)
     labels = np.array([s.label for s in samples])
     groups = np.array(group_ids(samples))
@@ -107,12 +118,27 @@ def adapt(
     before_probability = parent.probabilities(raw)
     before_positive = before_probability >= parent.threshold
     before = _estimate(labels, before_probability, before_positive, groups, n_resamples)
-    fit = fitter(method, bundle, x, labels, raw, threshold_rule, seed, batch_size, log)
+    replay_films = load_replay(bundle, replay, log) if replay is not None else None
+    fit = fitter(
+        method,
+        bundle,
+        x,
+        labels,
+        raw,
+        threshold_rule,
+        seed,
+        batch_size,
+        log,
+        groups=groups,
+        replay=replay_films,
+    )
     oof_probability, oof_positive = cross_fit(labels, groups, fit, folds, seed, log)
     after = _estimate(labels, oof_probability, oof_positive, groups, n_resamples)
 
     log(f"Adapting on all {len(samples)} films.")
     model, decision, site_metrics = fit(np.arange(len(samples)))
+    if model is not None and decision.ood is not None:
+        decision = _with_site_ood(decision, Bundle(bundle.folder, model, bundle.metadata), x, batch_size, log)
     block = {
         "parent": {"arch": bundle.metadata["arch"], "digest": bundle.digest},
         "site": site or data_dir.resolve().name,
@@ -123,6 +149,8 @@ def adapt(
         "rule": threshold_rule.text,
         "estimate": {"folds": folds, "seed": seed, "before": before, "after": after},
     }
+    if replay_films is not None:
+        block["replay"] = {"folder": str(replay), "films": len(replay_films[1])}
     meta = {**with_decision(bundle.metadata, decision, site_metrics), "adaptation": block}
     _write_bundle(bundle.folder, meta, out, model)
     log(f"Wrote {out}: {describe(block)}")
@@ -153,9 +181,10 @@ def cross_fit(
     seed: int,
     log: Callable[[str], None] = print,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold (probability, positive) of every film: the patients are dealt into `folds`
-    folds at random (`seed`), and each fold is scored by what `fit` made of the others."""
-    fold_of = patient_folds(groups, folds, seed)
+    """Out-of-fold (probability, positive) of every film: the patients of each class are dealt
+    into `folds` folds at random (`seed`), and each fold is scored by what `fit` made of the
+    others."""
+    fold_of = patient_folds(groups, folds, seed, labels)
     probability, positive = np.zeros(len(labels)), np.zeros(len(labels), dtype=bool)
     for k in range(folds):
         held = np.flatnonzero(fold_of == k)
@@ -176,15 +205,27 @@ def fitter(
     seed: int,
     batch_size: int,
     log: Callable[[str], None],
+    *,
+    groups: np.ndarray | None = None,
+    epochs: int | None = FINETUNE_EPOCHS,
+    freeze_bn: bool = FREEZE_BN,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Callable:
     """fit(index) -> (the weights, None when they stay; the decision; its metrics), fitted on the
-    films at `index`; with scorer=True also raw_of(index), the raw outputs of the model it made."""
+    films at `index`; with scorer=True also raw_of(index), the raw outputs of the model it made.
+    `epochs` None: chosen among `EPOCH_CHOICES` inside the films at `index` (`choose_epochs`,
+    which needs `groups`)."""
     parent = bundle.decision
+    options = {"freeze_bn": freeze_bn, "replay": replay}
 
     def fit(index: np.ndarray, scorer: bool = False):
         model, raw_of = None, lambda i: raw[i]
         if method == "finetune":
-            model = finetune(bundle, x[index], labels[index], seed, log)
+            n = epochs
+            if n is None:
+                n = choose_epochs(bundle, x[index], labels[index], groups[index], seed, **options)
+                log(f"  epochs chosen on an inner split: {n}")
+            model = finetune(bundle, x[index], labels[index], seed, log, epochs=n, **options)
             round_as_shipped(model, shipped_quantize(bundle.metadata))  # the decision must hold for it
             tuned = Bundle(bundle.folder, model, bundle.metadata)
             raw_of = lambda i: tuned.forward(x[i], batch_size)  # noqa: E731
@@ -194,10 +235,26 @@ def fitter(
     return fit
 
 
-def finetune(bundle: Bundle, x: np.ndarray, labels: np.ndarray, seed: int, log: Callable[[str], None]):
-    """A copy of the bundle's model fitted to (x, labels): `FINETUNE_EPOCHS` epochs of Adam at
+def finetune(
+    bundle: Bundle,
+    x: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    log: Callable[[str], None],
+    *,
+    epochs: int = FINETUNE_EPOCHS,
+    freeze_bn: bool = FREEZE_BN,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
+    after_epoch: Callable[[int, Any], None] | None = None,
+):
+    """A copy of the bundle's model fitted to (x, labels): `epochs` epochs of Adam at
     `FINETUNE_RATE`, training's augmentation for the architecture, class-weighted cross-entropy
-    plus `L2SP` times the squared distance of the weights from the parent's (L2-SP)."""
+    plus `L2SP` times the squared distance of the weights from the parent's (L2-SP). With
+    `freeze_bn` the batch-norm layers stay in inference mode (their moving statistics and scale
+    and offset are the parent's). `after_epoch(epoch, model)`, when given, runs after each epoch
+    (1-based). `replay`, (inputs, labels) of films of the original training data: each epoch
+    mixes in `REPLAY_SHARE` times as many of them as there are site films, half of each class,
+    drawn afresh, each of weight 1 (the site's films keep their class weights)."""
     import keras
     import tensorflow as tf
 
@@ -207,15 +264,19 @@ def finetune(bundle: Bundle, x: np.ndarray, labels: np.ndarray, seed: int, log: 
 
     model = keras.models.clone_model(bundle.model)
     model.set_weights(bundle.model.get_weights())
+    if freeze_bn:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False  # Keras 3: a frozen batch-norm layer runs in inference mode
     anchors = [tf.constant(w.numpy()) for w in model.trainable_weights]
     recipe = RECIPES.get(bundle.metadata["arch"])
     weights = class_weights(labels)  # training's: each class weighs as much in the loss
-    class_weight = tf.constant([weights.get(c, 0.0) for c in range(2)], tf.float32)
+    site_weight = np.array([weights.get(c, 0.0) for c in range(2)], np.float32)[labels]
     optimizer = keras.optimizers.Adam(FINETUNE_RATE)
     rng = np.random.default_rng(seed)
 
     @tf.function(reduce_retracing=True)
-    def step(images, targets, draws):
+    def step(images, targets, weights, draws):
         if recipe is not None:
             images = augment_batch(images, draws, recipe.augment)
         with tf.GradientTape() as tape:
@@ -223,7 +284,7 @@ def finetune(bundle: Bundle, x: np.ndarray, labels: np.ndarray, seed: int, log: 
             eps = keras.backend.epsilon()
             predicted = tf.clip_by_value(predicted, eps, 1 - eps)
             loss = -(targets * tf.math.log(predicted) + (1 - targets) * tf.math.log(1 - predicted))
-            loss = tf.reduce_mean(loss * tf.gather(class_weight, tf.cast(targets, tf.int32)))
+            loss = tf.reduce_mean(loss * weights)
             pairs = zip(model.trainable_weights, anchors, strict=True)
             pull = tf.add_n([tf.reduce_sum(tf.square(w - a)) for w, a in pairs])
             total = loss + L2SP * pull
@@ -231,20 +292,143 @@ def finetune(bundle: Bundle, x: np.ndarray, labels: np.ndarray, seed: int, log: 
         optimizer.apply_gradients(zip(gradients, model.trainable_weights, strict=True))
         return loss
 
-    for epoch in range(FINETUNE_EPOCHS):
-        order, losses = rng.permutation(len(labels)), []
+    for epoch in range(epochs):
+        images, targets, sample_weight = x, labels, site_weight
+        if replay is not None:
+            picked = _replay_draw(replay[1], round(REPLAY_SHARE * len(labels)), rng)
+            images = np.concatenate([x, replay[0][picked]])
+            targets = np.concatenate([labels, replay[1][picked]])
+            sample_weight = np.concatenate([site_weight, np.ones(len(picked), np.float32)])
+        order, losses = rng.permutation(len(targets)), []
         for start in range(0, len(order), FINETUNE_BATCH):
             batch = order[start : start + FINETUNE_BATCH]
             draws = rng.random((len(batch), AUGMENT_DRAWS)).astype(np.float32)
-            losses.append(float(step(tf.constant(x[batch]), tf.constant(labels[batch], tf.float32), draws)))
-        log(f"  fine-tune epoch {epoch + 1}/{FINETUNE_EPOCHS}: loss {np.mean(losses):.4f}")
+            batch_args = (images[batch], targets[batch].astype(np.float32), sample_weight[batch], draws)
+            losses.append(float(step(*(tf.constant(a) for a in batch_args))))
+        log(f"  fine-tune epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}")
+        if after_epoch is not None:
+            after_epoch(epoch + 1, model)
     return model
 
 
-def patient_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Per film, its fold in [0, folds): whole patient groups, dealt in a random order."""
+def choose_epochs(
+    bundle: Bundle, x: np.ndarray, labels: np.ndarray, groups: np.ndarray, seed: int, **options
+) -> int:
+    """The number of fine-tuning epochs, among `EPOCH_CHOICES`, whose model ranks best (ROC AUC
+    of the raw outputs; ties to fewer epochs) the films of one inner fold of whole patients
+    (1 / `INNER_FOLDS` of them, class-stratified), fine-tuned on the others: one run of the
+    largest choice, scored after each choice."""
+    fold_of = patient_folds(groups, INNER_FOLDS, seed, labels)
+    inner, held = np.flatnonzero(fold_of != 0), np.flatnonzero(fold_of == 0)
+    ranked: dict[int, float] = {}
+    scorer: list[Bundle] = []
+
+    def score(epoch: int, model: Any) -> None:
+        if epoch in EPOCH_CHOICES:
+            scorer[:] = scorer or [Bundle(bundle.folder, model, bundle.metadata)]
+            ranked[epoch] = metrics.roc_auc(labels[held], scorer[0].forward(x[held]))
+
+    finetune(
+        bundle,
+        x[inner],
+        labels[inner],
+        seed,
+        lambda _: None,
+        epochs=max(EPOCH_CHOICES),
+        after_epoch=score,
+        **options,
+    )
+    return max(EPOCH_CHOICES, key=lambda e: (round(ranked[e], 4), -e))
+
+
+def _with_site_ood(
+    decision: Decision, tuned: Bundle, x: np.ndarray, batch_size: int, log: Callable[[str], None]
+) -> Decision:
+    """`decision` with its `ood` block's threshold refitted for the fine-tuned weights
+    (`site_ood`) on the site's films `x`."""
+    from pneumoscan import ood as ood_maths
+
+    block = decision.ood.block
+    _, output = tuned.forward_features(x, batch_size, block["feature_layer"])
+    refitted = site_ood(block, ood_maths.features(output, block["feature_pooling"]))
+    before, after = block["mahalanobis"]["threshold"], refitted["mahalanobis"]["threshold"]
+    log(f"Out-of-distribution threshold for the fine-tuned weights: {after:.1f} (parent's {before:.1f}).")
+    return dataclasses.replace(decision, ood=OodRule(refitted))
+
+
+def site_ood(block: dict[str, Any], features: np.ndarray) -> dict[str, Any]:
+    """The parent's `ood` block for fine-tuned weights: its statistics (of the training X-rays'
+    features, which a site does not have) and, as Mahalanobis threshold, the larger of the
+    parent's and `ood.MARGIN` times the quantile 1 - `ood.FALSE_ALARM_RATE` of the site films' d2
+    under the new weights (`features`, pooled as the block says), so that the site's own X-rays,
+    whose features the fine-tune moved, are not flagged, while the threshold never loosens
+    further than they need."""
+    from pneumoscan import ood as ood_maths
+
+    d2 = ood_maths.squared_distance(block, features)
+    quantile = float(np.quantile(d2, 1.0 - ood_maths.FALSE_ALARM_RATE, method="inverted_cdf"))
+    parent = float(block["mahalanobis"]["threshold"])
+    mahalanobis = {
+        **block["mahalanobis"],
+        "threshold": max(parent, ood_maths.MARGIN * quantile),
+        "threshold_rule": (
+            f"the larger of the parent's threshold ({parent:.6g}) and {ood_maths.MARGIN:g} x the quantile "
+            f"{1.0 - ood_maths.FALSE_ALARM_RATE:g} of the site films' d2 (inverse empirical CDF) under the "
+            "fine-tuned weights"
+        ),
+        "site": {"n": len(d2), "quantile": quantile, "parent_threshold": parent},
+    }
+    return {**block, "mahalanobis": mahalanobis}
+
+
+def _replay_draw(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of `count` replay films, half of each class (as far as each class has them)."""
+    halves = []
+    for c, share in ((0, count // 2), (1, count - count // 2)):
+        members = np.flatnonzero(labels == c)
+        halves.append(rng.choice(members, min(share, len(members)), replace=False))
+    return np.concatenate(halves)
+
+
+def load_replay(bundle: Bundle, folder: Path, log: Callable[[str], None] = print):
+    """(inputs, labels) of up to `REPLAY_FILMS` readable films of `folder` (NORMAL/ + PNEUMONIA/,
+    or a data root whose train/ holds them), half of each class, drawn with a fixed seed, at the
+    model's input size.
+
+    Raises:
+        DataError: neither layout, or a class folder without images.
+    """
+    from pneumoscan.data import find_layout, list_images
+    from pneumoscan.preprocess import ImageError, decode, resize
+
+    folder = find_layout(Path(folder))["train"]
+    listed = list_images(folder)
+    labels = np.array([label for _, label in listed])
+    images, kept = [], []
+    for i in _replay_draw(labels, REPLAY_FILMS, np.random.default_rng(0)):
+        path = listed[i][0]
+        try:
+            images.append(resize(decode(path, path.read_bytes()).luma, bundle.image_size).numpy())
+        except (ImageError, OSError):
+            continue
+        kept.append(i)
+    log(f"Replay: {len(kept)} films of {folder} ({int(labels[kept].sum())} PNEUMONIA).")
+    return np.stack(images), labels[kept]
+
+
+def patient_folds(groups: np.ndarray, folds: int, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """Per film, its fold in [0, folds): whole patient groups, dealt in a random order. With
+    `labels`, class-stratified: the patients of each class (a patient's class is its films'
+    majority label) are dealt in turn, continuing round the folds, so each fold holds nearly the
+    same number of each class's patients."""
     unique = np.unique(groups)
-    order = np.random.default_rng(seed).permutation(len(unique))
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        strata = [rng.permutation(len(unique))]
+    else:
+        positive = np.array([labels[groups == g].mean() > 0.5 for g in unique])
+        strata = [rng.permutation(np.flatnonzero(positive == c)) for c in (False, True)]
+    order = np.concatenate(strata)
     fold_of_group = {int(unique[i]): rank % folds for rank, i in enumerate(order)}
     return np.array([fold_of_group[int(g)] for g in groups])
 

@@ -327,7 +327,7 @@ def _add_adapt(commands) -> None:
         help="finetune: the weights are fitted to the site's films, then calibration, threshold and "
         "band; recalibrate: the weights stay (default %(default)s)",
     )
-    parser.add_argument("--rule", default=None, help="threshold rule (default: the model's own)")
+    parser.add_argument("--rule", default=None, help="threshold rule (default: sensitivity:0.97)")
     parser.add_argument("--site", default=None, help="the site's name (default: the --data folder's name)")
     parser.add_argument(
         "--folds",
@@ -337,6 +337,13 @@ def _add_adapt(commands) -> None:
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="how patients are dealt into folds (default %(default)s)"
+    )
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        default=None,
+        help="finetune: mix films of the original training data (NORMAL/ and PNEUMONIA/, or a root "
+        "with train/) into each epoch",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH, help=BATCH_HELP)
@@ -359,6 +366,7 @@ def _adapt(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         batch_size=args.batch_size,
+        replay=args.replay,
         log=lambda line: print(line, file=sys.stderr),
     )
     return 0
