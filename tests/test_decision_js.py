@@ -97,6 +97,21 @@ def test_calibrated_probability_is_pythons_bit_for_bit(page, slope, intercept):
     assert bits_differ(page_p, calibrate.apply_calibration(raw, calibration)) == 0
 
 
+@pytest.mark.parametrize("pooling", ["mean_std", "sqrt_mean_std", "none"])
+def test_pooled_features_are_pythons(page, pooling):
+    """A feature map as the model gives it (float32, ReLU zeros, and negatives, which
+    sqrt_mean_std clips to 0) pooled on both sides: the same float64 numbers up to the order of
+    summation."""
+    maps = RNG.gamma(0.6, 1.0, (5, 5, 160)).astype(np.float32)
+    maps[maps < 0.3] = 0.0
+    maps[0, :, :3] = -RNG.uniform(0, 1, (5, 3))
+    raw = base64.b64encode(np.ascontiguousarray(maps, dtype="<f4").tobytes()).decode("ascii")
+    got = unpack(page.call("poolFeatures", values=raw, shape=list(maps.shape), pooling=pooling)["y"])
+    want = ood.features(maps[None], pooling)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+
+
 def _meta_with(threshold: float, band: tuple[float, float], d2_threshold: float) -> dict:
     meta = read(bundled_dir())
     meta["threshold"] = {**meta["threshold"], "value": threshold}

@@ -142,7 +142,7 @@ def test_pack_keeps_float32_values_exactly():
 
 
 @pytest.mark.parametrize(
-    "arch, source", [("pneumonet", ("stage3_out", "mean_std")), ("seed", ("dense", "none"))]
+    "arch, source", [("pneumonet", ("stage3_out", "sqrt_mean_std")), ("seed", ("dense", "none"))]
 )
 def test_features_come_from_the_map_global_pooling_reduces_or_the_penultimate_layer(arch, source):
     from pneumoscan.config import Config
@@ -160,6 +160,13 @@ def test_mean_std_pooling_is_each_channels_mean_then_spread_over_the_cells():
     np.testing.assert_array_equal(ood.features(maps, "none"), maps.reshape(1, -1))
     with pytest.raises(ValueError, match="unknown feature pooling"):
         ood.features(maps, "max")
+
+
+def test_sqrt_mean_std_pooling_is_mean_std_of_the_square_roots_with_negatives_at_zero():
+    maps = np.zeros((1, 2, 2, 2), np.float32)
+    maps[0, :, :, 0] = [[1, 9], [1, 9]]  # square roots 1 and 3: mean 2, sd 1
+    maps[0, :, :, 1] = [[-4, 0], [-1, 0]]  # negatives count as 0
+    np.testing.assert_array_equal(ood.features(maps, "sqrt_mean_std"), [[2.0, 0.0, 1.0, 0.0]])
 
 
 def test_fit_refuses_too_little_data():

@@ -1126,7 +1126,7 @@ OOD_BUNDLES = [
         None,
         "false",
         'not shown: this page cannot follow the model\'s metadata.json: ood.feature_pooling "max" is not '
-        "one this page computes (mean_std, none).",
+        "one this page computes (mean_std, sqrt_mean_std, none).",
     ),
     (
         "missing layer",

@@ -327,7 +327,7 @@ def fit_on_splits(
 
 def feature_source(model: Any) -> tuple[str, str]:
     """(layer name, pooling) of the out-of-distribution features (`pneumoscan.ood`): the feature
-    map that global average pooling reduces and "mean_std" (pneumonet: `stage3_out`), when the
+    map that global average pooling reduces and `ood.MAP_POOLING` (pneumonet: `stage3_out`), when the
     output layer is fed by such a pooling, past any dropout; else the layer feeding the output
     layer and "none" (the seed CNN: `dense`)."""
     import keras
@@ -338,7 +338,7 @@ def feature_source(model: Any) -> tuple[str, str]:
         source = next(candidate for candidate in model.layers if candidate.output is inbound)
         if isinstance(source, keras.layers.GlobalAveragePooling2D):
             pooled = next(candidate for candidate in model.layers if candidate.output is source.input)
-            return pooled.name, "mean_std"
+            return pooled.name, ood_maths.MAP_POOLING
         if not isinstance(source, keras.layers.Dropout):
             return source.name, "none"
         layer = source

@@ -17,6 +17,8 @@
 //   {"call": "verdicts", "metadata": {..}, "p": base64, "features": [[..], ..] or null,
 //    "checks": [[colourfulness, aspect], ..] or null}  -> {"verdicts": [{label, probability,
 //    threshold, borderline, ood, oodScore}, ..]} (probability and oodScore as base64 float64)
+//   {"call": "poolFeatures", "values": base64 float32, "shape": [h, w, c], "pooling": name}
+//                                                                      -> {"y": base64}
 // A function that throws answers {"error": message}.
 import readline from 'node:readline';
 import { decodeRle } from '../../src/pneumoscan/web/dicom.js';
@@ -25,6 +27,7 @@ import {
   calibrate, exactExp, exactLog, logit, readBorderline, readDecision, readOod, sigmoid, verdict,
 } from '../../src/pneumoscan/web/decision.js';
 import { readTestTime, withCopies } from '../../src/pneumoscan/web/forward.js';
+import { poolFeatures } from '../../src/pneumoscan/web/ood.js';
 import { heatmapPeak, heatmapRgba } from '../../src/pneumoscan/web/heatmap.js';
 
 const base64 = (bytes) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('base64');
@@ -76,6 +79,9 @@ const CALLS = {
   sigmoid: each(sigmoid),
   calibrate: (r) => ({ y: toBase64(Array.from(toFloats(r.p), (p) => calibrate(p, r.calibration))) }),
   verdicts,
+  poolFeatures: (r) => ({
+    y: toBase64(poolFeatures(new Float32Array(bytes(r.values).slice().buffer), r.shape, r.pooling)),
+  }),
 };
 
 function answer(request) {

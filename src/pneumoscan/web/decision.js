@@ -13,7 +13,7 @@
 // and NumPy's exp differ by an ulp on about one argument in ten. tests/test_decision_js.py
 // compares them.
 import { MetadataError, need } from './errors.js';
-import { POOLINGS, poolFeatures, scoreParts, unpack } from './ood.js';
+import { MAP_POOLINGS, POOLINGS, poolFeatures, scoreParts, unpack } from './ood.js';
 
 const CALIBRATION_METHODS = ['none', 'temperature', 'platt'];
 const EPSILON = 1e-7; // probabilities are clipped to [EPSILON, 1 - EPSILON] before the logit
@@ -200,8 +200,8 @@ export function readOod(metadata, model) {
   }
   const shape = layer.outputShape;
   if (!Array.isArray(shape) || Array.isArray(shape[0])) fail(`ood.feature_layer ${block.feature_layer} has several outputs.`);
-  const size = block.feature_pooling === 'mean_std'
-    ? (shape.length === 4 ? 2 * shape[3] : fail(`ood.feature_layer ${block.feature_layer} does not output a feature map, which mean_std pools.`))
+  const size = MAP_POOLINGS.includes(block.feature_pooling)
+    ? (shape.length === 4 ? 2 * shape[3] : fail(`ood.feature_layer ${block.feature_layer} does not output a feature map, which ${block.feature_pooling} pools.`))
     : shape.slice(1).reduce((a, b) => a * b, 1);
   const m = block.mahalanobis || {};
   const mean = unpack(m.mean, 'ood.mahalanobis.mean');

@@ -8,13 +8,17 @@
 // aspect from the decoded size (preprocess.js). All arithmetic is float64 on the stored float32
 // numbers, as Python does it:
 //   f         = the feature layer's output, pooled (`mean_std`: per-channel means, then
-//               population standard deviations over the cells; `none`: flattened)
+//               population standard deviations over the cells; `sqrt_mean_std`: the same of
+//               sqrt(max(x, 0)) of each cell; `none`: flattened)
 //   d2        = sum_i p_i^2 / variances_i + max(0, |z|^2 - |p|^2) / residual_variance,
 //               z = f - mean, p = components z
 //   ood_score = max(d2 / T_d2, colourfulness / T_colour, (aspect - 1) / (T_aspect - 1))
 import { MetadataError } from './errors.js';
 
-export const POOLINGS = ['mean_std', 'none'];
+export const POOLINGS = ['mean_std', 'sqrt_mean_std', 'none'];
+
+/** The poolings that reduce a feature map per channel to [means, standard deviations]. */
+export const MAP_POOLINGS = ['mean_std', 'sqrt_mean_std'];
 
 const fail = (message) => { throw new MetadataError(`metadata.json: ${message}`); };
 
@@ -45,6 +49,7 @@ export function unpack(packed, key) {
  */
 export function poolFeatures(values, shape, pooling) {
   if (pooling === 'none') return Float64Array.from(values);
+  if (pooling === 'sqrt_mean_std') values = Float64Array.from(values, (x) => Math.sqrt(Math.max(x, 0)));
   const channels = shape[shape.length - 1];
   const cells = values.length / channels;
   const out = new Float64Array(2 * channels);
