@@ -102,13 +102,14 @@ def test_the_copies_are_shifted_in_numpy_as_keras_shifts_them(count, batch_size,
 
 
 def test_predict_imports_no_tensorflow(tmp_path):
-    """`pneumoscan predict` on the samples with the bundled model (which has its flatbuffer)
-    never imports TensorFlow or Keras."""
+    """`pneumoscan predict` on the samples with the bundled model (which has its flatbuffer),
+    and `explain` (its class activation map), never import TensorFlow or Keras."""
     code = (
         "import sys\n"
         "from pneumoscan.cli import main\n"
         f"out = {str(tmp_path / 'out.jsonl')!r}\n"
         f"code = main(['predict', '--output', out, {str(SAMPLES)!r}])\n"
+        f"code += main(['explain', '--out', {str(tmp_path / 'maps')!r}, {str(SAMPLE_PATHS[0])!r}])\n"
         "print(code, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -118,6 +119,7 @@ def test_predict_imports_no_tensorflow(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == "0 []", result.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(records) == len(SAMPLE_PATHS) and all("label" in r for r in records)
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 1
     assert "XNNPACK" not in result.stderr  # the interpreter's start-up line stays off the user's screen
 
 
