@@ -209,7 +209,7 @@ def test_with_decision_writes_metrics_under_the_split_and_keeps_the_rest(bundled
 def test_describe_says_how_the_threshold_was_chosen(bundled_meta):
     lines = decision.Decision.from_metadata(bundled_meta).describe().splitlines()
     assert lines[0] == (
-        "Calibration: platt: slope 1.323, intercept 1.284; threshold 0.9069 (sensitivity:0.9, chosen on val)."
+        "Calibration: platt: slope 1.304, intercept 1.138; threshold 0.9412 (sensitivity:0.9, chosen on val)."
     )
     assert lines[1].startswith("Out-of-distribution flag: Mahalanobis d2 threshold")
     fixed = decision.Decision.from_metadata(small_meta())

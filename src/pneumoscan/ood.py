@@ -47,7 +47,7 @@ import numpy as np
 MAP_POOLING = "sqrt_mean_std"  # how a feature map that global average pooling reduces is pooled
 COMPONENTS = 64  # directions kept exactly; the others share one mean variance
 FALSE_ALARM_RATE = 0.001  # of val X-rays flagged by the Mahalanobis part: its quantile
-MARGIN = 1.1  # the threshold is this times that quantile, for X-rays from other set-ups
+MARGIN = 1.15  # the threshold is this times that quantile, for X-rays from other set-ups
 COLOURFULNESS_THRESHOLD = 15.0  # Hasler and Süsstrunk's "slightly colourful"
 ASPECT_THRESHOLD = 3.0  # film and detector formats run from 1 (43 x 43 cm) to 1.33 (18 x 24 cm)
 RULE = (
