@@ -58,14 +58,18 @@ define install_lock
 	$(PIP_INSTALL) "pip==$(PIP_VERSION)" "wheel==$(WHEEL_VERSION)"
 	$(PIP_INSTALL) $(2) -r $(1)
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
-	@touch $@
 endef
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(call install_lock,requirements.lock,)
+	@touch $@
 
+# Then the light commands' own imports, once, with bytecode writing on whatever the environment
+# says: their bytecode (about 5 MB) is what makes a cold start fast where Python may not write it.
 $(VENV)/.installed-demo: requirements-demo.lock pyproject.toml
 	$(call install_lock,requirements-demo.lock,--no-compile)
+	PYTHONDONTWRITEBYTECODE= $(PY) -c "import numpy, PIL.Image, pydicom, rich.progress, ai_edge_litert.interpreter, pneumoscan.cli, pneumoscan.serve"
+	@touch $@
 
 node: node_modules/.installed
 
