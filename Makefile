@@ -15,11 +15,15 @@ PIP_VERSION := 26.3
 # also brings it, through astunparse; the light set does not).
 WHEEL_VERSION := 0.48.0
 
-.PHONY: demo test lint stress serve-load setup venv venv-demo node browser clean
+.PHONY: demo demo-setup test lint stress serve-load setup venv venv-demo node browser clean
 
 # Serves the page with the bundled model; the URL is printed. Ctrl-C stops it.
-demo: venv-demo node
+demo: demo-setup
 	$(PY) -m pneumoscan demo
+
+# The light venv and the npm packages side by side (two jobs): pip's and npm's work overlap.
+demo-setup:
+	@$(MAKE) --no-print-directory -j2 venv-demo node
 
 # With PNEUMOSCAN_REQUIRE_BROWSER=1 a browser or Node test that finds Chromium, Playwright or
 # the npm packages missing fails (with one sentence) instead of being skipped.
@@ -58,14 +62,18 @@ define install_lock
 	$(PIP_INSTALL) "pip==$(PIP_VERSION)" "wheel==$(WHEEL_VERSION)"
 	$(PIP_INSTALL) $(2) -r $(1)
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
-	@touch $@
 endef
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(call install_lock,requirements.lock,)
+	@touch $@
 
+# Then the light commands' own imports, once, with bytecode writing on whatever the environment
+# says: their bytecode (about 5 MB) is what makes a cold start fast where Python may not write it.
 $(VENV)/.installed-demo: requirements-demo.lock pyproject.toml
 	$(call install_lock,requirements-demo.lock,--no-compile)
+	PYTHONDONTWRITEBYTECODE= $(PY) -c "import numpy, PIL.Image, pydicom, rich.progress, ai_edge_litert.interpreter, pneumoscan.cli, pneumoscan.serve"
+	@touch $@
 
 node: node_modules/.installed
 

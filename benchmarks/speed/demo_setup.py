@@ -1,16 +1,17 @@
 """`make demo` on a fresh clone: the time until the page answers, and what it installs into .venv.
 
     .venv/bin/python -m benchmarks.speed.demo_setup [--rounds 1] [--baseline 94df8fc]
-        [--baseline-targets "venv node"] [--targets "venv-demo node"] [--repo .]
+        [--baseline-targets "venv node"] [--targets demo-setup] [--repo .]
 
 Each round runs two arms in turn, each in a fresh `git clone` of --repo in a temporary folder:
 the baseline (commit --baseline, by default the last one before the light install, where
 `make demo` ran `make venv node`: the whole requirements.lock) and this checkout's HEAD (where it
-runs `make venv-demo node`: requirements-demo.lock). An arm times `make TARGETS` (the set-up),
-then starts `.venv/bin/python -m pneumoscan demo --port 0` as `make demo` does and times until
-its /healthz answers 200 ("serving"); the clone itself is not timed. Then `du` of .venv, once
-right after the set-up and once after serving (Python writes the bytecode of what it imported;
-the script runs make and the server without PYTHONDONTWRITEBYTECODE, as Python runs by default).
+runs `make demo-setup`: requirements-demo.lock into the venv and `npm ci`, side by side). An arm
+times `make TARGETS` (the set-up), then starts `.venv/bin/python -m pneumoscan demo --port 0` as
+`make demo` does and times until its /healthz answers 200 ("serving"); the clone itself is not
+timed. Then `du` of .venv, once right after the set-up and once after serving (Python writes the
+bytecode of what it imported; the script runs make and the server without
+PYTHONDONTWRITEBYTECODE, as Python runs by default).
 
 Both arms share the machine's pip and npm caches and its package index, as a person's second
 checkout would. Prints one line per arm and round, and the ratio HEAD / baseline of the time to
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--baseline", default=BASELINE, help="commit of the baseline (default %(default)s)")
     parser.add_argument("--baseline-targets", default="venv node")
-    parser.add_argument("--targets", default="venv-demo node")
+    parser.add_argument("--targets", default="demo-setup")
     parser.add_argument("--repo", type=Path, default=Path.cwd())
     args = parser.parse_args(argv)
     head = subprocess.run(
