@@ -174,11 +174,6 @@ def missing_extra_line(command: str, package: str) -> str:
     )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="predict runs through LiteRT without TensorFlow once the bundled model carries its "
-    "flatbuffer and predict reads it (issue 22, item 1, in another change)",
-)
 def test_predict_runs_without_the_training_extra(light_env):
     image = str(next(SAMPLES.rglob("*.jpeg")))
     done = pneumoscan(light_env, "predict", "--format", "csv", image)
