@@ -153,7 +153,7 @@ def test_a_training_command_says_which_extra_to_install(light_env, tmp_path, arg
         # matplotlib: the sentence names whichever is missing first.
         ["explain", "--method", "occlusion", "--out", "OUT", str(SAMPLES / "NORMAL")],
         # The report's plots (matplotlib), after the metrics.
-        ["evaluate", "--data", str(SAMPLES.parent), "--split", "test", "--out", "OUT"],
+        ["evaluate", "--data", str(SAMPLES), "--out", "OUT"],
     ],
 )
 def test_the_extra_is_named_whichever_of_its_packages_is_missing_first(light_env, tmp_path, argv):
