@@ -261,3 +261,21 @@ def test_replay_mixes_training_films_into_the_fine_tune(trained_run, tmp_path, c
                  "--method", "recalibrate", "--replay", str(root)])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "needs --method finetune" in err and not (tmp_path / "o2").exists()
+
+
+def test_epochs_are_chosen_by_the_inner_folds_auc_ties_to_fewer(trained_run, tmp_path, monkeypatch):
+    """choose_epochs fine-tunes once to the largest choice, scores the held-out inner fold after
+    each choice, and takes the best AUC, the fewest epochs among equals."""
+    from pneumoscan import adapt
+    from pneumoscan.bundle import Bundle
+    from pneumoscan.data import group_ids, inputs, scan
+
+    _, run_dir = trained_run
+    bundle = Bundle.load(run_dir)
+    samples = scan(_site(tmp_path / "site", seed=31), bundle.image_size).samples
+    labels, groups = np.array([s.label for s in samples]), np.array(group_ids(samples))
+    aucs = iter([0.90, 0.95, 0.95])
+    monkeypatch.setattr(adapt, "EPOCH_CHOICES", (1, 2, 3))
+    monkeypatch.setattr(adapt.metrics, "roc_auc", lambda y, p: next(aucs))
+    assert adapt.choose_epochs(bundle, inputs(samples), labels, groups, seed=0) == 2
+    assert next(aucs, None) is None  # scored after each of the three choices
