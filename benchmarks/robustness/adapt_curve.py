@@ -4,7 +4,8 @@ needs for `pneumoscan adapt`.
 For each size N (`--sizes`, default 25 50 100 200) and each of `--draws` random draws, whole
 patients are drawn from SITE_DIR until N films are in hand (both classes present); the bundled
 model (or `--model`) is adapted on them by each method (`recalibrate`, `finetune`: the same code
-as `pneumoscan adapt`, with its guards on the number of films left out) and scored on the films
+as `pneumoscan adapt`, with its guards on the number of films left out, at adapt's default rule or
+`--rule`) and scored on the films
 of the other patients, beside the unadapted model on those same films. Prints a Markdown table
 of the mean ± sd over draws of accuracy, sensitivity, specificity and ROC AUC.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan import metrics
-from pneumoscan.adapt import fitter, site_films
+from pneumoscan.adapt import ADAPT_RULE, fitter, site_films
 from pneumoscan.bundle import Bundle
 from pneumoscan.config import ThresholdRule
 from pneumoscan.data import group_ids, inputs
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200], help="films to adapt on")
     parser.add_argument("--draws", type=int, default=3, help="random draws per size (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="the draws' seed (default 0)")
+    parser.add_argument("--rule", default=ADAPT_RULE, help=f"threshold rule (default {ADAPT_RULE}, adapt's)")
     args = parser.parse_args()
 
     bundle = Bundle.load(args.model)
@@ -64,7 +66,7 @@ def main() -> None:
     x = inputs(samples)
     raw = bundle.forward(x)
     parent = bundle.decision
-    rule = ThresholdRule.parse(parent.threshold_block["rule"])
+    rule = ThresholdRule.parse(args.rule)
     rng = np.random.default_rng(args.seed)
     rows = []
     for size in args.sizes:
@@ -77,7 +79,9 @@ def main() -> None:
             results["unadapted"].append(figures(labels[rest], unadapted, parent.threshold))
             for method in ("recalibrate", "finetune"):
                 start = time.perf_counter()
-                fit = fitter(method, bundle, x, labels, raw, rule, args.seed + draw, 32, lambda _: None)
+                fit = fitter(
+                    method, bundle, x, labels, raw, rule, args.seed + draw, 32, lambda _: None, groups=groups
+                )
                 _, decision, _, raw_of = fit(site, scorer=True)
                 probability = decision.probabilities(raw_of(rest))
                 seconds[method].append(time.perf_counter() - start)
