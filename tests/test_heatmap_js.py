@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_node
-from pneumoscan.heatmap import heatmap_peak
+from pneumoscan.heatmap import heatmap_peak, heatmap_rgba
 from test_explain import PEAK_CASES
 
 pytestmark = needs_node
@@ -82,6 +82,28 @@ def test_overlay_colour_map_is_inferno(page_units):
     inferno = np.rint(colormaps["inferno"](ramp[0])[:, :3] * 255).astype(int)
     np.testing.assert_array_equal(rgba[:, :3], inferno)
     np.testing.assert_array_equal(rgba[:, 3], np.rint(255 * 0.6 * ramp[0]).astype(int))
+
+
+def test_python_draws_the_pages_overlay_bytes(page_units):
+    """`heatmap.heatmap_rgba` (explain's overlays) gives the page's bytes exactly: random maps of
+    several grid shapes stretched to several image sizes, a one-cell-wide grid, a flat map."""
+    rng = np.random.default_rng(5)
+    for k, (shape, out) in enumerate(
+        [((3, 3), (93, 63)), ((5, 5), (160, 160)), ((10, 7), (41, 97)), ((1, 6), (30, 12)), ((4, 4), (7, 7))]
+    ):
+        grid = rng.normal(size=shape) * 10.0 ** rng.integers(-3, 4)
+        if k == 4:
+            grid = np.full(shape, 2.5)
+        np.testing.assert_array_equal(heatmap_rgba(grid, *out), _rgba(page_units, grid, *out))
+
+
+def test_pythons_colour_map_is_inferno():
+    from matplotlib import colormaps
+
+    ramp = np.linspace(0.0, 1.0, 256)[np.newaxis, :]
+    rgba = heatmap_rgba(ramp, 256, 1)[0].astype(int)
+    inferno = np.rint(colormaps["inferno"](ramp[0])[:, :3] * 255).astype(int)
+    np.testing.assert_array_equal(rgba[:, :3], inferno)
 
 
 # Test-time copies: (shifts, fill) as metadata.json's `test_time` names them.

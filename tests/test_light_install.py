@@ -149,9 +149,6 @@ def test_a_training_command_says_which_extra_to_install(light_env, tmp_path, arg
 @pytest.mark.parametrize(
     "argv",
     [
-        # Occlusion runs the model through Keras, and explain draws its overlays with
-        # matplotlib: the sentence names whichever is missing first.
-        ["explain", "--method", "occlusion", "--out", "OUT", str(SAMPLES / "NORMAL")],
         # The report's plots (matplotlib), after the metrics.
         ["evaluate", "--data", str(SAMPLES), "--out", "OUT"],
     ],
@@ -179,3 +176,16 @@ def test_predict_runs_without_the_training_extra(light_env):
     done = pneumoscan(light_env, "predict", "--format", "csv", image)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n") == 2 and image in done.stdout
+
+
+@pytest.mark.parametrize("method", ["cam", "occlusion"])
+def test_explain_runs_without_the_training_extra(light_env, tmp_path, method):
+    """CAM and occlusion run on the flatbuffer (occlusion as forward passes of occluded copies)
+    and the overlays are drawn with Pillow: no TensorFlow, Keras or matplotlib."""
+    folder = SAMPLES / "NORMAL"
+    argv = ["explain", "--method", method, "--format", "json", "--out", str(tmp_path), str(folder)]
+    done = pneumoscan(light_env, *argv)
+    assert done.returncode == 0, done.stderr
+    pngs = sorted(tmp_path.glob(f"*_{method}.png"))
+    assert pngs and len(pngs) == len(list(folder.iterdir()))
+    assert all(png.read_bytes().startswith(b"\x89PNG") for png in pngs)

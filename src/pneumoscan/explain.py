@@ -26,7 +26,7 @@ import numpy as np
 
 from pneumoscan.atomic import write_bytes_atomic
 from pneumoscan.bundle import Bundle
-from pneumoscan.heatmap import class_activation_map, heatmap_peak
+from pneumoscan.heatmap import class_activation_map, heatmap_peak, heatmap_rgba
 from pneumoscan.predict import expand_paths, flag_words, table
 from pneumoscan.preprocess import ImageError, load_luma, resize
 from pneumoscan.robustness import CORNER_FRACTION, marker_sensitivity
@@ -222,63 +222,74 @@ def render(records: list[dict]) -> str:
     )
 
 
+OVERLAY_SIDE = 320  # the overlay's image box, pixels; a title line adds TITLE_LINE above it
+TITLE_LINE = 12
+
+
 def save_overlay(shown: np.ndarray, heatmap: np.ndarray, path: str | Path, title: str = "") -> None:
-    """The image as displayed, in gray, with the map (less its minimum, bilinearly stretched over
-    the whole image) as a heat overlay; the centre field dashed, the corner squares dotted.
-    Matplotlib's Agg canvas, no pyplot (no global state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+    """The image as displayed, in gray, fitted into a 320-pixel square, with the map drawn over
+    it as the page draws it (`heatmap.heatmap_rgba`: less its minimum, bilinearly stretched over
+    the whole image, inferno at alpha 0.6 v); the centre field dashed, the corner squares dotted;
+    `title`'s lines above. Pillow only, so `explain` needs nothing of the training install."""
+    from PIL import Image, ImageDraw
 
     gray = np.asarray(shown)
     gray = gray[..., 0] if gray.ndim == 3 else gray
     height, width = gray.shape
-    lines = title.count("\n") + 1
-    inches = 3.2 + 0.12 * lines  # 320 px wide: the image, then 12 px a title line
-    figure = Figure(figsize=(3.2, inches), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_axes((0.0, 0.0, 1.0, 3.2 / inches))
-    axes.imshow(gray, cmap="gray", vmin=0, vmax=255)
-    heat = np.asarray(heatmap, np.float64) - np.min(heatmap)
-    if heat.max() > 0:
-        heat = heat / heat.max()
-        extent = (-0.5, width - 0.5, height - 0.5, -0.5)
-        axes.imshow(
-            heat,
-            cmap="inferno",
-            vmin=0.0,
-            vmax=1.0,
-            alpha=0.6 * heat,
-            extent=extent,
-            interpolation="bilinear",
-        )
-    style = {"fill": False, "linewidth": 0.8}
-    top, left = (1 - CENTRE_HEIGHT) / 2 * height, (1 - CENTRE_WIDTH) / 2 * width
-    axes.add_patch(
-        Rectangle(
-            (left - 0.5, top - 0.5),
-            width - 2 * left,
-            height - 2 * top,
-            edgecolor="cyan",
-            linestyle="--",
-            **style,
-        )
+    scale = OVERLAY_SIDE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    lines = title.split("\n") if title else []
+    top = TITLE_LINE * len(lines) + 4 * bool(lines)
+    canvas = Image.new("RGB", (OVERLAY_SIDE, top + OVERLAY_SIDE), "white")
+    film = Image.fromarray(np.asarray(gray, np.uint8)).resize(size, Image.Resampling.BILINEAR).convert("RGBA")
+    film.alpha_composite(Image.fromarray(heatmap_rgba(heatmap, *size), "RGBA"))
+    left, upper = (OVERLAY_SIDE - size[0]) // 2, top + (OVERLAY_SIDE - size[1]) // 2
+    canvas.paste(film.convert("RGB"), (left, upper))
+    draw = ImageDraw.Draw(canvas)
+    box_w, box_h = size
+    field = ((1 - CENTRE_WIDTH) / 2 * box_w, (1 - CENTRE_HEIGHT) / 2 * box_h)
+    _dashed_box(
+        draw, left + field[0], upper + field[1], CENTRE_WIDTH * box_w, CENTRE_HEIGHT * box_h, "cyan", 6
     )
-    corner_h, corner_w = CORNER_FRACTION * height, CORNER_FRACTION * width
-    for top, left in (
-        (0, 0),
-        (0, width - corner_w),
-        (height - corner_h, 0),
-        (height - corner_h, width - corner_w),
-    ):
-        axes.add_patch(
-            Rectangle((left - 0.5, top - 0.5), corner_w, corner_h, edgecolor="lime", linestyle=":", **style)
-        )
-    axes.set_axis_off()
-    figure.suptitle(title, fontsize=7, y=0.995)
+    corner_w, corner_h = CORNER_FRACTION * box_w, CORNER_FRACTION * box_h
+    for x, y in ((0, 0), (box_w - corner_w, 0), (0, box_h - corner_h), (box_w - corner_w, box_h - corner_h)):
+        _dashed_box(draw, left + x, upper + y, corner_w, corner_h, "lime", 2)
+    font = _font()
+    for k, line in enumerate(lines):
+        draw.text((OVERLAY_SIDE / 2, 2 + TITLE_LINE * k), line, fill="black", font=font, anchor="ma")
     png = io.BytesIO()
-    figure.savefig(png, format="png")
+    canvas.save(png, format="PNG")
     write_bytes_atomic(Path(path), png.getvalue())  # never a half-written overlay at `path`
+
+
+def _dashed_box(draw, left: float, top: float, width: float, height: float, colour: str, dash: int) -> None:
+    """A rectangle's outline in dashes of `dash` pixels (gaps as long)."""
+    right, bottom = left + width - 1, top + height - 1
+    for (x0, y0), (x1, y1) in (
+        ((left, top), (right, top)),
+        ((right, top), (right, bottom)),
+        ((left, bottom), (right, bottom)),
+        ((left, top), (left, bottom)),
+    ):
+        length = max(abs(x1 - x0), abs(y1 - y0))
+        for start in np.arange(0, length, 2 * dash):
+            end = min(start + dash, length)
+            a, b = start / length if length else 0, end / length if length else 0
+            draw.line(
+                [(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
+                fill=colour,
+                width=1,
+            )
+
+
+def _font():
+    """Pillow's own font at 9 px where it can scale it (FreeType), else its bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=9)
+    except (OSError, TypeError, ValueError):
+        return ImageFont.load_default()
 
 
 def _explain_one(

@@ -98,3 +98,53 @@ def heatmap_peak(grid: np.ndarray) -> list[float]:
     x = float(((cols + 0.5) / values.shape[1] * weights).sum() / total)
     y = float(((rows + 0.5) / values.shape[0] * weights).sum() / total)
     return [x, y]
+
+
+# ---- drawing (the page's `heatmapRgba`) ------------------------------------------------------
+
+ALPHA = 0.6  # the overlay's opacity at the map's maximum, as the page draws it
+
+
+def heatmap_rgba(grid: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(height, width, 4) uint8: the map less its minimum, over its maximum, bilinearly stretched
+    over the whole image (half-pixel centres, edges held), inferno colours with alpha 0.6 v; the
+    same bytes as the page's `heatmapRgba` (web/heatmap.js). A flat map is transparent."""
+    grid = np.asarray(grid, np.float64)
+    rgba = np.zeros((height, width, 4), np.uint8)
+    low, high = float(grid.min()), float(grid.max())
+    if not high > low:
+        return rgba
+    columns, rows = _stretch(width, grid.shape[1]), _stretch(height, grid.shape[0])
+    across = grid[:, columns[0]] + columns[2] * (grid[:, columns[1]] - grid[:, columns[0]])
+    across = (across - low) / (high - low)  # (grid rows, width)
+    top, bottom = across[rows[0]], across[rows[1]]
+    values = top + rows[2][:, np.newaxis] * (bottom - top)
+    colour = np.floor(values * 255 + 0.5).astype(np.intp)  # Math.round, for values >= 0
+    rgba[..., :3] = _inferno()[colour]
+    rgba[..., 3] = np.floor(255 * ALPHA * values + 0.5).astype(np.uint8)
+    return rgba
+
+
+def _stretch(size: int, cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of `size` output pixels: the two cells around its centre and the weight of the
+    second (the page's `stretch`)."""
+    u = np.clip((np.arange(size) + 0.5) / size * cells - 0.5, 0, cells - 1)
+    first = np.minimum(np.floor(u).astype(np.intp), max(cells - 2, 0))
+    return first, np.minimum(first + 1, cells - 1), u - first
+
+
+_INFERNO: list[np.ndarray] = []
+
+
+def _inferno() -> np.ndarray:
+    """matplotlib's inferno colour map, (256, 3) uint8, read from the one table the page carries
+    (`INFERNO_HEX` in web/heatmap.js), so Python draws without matplotlib."""
+    if not _INFERNO:
+        import re
+        from pathlib import Path
+
+        source = (Path(__file__).parent / "web" / "heatmap.js").read_text(encoding="utf-8")
+        block = re.search(r"const INFERNO_HEX =((?:\s*'[0-9a-f]+'\s*\+?)+);", source)
+        hex_digits = "".join(re.findall(r"'([0-9a-f]+)'", block[1]))
+        _INFERNO.append(np.frombuffer(bytes.fromhex(hex_digits), np.uint8).reshape(256, 3))
+    return _INFERNO[0]
