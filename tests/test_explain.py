@@ -306,19 +306,19 @@ def test_explain_passes_on_the_dicom_header_warnings_predict_gives(tmp_path, cap
 def test_an_overlay_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """A failure while the PNG is being written leaves the earlier overlay as it was, and no
     temporary file beside it."""
-    from matplotlib.figure import Figure
+    from PIL import Image
 
     png = tmp_path / "x_cam.png"
     png.write_bytes(b"the earlier overlay")
 
-    def failing(self, target, **kwargs):
+    def failing(self, target, *args, **kwargs):
         if isinstance(target, str | Path):
             Path(target).write_bytes(b"half")
         else:
             target.write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(Figure, "savefig", failing)
+    monkeypatch.setattr(Image.Image, "save", failing)
     with pytest.raises(OSError):
         save_overlay(np.zeros((40, 40), np.uint8), np.ones((5, 5)), png)
     assert png.read_bytes() == b"the earlier overlay"
