@@ -120,7 +120,7 @@ def test_a_command_does_without_scikit_learn(runtime, tmp_path):
         (model / "model.tflite").unlink()
     done = subprocess.run(
         # --debug: without it, TensorFlow's import (and the import-time lines of Keras inside
-        # it) writes to /dev/null (cli.import_tensorflow_quietly).
+        # it) writes to /dev/null (forward.import_tensorflow).
         [
             sys.executable,
             "-X",

@@ -28,7 +28,7 @@ from pneumoscan.config import (
     read_file_list,
 )
 from pneumoscan.errors import FAILURE, MissingExtra, PneumoscanError, UsageError
-from pneumoscan.forward import INFERENCE_BATCH, quiet_stderr
+from pneumoscan.forward import INFERENCE_BATCH
 
 # TensorFlow's C++ log: 0 shows its start-up chatter (absl's pre-init warning, CPU features) on
 # stderr before Python logging exists; 3 shows nothing (every error reaches Python as an exception,
@@ -41,18 +41,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)
 # that run a model (evaluate, threshold, predict, explain) run it on LiteRT when the bundle has its
 # flatbuffer, and import TensorFlow (quietly, `forward.import_tensorflow`) only if Keras must run.
 TENSORFLOW_COMMANDS = ("train", "ood", "adapt", "export")
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with the process's stderr (file descriptor 2) sent to /dev/null.
-
-    Some of its C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL: absl's pre-init warning and,
-    on CPUs where oneDNN's custom operations are on by default (AVX-512 VNNI, AMX), the notice
-    that they are. A failed import still raises (and --debug, which skips this, shows the lines);
-    later logs follow the level set above.
-    """
-    with quiet_stderr():
-        import tensorflow  # noqa: F401
 
 
 HOST_HELP = (
@@ -690,7 +678,7 @@ def _quiet_tensorflow(command: str) -> None:
     if "tensorflow" not in sys.modules:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
         if command in TENSORFLOW_COMMANDS:
-            import_tensorflow_quietly()
+            forward.import_tensorflow()
     # Keras's advice through absl (e.g. "HDF5 is legacy" on export) is not the user's concern.
     with contextlib.suppress(ModuleNotFoundError):
         import absl.logging  # cheap, and TensorFlow's own dependency
