@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # NumPy is imported where a model runs: `pneumoscan --help` starts without it
@@ -52,13 +52,39 @@ def import_tensorflow() -> None:
         import tensorflow  # noqa: F401
 
 
+def copies(test_time: dict | None) -> tuple[list[tuple[int, int]], float]:
+    """(shifts, fill) of metadata.json's `test_time` block; the film alone without one."""
+    if not test_time:
+        return [(0, 0)], 0.0
+    return [tuple(shift) for shift in test_time["shifts"]], float(test_time["fill"])
+
+
+def in_batches(
+    run: Callable[[Any], tuple[Any, Any]], images: Any, batch_size: int, layer: str | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`run(films) -> (raw outputs (k,), the layer's output (k, ...) or None)` over `images`,
+    `batch_size` films a call, joined: (raw outputs float32 (n,), the layer's output float32
+    (n, ...), or None when `layer` is None). Keras' pass and the flatbuffer's both go through it."""
+    import numpy as np
+
+    raw, features = [], []
+    for start in range(0, int(images.shape[0]), batch_size):
+        outputs, inner = run(images[start : start + batch_size])
+        raw.append(np.asarray(outputs).reshape(-1))
+        if layer:
+            features.append(np.asarray(inner, dtype=np.float32))
+    outputs = np.concatenate(raw).astype(np.float32) if raw else np.zeros(0, np.float32)
+    if not layer:
+        return outputs, None
+    return outputs, np.concatenate(features) if features else np.zeros((0,), np.float32)
+
+
 class Forward:
     """One model's forward pass with its test-time copies, built once per inner layer."""
 
     def __init__(self, model: Any, test_time: dict | None = None):
         self.model = model
-        self.shifts = [tuple(shift) for shift in test_time["shifts"]] if test_time else [(0, 0)]
-        self.fill = float(test_time["fill"]) if test_time else 0.0
+        self.shifts, self.fill = copies(test_time)
         self._built: dict[str | None, tuple] = {}  # layer -> (eager, compiled)
 
     def __call__(
@@ -70,21 +96,14 @@ class Forward:
         Each film runs with its copies in one call (`batch_size` films, so `batch_size` x copies
         inputs) and its raw output is their mean; the layer's output is the film's own (the first
         copy, shift [0, 0]). A call with at most `EAGER_AT_MOST` films runs eagerly."""
-        import numpy as np
-
         eager, compiled = self._build(layer)
-        count = int(images.shape[0])
-        call = eager if count <= EAGER_AT_MOST else compiled
-        raw, features = [], []
-        for start in range(0, count, batch_size):
-            result = call(images[start : start + batch_size])
-            raw.append(np.asarray(result[0] if layer else result).reshape(-1))
-            if layer:
-                features.append(np.asarray(result[1], dtype=np.float32))
-        outputs = np.concatenate(raw).astype(np.float32) if raw else np.zeros(0, np.float32)
-        if not layer:
-            return outputs, None
-        return outputs, np.concatenate(features) if features else np.zeros((0,), np.float32)
+        call = eager if int(images.shape[0]) <= EAGER_AT_MOST else compiled
+
+        def run(films):
+            result = call(films)
+            return (result[0], result[1]) if layer else (result, None)
+
+        return in_batches(run, images, batch_size, layer)
 
     def _build(self, layer: str | None) -> tuple:
         if layer not in self._built:

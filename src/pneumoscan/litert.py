@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from pneumoscan.errors import MetadataError
+from pneumoscan.forward import copies, in_batches, quiet_stderr
+from pneumoscan.perturb import translate
 
 FILE_NAME = "model.tflite"
 RAW = "raw"
@@ -114,8 +116,6 @@ class Runtime:
             )
         from ai_edge_litert.interpreter import Interpreter
 
-        from pneumoscan.forward import quiet_stderr
-
         self.interpreter = Interpreter(model_content=data, num_threads=threads or os.cpu_count() or 1)
         self.runner = self.interpreter.get_signature_runner(block["signature"])
         self.input = block["input"]
@@ -123,8 +123,7 @@ class Runtime:
         shape = self.runner.get_input_details()[self.input]["shape"]
         with quiet_stderr():  # its first run prints that it made the XNNPACK delegate
             self.runner(**{self.input: np.zeros((1, *shape[1:]), np.float32)})
-        self.shifts = [tuple(shift) for shift in test_time["shifts"]] if test_time else [(0, 0)]
-        self.fill = float(test_time["fill"]) if test_time else 0.0
+        self.shifts, self.fill = copies(test_time)
 
     def has(self, layer: str | None) -> bool:
         """Whether the flatbuffer outputs `layer` (None: the raw output alone, always)."""
@@ -135,31 +134,24 @@ class Runtime:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """`forward.Forward.__call__` on the flatbuffer: (raw outputs float32 (n,), the named
         output float32 (n, ...) or None)."""
-        images = np.asarray(images, dtype=np.float32)
-        raw, features = [], []
-        for start in range(0, images.shape[0], batch_size):
-            films = images[start : start + batch_size]
-            copies = np.concatenate([shifted(films, dy, dx, self.fill) for dy, dx in self.shifts])
-            result = self.runner(**{self.input: copies})
+        shifts, fill = self.shifts, self.fill
+
+        def run(films: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            batch = np.concatenate([shifted(films, dy, dx, fill) for dy, dx in shifts])
+            result = self.runner(**{self.input: batch})
             count = films.shape[0]
-            raw.append(result[RAW].reshape(len(self.shifts), count).mean(axis=0, dtype=np.float32))
-            if layer:
-                output = np.array(result[layer][:count], dtype=np.float32)
-                features.append(output[..., 0] if layer == CAM and output.ndim == 4 else output)
-        outputs = np.concatenate(raw).astype(np.float32) if raw else np.zeros(0, np.float32)
-        if not layer:
-            return outputs, None
-        return outputs, np.concatenate(features) if features else np.zeros((0,), np.float32)
+            raw = result[RAW].reshape(len(shifts), count).mean(axis=0, dtype=np.float32)
+            if not layer:
+                return raw, None
+            output = np.array(result[layer][:count], dtype=np.float32)  # a copy of the interpreter's
+            return raw, output[..., 0] if layer == CAM and output.ndim == 4 else output
+
+        return in_batches(run, np.asarray(images, dtype=np.float32), batch_size, layer)
 
 
 def shifted(x: np.ndarray, dy: int, dx: int, fill: float = 0.0) -> np.ndarray:
     """`forward.shifted` in NumPy: (n, S, S, c) with the content moved down by dy and right by
-    dx pixels, `fill` coming in; `x` itself for (0, 0)."""
+    dx pixels, `fill` coming in (`perturb.translate` on each film); `x` itself for (0, 0)."""
     if (dy, dx) == (0, 0):
         return x
-    out = np.full_like(x, fill)
-    height, width = x.shape[1], x.shape[2]
-    out[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = x[
-        :, max(-dy, 0) : height - max(dy, 0), max(-dx, 0) : width - max(dx, 0)
-    ]
-    return out
+    return np.moveaxis(translate(np.moveaxis(x, 0, -1), dy, dx, fill), -1, 0)

@@ -66,10 +66,11 @@ def pad(gray: np.ndarray, axis: int, before: int, after: int, fill: int) -> np.n
     return np.pad(gray, widths, constant_values=fill)
 
 
-def translate(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Content moved down by dy and right by dx pixels (negative: up, left); zeros come in."""
+def translate(image: np.ndarray, dy: int, dx: int, fill: float = 0) -> np.ndarray:
+    """Content moved down by dy and right by dx pixels (negative: up, left) along the first two
+    axes; `fill` comes in."""
     height, width = image.shape[:2]
-    out = np.zeros_like(image)
+    out = np.full_like(image, fill)
     out[max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = image[
         max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
     ]
