@@ -19,6 +19,7 @@ from pneumoscan.preprocess import (
     decode_to_input,
     load_grayscale,
     resize,
+    rgb_to_luma,
 )
 
 GRAY = synthetic_xray(1, 1, size=(80, 60))  # (60, 80)
@@ -329,3 +330,25 @@ def test_the_pixel_budget_holds_a_decode_back_until_pixels_are_free():
     assert entered == ["first", "second"] and budget.used == 0
     with budget.hold(500):  # alone, a decode larger than the budget still runs
         assert budget.used == 500
+
+
+LEVELS = np.arange(256, dtype=np.uint8)
+# Every red and green level with every fifth blue one (3.4 M colours), as an image of 256 rows.
+GREY_RGB = np.repeat(GRAY[..., np.newaxis], 3, axis=2)
+MANY_COLOURS = np.stack(np.meshgrid(LEVELS, LEVELS, LEVELS[::5], indexing="ij"), -1).reshape(256, -1, 3)
+
+
+@pytest.mark.parametrize(
+    "rgb",
+    [
+        pytest.param(MANY_COLOURS, id="3.4 M colours"),
+        pytest.param(GREY_RGB, id="grey (the red channel back)"),
+        pytest.param(np.concatenate([GREY_RGB, RGB]), id="grey rows over colour rows"),
+        pytest.param(RGB[::-1, ::2], id="a strided view"),
+        pytest.param(np.zeros((0, 5, 3), np.uint8), id="no rows"),
+    ],
+)
+def test_rgb_to_luma_is_the_rule_exactly(rgb):
+    """`rgb_to_luma` (a channel at a time, grey bands passed through) equals the rule in exact
+    integer arithmetic, over the range of 8-bit colours and whatever the layout."""
+    np.testing.assert_array_equal(rgb_to_luma(rgb), _luma(rgb))

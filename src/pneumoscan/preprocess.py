@@ -306,8 +306,22 @@ def _to_decoded(image: Image.Image) -> Decoded:
 
 def rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) 8-bit RGB -> (H, W) uint8 luma by `LUMA_WEIGHTS_Q16` (BT.601, rounded half up)."""
-    weights = np.asarray(LUMA_WEIGHTS_Q16, dtype=np.uint32)
-    return _bands(rgb, lambda band: ((band.astype(np.uint32) @ weights + 32768) >> 16).astype(np.uint8))
+    return _bands(rgb, _luma_band)
+
+
+def _luma_band(band: np.ndarray) -> np.ndarray:
+    """One band's luma, a channel at a time in uint32 (NumPy's integer matmul is ~4x slower). A
+    grey band (R = G = B, as most radiographs stored in RGB are) is its red channel: the weights
+    sum to 65536, so the rule gives a grey pixel's value back exactly."""
+    pixels = band.reshape(-1, 3)  # one strided axis compares ~3x faster than two
+    red, green, blue = pixels[:, 0], pixels[:, 1], pixels[:, 2]
+    if np.array_equal(red, green) and np.array_equal(green, blue):
+        return red.reshape(band.shape[:2])
+    weighted = red.astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[0])
+    weighted += green.astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[1])
+    weighted += blue.astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[2])
+    weighted += np.uint32(32768)
+    return (weighted >> 16).astype(np.uint8).reshape(band.shape[:2])
 
 
 def _wide_to_uint8(band: np.ndarray) -> np.ndarray:
