@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,27 @@ def test_the_class_activation_map_is_the_flatbuffers_cam_output(engines):
         keras_grid, keras_method = class_activation_map(on_keras, x)
         assert method == keras_method == "cam" and grid.shape == keras_grid.shape
         np.testing.assert_allclose(grid, keras_grid, rtol=0, atol=1e-4 * np.abs(keras_grid).max())
+
+
+def test_each_thread_runs_its_own_interpreter(engines):
+    """The loading thread's interpreter uses every core; each other thread (a lane of
+    `stream.lanes`) gets its own on one thread, and all give the same numbers."""
+    runtime = engines[0].runtime
+    size = engines[0].image_size
+    x = np.random.default_rng(3).uniform(0, 255, (5, size, size, 1)).astype(np.float32)
+    main = runtime(x, 4, "stage3_out")
+    assert runtime.local.threads == runtime.threads == (os.cpu_count() or 1)
+
+    def lane(_):
+        return runtime.runner, runtime.local.threads, runtime(x, 4, "stage3_out")
+
+    with ThreadPoolExecutor(2) as pool:
+        lanes = list(pool.map(lane, range(2)))
+    assert runtime.runner is not lanes[0][0] and lanes[0][0] is not lanes[1][0]
+    for _, threads, (raw, features) in lanes:
+        assert threads == 1
+        np.testing.assert_array_equal(raw, main[0])
+        np.testing.assert_array_equal(features, main[1])
 
 
 @pytest.mark.parametrize(("count", "batch_size"), [(1, 32), (5, 2), (7, 7), (6, 4)])

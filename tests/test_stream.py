@@ -67,17 +67,23 @@ def test_order_and_batches_hold_whatever_the_threads(batch_size, workers):
         np.testing.assert_array_equal(film.image, decode_to_input(path, 48))
 
 
-def test_films_in_flight_are_bounded(monkeypatch):
-    """Decoding runs ahead of the consumer by at most two batches and a film a worker, however
-    many files there are: memory stays flat."""
-    started, lock = [], threading.Lock()
+@pytest.fixture
+def started(monkeypatch):
+    """The paths `stream.load` was asked for, in the order asked; each film empty."""
+    paths, lock = [], threading.Lock()
 
     def counting(path, size):
         with lock:
-            started.append(path)
+            paths.append(path)
         return stream.Film(str(path), "", "", np.zeros((size, size, 1), np.float32), np.array([0.0, 1.0]))
 
     monkeypatch.setattr(stream, "load", counting)
+    return paths
+
+
+def test_films_in_flight_are_bounded(started):
+    """Decoding runs ahead of the consumer by at most two batches and a film a worker, however
+    many files there are: memory stays flat."""
     batches = stream.batches([f"film{i}" for i in range(1000)], 8, batch_size=4, workers=2)
     consumed = 0
     for batch in batches:
@@ -86,4 +92,43 @@ def test_films_in_flight_are_bounded(monkeypatch):
         if consumed >= 40:
             break
     batches.close()
+    assert len(started) < 1000
+
+
+@pytest.mark.parametrize(("batch_size", "count"), [(1, 1), (4, 2), (5, 3), (64, 2)])
+def test_lanes_keep_the_order_and_work_each_batch_on_a_lane(batch_size, count):
+    """`lanes` gives the batches `batches` gives, in order, each with what `work` made of it
+    on the lane thread that decoded it."""
+    paths = [PATHS[i % len(PATHS)] for i in range(23)]
+
+    def work(batch):
+        return threading.current_thread().name, len(batch.films)
+
+    done = list(stream.lanes(paths, 48, batch_size, work, count))
+    expected = list(stream.batches(paths, 48, batch_size, count))
+    assert [len(b.films) for b, _ in done] == [len(b.films) for b in expected]
+    assert all(name.startswith("lane") and size == len(b.films) for b, (name, size) in done)
+    for (batch, _), same in zip(done, expected, strict=True):
+        np.testing.assert_array_equal(batch.images, same.images)
+        np.testing.assert_array_equal(batch.checks, same.checks)
+        assert [f.path for f in batch.films] == [f.path for f in same.films]
+    assert len({name for _, (name, _) in done}) <= count
+
+
+def test_lanes_carry_each_bad_files_sentence(tmp_path):
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(b"not an image")
+    (batch, _), *_ = stream.lanes([PATHS[0], bad], 32, 4, lambda b: None)
+    assert [f.error for f in batch.films] == ["", f"{bad}: is not a JPEG, PNG or DICOM image."]
+
+
+def test_batches_in_flight_in_lanes_are_bounded(started):
+    done = stream.lanes([f"film{i}" for i in range(1000)], 8, 4, lambda b: None, count=2)
+    consumed = 0
+    for batch, _ in done:
+        consumed += len(batch.films)
+        assert len(started) <= consumed + (2 + 1) * 4  # the lanes' batches and one queued
+        if consumed >= 40:
+            break
+    done.close()
     assert len(started) < 1000

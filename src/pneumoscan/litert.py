@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -114,16 +115,32 @@ class Runtime:
                 f"{path}: its SHA-256 is not the one metadata.json records, so it is not the model "
                 "exported with this bundle; re-export the bundle (pneumoscan export)."
             )
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.interpreter = Interpreter(model_content=data, num_threads=threads or os.cpu_count() or 1)
-        self.runner = self.interpreter.get_signature_runner(block["signature"])
-        self.input = block["input"]
+        self.data, self.signature, self.input = data, block["signature"], block["input"]
+        self.threads = threads or os.cpu_count() or 1
+        self.owner = threading.get_ident()
+        self.local = threading.local()
         self.outputs = set(self.runner.get_output_details())
-        shape = self.runner.get_input_details()[self.input]["shape"]
-        with quiet_stderr():  # its first run prints that it made the XNNPACK delegate
-            self.runner(**{self.input: np.zeros((1, *shape[1:]), np.float32)})
         self.shifts, self.fill = copies(test_time)
+
+    @property
+    def runner(self) -> Any:
+        """The calling thread's interpreter (an interpreter runs one call at a time): on the
+        thread that loaded the model it uses `threads` (every core); on any other, one thread,
+        as such threads run beside each other (`stream.lanes`: each works one batch at a time on
+        its own core, which keeps both cores busier than one interpreter's threads with the
+        decoding competing for them)."""
+        runner = getattr(self.local, "runner", None)
+        if runner is None:
+            from ai_edge_litert.interpreter import Interpreter
+
+            threads = self.threads if threading.get_ident() == self.owner else 1
+            interpreter = Interpreter(model_content=self.data, num_threads=threads)
+            runner = interpreter.get_signature_runner(self.signature)
+            shape = runner.get_input_details()[self.input]["shape"]
+            with quiet_stderr():  # its first run prints that it made the XNNPACK delegate
+                runner(**{self.input: np.zeros((1, *shape[1:]), np.float32)})
+            self.local.interpreter, self.local.runner, self.local.threads = interpreter, runner, threads
+        return runner
 
     def has(self, layer: str | None) -> bool:
         """Whether the flatbuffer outputs `layer` (None: the raw output alone, always)."""

@@ -1,6 +1,6 @@
 """Run a model over files and folders: `pneumoscan predict [--model MODEL] PATH...`.
 
-Images stream in batches, decoded on a few threads while the model runs (`pneumoscan.stream`;
+Images stream in batches, decoded on every core beside the forward pass (`pneumoscan.stream`;
 memory stays flat however many there are), through the bundle's one forward pass
 (`Bundle.forward`: LiteRT when the bundle has its flatbuffer, else Keras); a file that cannot be
 used becomes a `{path, error}` record carrying the sentence of its one decode, and the others are still
@@ -43,15 +43,23 @@ def verdicts(
     `warning` what a DICOM header says against the image, or ""; the verdict is the model's
     decision (`pneumoscan.decision`) on the batch's forward pass, whose feature layer feeds the
     out-of-distribution score when the model has one."""
-    from pneumoscan.stream import batches
+    from pneumoscan.stream import batches, lanes
 
     if not paths:
         return
     decision = bundle.decision
     layer = decision.feature_layer
-    for batch in batches(paths, bundle.image_size, batch_size):
+
+    def decide(batch) -> list[Verdict]:
         outputs, features = bundle.forward_features(batch.images, batch_size, layer)
-        for film, verdict in zip(batch.films, decision.apply(outputs, features, batch.checks), strict=True):
+        return decision.apply(outputs, features, batch.checks)
+
+    if bundle.runtime is not None and bundle.runtime.has(layer):  # an interpreter per lane
+        done = lanes(paths, bundle.image_size, batch_size, decide)
+    else:  # Keras: its pass uses every core itself, the decoding runs ahead of it
+        done = ((batch, decide(batch)) for batch in batches(paths, bundle.image_size, batch_size))
+    for batch, found in done:
+        for film, verdict in zip(batch.films, found, strict=True):
             yield film.path, film.error, film.warning, verdict
 
 

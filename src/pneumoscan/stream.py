@@ -1,21 +1,27 @@
 """`predict`'s input stream, in NumPy and threads (no TensorFlow): path -> decode -> grayscale ->
-resize (pneumoscan.preprocess) on a small pool of threads, in batches, in the order given.
+resize (pneumoscan.preprocess), in batches, in the order given, two ways:
 
-Decoding runs ahead of the batch the forward pass is on (Pillow, NumPy and the LiteRT
-interpreter release the GIL while they work), at most `ahead` films in flight, so memory stays
-flat however many files there are. A file that cannot be used becomes its decode's one
-sentence, its image zeros, and the stream goes on; beside each image ride the image checks of
-the out-of-distribution flag (colourfulness before luma, aspect).
+- `lanes` (the LiteRT flatbuffer): one thread a core, each decoding a whole batch and then
+  running the caller's work on it (the forward pass on the thread's own one-threaded
+  interpreter, the verdicts), while the other lanes do the same with the next batches;
+- `batches` (Keras, whose pass uses every core itself): a small pool of threads decodes ahead
+  of the batch the forward pass is on.
+
+Pillow, NumPy and the LiteRT interpreter release the GIL while they work. A bounded number of
+films is in flight, so memory stays flat however many files there are. A file that cannot be
+used becomes its decode's one sentence, its image zeros, and the stream goes on; beside each
+image ride the image checks of the out-of-distribution flag (colourfulness before luma, aspect).
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -23,6 +29,10 @@ from pneumoscan.preprocess import ImageError, decode, resize, unusable
 
 # Decoding threads: one a core, at least two (one decodes while the other waits on a read).
 WORKERS = max(2, os.cpu_count() or 1)
+# Lanes (`lanes`): one a core.
+LANES = os.cpu_count() or 1
+
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -94,5 +104,38 @@ def batches(
             if films:
                 yield Batch(films)
         finally:  # a consumer that stops early: the queued decodes are dropped, not waited for
+            for future in pending:
+                future.cancel()
+
+
+def lanes(
+    paths: Sequence[str | Path],
+    image_size: int,
+    batch_size: int,
+    work: Callable[[Batch], Result],
+    count: int | None = None,
+) -> Iterator[tuple[Batch, Result]]:
+    """(batch, `work(batch)`) for consecutive batches of `batch_size` films, in the order of
+    `paths`, each batch decoded and worked on from start to end by one of `count` threads
+    (`LANES` unless given): a core decodes a batch and runs its forward pass while the other does
+    the same with the next, so nothing waits on anything (a LiteRT interpreter per thread,
+    `litert.Runtime.runner`). At most `count` + 1 batches are in flight."""
+    count = count or LANES
+
+    def decode_and_work(chunk: Sequence[str | Path]) -> tuple[Batch, Result]:
+        batch = Batch([load(path, image_size) for path in chunk])
+        return batch, work(batch)
+
+    chunks = (paths[start : start + batch_size] for start in range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(max_workers=count, thread_name_prefix="lane") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(decode_and_work, chunk))
+                if len(pending) > count:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # a consumer that stops early: the queued batches are dropped, not waited for
             for future in pending:
                 future.cancel()
