@@ -352,3 +352,26 @@ def test_rgb_to_luma_is_the_rule_exactly(rgb):
     """`rgb_to_luma` (a channel at a time, grey bands passed through) equals the rule in exact
     integer arithmetic, over the range of 8-bit colours and whatever the layout."""
     np.testing.assert_array_equal(rgb_to_luma(rgb), _luma(rgb))
+
+
+def _one_pixel_off(rgb: np.ndarray, where: tuple[int, int], channel: int) -> np.ndarray:
+    rgb = rgb.copy()
+    rgb[where][channel] ^= 1
+    return rgb
+
+
+@pytest.mark.parametrize(
+    "rgb",
+    [
+        pytest.param(GREY_RGB, id="grey"),
+        pytest.param(_one_pixel_off(GREY_RGB, (59, 79), 2), id="grey but one blue value, last pixel"),
+        pytest.param(_one_pixel_off(GREY_RGB, (0, 0), 1), id="grey but one green value, first pixel"),
+        pytest.param(RGB, id="colour"),
+    ],
+)
+def test_rgb_images_decode_to_the_rule_whether_grey_or_not(rgb):
+    """An RGB PNG's luma and colourfulness are those of its pixels by the NumPy rules, whether
+    the decode took its grey shortcut (every R = G = B: the red channel, colourfulness 0) or not."""
+    decoded = decode("film.png", _encode(Image.fromarray(rgb), "PNG"))
+    np.testing.assert_array_equal(decoded.luma, _luma(rgb))
+    assert decoded.colourfulness == colourfulness(rgb)

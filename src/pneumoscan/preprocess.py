@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageChops, UnidentifiedImageError
 
 from pneumoscan import dicom
 from pneumoscan.file_headers import exif_block, exif_orientation, header_size
@@ -298,6 +298,13 @@ def _to_decoded(image: Image.Image) -> Decoded:
         return Decoded(np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8))
     if mode in ("1",):
         return Decoded(np.asarray(image.convert("L"), dtype=np.uint8).copy())
+    if mode == "RGB":  # most radiographs stored in RGB are grey: tested in Pillow, 4x faster than NumPy
+        red, green, blue = image.split()
+        if (
+            ImageChops.difference(red, green).getbbox() is None
+            and ImageChops.difference(green, blue).getbbox() is None
+        ):
+            return Decoded(np.asarray(red, dtype=np.uint8).copy())  # its luma and colourfulness (0) exactly
     if mode not in ("RGB", "RGBA"):
         image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
     rgb = np.asarray(image)[..., :3]
@@ -310,18 +317,12 @@ def rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def _luma_band(band: np.ndarray) -> np.ndarray:
-    """One band's luma, a channel at a time in uint32 (NumPy's integer matmul is ~4x slower). A
-    grey band (R = G = B, as most radiographs stored in RGB are) is its red channel: the weights
-    sum to 65536, so the rule gives a grey pixel's value back exactly."""
-    pixels = band.reshape(-1, 3)  # one strided axis compares ~3x faster than two
-    red, green, blue = pixels[:, 0], pixels[:, 1], pixels[:, 2]
-    if np.array_equal(red, green) and np.array_equal(green, blue):
-        return red.reshape(band.shape[:2])
-    weighted = red.astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[0])
-    weighted += green.astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[1])
-    weighted += blue.astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[2])
+    """One band's luma, a channel at a time in uint32 (NumPy's integer matmul is ~2x slower)."""
+    weighted = band[..., 0].astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[0])
+    weighted += band[..., 1].astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[1])
+    weighted += band[..., 2].astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[2])
     weighted += np.uint32(32768)
-    return (weighted >> 16).astype(np.uint8).reshape(band.shape[:2])
+    return (weighted >> 16).astype(np.uint8)
 
 
 def _wide_to_uint8(band: np.ndarray) -> np.ndarray:
