@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from conftest import CHECKER, REPO, SAMPLES, S, raw_with_copies, window_reader, write_awkward
-from pneumoscan import litert
+from pneumoscan import litert, stream
 from pneumoscan.bundle import Bundle, bundled_dir
 from pneumoscan.cli import main
 from pneumoscan.heatmap import class_activation_map
 from pneumoscan.metadata import TEST_TIME_COMBINE, read, write
-from pneumoscan.predict import expand_paths, iter_predictions
+from pneumoscan.predict import expand_paths, iter_predictions, verdicts
 from pneumoscan.preprocess import decode_to_input
 
 RAW_TOLERANCE = 1e-5  # issue 22: LiteRT = Keras within 1e-5
@@ -82,6 +82,26 @@ def test_the_class_activation_map_is_the_flatbuffers_cam_output(engines):
         keras_grid, keras_method = class_activation_map(on_keras, x)
         assert method == keras_method == "cam" and grid.shape == keras_grid.shape
         np.testing.assert_allclose(grid, keras_grid, rtol=0, atol=1e-4 * np.abs(keras_grid).max())
+
+
+@pytest.mark.parametrize(
+    ("engine", "copies", "way"),
+    [("litert", "shipped", "lanes"), ("litert", "none", "batches"), ("keras", "shipped", "batches")],
+)
+def test_predict_runs_lanes_for_the_flatbuffer_with_copies(engines, engine, copies, way, monkeypatch):
+    """`predict.verdicts` picks `stream.lanes` where it measured faster (the flatbuffer with the
+    test-time copies), else the decode-ahead `stream.batches`; the records are the same."""
+    bundle = engines[0] if engine == "litert" else engines[1]
+    bundle = bundle if copies == "shipped" else _without_copies(bundle)
+    used = []
+    for name in ("lanes", "batches"):
+        original = getattr(stream, name)
+        monkeypatch.setattr(
+            stream, name, lambda *a, _f=original, _n=name, **k: used.append(_n) or _f(*a, **k)
+        )
+    paths = sorted(SAMPLES.rglob("*.jpeg"))[:3]
+    found = [verdict.record() for *_, verdict in verdicts(bundle, paths)]
+    assert used == [way] and len(found) == 3
 
 
 def test_each_thread_runs_its_own_interpreter(engines):

@@ -9,7 +9,9 @@
 - throughput: `predict.iter_predictions` over N films (decode, resize, forward, calibration,
   borderline band, out-of-distribution score, records written as JSON lines to memory), in one
   fresh process per runtime, with the shipped copies and without them in turn, median of 3;
-  LiteRT and Keras alternate.
+  LiteRT and Keras alternate. On LiteRT also its two ways apart: `stream.lanes` (a one-threaded
+  interpreter per core) and `stream.batches` (decoding ahead of one interpreter on every core),
+  and the cores each run used.
 - where the time goes: each stage alone on one thread over the same films (decode, resize,
   the forward pass with and without the copies, the out-of-distribution score and verdicts,
   writing the records), in ms per film; their sum against the end-to-end time per film shows
@@ -53,19 +55,44 @@ def without_copies(bundle):
     from pneumoscan.litert import Runtime
     return Bundle(bundle.folder, None, metadata, Runtime(bundle.folder, metadata["export"]["litert"]))
 bundles = {"copies": loaded, "none": without_copies(loaded)}
-def run(bundle, items):
+def run(bundle, items):  # as predict runs
     with RecordWriter(io.StringIO(), "jsonl") as writer:
         for record in iter_predictions(bundle, items, batch):
             writer.write(record)
     return writer.count
-for bundle in bundles.values():  # warm-up: builds the graphs / the interpreter's plans
-    run(bundle, paths[: batch + batch // 2])
-times = {name: [] for name in bundles}
+def run_stream(bundle, items):  # decode threads ahead of one interpreter on every core
+    from pneumoscan.stream import batches
+    layer = bundle.decision.feature_layer
+    for films in batches(items, bundle.image_size, batch):
+        bundle.decision.apply(*bundle.forward_features(films.images, batch, layer), films.checks)
+    return len(items)
+import resource
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+runs = {name: (run, bundle) for name, bundle in bundles.items()}
+if loaded.runtime is not None:
+    runs.update({f"stream_{name}": (run_stream, bundle) for name, bundle in bundles.items()})
+    from pneumoscan.stream import lanes
+    def run_lanes(bundle, items):  # a lane per core, each with its one-threaded interpreter
+        layer = bundle.decision.feature_layer
+        def decide(films):
+            return bundle.decision.apply(*bundle.forward_features(films.images, batch, layer), films.checks)
+        for _ in lanes(items, bundle.image_size, batch, decide):
+            pass
+        return len(items)
+    runs.update({f"lanes_{name}": (run_lanes, bundle) for name, bundle in bundles.items()})
+for how, bundle in runs.values():  # warm-up: builds the graphs / the interpreter's plans
+    how(bundle, paths[: batch + batch // 2])
+times = {name: [] for name in runs}
+cores = {name: [] for name in runs}
 for turn in range(3):
-    for name in (list(bundles) if turn % 2 else list(bundles)[::-1]):
-        start = time.perf_counter()
-        count = run(bundles[name], paths)
+    for name in (list(runs) if turn % 2 else list(runs)[::-1]):
+        how, bundle = runs[name]
+        start, used = time.perf_counter(), cpu()
+        count = how(bundle, paths)
         times[name].append(time.perf_counter() - start)
+        cores[name].append((cpu() - used) / times[name][-1])
 import numpy as np
 from pneumoscan.preprocess import decode_to_input
 x = np.stack([decode_to_input(p, loaded.image_size) for p in paths[:256]])
@@ -76,6 +103,7 @@ for turn in range(3):  # the forward pass alone, on the decoded films
         bundle.forward(x, batch)
         forward[name].append(time.perf_counter() - start)
 print(json.dumps({"n": count, **{name: sorted(t)[1] for name, t in times.items()},
+                  **{f"cores_{name}": sorted(c)[1] for name, c in cores.items()},
                   **{f"forward_{name}": len(x) / sorted(t)[1] for name, t in forward.items()}}))
 """
 
@@ -204,6 +232,18 @@ def main() -> None:
         print(
             f"| forward pass alone, {label}, 256 decoded films | {litert[key]:.0f} films/s | "
             f"{keras[key]:.0f} films/s | {litert[key] / keras[key]:.2f}x |"
+        )
+    print(
+        "\nLiteRT in lanes against the decode-ahead stream (predict runs lanes for a model with "
+        "test-time copies, the stream for one without), and the cores each used (CPU seconds over "
+        "wall seconds; medians of 3, alternated):\n"
+    )
+    print("| 640 films | lanes | stream | lanes / stream |\n|---|---|---|---|")
+    for name, label in (("copies", "with the copies"), ("none", "without copies")):
+        print(
+            f"| {label} | {n / litert['lanes_' + name]:.0f} films/s on {litert['cores_lanes_' + name]:.2f} "
+            f"cores | {n / litert['stream_' + name]:.0f} films/s on {litert['cores_stream_' + name]:.2f} "
+            f"cores | {litert['stream_' + name] / litert['lanes_' + name]:.2f}x |"
         )
     print(f"\n`pneumoscan --help`, whole process (median of {args.runs}): {cold['help']:.2f} s\n")
     print("Where the time goes (LiteRT, each stage alone, one Python thread; ms per film):\n")
