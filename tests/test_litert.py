@@ -145,24 +145,30 @@ def test_the_copies_are_shifted_in_numpy_as_keras_shifts_them(count, batch_size,
 
 def test_predict_imports_no_tensorflow(tmp_path):
     """`pneumoscan predict` on the samples with the bundled model (which has its flatbuffer),
-    and `explain` (its class activation map), never import TensorFlow or Keras."""
+    and `explain` (its class activation map), never import TensorFlow or Keras; the
+    interpreters' start-up line stays off the screen and a bad file's sentence reaches it (the
+    lanes' interpreters leave the process's stderr alone)."""
+    bad = tmp_path / "bad.jpeg"
+    bad.write_bytes(b"not an image")
     code = (
         "import sys\n"
         "from pneumoscan.cli import main\n"
         f"out = {str(tmp_path / 'out.jsonl')!r}\n"
-        f"code = main(['predict', '--output', out, {str(SAMPLES)!r}])\n"
-        f"code += main(['explain', '--out', {str(tmp_path / 'maps')!r}, {str(SAMPLE_PATHS[0])!r}])\n"
+        f"code = main(['predict', '--output', out, {str(SAMPLES)!r}, {str(bad)!r}])\n"
+        f"maps = {str(tmp_path / 'maps')!r}\n"
+        f"code = 10 * code + main(['explain', '--out', maps, {str(SAMPLE_PATHS[0])!r}])\n"
         "print(code, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
     )
-    assert result.stdout.strip().splitlines()[-1] == "0 []", result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "10 []", result.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert len(records) == len(SAMPLE_PATHS) and all("label" in r for r in records)
+    assert len(records) == len(SAMPLE_PATHS) + 1 and all("label" in r for r in records[:-1])
     assert len(list((tmp_path / "maps").glob("*.png"))) == 1
     assert "XNNPACK" not in result.stderr  # the interpreter's start-up line stays off the user's screen
+    assert f"{bad}: is not a JPEG, PNG or DICOM image." in result.stderr
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ imports. A layer the flatbuffer lacks is for Keras to run (`has`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -55,7 +56,6 @@ def write(model: Any, path: Path, metadata: dict) -> dict:
     """Convert `model` (its weights as they are now) to `path`; returns the `export.litert`
     block: `file`, `signature`, `input`, `outputs` (name -> what it is), `weights`, `bytes`,
     `sha256`."""
-    import contextlib
     import io
 
     import keras
@@ -133,13 +133,17 @@ class Runtime:
         if runner is None:
             from ai_edge_litert.interpreter import Interpreter
 
-            threads = self.threads if threading.get_ident() == self.owner else 1
-            interpreter = Interpreter(model_content=self.data, num_threads=threads)
+            owner = threading.get_ident() == self.owner
+            interpreter = Interpreter(model_content=self.data, num_threads=self.threads if owner else 1)
             runner = interpreter.get_signature_runner(self.signature)
             shape = runner.get_input_details()[self.input]["shape"]
-            with quiet_stderr():  # its first run prints that it made the XNNPACK delegate
+            # The first run of a process's first interpreter (the owner's, made when the model
+            # loads) prints that it made the XNNPACK delegate; the line comes once a process, so
+            # the lanes' interpreters never touch the process's stderr, which other threads use.
+            with quiet_stderr() if owner else contextlib.nullcontext():
                 runner(**{self.input: np.zeros((1, *shape[1:]), np.float32)})
-            self.local.interpreter, self.local.runner, self.local.threads = interpreter, runner, threads
+            self.local.interpreter, self.local.runner = interpreter, runner
+            self.local.threads = self.threads if owner else 1
         return runner
 
     def has(self, layer: str | None) -> bool:
