@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLES, load_benchmark, write_class_folders
-from pneumoscan.adapt import ADAPT_RULE, patient_folds
+from pneumoscan.adapt import ADAPT_RULE, HEAD_PENALTIES, Head, choose_penalty, patient_folds
 from pneumoscan.cli import main
 from pneumoscan.decision import Decision
 
@@ -22,7 +22,7 @@ def _site(root, per_class=12, seed=7, images=2):
     return write_class_folders(root, patients, images_per_patient=images, seed=seed)
 
 
-@pytest.mark.parametrize("method", ["finetune", "recalibrate"])
+@pytest.mark.parametrize("method", ["finetune", "recalibrate", "head"])
 def test_adapt_writes_a_bundle_the_other_commands_read(trained_run, tmp_path, capsys, method):
     _, run_dir = trained_run
     site, out = _site(tmp_path / "site"), tmp_path / "adapted"
@@ -51,9 +51,22 @@ def test_adapt_writes_a_bundle_the_other_commands_read(trained_run, tmp_path, ca
         for name in ("accuracy", "sensitivity", "specificity", "roc_auc"):
             low, high = block["estimate"][when][f"{name}_ci95"]
             assert low <= block["estimate"][when][name] <= high, (when, name)
-    # recalibrate keeps the weights; finetune moves them, but not far from the parent's (L2-SP).
+    # recalibrate keeps the weights; head changes the output layer's alone; finetune moves them
+    # all, but not far from the parent's (L2-SP).
     if method == "recalibrate":
         assert (out / "model.keras").read_bytes() == (run_dir / "model.keras").read_bytes()
+    elif method == "head":
+        parent, tuned = (keras.models.load_model(d / "model.keras", compile=False) for d in (run_dir, out))
+        changed = [
+            layer.name
+            for layer, other in zip(parent.layers, tuned.layers, strict=True)
+            if any(
+                not np.array_equal(a, b)
+                for a, b in zip(layer.get_weights(), other.get_weights(), strict=True)
+            )
+        ]
+        assert changed == [parent.layers[-1].name]
+        assert block["head"] == {"components": 16, "penalties": list(HEAD_PENALTIES), "inner_folds": 4}
     else:
         parent, tuned = (keras.models.load_model(d / "model.keras", compile=False) for d in (run_dir, out))
         before, after = (np.concatenate([w.ravel() for w in m.get_weights()]) for m in (parent, tuned))
@@ -279,3 +292,53 @@ def test_epochs_are_chosen_by_the_inner_folds_auc_ties_to_fewer(trained_run, tmp
     monkeypatch.setattr(adapt.metrics, "roc_auc", lambda y, p: next(aucs))
     assert adapt.choose_epochs(bundle, inputs(samples), labels, groups, seed=0) == 2
     assert next(aucs, None) is None  # scored after each of the three choices
+
+
+def _features(seed=0, n=120, d=24, copies=3, informative=True):
+    """(features (copies, n, d), parent kernel, bias, labels, groups): the parent's kernel reads
+    dimension 0, which carries half the signal; dimension 1 carries the rest (or nothing)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1], n // 2)
+    base = rng.normal(size=(n, d))
+    base[:, 0] += 0.5 * (2 * labels - 1)
+    if informative:
+        base[:, 1] += 1.5 * (2 * labels - 1)
+    features = base + 0.05 * rng.normal(size=(copies, n, d))
+    kernel = np.zeros(d)
+    kernel[0] = 1.0
+    groups = np.arange(n) // 2  # two films a patient
+    return features, kernel, 0.0, labels, groups
+
+
+def _auc(labels, scores):
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    return float((positive[:, None] > negative[None, :]).mean())
+
+
+@pytest.mark.parametrize(
+    ("penalty", "informative", "gains"),
+    [(1e-3, True, True), (1e6, True, False), (1e-3, False, False)],
+    ids=["light penalty, a second signal", "huge penalty: the parent's logit only", "no second signal"],
+)
+def test_head_refits_the_output_layer_as_one_kernel_and_bias(penalty, informative, gains):
+    features, kernel, bias, labels, _ = _features(informative=informative)
+    head = Head(8, penalty).fit(features, kernel, bias, labels)
+    a, b = head.params[:2]
+    # Its kernel and bias are the fitted regression exactly: a * parent logit + b + components.
+    logits = features @ head.kernel + head.bias
+    regression = a * (features @ kernel + bias) + b + ((features - head.mean) @ head.basis) @ head.params[2:]
+    np.testing.assert_allclose(logits, regression, atol=1e-9)
+    np.testing.assert_allclose(head.raw(features), (1 / (1 + np.exp(-logits))).mean(0))
+    if penalty >= 1e6:  # every component's coefficient ~0: the parent's kernel, rescaled
+        np.testing.assert_allclose(head.kernel, a * kernel, atol=1e-4)
+    before, after = _auc(labels, features[0] @ kernel), _auc(labels, head.raw(features))
+    assert (after > before + 0.05) == gains, (before, after)
+
+
+@pytest.mark.parametrize(("informative", "expected"), [(True, "small"), (False, "large")])
+def test_the_penalty_is_chosen_by_inner_patient_folds(informative, expected):
+    """With a second signal the inner folds keep a light penalty; with none, a heavy one."""
+    features, kernel, bias, labels, groups = _features(informative=informative, n=160)
+    penalty = choose_penalty(features, kernel, bias, labels, groups, seed=0)
+    assert penalty in HEAD_PENALTIES
+    assert (penalty <= 0.1) == (expected == "small"), penalty

@@ -8,6 +8,9 @@ The method `recalibrate` keeps the weights and refits the decision on the site's
 fits the weights to the site's films (`finetune`: a few epochs at a low rate with training's
 augmentation and class weights, pulled toward the parent's weights, L2-SP, optionally mixed
 with films of the original training data, `--replay`), then refits the decision the same way.
+`head` keeps every layer but the output one, which it refits on the parent's features of the
+site's films (`Head`: a penalised logistic regression on the parent's logit and a few principal
+components of the features, the penalty chosen by inner patient folds), then the decision.
 The out-of-distribution rule stays the parent's either way (its statistics come from the
 training X-rays, which a site does not have; a threshold refitted on the site's films under the
 fine-tuned weights flagged fewer non-X-rays and was dropped); BENCHMARKS.md, "Adapting to a
@@ -48,7 +51,7 @@ from pneumoscan.errors import DataError, UsageError
 from pneumoscan.evaluate import split_members
 from pneumoscan.export import FORMATS, export_bundle, round_as_shipped
 
-METHODS = ("recalibrate", "finetune")
+METHODS = ("recalibrate", "finetune", "head")
 MIN_FILMS, MIN_PATIENTS = 20, 10  # per class
 DEFAULT_FOLDS = 5
 # The threshold rule when --rule is not given: fitted on a site's films, a rule holds its
@@ -62,6 +65,13 @@ FINETUNE_EPOCHS, FINETUNE_RATE, FINETUNE_BATCH, L2SP = 6, 1e-4, 16, 1e-3
 REPLAY_FILMS, REPLAY_SHARE = 400, 0.5  # --replay: films kept in memory; mixed in per site film
 EPOCH_CHOICES, INNER_FOLDS = (3, 6, 10, 15), 4  # epochs None: chosen on one inner fold of 4
 FREEZE_BN = False  # batch-norm layers updated (moving statistics and scale/offset) while fine-tuning
+# head: the output layer refitted on the parent's frozen features, as a logistic regression on
+# the parent's logit and the first HEAD_COMPONENTS principal components of the features feeding
+# that layer, their coefficients pulled toward 0 ("the parent's logit only") by an L2 penalty
+# chosen among HEAD_PENALTIES by held-out log loss over HEAD_INNER_FOLDS patient folds
+# (BENCHMARKS.md, "Third round": 16 components did best of 2, 4, 8, 16 and all 160).
+HEAD_COMPONENTS, HEAD_INNER_FOLDS = 16, 4
+HEAD_PENALTIES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 ESTIMATE_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 
 
@@ -152,6 +162,12 @@ def adapt(
     }
     if replay_films is not None:
         block["replay"] = {"folder": str(replay), "films": len(replay_films[1])}
+    if method == "head":
+        block["head"] = {
+            "components": HEAD_COMPONENTS,
+            "penalties": list(HEAD_PENALTIES),
+            "inner_folds": HEAD_INNER_FOLDS,
+        }
     meta = {**with_decision(bundle.metadata, decision, site_metrics), "adaptation": block}
     _write_bundle(bundle.folder, meta, out, model)
     log(f"Wrote {out}: {describe(block)}")
@@ -219,14 +235,23 @@ def fitter(
     parent = bundle.decision
     options = {"freeze_bn": freeze_bn, "replay": replay}
 
+    if method == "head":
+        features, kernel, bias = copy_features(bundle, x, batch_size)
+
     def fit(index: np.ndarray, scorer: bool = False):
         model, raw_of = None, lambda i: raw[i]
-        if method == "finetune":
+        if method == "head":
+            penalty = choose_penalty(features[:, index], kernel, bias, labels[index], groups[index], seed)
+            head = Head(HEAD_COMPONENTS, penalty).fit(features[:, index], kernel, bias, labels[index])
+            log(f"  output layer refitted on {len(index)} films (penalty {penalty:g})")
+            model = head.model(bundle)
+        elif method == "finetune":
             n = epochs
             if n is None:
                 n = choose_epochs(bundle, x[index], labels[index], groups[index], seed, **options)
                 log(f"  epochs chosen on an inner split: {n}")
             model = finetune(bundle, x[index], labels[index], seed, log, epochs=n, **options)
+        if model is not None:
             round_as_shipped(model, shipped_quantize(bundle.metadata))  # the decision must hold for it
             tuned = Bundle(bundle.folder, model, bundle.metadata)
             raw_of = lambda i: tuned.forward(x[i], batch_size)  # noqa: E731
@@ -310,6 +335,112 @@ def finetune(
         if after_epoch is not None:
             after_epoch(epoch + 1, model)
     return model
+
+
+def copy_features(bundle: Bundle, x: np.ndarray, batch_size: int = INFERENCE_BATCH):
+    """(features (copies, n, d) float64: what feeds the model's output layer, for each test-time
+    copy of each film; that layer's kernel (d,); its bias)."""
+    import keras
+
+    from pneumoscan.forward import copies, shifted
+
+    model = bundle.model
+    twin = keras.Model(model.input, model.layers[-1].input)
+    shifts, fill = copies(bundle.metadata.get("test_time"))
+    features = [
+        np.concatenate(
+            [
+                np.asarray(twin(shifted(x[s : s + batch_size], dy, dx, fill), training=False))
+                for s in range(0, len(x), batch_size)
+            ]
+        )
+        for dy, dx in shifts
+    ]
+    kernel, bias = model.layers[-1].get_weights()
+    return np.stack(features).astype(np.float64), kernel.reshape(-1).astype(np.float64), float(bias[0])
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+
+def penalised_logistic(design: np.ndarray, target: np.ndarray, penalty: np.ndarray) -> np.ndarray:
+    """The parameters minimising the mean cross-entropy of sigmoid(design @ params) plus
+    0.5 * sum(penalty * params**2), by Newton's method (the loss is convex), from params = (1,
+    0, ...): the first column's coefficient 1, as for the parent's logit."""
+    params = np.zeros(design.shape[1])
+    params[0] = 1.0
+    n = len(target)
+    for _ in range(50):
+        s = _sigmoid(design @ params)
+        gradient = design.T @ (s - target) / n + penalty * params
+        hessian = (design * (s * (1 - s))[:, None]).T @ design / n + np.diag(penalty + 1e-9)
+        step = np.linalg.solve(hessian, gradient)
+        params = params - step
+        if np.max(np.abs(step)) < 1e-9:
+            break
+    return params
+
+
+class Head:
+    """The output layer refitted on (copies, n, d) features: logit = a * the parent's logit + b +
+    coefficients on the first `components` unit-variance principal components of the features,
+    those coefficients under an L2 `penalty` (a and b free). Fitted on every copy of every film;
+    as a linear map of the features it is a new kernel and bias of the same output layer."""
+
+    def __init__(self, components: int, penalty: float):
+        self.components, self.penalty = components, penalty
+
+    def fit(self, features: np.ndarray, kernel: np.ndarray, bias: float, labels: np.ndarray) -> Head:
+        rows = features.reshape(-1, features.shape[-1])
+        mean = rows.mean(0)
+        _, values, vectors = np.linalg.svd(rows - mean, full_matrices=False)
+        k = min(self.components, len(values))
+        basis = vectors[:k].T / np.maximum(values[:k] / np.sqrt(len(rows)), 1e-12)  # (d, k)
+        design = np.column_stack([rows @ kernel + bias, np.ones(len(rows)), (rows - mean) @ basis])
+        target = np.tile(labels, features.shape[0]).astype(np.float64)
+        penalty = np.r_[0.0, 0.0, np.full(k, self.penalty)]
+        self.params = penalised_logistic(design, target, penalty)
+        a, b, coefficients = self.params[0], self.params[1], self.params[2:]
+        self.mean, self.basis = mean, basis
+        self.kernel = a * kernel + basis @ coefficients
+        self.bias = float(a * bias + b - mean @ basis @ coefficients)
+        return self
+
+    def raw(self, features: np.ndarray) -> np.ndarray:
+        """Each film's raw output: the mean over its copies of sigmoid(features @ kernel + bias)."""
+        return _sigmoid(features @ self.kernel + self.bias).mean(0)
+
+    def model(self, bundle: Bundle) -> Any:
+        """A copy of the bundle's model with this output layer."""
+        import keras
+
+        model = keras.models.clone_model(bundle.model)
+        model.set_weights(bundle.model.get_weights())
+        layer = model.layers[-1]
+        kernel, bias = layer.get_weights()
+        layer.set_weights(
+            [self.kernel.reshape(kernel.shape).astype(kernel.dtype), np.full_like(bias, self.bias)]
+        )
+        return model
+
+
+def choose_penalty(
+    features: np.ndarray, kernel: np.ndarray, bias: float, labels: np.ndarray, groups: np.ndarray, seed: int
+) -> float:
+    """The `HEAD_PENALTIES` value with the lowest held-out log loss over `HEAD_INNER_FOLDS`
+    class-stratified patient folds of these films (ties to the larger penalty)."""
+    fold_of = patient_folds(groups, HEAD_INNER_FOLDS, seed, labels)
+    losses = []
+    for penalty in HEAD_PENALTIES:
+        loss = 0.0
+        for k in range(HEAD_INNER_FOLDS):
+            train, held = fold_of != k, fold_of == k
+            head = Head(HEAD_COMPONENTS, penalty).fit(features[:, train], kernel, bias, labels[train])
+            p = np.clip(head.raw(features[:, held]), 1e-7, 1 - 1e-7)
+            loss -= float(np.sum(labels[held] * np.log(p) + (1 - labels[held]) * np.log(1 - p)))
+        losses.append(loss)
+    return max(p for p, loss in zip(HEAD_PENALTIES, losses, strict=True) if loss <= min(losses) + 1e-9)
 
 
 def choose_epochs(

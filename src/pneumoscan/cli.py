@@ -310,10 +310,11 @@ def _add_adapt(commands) -> None:
     )
     parser.add_argument(
         "--method",
-        choices=("finetune", "recalibrate"),
+        choices=("finetune", "recalibrate", "head"),
         default="finetune",
         help="finetune: the weights are fitted to the site's films, then calibration, threshold and "
-        "band; recalibrate: the weights stay (default %(default)s)",
+        "band; recalibrate: the weights stay; head: only the output layer is refitted, on the "
+        "model's frozen features (default %(default)s)",
     )
     parser.add_argument("--rule", default=None, help="threshold rule (default: sensitivity:0.97)")
     parser.add_argument("--site", default=None, help="the site's name (default: the --data folder's name)")
