@@ -18,7 +18,8 @@ training folds only and scored on the held-out fold (folds by patient, class-str
   weights, so that it ships as one ordinary model;
 - with `--finetuned FILE.npz` (`adapt_variants --save` with the same `--data`, model, fold seeds
   and `--stratified`): `finetune` (its outputs) and `blend-W`, the fine-tuned and parent's logits
-  averaged with weight W on the fine-tuned one, and each saved kind (`6w0.5`: weights
+  averaged with weight W on the fine-tuned one (`blend-W-head-K`: with head-K's logits instead
+  of the parent's), and each saved kind (`6w0.5`: weights
   interpolated; `6soup`: weights of several fine-tunes averaged) and, when it holds several
   fine-tunes per fold (`6`, `6m1`, ...), `ensemble-M`, their logits averaged.
 
@@ -203,11 +204,14 @@ def main() -> None:
             if len(members) > 1:  # adapt_variants --members: their logits averaged
                 tuned = [logit(saved[f"seed{seed}_{kind}"]) for kind in members]
                 variants[f"ensemble-{len(members)}"] = list(sigmoid(np.mean(tuned, axis=0)))
+            tuned = saved[f"seed{seed}_6"]
+            heads = [name for name in variants if name.startswith("head-") and "@" not in name]
             for weight in args.blend:
-                tuned = saved[f"seed{seed}_6"]
-                variants[f"blend-{weight:g}"] = [
-                    sigmoid(weight * logit(t) + (1 - weight) * logit(raw)) for t in tuned
-                ]
+                for name, others in [("", [raw] * 5), *((f"-{head}", variants[head]) for head in heads)]:
+                    variants[f"blend-{weight:g}{name}"] = [
+                        sigmoid(weight * logit(t) + (1 - weight) * logit(o))
+                        for t, o in zip(tuned, others, strict=True)
+                    ]
         for name, lams in chosen.items():
             print(f"seed {seed}: {name} penalties {' '.join(f'{v:g}' for v in lams)}")
         for rule in rules:
