@@ -10,9 +10,13 @@ training folds' films (`fit_decision`, as `adapt` fits it) and applied to the he
 pooled out-of-fold answers give accuracy, sensitivity, specificity and ROC AUC. `--select`
 adds the epochs chosen inside each training fold (`adapt.choose_epochs`); `--wise A...` also
 scores, after each of `--epochs`, the weights A * fine-tuned + (1 - A) * parent's (every weight,
-batch-norm statistics included; one model, as a bundle would ship it), kind `EwA`. Prints a Markdown
-table of the mean ± sd over fold seeds, `recalibrate` (weights kept) beside it, and the seconds
-per fold seed; `--save FILE.npz` keeps every out-of-fold raw output for later analysis.
+batch-norm statistics included; one model, as a bundle would ship it), kind `EwA`; with
+`--head K` also toward the parent whose output layer is refitted on the training folds as
+`adapt_head`'s head-K (kind `EwAhK`). `--members M`: M fine-tunes per fold (fine-tune seeds S,
+S + 1000, ...; the first is kind `E`, the others `EmJ`) and their weights averaged (`Esoup`).
+Prints a Markdown table of the mean ± sd over fold seeds, `recalibrate` (weights kept) beside
+it, and the seconds per fold seed; `--save FILE.npz` keeps every out-of-fold raw output for later
+analysis.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def main() -> None:
     parser.add_argument("--replay", type=Path, default=None, help="films of the original training data")
     parser.add_argument("--select", action="store_true", help="also the epochs chosen per training fold")
     parser.add_argument("--wise", type=float, nargs="*", default=[], help="weight interpolations A")
+    parser.add_argument("--head", type=int, default=None, help="--wise also toward the parent with head-K")
     parser.add_argument("--members", type=int, default=1, help="fine-tunes per fold (seeds S + 1000 j)")
     parser.add_argument("--save", type=Path, default=None, help="keep the out-of-fold raw outputs (.npz)")
     args = parser.parse_args()
@@ -93,7 +98,15 @@ def main() -> None:
     quantize = adapt_mod.shipped_quantize(bundle.metadata)
     replay = adapt_mod.load_replay(bundle, args.replay, print) if args.replay else None
     parent_weights = bundle.model.get_weights()
-    wise = [f"{e}w{a:g}" for e in args.epochs for a in args.wise]
+    anchor_names = ["", *([f"h{args.head}"] if args.head else [])]
+    wise = [f"{e}w{a:g}{h}" for e in args.epochs for a in args.wise for h in anchor_names]
+    if args.head:
+        from benchmarks.robustness.adapt_head import Head, choose_penalty, copy_features
+
+        features, kernel, bias = copy_features(bundle, x)
+        paths = [v.path for v in bundle.model.weights]
+        output = bundle.model.layers[-1]
+        kernel_at, bias_at = paths.index(output.kernel.path), paths.index(output.bias.path)
     ensemble = [f"{e}{m}" for e in args.epochs for m in [*(f"m{j}" for j in range(1, args.members)), "soup"]]
     ensemble = ensemble if args.members > 1 else []
     kinds = [*args.epochs, *wise, *ensemble, *(["selected"] if args.select else [])]
@@ -117,18 +130,27 @@ def main() -> None:
         for k in range(5):
             train = np.flatnonzero(fold_of != k)
             tuned, members = {}, {}
+            anchors = {"": parent_weights}
+            if args.head:  # the parent with its output layer refitted on these folds (adapt_head's head-K)
+                f, y = features[:, train], labels[train]
+                penalty = choose_penalty(f, kernel, bias, y, groups[train], args.head, seed)
+                fitted = Head(args.head, penalty).fit(f, kernel, bias, y)
+                anchors[f"h{args.head}"] = list(parent_weights)
+                anchors[f"h{args.head}"][kernel_at] = fitted.kernel.reshape(-1, 1).astype(np.float32)
+                anchors[f"h{args.head}"][bias_at] = np.array([fitted.bias], np.float32)
 
-            def score(epoch, model, tuned=tuned, members=members, member=0):
+            def score(epoch, model, tuned=tuned, members=members, anchors=anchors, member=0):
                 if epoch in args.epochs:
                     kept = model.get_weights()
                     members[(epoch, member)] = kept
                     suffix = "" if member == 0 else f"m{member}"
                     tuned[f"{epoch}{suffix}" if suffix else epoch] = scored(model, kept)
                     for alpha in args.wise if member == 0 else []:
-                        pairs = zip(kept, parent_weights, strict=True)
-                        tuned[f"{epoch}w{alpha:g}"] = scored(
-                            model, [alpha * w + (1 - alpha) * p for w, p in pairs]
-                        )
+                        for name, anchor in anchors.items():
+                            pairs = zip(kept, anchor, strict=True)
+                            tuned[f"{epoch}w{alpha:g}{name}"] = scored(
+                                model, [alpha * w + (1 - alpha) * p for w, p in pairs]
+                            )
                     model.set_weights(kept)
 
             for member in range(args.members):
