@@ -12,7 +12,8 @@ adds the epochs chosen inside each training fold (`adapt.choose_epochs`); `--wis
 scores, after each of `--epochs`, the weights A * fine-tuned + (1 - A) * parent's (every weight,
 batch-norm statistics included; one model, as a bundle would ship it), kind `EwA`; with
 `--head K` also toward the parent whose output layer is refitted on the training folds as
-`adapt_head`'s head-K (kind `EwAhK`). `--members M`: M fine-tunes per fold (fine-tune seeds S,
+`adapt_head`'s head-K (kind `EwAhK`), and with `--lpft` fine-tuned from that parent (and
+pulled toward it; kind `ElpK`). `--members M`: M fine-tunes per fold (fine-tune seeds S,
 S + 1000, ...; the first is kind `E`, the others `EmJ`) and their weights averaged (`Esoup`).
 Prints a Markdown table of the mean ± sd over fold seeds, `recalibrate` (weights kept) beside
 it, and the seconds per fold seed; `--save FILE.npz` keeps every out-of-fold raw output for later
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--select", action="store_true", help="also the epochs chosen per training fold")
     parser.add_argument("--wise", type=float, nargs="*", default=[], help="weight interpolations A")
     parser.add_argument("--head", type=int, default=None, help="--wise also toward the parent with head-K")
+    parser.add_argument("--lpft", action="store_true", help="also fine-tune from the parent with head-K")
     parser.add_argument("--members", type=int, default=1, help="fine-tunes per fold (seeds S + 1000 j)")
     parser.add_argument("--save", type=Path, default=None, help="keep the out-of-fold raw outputs (.npz)")
     args = parser.parse_args()
@@ -107,9 +109,13 @@ def main() -> None:
         paths = [v.path for v in bundle.model.weights]
         output = bundle.model.layers[-1]
         kernel_at, bias_at = paths.index(output.kernel.path), paths.index(output.bias.path)
+        import keras
+
+        start_model = keras.models.clone_model(bundle.model)
     ensemble = [f"{e}{m}" for e in args.epochs for m in [*(f"m{j}" for j in range(1, args.members)), "soup"]]
     ensemble = ensemble if args.members > 1 else []
-    kinds = [*args.epochs, *wise, *ensemble, *(["selected"] if args.select else [])]
+    lpft = [f"{e}lp{args.head}" for e in args.epochs] if args.lpft else []
+    kinds = [*args.epochs, *wise, *ensemble, *lpft, *(["selected"] if args.select else [])]
     if args.members > 1:
         import keras
 
@@ -171,7 +177,27 @@ def main() -> None:
                     for ws in zip(*(members[(epoch, m)] for m in range(args.members)), strict=True)
                 ]
                 tuned[f"{epoch}soup"] = scored(soup_model, soup)
-            for kind in [*args.epochs, *wise, *ensemble]:
+            if args.lpft:  # linear probe, then fine-tune: from (and pulled toward) the parent with head-K
+
+                def lp_score(epoch, model, tuned=tuned):
+                    if epoch in args.epochs:
+                        kept = model.get_weights()
+                        tuned[f"{epoch}lp{args.head}"] = scored(model, kept)
+                        model.set_weights(kept)
+
+                start_model.set_weights(anchors[f"h{args.head}"])
+                adapt_mod.finetune(
+                    Bundle(bundle.folder, start_model, bundle.metadata),
+                    x[train],
+                    labels[train],
+                    seed,
+                    lambda _: None,
+                    epochs=max(args.epochs),
+                    freeze_bn=args.freeze_bn,
+                    replay=replay,
+                    after_epoch=lp_score,
+                )
+            for kind in [*args.epochs, *wise, *ensemble, *lpft]:
                 raws[kind].append(tuned[kind])
             if args.select:
                 fit = adapt_mod.fitter(
