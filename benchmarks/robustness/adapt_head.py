@@ -130,6 +130,34 @@ class Head:
         return sigmoid(features @ kernel + bias).mean(0)
 
 
+def with_head(model, head: Head) -> list[np.ndarray]:
+    """`model.get_weights()` with the output layer's kernel and bias replaced by `head`'s."""
+    weights = model.get_weights()
+    paths = [v.path for v in model.weights]
+    output = model.layers[-1]
+    weights[paths.index(output.kernel.path)] = head.kernel.reshape(-1, 1).astype(np.float32)
+    weights[paths.index(output.bias.path)] = np.array([head.bias], np.float32)
+    return weights
+
+
+def check_as_model(bundle: Bundle, x: np.ndarray, features, kernel, bias, labels) -> float:
+    """Largest |difference| between a head (16 components, fitted on all films) applied by this
+    module's arithmetic and the same head as the output layer of a copy of the model, its weights
+    rounded as the bundle ships them, run by `Bundle.forward`: that head-K ships as one model."""
+    import keras
+
+    from pneumoscan.export import round_as_shipped
+
+    head = Head(min(16, features.shape[-1]), 0.01).fit(features, kernel, bias, labels)
+    model = keras.models.clone_model(bundle.model)
+    model.set_weights(with_head(bundle.model, head))
+    round_as_shipped(model, adapt_mod.shipped_quantize(bundle.metadata))
+    rounding = np.float16 if adapt_mod.shipped_quantize(bundle.metadata) == "float16" else np.float32
+    return float(
+        np.abs(Bundle(bundle.folder, model, bundle.metadata).forward(x) - head.raw(features, rounding)).max()
+    )
+
+
 def choose_penalty(features, kernel, bias, labels, groups, components, seed) -> float:
     """The penalty with the lowest held-out log loss over `INNER` patient folds of these films
     (ties to the larger penalty)."""
@@ -173,6 +201,8 @@ def main() -> None:
     parent_probability = bundle.decision.probabilities(raw)
     own = figures(labels, parent_probability, parent_probability >= bundle.decision.threshold)
     print(f"parent, its own threshold: {' '.join(f'{v:.3f}' for v in own)}")
+    folded = check_as_model(bundle, x, features, kernel, bias, labels)
+    print(f"a head as the model's output layer: largest |difference| from this arithmetic {folded:.2e}")
     saved = np.load(args.finetuned) if args.finetuned else None
     parent, rules = bundle.decision, [ThresholdRule.parse(r) for r in args.rules]
     results: dict = {}

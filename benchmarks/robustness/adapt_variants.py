@@ -103,12 +103,9 @@ def main() -> None:
     anchor_names = ["", *([f"h{args.head}"] if args.head else [])]
     wise = [f"{e}w{a:g}{h}" for e in args.epochs for a in args.wise for h in anchor_names]
     if args.head:
-        from benchmarks.robustness.adapt_head import Head, choose_penalty, copy_features
+        from benchmarks.robustness.adapt_head import Head, choose_penalty, copy_features, with_head
 
         features, kernel, bias = copy_features(bundle, x)
-        paths = [v.path for v in bundle.model.weights]
-        output = bundle.model.layers[-1]
-        kernel_at, bias_at = paths.index(output.kernel.path), paths.index(output.bias.path)
         import keras
 
         start_model = keras.models.clone_model(bundle.model)
@@ -141,9 +138,7 @@ def main() -> None:
                 f, y = features[:, train], labels[train]
                 penalty = choose_penalty(f, kernel, bias, y, groups[train], args.head, seed)
                 fitted = Head(args.head, penalty).fit(f, kernel, bias, y)
-                anchors[f"h{args.head}"] = list(parent_weights)
-                anchors[f"h{args.head}"][kernel_at] = fitted.kernel.reshape(-1, 1).astype(np.float32)
-                anchors[f"h{args.head}"][bias_at] = np.array([fitted.bias], np.float32)
+                anchors[f"h{args.head}"] = with_head(bundle.model, fitted)
 
             def score(epoch, model, tuned=tuned, members=members, anchors=anchors, member=0):
                 if epoch in args.epochs:
