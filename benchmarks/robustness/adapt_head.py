@@ -14,8 +14,9 @@ training folds only and scored on the held-out fold (folds by patient, class-str
   by an L2 penalty chosen by inner cross-validation inside the training folds (4 patient folds,
   held-out log loss); `head-all`: every feature, standardised. Fitted on every copy of every film;
   a film's raw output is the mean of its copies' sigmoids, as the model's. The fitted head is a
-  new kernel and bias of the output layer (`head_weights`), rounded as the bundle ships its
-  weights, so that it ships as one ordinary model;
+  new kernel and bias of the output layer (`pneumoscan.adapt.Head`, what `adapt --method head`
+  fits with 16 components), rounded as the bundle ships its weights, so that it ships as one
+  ordinary model;
 - with `--finetuned FILE.npz` (`adapt_variants --save` with the same `--data`, model, fold seeds
   and `--stratified`): `finetune` (its outputs) and `blend-W`, the fine-tuned and parent's logits
   averaged with weight W on the fine-tuned one (`blend-W-head-K`: with head-K's logits instead
@@ -39,105 +40,15 @@ import numpy as np
 
 from benchmarks.robustness.adapt_variants import figures, out_of_fold, print_table
 from pneumoscan import adapt as adapt_mod
+from pneumoscan.adapt import Head, choose_penalty, copy_features, sigmoid
 from pneumoscan.bundle import Bundle
 from pneumoscan.calibrate import logit
 from pneumoscan.config import ThresholdRule
 from pneumoscan.data import group_ids, inputs
 
-PENALTIES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)  # per film, on unit-variance inputs
-INNER = 4
-
-
-def copy_features(bundle: Bundle, x: np.ndarray, batch_size: int = 32):
-    """(features (copies, n, d) feeding the output layer, its kernel (d,), its bias) over the
-    test-time copies of `x`."""
-    import keras
-    import tensorflow as tf
-
-    from pneumoscan.forward import copies, shifted
-
-    model = bundle.model
-    head = model.layers[-1]
-    twin = keras.Model(model.inputs, head.input)
-    shifts, fill = copies(bundle.metadata.get("test_time"))
-    features = []
-    for dy, dx in shifts:
-        rows = [
-            twin(shifted(tf.constant(x[s : s + batch_size]), dy, dx, fill), training=False).numpy()
-            for s in range(0, len(x), batch_size)
-        ]
-        features.append(np.concatenate(rows))
-    kernel, bias = head.get_weights()
-    return np.stack(features).astype(np.float64), kernel.reshape(-1).astype(np.float64), float(bias[0])
-
-
-def sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
-
-
-def penalised_logistic(design: np.ndarray, target: np.ndarray, penalty: np.ndarray) -> np.ndarray:
-    """Parameters minimising the mean cross-entropy of sigmoid(design @ params) plus
-    0.5 * sum(penalty * params**2), by Newton's method (the loss is convex)."""
-    params = np.zeros(design.shape[1])
-    params[0] = 1.0  # start at the parent's logit (its column first)
-    n = len(target)
-    for _ in range(50):
-        s = sigmoid(design @ params)
-        gradient = design.T @ (s - target) / n + penalty * params
-        hessian = (design * (s * (1 - s))[:, None]).T @ design / n + np.diag(penalty + 1e-9)
-        step = np.linalg.solve(hessian, gradient)
-        params = params - step
-        if np.max(np.abs(step)) < 1e-9:
-            break
-    return params
-
-
-class Head:
-    """The output layer refitted on (copies, n, d) features: logit' = a * parent logit + b +
-    coefficients on K unit-variance principal components (or standardised features, K None)."""
-
-    def __init__(self, components: int | None, penalty: float):
-        self.components, self.penalty = components, penalty
-
-    def fit(self, features, kernel, bias, labels):
-        rows = features.reshape(-1, features.shape[-1])
-        self.mean = rows.mean(0)
-        centred = rows - self.mean
-        if self.components is None:
-            self.basis = np.diag(1.0 / np.maximum(centred.std(0), 1e-12))
-        else:
-            _, values, vectors = np.linalg.svd(centred, full_matrices=False)
-            k = self.components
-            self.basis = vectors[:k].T / np.maximum(values[:k] / np.sqrt(len(rows)), 1e-12)  # (d, k)
-        design = self._design(features, kernel, bias)
-        target = np.tile(labels, features.shape[0]).astype(np.float64)
-        penalty = np.r_[0.0, 0.0, np.full(design.shape[1] - 2, self.penalty)]
-        self.params = penalised_logistic(design, target, penalty)
-        a, b, c = self.params[0], self.params[1], self.params[2:]
-        self.kernel = a * kernel + self.basis @ c
-        self.bias = a * bias + b - self.mean @ self.basis @ c
-        return self
-
-    def _design(self, features, kernel, bias):
-        rows = features.reshape(-1, features.shape[-1])
-        z = (rows - self.mean) @ self.basis
-        return np.column_stack([rows @ kernel + bias, np.ones(len(rows)), z])
-
-    def raw(self, features, rounding=np.float16):
-        """Mean over copies of sigmoid(features @ kernel + bias), the weights rounded as shipped."""
-        kernel = self.kernel.astype(rounding).astype(np.float64)
-        bias = float(np.float64(rounding(self.bias)))
-        return sigmoid(features @ kernel + bias).mean(0)
-
-
-def with_head(model, head: Head) -> list[np.ndarray]:
-    """`model.get_weights()` with the output layer's kernel and bias replaced by `head`'s."""
-    weights = model.get_weights()
-    paths = [v.path for v in model.weights]
-    output = model.layers[-1]
-    weights[paths.index(output.kernel.path)] = head.kernel.reshape(-1, 1).astype(np.float32)
-    weights[paths.index(output.bias.path)] = np.array([head.bias], np.float32)
-    return weights
+ROUNDING = (
+    np.float16
+)  # the inner folds' and the scored heads' weights rounded as the bundled model ships them
 
 
 def check_as_model(bundle: Bundle, x: np.ndarray, features, kernel, bias, labels) -> float:
@@ -150,30 +61,12 @@ def check_as_model(bundle: Bundle, x: np.ndarray, features, kernel, bias, labels
 
     head = Head(min(16, features.shape[-1]), 0.01).fit(features, kernel, bias, labels)
     model = keras.models.clone_model(bundle.model)
-    model.set_weights(with_head(bundle.model, head))
+    model.set_weights(head.weights(bundle.model))
     round_as_shipped(model, adapt_mod.shipped_quantize(bundle.metadata))
-    rounding = np.float16 if adapt_mod.shipped_quantize(bundle.metadata) == "float16" else np.float32
+    rounding = adapt_mod.shipped_rounding(bundle.metadata)
     return float(
         np.abs(Bundle(bundle.folder, model, bundle.metadata).forward(x) - head.raw(features, rounding)).max()
     )
-
-
-def choose_penalty(features, kernel, bias, labels, groups, components, seed) -> float:
-    """The penalty with the lowest held-out log loss over `INNER` patient folds of these films
-    (ties to the larger penalty)."""
-    fold_of = adapt_mod.patient_folds(groups, INNER, seed, labels)
-    losses = []
-    for penalty in PENALTIES:
-        total = 0.0
-        for k in range(INNER):
-            train, held = fold_of != k, fold_of == k
-            head = Head(components, penalty).fit(features[:, train], kernel, bias, labels[train])
-            p = np.clip(head.raw(features[:, held]), 1e-7, 1 - 1e-7)
-            y = labels[held]
-            total -= np.sum(y * np.log(p) + (1 - y) * np.log(1 - p))
-        losses.append(total)
-    best = min(losses)
-    return max(p for p, loss in zip(PENALTIES, losses, strict=True) if loss <= best + 1e-9)
 
 
 def main() -> None:
@@ -221,10 +114,12 @@ def main() -> None:
                     lam = (
                         penalty
                         if penalty is not None
-                        else choose_penalty(f, kernel, bias, y, g, components, seed)
+                        else choose_penalty(f, kernel, bias, y, g, seed, components, ROUNDING)
                     )
                     chosen.setdefault(name, []).append(lam)
-                    variants[name].append(Head(components, lam).fit(f, kernel, bias, y).raw(features))
+                    variants[name].append(
+                        Head(components, lam).fit(f, kernel, bias, y).raw(features, ROUNDING)
+                    )
         if saved is not None:
             kinds = sorted({key.split("_", 1)[1] for key in saved.files if key.startswith(f"seed{seed}_")})
             assert np.array_equal(saved[f"seed{seed}_folds"], fold_of), "the saved folds differ"

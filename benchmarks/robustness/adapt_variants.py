@@ -103,7 +103,8 @@ def main() -> None:
     anchor_names = ["", *([f"h{args.head}"] if args.head else [])]
     wise = [f"{e}w{a:g}{h}" for e in args.epochs for a in args.wise for h in anchor_names]
     if args.head:
-        from benchmarks.robustness.adapt_head import Head, choose_penalty, copy_features, with_head
+        from benchmarks.robustness.adapt_head import ROUNDING
+        from pneumoscan.adapt import Head, choose_penalty, copy_features
 
         features, kernel, bias = copy_features(bundle, x)
         import keras
@@ -136,9 +137,9 @@ def main() -> None:
             anchors = {"": parent_weights}
             if args.head:  # the parent with its output layer refitted on these folds (adapt_head's head-K)
                 f, y = features[:, train], labels[train]
-                penalty = choose_penalty(f, kernel, bias, y, groups[train], args.head, seed)
+                penalty = choose_penalty(f, kernel, bias, y, groups[train], seed, args.head, ROUNDING)
                 fitted = Head(args.head, penalty).fit(f, kernel, bias, y)
-                anchors[f"h{args.head}"] = with_head(bundle.model, fitted)
+                anchors[f"h{args.head}"] = fitted.weights(bundle.model)
 
             def score(epoch, model, tuned=tuned, members=members, anchors=anchors, member=0):
                 if epoch in args.epochs:

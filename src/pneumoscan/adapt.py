@@ -241,7 +241,10 @@ def fitter(
     def fit(index: np.ndarray, scorer: bool = False):
         model, raw_of = None, lambda i: raw[i]
         if method == "head":
-            penalty = choose_penalty(features[:, index], kernel, bias, labels[index], groups[index], seed)
+            rounding = shipped_rounding(bundle.metadata)
+            penalty = choose_penalty(
+                features[:, index], kernel, bias, labels[index], groups[index], seed, rounding=rounding
+            )
             head = Head(HEAD_COMPONENTS, penalty).fit(features[:, index], kernel, bias, labels[index])
             log(f"  output layer refitted on {len(index)} films (penalty {penalty:g})")
             model = head.model(bundle)
@@ -360,7 +363,7 @@ def copy_features(bundle: Bundle, x: np.ndarray, batch_size: int = INFERENCE_BAT
     return np.stack(features).astype(np.float64), kernel.reshape(-1).astype(np.float64), float(bias[0])
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
+def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
 
@@ -372,7 +375,7 @@ def penalised_logistic(design: np.ndarray, target: np.ndarray, penalty: np.ndarr
     params[0] = 1.0
     n = len(target)
     for _ in range(50):
-        s = _sigmoid(design @ params)
+        s = sigmoid(design @ params)
         gradient = design.T @ (s - target) / n + penalty * params
         hessian = (design * (s * (1 - s))[:, None]).T @ design / n + np.diag(penalty + 1e-9)
         step = np.linalg.solve(hessian, gradient)
@@ -384,60 +387,86 @@ def penalised_logistic(design: np.ndarray, target: np.ndarray, penalty: np.ndarr
 
 class Head:
     """The output layer refitted on (copies, n, d) features: logit = a * the parent's logit + b +
-    coefficients on the first `components` unit-variance principal components of the features,
-    those coefficients under an L2 `penalty` (a and b free). Fitted on every copy of every film;
-    as a linear map of the features it is a new kernel and bias of the same output layer."""
+    coefficients on the first `components` unit-variance principal components of the features
+    (None: every feature, standardised), those coefficients under an L2 `penalty` (a and b
+    free). Fitted on every copy of every film; as a linear map of the features it is a new kernel
+    and bias of the same output layer."""
 
-    def __init__(self, components: int, penalty: float):
+    def __init__(self, components: int | None, penalty: float):
         self.components, self.penalty = components, penalty
 
     def fit(self, features: np.ndarray, kernel: np.ndarray, bias: float, labels: np.ndarray) -> Head:
         rows = features.reshape(-1, features.shape[-1])
-        mean = rows.mean(0)
-        _, values, vectors = np.linalg.svd(rows - mean, full_matrices=False)
-        k = min(self.components, len(values))
-        basis = vectors[:k].T / np.maximum(values[:k] / np.sqrt(len(rows)), 1e-12)  # (d, k)
-        design = np.column_stack([rows @ kernel + bias, np.ones(len(rows)), (rows - mean) @ basis])
+        self.mean = rows.mean(0)
+        centred = rows - self.mean
+        if self.components is None:
+            self.basis = np.diag(1.0 / np.maximum(centred.std(0), 1e-12))
+        else:
+            _, values, vectors = np.linalg.svd(centred, full_matrices=False)
+            k = min(self.components, len(values))
+            self.basis = vectors[:k].T / np.maximum(values[:k] / np.sqrt(len(rows)), 1e-12)  # (d, k)
+        design = np.column_stack([rows @ kernel + bias, np.ones(len(rows)), centred @ self.basis])
         target = np.tile(labels, features.shape[0]).astype(np.float64)
-        penalty = np.r_[0.0, 0.0, np.full(k, self.penalty)]
+        penalty = np.r_[0.0, 0.0, np.full(design.shape[1] - 2, self.penalty)]
         self.params = penalised_logistic(design, target, penalty)
         a, b, coefficients = self.params[0], self.params[1], self.params[2:]
-        self.mean, self.basis = mean, basis
-        self.kernel = a * kernel + basis @ coefficients
-        self.bias = float(a * bias + b - mean @ basis @ coefficients)
+        self.kernel = a * kernel + self.basis @ coefficients
+        self.bias = float(a * bias + b - self.mean @ self.basis @ coefficients)
         return self
 
-    def raw(self, features: np.ndarray) -> np.ndarray:
-        """Each film's raw output: the mean over its copies of sigmoid(features @ kernel + bias)."""
-        return _sigmoid(features @ self.kernel + self.bias).mean(0)
+    def raw(self, features: np.ndarray, rounding: Any = None) -> np.ndarray:
+        """Each film's raw output: the mean over its copies of sigmoid(features @ kernel + bias),
+        the kernel and bias first rounded to `rounding` (np.float16: as a float16 bundle ships
+        them) when given."""
+        kernel, bias = self.kernel, self.bias
+        if rounding is not None:
+            kernel, bias = kernel.astype(rounding).astype(np.float64), float(np.float64(rounding(bias)))
+        return sigmoid(features @ kernel + bias).mean(0)
+
+    def weights(self, model: Any) -> list[np.ndarray]:
+        """`model.get_weights()` with its output layer's kernel and bias this head's."""
+        weights = model.get_weights()
+        paths = [v.path for v in model.weights]
+        output = model.layers[-1]
+        weights[paths.index(output.kernel.path)] = self.kernel.reshape(-1, 1).astype(np.float32)
+        weights[paths.index(output.bias.path)] = np.array([self.bias], np.float32)
+        return weights
 
     def model(self, bundle: Bundle) -> Any:
         """A copy of the bundle's model with this output layer."""
         import keras
 
         model = keras.models.clone_model(bundle.model)
-        model.set_weights(bundle.model.get_weights())
-        layer = model.layers[-1]
-        kernel, bias = layer.get_weights()
-        layer.set_weights(
-            [self.kernel.reshape(kernel.shape).astype(kernel.dtype), np.full_like(bias, self.bias)]
-        )
+        model.set_weights(self.weights(bundle.model))
         return model
 
 
+def shipped_rounding(metadata: dict[str, Any]) -> Any:
+    """np.float16 when the bundle ships float16 weights, else None (`Head.raw`)."""
+    return np.float16 if shipped_quantize(metadata) == "float16" else None
+
+
 def choose_penalty(
-    features: np.ndarray, kernel: np.ndarray, bias: float, labels: np.ndarray, groups: np.ndarray, seed: int
+    features: np.ndarray,
+    kernel: np.ndarray,
+    bias: float,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    seed: int,
+    components: int | None = HEAD_COMPONENTS,
+    rounding: Any = None,
 ) -> float:
     """The `HEAD_PENALTIES` value with the lowest held-out log loss over `HEAD_INNER_FOLDS`
-    class-stratified patient folds of these films (ties to the larger penalty)."""
+    class-stratified patient folds of these films (ties to the larger penalty), each inner head's
+    weights rounded to `rounding` (`Head.raw`)."""
     fold_of = patient_folds(groups, HEAD_INNER_FOLDS, seed, labels)
     losses = []
     for penalty in HEAD_PENALTIES:
         loss = 0.0
         for k in range(HEAD_INNER_FOLDS):
             train, held = fold_of != k, fold_of == k
-            head = Head(HEAD_COMPONENTS, penalty).fit(features[:, train], kernel, bias, labels[train])
-            p = np.clip(head.raw(features[:, held]), 1e-7, 1 - 1e-7)
+            head = Head(components, penalty).fit(features[:, train], kernel, bias, labels[train])
+            p = np.clip(head.raw(features[:, held], rounding), 1e-7, 1 - 1e-7)
             loss -= float(np.sum(labels[held] * np.log(p) + (1 - labels[held]) * np.log(1 - p)))
         losses.append(loss)
     return max(p for p, loss in zip(HEAD_PENALTIES, losses, strict=True) if loss <= min(losses) + 1e-9)
