@@ -354,6 +354,9 @@ def test_rgb_to_luma_is_the_rule_exactly(rgb):
     np.testing.assert_array_equal(rgb_to_luma(rgb), _luma(rgb))
 
 
+BIG_GREY = np.random.default_rng(5).integers(0, 256, (1030, 1024), dtype=np.uint8)  # > BAND_PIXELS
+
+
 def _one_pixel_off(rgb: np.ndarray, where: tuple[int, int], channel: int) -> np.ndarray:
     rgb = rgb.copy()
     rgb[where][channel] ^= 1
@@ -367,6 +370,7 @@ def _one_pixel_off(rgb: np.ndarray, where: tuple[int, int], channel: int) -> np.
         pytest.param(_one_pixel_off(GREY_RGB, (59, 79), 2), id="grey but one blue value, last pixel"),
         pytest.param(_one_pixel_off(GREY_RGB, (0, 0), 1), id="grey but one green value, first pixel"),
         pytest.param(RGB, id="colour"),
+        pytest.param(np.repeat(BIG_GREY[..., np.newaxis], 3, axis=2), id="grey, over a band's pixels"),
     ],
 )
 def test_rgb_images_decode_to_the_rule_whether_grey_or_not(rgb):

@@ -298,7 +298,9 @@ def _to_decoded(image: Image.Image) -> Decoded:
         return Decoded(np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8))
     if mode in ("1",):
         return Decoded(np.asarray(image.convert("L"), dtype=np.uint8).copy())
-    if mode == "RGB":  # most radiographs stored in RGB are grey: tested in Pillow, 4x faster than NumPy
+    if mode == "RGB" and image.size[0] * image.size[1] <= BAND_PIXELS:
+        # Most radiographs stored in RGB are grey: tested in Pillow, 4x faster than NumPy, with
+        # four 1-byte copies of the image (so only up to a band's pixels; larger ones take bands).
         red, green, blue = image.split()
         if (
             ImageChops.difference(red, green).getbbox() is None
