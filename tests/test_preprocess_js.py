@@ -166,7 +166,7 @@ def _python(name: str, data: bytes) -> dict:
         gray = load_grayscale(name, data)
     except ImageError as error:
         return {"error": str(error)}
-    return {"luma": gray, "input": resize(gray, SIZE).numpy()[..., 0]}
+    return {"luma": gray, "input": resize(gray, SIZE)[..., 0]}
 
 
 def _check(answer: dict, expected: dict) -> None:

@@ -23,7 +23,7 @@ from pneumoscan.preprocess import decode, resize
 def read(paths: list[Path], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, [colourfulness, aspect]) of image files."""
     decoded = [decode(path, path.read_bytes()) for path in paths]
-    images = np.stack([resize(d.luma, size).numpy() for d in decoded])
+    images = np.stack([resize(d.luma, size) for d in decoded])
     return images, np.array([[d.colourfulness, d.aspect] for d in decoded], dtype=np.float64)
 
 

@@ -84,7 +84,7 @@ def file_inputs(paths: list[Path], size: int) -> tuple[np.ndarray, np.ndarray, l
             decoded = decode(path)
         except ImageError:
             continue
-        images.append(resize(decoded.luma, size).numpy())
+        images.append(resize(decoded.luma, size))
         checks.append([decoded.colourfulness, decoded.aspect])
         names.append(path.name)
     return np.stack(images), np.array(checks, dtype=np.float64), names

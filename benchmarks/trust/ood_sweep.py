@@ -43,7 +43,7 @@ def file_features(bundle: Bundle, paths: list[Path]) -> tuple[np.ndarray, np.nda
             decoded = decode(path)
         except ImageError:
             continue
-        images.append(resize(decoded.luma, bundle.image_size).numpy())
+        images.append(resize(decoded.luma, bundle.image_size))
         checks.append([decoded.colourfulness, decoded.aspect])
     block = bundle.metadata["ood"]
     _, maps = bundle.forward_features(np.stack(images), layer=block["feature_layer"])

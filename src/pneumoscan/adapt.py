@@ -520,7 +520,7 @@ def load_replay(bundle: Bundle, folder: Path, log: Callable[[str], None] = print
         DataError: neither layout, or a class folder without images.
     """
     from pneumoscan.data import find_layout, list_images
-    from pneumoscan.preprocess import ImageError, decode, resize
+    from pneumoscan.preprocess import ImageError, decode_to_input
 
     folder = find_layout(Path(folder))["train"]
     listed = list_images(folder)
@@ -529,8 +529,8 @@ def load_replay(bundle: Bundle, folder: Path, log: Callable[[str], None] = print
     for i in _replay_draw(labels, REPLAY_FILMS, np.random.default_rng(0)):
         path = listed[i][0]
         try:
-            images.append(resize(decode(path, path.read_bytes()).luma, bundle.image_size).numpy())
-        except (ImageError, OSError):
+            images.append(decode_to_input(path, bundle.image_size))
+        except ImageError:  # decode says every unreadable file in one
             continue
         kept.append(i)
     log(f"Replay: {len(kept)} films of {folder} ({int(labels[kept].sum())} PNEUMONIA).")

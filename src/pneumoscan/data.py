@@ -173,7 +173,7 @@ def scan(split_dir: Path, image_size: int | None = None, statistics: bool = Fals
             label=label,
             patient=patient_id(path.name) or "",
             sha256=hashlib.sha256(data).hexdigest(),
-            image=None if image_size is None else np.asarray(resize(decoded.luma, image_size)),
+            image=None if image_size is None else resize(decoded.luma, image_size),
             statistics=acquisition_stats.statistics(decoded.luma) if statistics else None,
             colourfulness=decoded.colourfulness,
             aspect=decoded.aspect,

@@ -298,7 +298,7 @@ def _explain_one(
     """One image's record: `shown` is the image as displayed (decoded, oriented, luma); `flags`
     its threshold, borderline and ood fields (`_flags`), added to the record and said in the
     overlay's title."""
-    x = np.asarray(resize(shown, bundle.image_size))
+    x = resize(shown, bundle.image_size)
     probability = float(bundle.probabilities(x[np.newaxis])[0])
     grid = occlusion_map(bundle, x) if method == "occlusion" else class_activation_map(bundle, x)[0]
     full = _upsample(grid, bundle.image_size)  # on the model input, for the region shares
@@ -331,7 +331,7 @@ def _upsample(grid: np.ndarray, size: int) -> np.ndarray:
     """An (h, w) map resized (bilinear) to (size, size); an S x S map as it is."""
     if grid.shape == (size, size):
         return grid
-    return np.asarray(resize(grid.astype(np.float32), size))[..., 0].astype(np.float64)
+    return resize(grid.astype(np.float32), size)[..., 0].astype(np.float64)
 
 
 def _png_name(stem: str, method: str, taken: set[str]) -> str:

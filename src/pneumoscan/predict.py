@@ -59,7 +59,7 @@ def verdicts(
         # The flatbuffer with test-time copies: the forward pass is most of a film's time, and a
         # one-threaded interpreter per lane keeps both cores busiest (5-7% more films a second).
         done = lanes(paths, bundle.image_size, batch_size, decide)
-    else:  # Keras, or a film alone: one pass on every core, the decoding running ahead (8-9% more)
+    else:  # Keras, or no copies: one pass on every core, the decoding running ahead (8-9% more)
         done = ((batch, decide(batch)) for batch in batches(paths, bundle.image_size, batch_size))
     for batch, found in done:
         for film, verdict in zip(batch.films, found, strict=True):

@@ -344,15 +344,7 @@ def _bands(pixels: np.ndarray, convert) -> np.ndarray:
     return out
 
 
-class ModelInput(np.ndarray):
-    """A float32 NumPy array that also answers `.numpy()` (itself), as the tensor `resize`
-    returned before it was NumPy, so callers written for that keep working."""
-
-    def numpy(self) -> np.ndarray:
-        return self.view(np.ndarray)
-
-
-def resize(gray, size: int) -> ModelInput:
+def resize(gray, size: int) -> np.ndarray:
     """(height, width) or (height, width, 1) uint8 -> (size, size, 1) float32 in [0, 255].
 
     Bilinear with half-pixel centres, no antialias: the numbers of `tf.image.resize(...,
@@ -373,7 +365,7 @@ def resize(gray, size: int) -> ModelInput:
     upper = top_left + (top_right - top_left) * col_lerp
     lower = bottom_left + (bottom_right - bottom_left) * col_lerp
     out = upper + (lower - upper) * row_lerp[:, np.newaxis]
-    return out[..., np.newaxis].astype(np.float32, copy=False).view(ModelInput)
+    return out[..., np.newaxis].astype(np.float32, copy=False)
 
 
 def _taps(length: int, size: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
@@ -390,4 +382,4 @@ def _taps(length: int, size: int) -> tuple[tuple[np.ndarray, np.ndarray], np.nda
 
 def decode_to_input(path: str | Path, size: int) -> np.ndarray:
     """One file -> the model's (size, size, 1) float32 input."""
-    return np.asarray(resize(load_grayscale(path), size))
+    return resize(load_grayscale(path), size)

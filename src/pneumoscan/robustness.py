@@ -93,8 +93,7 @@ def crop_variants(x: np.ndarray) -> dict[str, np.ndarray]:
     boxes = {"crop centre": (cut, cut)}
     boxes.update({f"crop {name}": start for name, start in corners(size, keep, keep, 0).items()})
     return {
-        name: np.asarray(resize(image[top : top + keep, left : left + keep], size))
-        for name, (top, left) in boxes.items()
+        name: resize(image[top : top + keep, left : left + keep], size) for name, (top, left) in boxes.items()
     }
 
 

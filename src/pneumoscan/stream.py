@@ -1,11 +1,15 @@
 """`predict`'s input stream, in NumPy and threads (no TensorFlow): path -> decode -> grayscale ->
 resize (pneumoscan.preprocess), in batches, in the order given, two ways:
 
-- `lanes` (the LiteRT flatbuffer): one thread a core, each decoding a whole batch and then
-  running the caller's work on it (the forward pass on the thread's own one-threaded
-  interpreter, the verdicts), while the other lanes do the same with the next batches;
-- `batches` (Keras, whose pass uses every core itself): a small pool of threads decodes ahead
-  of the batch the forward pass is on.
+- `lanes` (the LiteRT flatbuffer with test-time copies): one thread a core, each decoding a
+  whole batch and then running the caller's work on it (the forward pass on the thread's own
+  one-threaded interpreter, the verdicts), while the other lanes do the same with the next
+  batches;
+- `batches` (Keras, whose pass uses every core itself, or a flatbuffer without copies): a small
+  pool of threads decodes ahead of the batch the forward pass is on.
+
+`predict.verdicts` picks between them by what measured faster (BENCHMARKS.md, "Inference without
+TensorFlow").
 
 Pillow, NumPy and the LiteRT interpreter release the GIL while they work. A bounded number of
 films is in flight, so memory stays flat however many files there are. A file that cannot be
@@ -71,9 +75,7 @@ def load(path: str | Path, image_size: int) -> Film:
         empty = np.zeros((image_size, image_size, 1), np.float32)
         return Film(str(path), text, "", empty, np.array([0.0, 1.0]))
     checks = np.array([decoded.colourfulness, decoded.aspect])
-    return Film(
-        str(path), "", "; ".join(decoded.warnings), np.asarray(resize(decoded.luma, image_size)), checks
-    )
+    return Film(str(path), "", "; ".join(decoded.warnings), resize(decoded.luma, image_size), checks)
 
 
 def batches(
@@ -118,8 +120,8 @@ def lanes(
     """(batch, `work(batch)`) for consecutive batches of `batch_size` films, in the order of
     `paths`, each batch decoded and worked on from start to end by one of `count` threads
     (`LANES` unless given): a core decodes a batch and runs its forward pass while the other does
-    the same with the next, so nothing waits on anything (a LiteRT interpreter per thread,
-    `litert.Runtime.runner`). At most `count` + 1 batches are in flight."""
+    the same with the next (a LiteRT interpreter per thread, `litert.Runtime.runner`). At most
+    `count` + 1 batches are in flight."""
     count = count or LANES
 
     def decode_and_work(chunk: Sequence[str | Path]) -> tuple[Batch, Result]:
