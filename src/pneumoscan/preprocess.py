@@ -299,8 +299,9 @@ def _to_decoded(image: Image.Image) -> Decoded:
     if mode in ("1",):
         return Decoded(np.asarray(image.convert("L"), dtype=np.uint8).copy())
     if mode == "RGB" and image.size[0] * image.size[1] <= BAND_PIXELS:
-        # Most radiographs stored in RGB are grey: tested in Pillow, 4x faster than NumPy, with
-        # four 1-byte copies of the image (so only up to a band's pixels; larger ones take bands).
+        # Most radiographs stored in RGB are grey: tested in Pillow's C loops rather than NumPy's,
+        # with four 1-byte copies of the image (so only up to a band's pixels; larger ones take
+        # the banded luma below).
         red, green, blue = image.split()
         if (
             ImageChops.difference(red, green).getbbox() is None
@@ -319,7 +320,7 @@ def rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def _luma_band(band: np.ndarray) -> np.ndarray:
-    """One band's luma, a channel at a time in uint32 (NumPy's integer matmul is ~2x slower)."""
+    """One band's luma, a channel at a time in uint32 (NumPy's integer matmul has no BLAS kernel)."""
     weighted = band[..., 0].astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[0])
     weighted += band[..., 1].astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[1])
     weighted += band[..., 2].astype(np.uint32) * np.uint32(LUMA_WEIGHTS_Q16[2])
